@@ -1,0 +1,35 @@
+"""The ``pollinate`` command: one module per subcommand, wired here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+
+from cli import simulate, validate
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="pollinate",
+        description="Federated and edge fine-tuning of language models, on Flower.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    validate.add_parser(sub)
+    simulate.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen subcommand; return its exit status."""
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=True)
+    return int(args.handler(args, console))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

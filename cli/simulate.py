@@ -1,0 +1,89 @@
+"""``pollinate simulate``: run many virtual clients on this machine.
+
+Prepares a run folder (config, held-out set, one data file per client),
+starts Flower's simulation engine in a process it owns, shows a progress bar
+over rounds, then writes the plot and prints a summary table. A failed run is
+reported with its error and the tail of its log, and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+
+from cli.overrides import add_config_arguments, collect_overrides
+from cli.validate import check_resources
+from server.config import ConfigError, load_config
+from simulation import launch, plot_run, prepare_run, read_metrics, summary_table
+from simulation.reports import run_summary
+
+__all__ = ["add_parser", "run"]
+
+EPILOG = """examples:
+  pollinate simulate                                  # offline default: SmolLM2-135M, built-in tasks
+  pollinate simulate --clients 8 --rounds 10 --fraction 0.5
+  pollinate simulate run.toml --dataset ../shared/data/dolly-15k/databricks-dolly-15k.jsonl.gz
+  pollinate simulate --model tiny-llama --rounds 2    # seconds-long smoke run
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register the subcommand."""
+    parser = sub.add_parser(
+        "simulate",
+        help="run a federation of virtual clients on this machine",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(parser, config_required=False)
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="write the run folder (config, data partitions) and stop",
+    )
+    parser.set_defaults(handler=run)
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    """Prepare, launch, report. Exit status 0 on a completed run."""
+    try:
+        config = load_config(Path(args.config) if args.config else None, collect_overrides(args))
+    except (ConfigError, ValueError) as exc:
+        console.print(f"[red]invalid config[/]: {exc}")
+        return 2
+    problems = check_resources(config)
+    if problems:
+        console.print("[red]invalid config[/]:\n  - " + "\n  - ".join(problems))
+        return 2
+    with console.status("preparing run folder (data partitions, model cache)"):
+        run_dir = prepare_run(config)
+    console.print(f"run folder: [bold]{run_dir}[/]")
+    if args.prepare_only:
+        return 0
+    result = launch(run_dir, rounds=config.run.rounds, console=console)
+    if not result.ok:
+        console.print(
+            f"[red]run failed[/] (engine exit {result.returncode}, state {result.state})"
+        )
+        if result.error:
+            console.print(f"error: {result.error}")
+        console.print(f"last lines of {result.log_path}:\n{_tail(result.log_path)}")
+        return 1
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    plot = plot_run(rows, run_dir / "metrics.png", title=f"{run_dir.name} ({config.run.method})")
+    console.print(summary_table(rows, title=f"{config.run.method} on {config.model.name}"))
+    s = run_summary(rows)
+    console.print(
+        f"{s['metric_name']}: {100 * (s['first_metric'] or 0):.1f}% -> "
+        f"{100 * (s['last_metric'] or 0):.1f}%  eval loss {s['first_eval_loss']:.3f} -> "
+        f"{s['last_eval_loss']:.3f}\nplot: {plot}\nadapter: {run_dir / 'adapter'}"
+    )
+    return 0

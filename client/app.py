@@ -1,0 +1,91 @@
+"""The Pollinate ClientApp: message handlers that run on the device.
+
+Handlers decode, validate, act and reply. Anything wrong with an instruction
+(a bad spec, a malformed adapter, missing local data) becomes an error reply
+naming the problem; the node keeps serving. The handlers need no run config:
+the spec, the training settings and the global adapter all arrive in the
+message, and local settings come from the node config.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+
+from client.lora_trainer import train_lora
+from client.node import NodeConfigError, NodeSettings
+from client.runtime import ClientRuntime
+from corpora import DatasetError
+from models import ModelLoadError, adapter_layout, adapter_tensors, load_adapter_tensors
+from protocols import (
+    LoraTrainRes,
+    NodeHello,
+    ProtocolError,
+    TensorLayout,
+    decode_lora_train_ins,
+    encode_hello,
+    encode_lora_train_res,
+)
+from protocols.messages import ACTION_HELLO, ACTION_LORA
+
+__all__ = ["ERROR_BAD_INSTRUCTION", "ERROR_NODE_SETUP", "app"]
+
+log = logging.getLogger(__name__)
+
+ERROR_BAD_INSTRUCTION = 4001
+ERROR_NODE_SETUP = 4002
+
+app = ClientApp()
+
+# One cache per process: the SuperNode (or Ray actor) process that hosts this
+# app keeps models and data between messages.
+_RUNTIME = ClientRuntime()
+
+
+def _error_reply(msg: Message, code: int, exc: Exception) -> Message:
+    reason = f"{type(exc).__name__}: {exc}"
+    log.warning("refusing %s: %s", msg.metadata.message_type, reason)
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+@app.query(ACTION_HELLO)
+def hello(msg: Message, context: Context) -> Message:
+    """Say who this node is and how many examples it holds."""
+    try:
+        node = NodeSettings.from_context(context)
+        count = _RUNTIME.count_examples(node.data_path)
+    except (NodeConfigError, DatasetError, OSError) as exc:
+        return _error_reply(msg, ERROR_NODE_SETUP, exc)
+    return Message(encode_hello(NodeHello(node.label, count)), reply_to=msg)
+
+
+@app.train(ACTION_LORA)
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global adapter on local data and send it back."""
+    try:
+        node = NodeSettings.from_context(context)
+        ins = decode_lora_train_ins(msg.content)
+        lora = _RUNTIME.lora_model(ins.spec, node.device)
+        adapter_layout(lora.model).check(TensorLayout.of(ins.adapter))
+        data = _RUNTIME.local_data(node.data_path, ins.spec, lora.tokenizer)
+    except ProtocolError as exc:
+        return _error_reply(msg, ERROR_BAD_INSTRUCTION, exc)
+    except (NodeConfigError, DatasetError, ModelLoadError, OSError) as exc:
+        return _error_reply(msg, ERROR_NODE_SETUP, exc)
+    load_adapter_tensors(lora.model, ins.adapter)
+    stats = train_lora(
+        lora.model,
+        data.tokenized,
+        ins.config,
+        pad_id=int(lora.tokenizer.pad_token_id),
+        label=node.label,
+        device=node.device,
+    )
+    res = LoraTrainRes(
+        adapter=adapter_tensors(lora.model),
+        num_examples=len(data.examples),
+        train_loss=stats.mean_loss,
+    )
+    return Message(encode_lora_train_res(res), reply_to=msg)

@@ -1,0 +1,109 @@
+"""Local LoRA training: E AdamW steps over the node's examples.
+
+Pure torch over an already-built model: no Flower, no files. Batches are drawn
+without replacement from a permutation that is reshuffled each pass, from a
+generator seeded by (run seed, round, node label), and dropout runs under a
+private RNG seeded the same way, so a node's round is reproducible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+
+from models import TokenizedExample, collate_train
+from protocols import LocalTrainConfig
+
+__all__ = ["TrainStats", "derive_seed", "train_lora"]
+
+
+@dataclass(frozen=True, slots=True)
+class TrainStats:
+    """Mean loss over the steps taken, and how many examples were seen."""
+
+    mean_loss: float
+    steps: int
+    examples_seen: int
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts (stable across processes and machines)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """Endless index batches: fresh permutation each pass, no ragged tail."""
+    size = min(batch_size, n)
+    while True:
+        order = torch.randperm(n, generator=generator).tolist()
+        for start in range(0, n - size + 1, size):
+            yield order[start : start + size]
+
+
+def train_lora(
+    model: PeftModel,
+    examples: Sequence[TokenizedExample],
+    config: LocalTrainConfig,
+    *,
+    pad_id: int,
+    label: str,
+    device: torch.device,
+) -> TrainStats:
+    """Train the adapter of ``model`` in place for ``config.local_steps`` steps.
+
+    Parameters
+    ----------
+    model : PeftModel
+        Base frozen, adapters trainable, already holding the global adapter.
+    examples : Sequence[TokenizedExample]
+        The node's tokenized examples (at least one).
+    config : LocalTrainConfig
+        Steps, batch size, optimiser settings, run seed and round.
+    pad_id : int
+        Token id used for padding.
+    label : str
+        The node's stable label (part of its seed).
+    device : torch.device
+        Where the model lives.
+
+    Raises
+    ------
+    ValueError
+        If there are no examples or no trainable parameters.
+    """
+    if not examples:
+        raise ValueError("the node has no training examples")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable (adapter) parameters")
+    seed = derive_seed(config.seed, config.server_round, label)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(
+        params, lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    losses: list[torch.Tensor] = []
+    batches = _batches(len(examples), config.batch_size, generator)
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # dropout draws, private to this call
+        for _ in range(config.local_steps):
+            batch = collate_train([examples[i] for i in next(batches)], pad_id).to(device)
+            out = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                labels=batch.labels,
+            )
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(out.loss.detach())
+            del out
+    model.eval()
+    mean = float(torch.stack(losses).mean())  # the one host sync of the call
+    seen = config.local_steps * min(config.batch_size, len(examples))
+    return TrainStats(mean_loss=mean, steps=config.local_steps, examples_seen=seen)

@@ -1,0 +1,81 @@
+"""Per-process client state: models built once, datasets read once.
+
+A ClientApp handler runs once per message. Loading a model per message would
+dominate the round, so this cache keeps, for the life of the process, one
+LoRA-wrapped model per spec fingerprint and one tokenized dataset per
+(file, model) pair. In simulation one process serves many virtual clients;
+they share the model (each message loads the global adapter into it first)
+but never share data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from corpora import Example, load_examples
+from models import TokenizedExample, attach_lora, load_causal_lm, tokenize_example
+from protocols import LoraSpec
+
+__all__ = ["ClientRuntime", "LocalData", "LoraModel"]
+
+
+@dataclass
+class LoraModel:
+    """A base model wrapped with adapters, and its tokenizer."""
+
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """A node's examples, raw and tokenized for one model."""
+
+    examples: tuple[Example, ...]
+    tokenized: tuple[TokenizedExample, ...]
+
+
+class ClientRuntime:
+    """Caches keyed by what determines their content (small, process-wide)."""
+
+    def __init__(self, max_datasets: int = 64) -> None:
+        self._models: dict[tuple[str, str], LoraModel] = {}
+        self._data: dict[tuple[str, str, int], LocalData] = {}
+        self._max_datasets = max_datasets
+
+    def lora_model(self, spec: LoraSpec, device: torch.device) -> LoraModel:
+        """The model for ``spec`` on ``device``, built on first use."""
+        key = (spec.fingerprint(), str(device))
+        if key not in self._models:
+            self._models.clear()  # one base model per process is the budget
+            loaded = load_causal_lm(spec.model, dtype=spec.model_dtype, device=device)
+            model = attach_lora(loaded.model, spec)
+            self._models[key] = LoraModel(model=model, tokenizer=loaded.tokenizer)
+        return self._models[key]
+
+    def local_data(
+        self, path: Path, spec: LoraSpec, tokenizer: PreTrainedTokenizerBase
+    ) -> LocalData:
+        """The node's examples, tokenized for ``spec.model``, read on first use."""
+        key = (str(path), spec.model, spec.max_length)
+        if key not in self._data:
+            if len(self._data) >= self._max_datasets:
+                self._data.pop(next(iter(self._data)))
+            examples = tuple(load_examples(str(path)))
+            tokenized = tuple(
+                tokenize_example(e, tokenizer, spec.max_length) for e in examples
+            )
+            self._data[key] = LocalData(examples, tokenized)
+        return self._data[key]
+
+    def count_examples(self, path: Path) -> int:
+        """How many examples the node holds (reads the file if not cached)."""
+        for (p, _, _), data in self._data.items():
+            if p == str(path):
+                return len(data.examples)
+        return len(load_examples(str(path)))

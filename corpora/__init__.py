@@ -1,0 +1,52 @@
+"""Text data for Pollinate: reading datasets into examples, built-in tasks, metrics.
+
+Shared by client and server. :mod:`corpora.examples` owns the
+:class:`Example` record and the canonical JSONL format,
+:mod:`corpora.readers` loads local datasets (Dolly, Natural Instructions,
+Alpaca, generic, classification) and the ``builtin:tasks`` source,
+:mod:`corpora.tasks` generates the built-in checkable tasks and
+:mod:`corpora.scoring` computes exact match, accuracy and ROUGE-L.
+"""
+
+from __future__ import annotations
+
+from corpora.examples import (
+    DatasetError,
+    Example,
+    open_text,
+    read_jsonl,
+    split_holdout,
+    write_jsonl,
+)
+from corpora.readers import detect_schema, load_examples, read_records
+from corpora.scoring import (
+    METRICS,
+    ScoringError,
+    exact_match,
+    normalize_answer,
+    rouge_l,
+    rouge_tokens,
+    score,
+)
+from corpora.tasks import BUILTIN_TASKS, generate_tasks
+
+__all__ = [
+    "BUILTIN_TASKS",
+    "DatasetError",
+    "Example",
+    "METRICS",
+    "ScoringError",
+    "detect_schema",
+    "exact_match",
+    "generate_tasks",
+    "load_examples",
+    "normalize_answer",
+    "open_text",
+    "read_jsonl",
+    "read_records",
+    "rouge_l",
+    "rouge_tokens",
+    "score",
+    "split_holdout",
+    "write_jsonl",
+]

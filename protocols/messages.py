@@ -1,0 +1,268 @@
+"""Message actions, record keys and the typed payloads of each exchange.
+
+Every payload that crosses between server and client is built and read here,
+so no other module spells a record key. Decoders validate and raise
+:class:`~protocols.errors.ProtocolError` naming the offending key.
+
+Exchanges
+---------
+``query.hello``
+    Server -> client: empty. Client -> server: :class:`NodeHello` (its
+    partition label and example count), used to order nodes
+    deterministically and to wait for the federation to assemble.
+``train.lora``
+    Server -> client: :class:`LoraTrainIns` (spec, local training settings,
+    the global adapter). Client -> server: :class:`LoraTrainRes` (its trained
+    adapter, example count and mean training loss).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from protocols.codecs import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    TensorLayout,
+    decode_tensors,
+    encode_tensors,
+)
+from protocols.errors import ProtocolError
+from protocols.specs import LoraSpec
+
+__all__ = [
+    "ACTION_HELLO",
+    "ACTION_LORA",
+    "LocalTrainConfig",
+    "LoraTrainIns",
+    "LoraTrainRes",
+    "MESSAGE_HELLO",
+    "MESSAGE_TRAIN_LORA",
+    "NodeHello",
+    "decode_hello",
+    "decode_lora_train_ins",
+    "decode_lora_train_res",
+    "encode_hello",
+    "encode_lora_train_ins",
+    "encode_lora_train_res",
+]
+
+ACTION_HELLO = "hello"
+ACTION_LORA = "lora"
+MESSAGE_HELLO = f"query.{ACTION_HELLO}"
+MESSAGE_TRAIN_LORA = f"train.{ACTION_LORA}"
+
+_SPEC = "spec"
+_TRAIN = "train"
+_ADAPTER = "adapter"
+_METRICS = "metrics"
+_HELLO = "hello"
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalTrainConfig:
+    """Settings of one round of local training, sent by the server.
+
+    Attributes
+    ----------
+    server_round : int
+        The round this training belongs to (>= 1).
+    local_steps : int
+        Optimizer steps to take (>= 1).
+    batch_size : int
+        Examples per step (>= 1).
+    learning_rate : float
+        AdamW learning rate (> 0).
+    weight_decay : float
+        AdamW decoupled weight decay (>= 0).
+    seed : int
+        Run seed; the client derives its batch order and dropout from
+        (seed, round, its partition label).
+    """
+
+    server_round: int
+    local_steps: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    seed: int
+
+    def __post_init__(self) -> None:
+        checks = {
+            "server_round": self.server_round >= 1,
+            "local_steps": self.local_steps >= 1,
+            "batch_size": self.batch_size >= 1,
+            "learning_rate": self.learning_rate > 0 and math.isfinite(self.learning_rate),
+            "weight_decay": self.weight_decay >= 0 and math.isfinite(self.weight_decay),
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ProtocolError(
+                    f"train config field '{name}' is out of range: {getattr(self, name)!r}"
+                )
+
+    def to_config_record(self) -> ConfigRecord:
+        """Encode for the wire."""
+        return ConfigRecord(
+            {
+                "server-round": self.server_round,
+                "local-steps": self.local_steps,
+                "batch-size": self.batch_size,
+                "learning-rate": self.learning_rate,
+                "weight-decay": self.weight_decay,
+                "seed": self.seed,
+            }
+        )
+
+    @classmethod
+    def from_config_record(cls, record: ConfigRecord) -> LocalTrainConfig:
+        """Decode and validate; raises :class:`ProtocolError` naming the key."""
+        return cls(
+            server_round=_get(record, "server-round", int),
+            local_steps=_get(record, "local-steps", int),
+            batch_size=_get(record, "batch-size", int),
+            learning_rate=_get(record, "learning-rate", float),
+            weight_decay=_get(record, "weight-decay", float),
+            seed=_get(record, "seed", int),
+        )
+
+
+def _get(record: Mapping[str, Any], key: str, kind: type) -> Any:
+    """Read ``record[key]`` as ``kind``, naming the key when it is wrong."""
+    if key not in record:
+        raise ProtocolError(f"record lacks key '{key}'")
+    value = record[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ProtocolError(
+            f"key '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}"
+        )
+    if kind is float and not math.isfinite(value):
+        raise ProtocolError(f"key '{key}' must be finite, got {value!r}")
+    return value
+
+
+def _record(content: RecordDict, key: str, kind: type) -> Any:
+    if key not in content:
+        raise ProtocolError(f"message content lacks record '{key}'")
+    rec = content[key]
+    if not isinstance(rec, kind):
+        raise ProtocolError(f"record '{key}' must be a {kind.__name__}")
+    return rec
+
+
+@dataclass(frozen=True, slots=True)
+class NodeHello:
+    """A node's self-description: a stable label and how much data it holds."""
+
+    label: str
+    num_examples: int
+
+
+def encode_hello(hello: NodeHello) -> RecordDict:
+    """Client -> server reply to ``query.hello``."""
+    return RecordDict(
+        {_HELLO: ConfigRecord({"label": hello.label, NUM_EXAMPLES: hello.num_examples})}
+    )
+
+
+def decode_hello(content: RecordDict) -> NodeHello:
+    """Read a ``query.hello`` reply."""
+    rec = _record(content, _HELLO, ConfigRecord)
+    return NodeHello(label=_get(rec, "label", str), num_examples=_get(rec, NUM_EXAMPLES, int))
+
+
+@dataclass(frozen=True, slots=True)
+class LoraTrainIns:
+    """Server -> client: train this adapter under this spec."""
+
+    spec: LoraSpec
+    config: LocalTrainConfig
+    adapter: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class LoraTrainRes:
+    """Client -> server: the trained adapter and how it was obtained."""
+
+    adapter: dict[str, torch.Tensor]
+    num_examples: int
+    train_loss: float
+
+
+def encode_lora_train_ins(ins: LoraTrainIns) -> RecordDict:
+    """Build the content of a ``train.lora`` instruction."""
+    return RecordDict(
+        {
+            _SPEC: ins.spec.to_config_record(),
+            _TRAIN: ins.config.to_config_record(),
+            _ADAPTER: encode_tensors(ins.adapter),
+        }
+    )
+
+
+def decode_lora_train_ins(
+    content: RecordDict,
+    *,
+    max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> LoraTrainIns:
+    """Read a ``train.lora`` instruction (the layout is checked by the caller).
+
+    Raises
+    ------
+    ProtocolError
+        On a missing record, a bad spec or train config, or a bad adapter.
+    """
+    spec = LoraSpec.from_config_record(_record(content, _SPEC, ConfigRecord))
+    config = LocalTrainConfig.from_config_record(_record(content, _TRAIN, ConfigRecord))
+    adapter = decode_tensors(_record(content, _ADAPTER, ArrayRecord), max_bytes=max_bytes)
+    return LoraTrainIns(spec=spec, config=config, adapter=adapter)
+
+
+def encode_lora_train_res(res: LoraTrainRes) -> RecordDict:
+    """Build the content of a ``train.lora`` reply."""
+    return RecordDict(
+        {
+            _ADAPTER: encode_tensors(res.adapter),
+            _METRICS: MetricRecord(
+                {NUM_EXAMPLES: res.num_examples, TRAIN_LOSS: res.train_loss}
+            ),
+        }
+    )
+
+
+def decode_lora_train_res(
+    content: RecordDict,
+    *,
+    expected: TensorLayout,
+    max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    device: torch.device | str = "cpu",
+) -> LoraTrainRes:
+    """Read and fully validate a ``train.lora`` reply.
+
+    Raises
+    ------
+    ProtocolError
+        On a missing record, a layout other than ``expected``, NaN/Inf values,
+        a non-positive example count or a non-finite loss.
+    """
+    metrics = _record(content, _METRICS, MetricRecord)
+    num_examples = _get(metrics, NUM_EXAMPLES, int)
+    if num_examples <= 0:
+        raise ProtocolError(f"'{NUM_EXAMPLES}' must be > 0, got {num_examples}")
+    train_loss = _get(metrics, TRAIN_LOSS, float)
+    adapter = decode_tensors(
+        _record(content, _ADAPTER, ArrayRecord),
+        expected=expected,
+        max_bytes=max_bytes,
+        device=device,
+    )
+    return LoraTrainRes(adapter=adapter, num_examples=num_examples, train_loss=train_loss)

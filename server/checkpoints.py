@@ -1,0 +1,113 @@
+"""Run-folder files written so that a crash never leaves a torn one.
+
+Every write goes to a temporary file in the target folder, is flushed to disk,
+then renamed over the target (``os.replace`` is atomic on POSIX), so a reader
+sees the old file or the new one, never half of either. ``metrics.jsonl`` is
+appended one fsync'ed line per round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from safetensors.torch import save
+
+from protocols import LoraSpec
+
+__all__ = [
+    "MetricsLog",
+    "atomic_write_bytes",
+    "save_checkpoint",
+    "save_peft_adapter",
+    "write_status",
+]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _safetensors_bytes(tensors: Mapping[str, torch.Tensor], meta: dict[str, str]) -> bytes:
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return save(cpu, metadata=meta)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    server_round: int,
+    adapter: Mapping[str, torch.Tensor],
+    spec: LoraSpec,
+    extra: Mapping[str, Any],
+) -> Path:
+    """Write the round's global adapter and state to ``run_dir/checkpoint``.
+
+    The adapter file is replaced first, then ``state.json`` (which names the
+    round), so ``state.json`` never points at an adapter that is not there.
+    """
+    folder = run_dir / "checkpoint"
+    meta = {"round": str(server_round), "spec": spec.fingerprint()}
+    atomic_write_bytes(folder / "adapter.safetensors", _safetensors_bytes(adapter, meta))
+    state = {"round": server_round, "spec_fingerprint": spec.fingerprint(), **extra}
+    atomic_write_bytes(folder / "state.json", json.dumps(state, indent=1).encode())
+    return folder
+
+
+def save_peft_adapter(folder: Path, model: PeftModel) -> Path:
+    """Write ``model``'s adapter as a PEFT folder, replacing ``folder`` whole.
+
+    ``PeftModel.from_pretrained(base, folder)`` loads the result. The folder
+    is built beside the target and renamed into place.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    model.save_pretrained(tmp)
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
+    return folder
+
+
+def write_status(run_dir: Path, state: str, **fields: Any) -> None:
+    """Record the run's state ("running", "completed", "failed") in status.json."""
+    atomic_write_bytes(
+        run_dir / "status.json", json.dumps({"state": state, **fields}, indent=1).encode()
+    )
+
+
+class MetricsLog:
+    """Appends one JSON object per round to ``metrics.jsonl``, durably."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        """Append ``row`` as one line and fsync it."""
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(dict(row), allow_nan=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())

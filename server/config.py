@@ -1,0 +1,223 @@
+"""The run configuration: one typed, frozen schema parsed once at the edge.
+
+A run is described by a TOML file whose tables mirror :class:`RunConfig`
+(``[run]``, ``[model]``, ``[data]``, ``[federation]``, ``[train]``,
+``[lora]``, ``[eval]``) plus command-line overrides written as dotted keys
+(``federation.clients=8``). Every default lives here. Parsing collects every
+problem at once and raises :class:`ConfigError`, whose message names each bad
+field, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from protocols import LoraSpec
+
+__all__ = [
+    "ConfigError",
+    "DataSection",
+    "EvalSection",
+    "FederationSection",
+    "LoraSection",
+    "ModelSection",
+    "RunConfig",
+    "RunSection",
+    "TrainSection",
+    "config_to_toml",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid; the message lists every offending field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RunSection(_Section):
+    """Identity and length of the run."""
+
+    name: str = Field("pollinate", min_length=1, description="Run name, used in the run folder.")
+    method: Literal["lora"] = Field("lora", description="Fine-tuning method.")
+    rounds: int = Field(5, ge=1, le=100_000, description="Federated rounds.")
+    seed: int = Field(0, ge=0, description="Seed of every random draw of the run.")
+    output_dir: Path = Field(Path("runs"), description="Folder that receives run folders.")
+
+
+class ModelSection(_Section):
+    """The base model, named as in :func:`models.load_causal_lm`."""
+
+    name: str = Field("smollm2-135m", min_length=1, description="Built-in name, HF id or path.")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    max_length: int = Field(96, ge=16, le=8192, description="Tokens per example.")
+
+
+class DataSection(_Section):
+    """Where the examples come from and how clients share them."""
+
+    source: str = Field("builtin:tasks", description="'builtin:tasks' or a JSON/JSONL/CSV path.")
+    limit: int | None = Field(None, ge=10, description="Use a seeded subset of this size.")
+    eval_examples: int = Field(64, ge=1, description="Held-out examples for central evaluation.")
+    partitioning: Literal["iid", "dirichlet", "task"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skew).")
+    min_partition_size: int = Field(8, ge=1, description="Fewest examples a client holds.")
+
+
+class FederationSection(_Section):
+    """How many clients exist and how many train each round."""
+
+    clients: int = Field(4, ge=1, le=100_000, description="Number of clients.")
+    fraction: float = Field(1.0, gt=0, le=1, description="Share of clients sampled per round.")
+    min_clients: int = Field(1, ge=1, description="Fewest clients a round samples.")
+    round_timeout_s: float = Field(900.0, gt=0, description="Seconds to wait for replies.")
+    max_payload_mb: float = Field(512.0, gt=0, description="Largest update accepted, in MB.")
+
+
+class TrainSection(_Section):
+    """Local training on each client."""
+
+    local_steps: int = Field(8, ge=1, description="Optimizer steps per round.")
+    batch_size: int = Field(8, ge=1, description="Examples per step.")
+    learning_rate: float = Field(2e-3, gt=0, le=1, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+
+
+class LoraSection(_Section):
+    """LoRA adapter shape."""
+
+    rank: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = Field(("q_proj", "v_proj"), min_length=1)
+
+
+class EvalSection(_Section):
+    """Central evaluation on the server after every round."""
+
+    metric: Literal["auto", "exact_match", "rouge_l", "accuracy"] = Field(
+        "auto", description="'auto': exact match for short answers, Rouge-L otherwise."
+    )
+    max_new_tokens: int = Field(16, ge=1, le=1024)
+    batch_size: int = Field(32, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' = CUDA if present.")
+
+
+class RunConfig(_Section):
+    """A whole run: every table of the TOML file."""
+
+    run: RunSection = RunSection()
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    federation: FederationSection = FederationSection()
+    train: TrainSection = TrainSection()
+    lora: LoraSection = LoraSection()
+    eval: EvalSection = EvalSection()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        if self.federation.min_clients > self.federation.clients:
+            raise ValueError(
+                f"federation.min_clients ({self.federation.min_clients}) exceeds "
+                f"federation.clients ({self.federation.clients})"
+            )
+        return self
+
+    def lora_spec(self) -> LoraSpec:
+        """The spec every LoRA client must honour."""
+        return LoraSpec(
+            model=self.model.name,
+            model_dtype=self.model.dtype,
+            rank=self.lora.rank,
+            alpha=self.lora.alpha,
+            dropout=self.lora.dropout,
+            target_modules=self.lora.target_modules,
+            max_length=self.model.max_length,
+        )
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override key {dotted!r} must look like 'section.field'")
+    section, key = parts
+    node = tree.setdefault(section, {})
+    if not isinstance(node, dict):
+        raise ConfigError(f"override key {dotted!r}: '{section}' is not a table")
+    node[key] = value
+
+
+def _format_errors(exc: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: {exc.error_count()} invalid setting(s)"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(config)"
+        given = err.get("input")
+        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"  - {loc}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> RunConfig:
+    """Parse a TOML file (or the defaults) and apply dotted-key overrides.
+
+    Parameters
+    ----------
+    path : Path, optional
+        A TOML file; ``None`` starts from the defaults.
+    overrides : Mapping[str, Any], optional
+        ``{"section.field": value}``; these win over the file.
+
+    Raises
+    ------
+    ConfigError
+        On a missing or unparsable file, a bad override key, or invalid values
+        (all of them listed, each with its field).
+    """
+    tree: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        origin = str(path)
+        try:
+            tree = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, origin)) from None
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def config_to_toml(config: RunConfig) -> str:
+    """Write a config as TOML that :func:`load_config` reads back to an equal config."""
+    out: list[str] = []
+    for section, values in config.model_dump(mode="json").items():
+        out.append(f"[{section}]")
+        out.extend(
+            f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None
+        )
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,154 @@
+"""Central evaluation of the global adapter on held-out data.
+
+Two numbers per round: the mean token cross-entropy of the reference answers
+(prompt tokens masked, exactly as in training) and a task metric on greedy
+generations (exact match, accuracy or Rouge-L, from :mod:`corpora.scoring`).
+Runs on the server's device: CUDA when present, otherwise the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from corpora import Example, score
+from models import (
+    IGNORE_INDEX,
+    collate_prompts,
+    collate_train,
+    load_adapter_tensors,
+    tokenize_example,
+)
+
+__all__ = ["CentralEvaluator", "EvalResult", "pick_device", "pick_metric"]
+
+
+def pick_device(name: str) -> torch.device:
+    """Resolve ``"auto"`` to CUDA when available, else CPU.
+
+    Raises
+    ------
+    ValueError
+        If ``"cuda"`` is asked for on a machine without CUDA.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("eval.device is 'cuda' but this machine has no CUDA device")
+    return torch.device(name)
+
+
+def pick_metric(name: str, examples: Sequence[Example]) -> str:
+    """Resolve ``"auto"``: exact match for short answers, Rouge-L for long ones."""
+    if name != "auto":
+        return name
+    mean_words = sum(len(e.response.split()) for e in examples) / max(len(examples), 1)
+    return "exact_match" if mean_words <= 6 else "rouge_l"
+
+
+@dataclass(frozen=True, slots=True)
+class EvalResult:
+    """Loss and task metric of one evaluation."""
+
+    loss: float
+    metric: float
+    metric_name: str
+    num_examples: int
+
+
+class CentralEvaluator:
+    """Evaluates adapters on a fixed held-out set with one resident model.
+
+    Parameters
+    ----------
+    model : PeftModel
+        The base model with adapters attached, on ``device``.
+    tokenizer : PreTrainedTokenizerBase
+        Its tokenizer.
+    examples : Sequence[Example]
+        The held-out set.
+    metric : str
+        A name from :data:`corpora.METRICS`.
+    max_length, max_new_tokens, batch_size : int
+        Tokens per example, tokens generated per answer, examples per batch.
+    device : torch.device
+        Where evaluation runs.
+    """
+
+    def __init__(
+        self,
+        model: PeftModel,
+        tokenizer: PreTrainedTokenizerBase,
+        examples: Sequence[Example],
+        *,
+        metric: str,
+        max_length: int,
+        max_new_tokens: int,
+        batch_size: int,
+        device: torch.device,
+    ) -> None:
+        if not examples:
+            raise ValueError("central evaluation needs at least one held-out example")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.examples = list(examples)
+        self.metric = metric
+        self.max_length = max_length
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.device = device
+        self._tokenized = [tokenize_example(e, tokenizer, max_length) for e in examples]
+
+    @torch.no_grad()
+    def evaluate(self, adapter: Mapping[str, torch.Tensor]) -> EvalResult:
+        """Load ``adapter`` into the model and score it."""
+        load_adapter_tensors(self.model, adapter)
+        self.model.eval()
+        return EvalResult(
+            loss=self._loss(),
+            metric=score(self.metric, self._generate(), [e.response for e in self.examples]),
+            metric_name=self.metric,
+            num_examples=len(self.examples),
+        )
+
+    def _loss(self) -> float:
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        tokens = 0
+        pad = int(self.tokenizer.pad_token_id)
+        for start in range(0, len(self._tokenized), self.batch_size):
+            batch = collate_train(self._tokenized[start : start + self.batch_size], pad)
+            batch = batch.to(self.device)
+            logits = self.model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask
+            ).logits
+            targets = batch.labels[:, 1:]  # (B, T-1): token t predicts t+1
+            total += torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(),
+                targets.flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            ).double()
+            tokens += int((targets != IGNORE_INDEX).sum())
+        return float(total) / max(tokens, 1)
+
+    def _generate(self) -> list[str]:
+        answers: list[str] = []
+        for start in range(0, len(self.examples), self.batch_size):
+            prompts = [e.prompt for e in self.examples[start : start + self.batch_size]]
+            ids, mask = collate_prompts(prompts, self.tokenizer, self.max_length)
+            out = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )
+            for row in out[:, ids.shape[1] :]:
+                text = self.tokenizer.decode(row, skip_special_tokens=True)
+                answers.append(text.strip().split("\n")[0].strip())
+        return answers

@@ -1,0 +1,59 @@
+"""The simulation engine process: one run folder, Flower's Ray backend.
+
+Run as ``python -m simulation.engine RUN_DIR`` by :mod:`simulation.launcher`,
+which owns this process (and Ray's, in the same session) and stops them. The
+same ServerApp and ClientApp as in deployment run here; each virtual client
+gets one CPU so that clients train in parallel on the cores available.
+The exit status is 0 only when the server recorded a completed run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["backend_config", "main"]
+
+
+def backend_config(num_cpus_per_client: float = 1.0) -> dict[str, object]:
+    """Flower's Ray backend settings: CPUs per virtual client, no dashboard."""
+    return {
+        "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": 0.0},
+        "init_args": {"include_dashboard": False, "log_to_driver": True},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the simulation of one prepared run folder; return the exit status."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m simulation.engine RUN_DIR", file=sys.stderr)
+        return 2
+    run_dir = Path(args[0]).resolve()
+    # Imported here: the launcher must start fast, and nothing happens at import.
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from server.app import build_server_app
+    from server.config import load_config
+
+    config = load_config(run_dir / "config.toml")
+    os.environ["POLLINATE_RUN_DIR"] = str(run_dir)
+    try:
+        run_simulation(
+            server_app=build_server_app(config, run_dir),
+            client_app=client_app,
+            num_supernodes=config.federation.clients,
+            backend_config=backend_config(),  # type: ignore[arg-type]
+        )
+    except Exception as exc:  # noqa: BLE001 - reported through the exit status
+        print(f"simulation failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    status = json.loads((run_dir / "status.json").read_text()).get("state")
+    return 0 if status == "completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Preparing a simulation run folder: config, held-out set and partitions.
+
+Everything a run reads is materialised here, once, before any process
+starts: the resolved ``config.toml``, ``data/eval.jsonl`` (held out for the
+server), one ``data/client-NNNN.jsonl`` per simulated client (exactly the
+file a deployed client would be given with ``--data``), ``partitions.json``
+(who holds which groups) and the one-time model conversion. The engine and
+the apps then only read files, which keeps runs reproducible and restartable.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from client.node import partition_file
+from corpora import load_examples, split_holdout, write_jsonl
+from models import prepare_model
+from server.app import EVAL_FILE
+from server.checkpoints import atomic_write_bytes
+from server.config import RunConfig, config_to_toml
+from simulation.partitioning import describe, partition
+
+__all__ = ["new_run_dir", "prepare_run"]
+
+
+def new_run_dir(config: RunConfig) -> Path:
+    """A fresh folder ``<output_dir>/<name>-<UTC time>`` (suffixed if taken)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    base = config.run.output_dir / f"{config.run.name}-{stamp}"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    candidate.mkdir(parents=True)
+    return candidate
+
+
+def prepare_run(config: RunConfig, run_dir: Path | None = None) -> Path:
+    """Write everything the run reads into ``run_dir`` (new if ``None``).
+
+    Raises
+    ------
+    corpora.DatasetError
+        If the data source cannot be read.
+    simulation.partitioning.PartitionError
+        If the examples cannot be split as configured.
+    models.ModelLoadError
+        If a built-in model needs a package that is not installed.
+    """
+    examples = load_examples(config.data.source, limit=config.data.limit, seed=config.run.seed)
+    train, held_out = split_holdout(examples, config.data.eval_examples, config.run.seed)
+    parts = partition(
+        [e.group for e in train],
+        config.federation.clients,
+        config.data.partitioning,
+        alpha=config.data.alpha,
+        seed=config.run.seed,
+        min_partition_size=config.data.min_partition_size,
+    )
+    run_dir = run_dir or new_run_dir(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for pid, indices in enumerate(parts):
+        write_jsonl([train[i] for i in indices], partition_file(run_dir, pid))
+    write_jsonl(held_out, run_dir / EVAL_FILE)
+    summary = {
+        "scheme": config.data.partitioning,
+        "sizes": [len(p) for p in parts],
+        "groups": describe(parts, [e.group for e in train]),
+    }
+    atomic_write_bytes(run_dir / "partitions.json", json.dumps(summary, indent=1).encode())
+    atomic_write_bytes(run_dir / "config.toml", config_to_toml(config).encode())
+    prepare_model(config.model.name)
+    return run_dir

@@ -1,0 +1,356 @@
+"""Reading and tabulating per-round federated metrics (``metrics.jsonl``).
+
+This module owns the on-disk format of a run's ``metrics.jsonl`` as seen by
+reporting code: parsing it (:func:`read_metrics`), the numeric summaries
+derived from it (:func:`run_summary`, :func:`cumulative_mb`,
+:func:`metric_name`) and the ``rich`` tables shown to users
+(:func:`summary_table`, :func:`compare_table`). Plotting lives in
+:mod:`simulation.plots`, which builds on the helpers here.
+
+Each line of ``metrics.jsonl`` is one JSON object per round with at least
+``round``, ``clients``, ``train_loss``, ``eval_loss``, ``eval_metric``,
+``eval_metric_name``, ``bytes_up``, ``bytes_down`` and ``seconds``. Unknown
+keys are ignored; missing or ``null`` values are shown as ``"-"``.
+
+Sizes are reported in decimal megabytes (1 MB = 1,000,000 bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+__all__ = [
+    "MB",
+    "ReportError",
+    "compare_table",
+    "cumulative_mb",
+    "metric_name",
+    "read_metrics",
+    "run_summary",
+    "summary_table",
+]
+
+MB: float = 1_000_000.0
+"""Bytes per (decimal) megabyte used in every table and plot."""
+
+_MISSING = "-"
+
+Row = Mapping[str, Any]
+
+
+class ReportError(ValueError):
+    """Raised when a metrics file or its rows cannot be interpreted."""
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Read a run's ``metrics.jsonl`` into a list of per-round dicts.
+
+    Parameters
+    ----------
+    path : Path
+        The ``metrics.jsonl`` file to read.
+
+    Returns
+    -------
+    list of dict
+        One dict per non-blank line, in file order.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist; the message names the path.
+    ReportError
+        If a line is not valid JSON, is not a JSON object, or lacks an
+        integer ``round``; the message names the file and the 1-based line.
+
+    Warns
+    -----
+    UserWarning
+        If the final line is incomplete JSON with no trailing newline (the
+        writer crashed mid-write); that line is ignored.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"metrics file not found: {path}") from None
+    lines = text.split("\n")
+    # A file ending in "\n" yields a trailing "" element; otherwise the last
+    # element is an unterminated (possibly truncated) line.
+    unterminated_last = len(lines) - 1 if lines[-1].strip() else None
+    rows: list[dict[str, Any]] = []
+    for index, line in enumerate(lines):
+        if not line.strip():
+            continue
+        lineno = index + 1
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if index == unterminated_last:
+                warnings.warn(
+                    f"{path}:{lineno}: ignoring truncated final line ({exc.msg})",
+                    stacklevel=2,
+                )
+                break
+            raise ReportError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from exc
+        _check_row(row, path, lineno)
+        rows.append(row)
+    return rows
+
+
+def _check_row(row: Any, path: Path, lineno: int) -> None:
+    """Raise :class:`ReportError` unless ``row`` is an object with an int round."""
+    if not isinstance(row, dict):
+        raise ReportError(
+            f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
+        )
+    rnd = row.get("round")
+    if not isinstance(rnd, int) or isinstance(rnd, bool):
+        raise ReportError(f"{path}:{lineno}: missing or non-integer 'round': {rnd!r}")
+
+
+def _num(value: Any) -> float | None:
+    """Return ``value`` as a float, or ``None`` if it is missing or not numeric."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    return None
+
+
+def _bytes(row: Row, key: str) -> int:
+    """Return a byte counter from ``row``, treating missing/invalid as 0."""
+    value = _num(row.get(key))
+    return 0 if value is None or not math.isfinite(value) else int(value)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    """Format a number with ``spec``, or ``"-"`` if it is missing."""
+    number = _num(value)
+    return _MISSING if number is None else format(number, spec)
+
+
+def _fmt_mb(value: Any, decimals: int = 2) -> str:
+    """Format a size in MB with fixed decimals, or 3 significant digits if small.
+
+    Fixed decimals are used while they keep at least two significant digits;
+    seed-based methods send kilobytes per round and ``"0.00"`` would hide that.
+    """
+    number = _num(value)
+    if number is None:
+        return _MISSING
+    if number == 0 or abs(number) >= 10 ** (1 - decimals) or not math.isfinite(number):
+        return f"{number:.{decimals}f}"
+    return f"{number:.3g}"
+
+
+def _fmt_pct(value: Any) -> str:
+    """Format a metric in [0, 1] as a percentage with one decimal."""
+    number = _num(value)
+    return _MISSING if number is None else f"{number * 100:.1f}%"
+
+
+def metric_name(rows: Sequence[Row], default: str = "metric") -> str:
+    """Return the evaluation metric's name used by a run.
+
+    Parameters
+    ----------
+    rows : sequence of mapping
+        Per-round rows as returned by :func:`read_metrics`.
+    default : str, optional
+        Name returned when no row carries ``eval_metric_name``.
+
+    Returns
+    -------
+    str
+        The distinct names found, in order of appearance, joined by ``"/"``
+        (normally exactly one name), or ``default``.
+    """
+    names: list[str] = []
+    for row in rows:
+        name = row.get("eval_metric_name")
+        if isinstance(name, str) and name and name not in names:
+            names.append(name)
+    return "/".join(names) if names else default
+
+
+def cumulative_mb(rows: Sequence[Row]) -> list[tuple[float, float, float]]:
+    """Return running communication totals after each row.
+
+    Parameters
+    ----------
+    rows : sequence of mapping
+        Per-round rows as returned by :func:`read_metrics`.
+
+    Returns
+    -------
+    list of tuple of float
+        For each row, ``(up_mb, down_mb, total_mb)`` summed over that row and
+        all rows before it. Missing byte counts count as 0.
+    """
+    up = down = 0
+    totals: list[tuple[float, float, float]] = []
+    for row in rows:
+        up += _bytes(row, "bytes_up")
+        down += _bytes(row, "bytes_down")
+        totals.append((up / MB, down / MB, (up + down) / MB))
+    return totals
+
+
+def summary_table(rows: Sequence[Row], title: str) -> Table:
+    """Build a per-round table of a single run.
+
+    Parameters
+    ----------
+    rows : sequence of mapping
+        Per-round rows as returned by :func:`read_metrics`.
+    title : str
+        Table title.
+
+    Returns
+    -------
+    rich.table.Table
+        One row per round with columns: round, clients, train loss, eval loss,
+        the metric (header = metric name, value in percent), up MB, down MB,
+        cumulative MB (up + down) and seconds. Missing values are ``"-"``.
+    """
+    table = Table(title=title)
+    table.add_column("Round", justify="right")
+    table.add_column("Clients", justify="right")
+    table.add_column("Train loss", justify="right")
+    table.add_column("Eval loss", justify="right")
+    table.add_column(metric_name(rows), justify="right")
+    table.add_column("Up MB", justify="right")
+    table.add_column("Down MB", justify="right")
+    table.add_column("Cum. MB", justify="right")
+    table.add_column("Seconds", justify="right")
+    for row, (_, _, cum_total) in zip(rows, cumulative_mb(rows)):
+        table.add_row(
+            _fmt(row.get("round"), ".0f"),
+            _fmt(row.get("clients"), ".0f"),
+            _fmt(row.get("train_loss"), ".4f"),
+            _fmt(row.get("eval_loss"), ".4f"),
+            _fmt_pct(row.get("eval_metric")),
+            _fmt_mb(_mb_or_none(row.get("bytes_up"))),
+            _fmt_mb(_mb_or_none(row.get("bytes_down"))),
+            _fmt_mb(cum_total),
+            _fmt(row.get("seconds"), ".1f"),
+        )
+    return table
+
+
+def _is_int(value: Any) -> bool:
+    """Return whether ``value`` is an int (and not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _mb_or_none(value: Any) -> float | None:
+    """Convert a byte count to MB, keeping ``None`` for missing values."""
+    number = _num(value)
+    return None if number is None else number / MB
+
+
+def _finite(values: Sequence[Any]) -> list[float]:
+    """Return the finite numeric values of ``values`` in order."""
+    numbers = (_num(v) for v in values)
+    return [n for n in numbers if n is not None and math.isfinite(n)]
+
+
+def run_summary(rows: Sequence[Row]) -> dict[str, Any]:
+    """Summarise a run's rows into headline numbers.
+
+    Parameters
+    ----------
+    rows : sequence of mapping
+        Per-round rows as returned by :func:`read_metrics`.
+
+    Returns
+    -------
+    dict
+        Keys: ``metric_name``; ``first_metric``, ``last_metric``,
+        ``best_metric`` and ``best_round`` (first and last finite
+        ``eval_metric`` in row order, its maximum and the round reaching it);
+        ``first_eval_loss``, ``last_eval_loss``; ``bytes_up``, ``bytes_down``,
+        ``total_bytes`` (sums over all rows); ``rounds`` (rows with
+        ``round >= 1``, i.e. training rounds); ``client_rounds`` (sum of
+        ``clients``); ``seconds`` (sum of ``seconds``). Values that cannot be
+        computed (e.g. no metric reported) are ``None``.
+    """
+    metrics = _finite([row.get("eval_metric") for row in rows])
+    losses = _finite([row.get("eval_loss") for row in rows])
+    best_metric = max(metrics) if metrics else None
+    best_round = None
+    if best_metric is not None:
+        best_round = next(
+            row.get("round") for row in rows if _num(row.get("eval_metric")) == best_metric
+        )
+    bytes_up = sum(_bytes(row, "bytes_up") for row in rows)
+    bytes_down = sum(_bytes(row, "bytes_down") for row in rows)
+    training_rounds = [r for r in rows if _is_int(r.get("round")) and r["round"] >= 1]
+    return {
+        "metric_name": metric_name(rows),
+        "first_metric": metrics[0] if metrics else None,
+        "last_metric": metrics[-1] if metrics else None,
+        "best_metric": best_metric,
+        "best_round": best_round,
+        "first_eval_loss": losses[0] if losses else None,
+        "last_eval_loss": losses[-1] if losses else None,
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "total_bytes": bytes_up + bytes_down,
+        "rounds": len(training_rounds),
+        "client_rounds": sum(_bytes(row, "clients") for row in rows),
+        "seconds": sum(_finite([row.get("seconds") for row in rows])),
+    }
+
+
+def compare_table(runs: Mapping[str, Sequence[Row]], title: str = "Run comparison") -> Table:
+    """Build a table comparing several runs, one row per run label.
+
+    Parameters
+    ----------
+    runs : mapping of str to sequence of mapping
+        Run label (e.g. ``"lora"``, ``"fedkseed"``) to that run's rows.
+    title : str, optional
+        Table title.
+
+    Returns
+    -------
+    rich.table.Table
+        Columns: run, metric name, final metric (percent), best metric
+        (percent), final eval loss, rounds, total MB (up + down) and MB per
+        client-round (total MB divided by the sum of ``clients``; ``"-"`` when
+        no client replied). Missing values are ``"-"``.
+    """
+    table = Table(title=title)
+    table.add_column("Run")
+    table.add_column("Metric")
+    table.add_column("Final", justify="right")
+    table.add_column("Best", justify="right")
+    table.add_column("Final eval loss", justify="right")
+    table.add_column("Rounds", justify="right")
+    table.add_column("Total MB", justify="right")
+    table.add_column("MB / client-round", justify="right")
+    for label, rows in runs.items():
+        summary = run_summary(rows)
+        total_mb = summary["total_bytes"] / MB
+        client_rounds = summary["client_rounds"]
+        per_client = total_mb / client_rounds if client_rounds > 0 else None
+        table.add_row(
+            label,
+            summary["metric_name"],
+            _fmt_pct(summary["last_metric"]),
+            _fmt_pct(summary["best_metric"]),
+            _fmt(summary["last_eval_loss"], ".4f"),
+            str(summary["rounds"]),
+            _fmt_mb(total_mb),
+            _fmt_mb(per_client, decimals=3),
+        )
+    return table

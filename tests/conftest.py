@@ -1,0 +1,44 @@
+"""Shared fixtures: offline environment, Flower task identity, data paths."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """``shared/data`` beside the checkout (CI clones the repo next to it)."""
+    return REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline() -> Iterator[None]:
+    """Nothing in the suite may reach a model hub."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+    os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    yield
+
+
+@pytest.fixture()
+def flower_identity() -> Iterator[None]:
+    """Let tests build Flower ``Message`` objects outside a running app."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture()
+def shared_data() -> Path:
+    """Path of the real datasets; fails (not skips) when they are missing."""
+    path = shared_data_dir()
+    assert path.is_dir(), f"shared data folder not found at {path}"
+    return path
