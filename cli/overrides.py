@@ -20,7 +20,11 @@ FLAG_FIELDS: dict[str, tuple[str, type, str]] = {
     "--rounds": ("run.rounds", int, "federated rounds"),
     "--seed": ("run.seed", int, "seed of every random draw"),
     "--output-dir": ("run.output_dir", str, "folder that receives run folders"),
-    "--model": ("model.name", str, "smollm2-135m, tiny-llama, a HF id or a local folder"),
+    "--model": (
+        "model.name",
+        str,
+        "smollm2-135m, tiny-llama, a HF id or a local folder",
+    ),
     "--dataset": ("data.source", str, "builtin:tasks or a JSON/JSONL/CSV file"),
     "--limit": ("data.limit", int, "use a seeded subset of this many examples"),
     "--partition": ("data.partitioning", str, "iid | dirichlet | task"),
@@ -34,7 +38,9 @@ FLAG_FIELDS: dict[str, tuple[str, type, str]] = {
 }
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, *, config_required: bool) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, *, config_required: bool
+) -> None:
     """Add the CONFIG positional, the named flags and ``--set``."""
     parser.add_argument(
         "config",

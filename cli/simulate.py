@@ -55,7 +55,9 @@ def _tail(path: Path, lines: int = 25) -> str:
 def run(args: argparse.Namespace, console: Console) -> int:
     """Prepare, launch, report. Exit status 0 on a completed run."""
     try:
-        config = load_config(Path(args.config) if args.config else None, collect_overrides(args))
+        config = load_config(
+            Path(args.config) if args.config else None, collect_overrides(args)
+        )
     except (ConfigError, ValueError) as exc:
         console.print(f"[red]invalid config[/]: {exc}")
         return 2
@@ -78,8 +80,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
         console.print(f"last lines of {result.log_path}:\n{_tail(result.log_path)}")
         return 1
     rows = read_metrics(run_dir / "metrics.jsonl")
-    plot = plot_run(rows, run_dir / "metrics.png", title=f"{run_dir.name} ({config.run.method})")
-    console.print(summary_table(rows, title=f"{config.run.method} on {config.model.name}"))
+    plot = plot_run(
+        rows, run_dir / "metrics.png", title=f"{run_dir.name} ({config.run.method})"
+    )
+    console.print(
+        summary_table(rows, title=f"{config.run.method} on {config.model.name}")
+    )
     s = run_summary(rows)
     console.print(
         f"{s['metric_name']}: {100 * (s['first_metric'] or 0):.1f}% -> "

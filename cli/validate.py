@@ -43,10 +43,16 @@ def check_resources(config: RunConfig) -> list[str]:
     if not source.startswith("builtin:") and not Path(source).is_file():
         problems.append(f"data.source: file not found: {source}")
     elif source.startswith("builtin:") and source != "builtin:tasks":
-        problems.append(f"data.source: unknown built-in {source!r} (known: builtin:tasks)")
+        problems.append(
+            f"data.source: unknown built-in {source!r} (known: builtin:tasks)"
+        )
     name = config.model.name
     looks_local = name.startswith((".", "/", "~"))
-    if name not in BUILTIN_MODELS and looks_local and not Path(name).expanduser().is_dir():
+    if (
+        name not in BUILTIN_MODELS
+        and looks_local
+        and not Path(name).expanduser().is_dir()
+    ):
         problems.append(f"model.name: no model folder at {name}")
     try:
         config.lora_spec()

@@ -1,12 +1,14 @@
 """Everything that runs on the device: the ClientApp and local trainers.
 
-``client.app:app`` is the ClientApp Flower loads. Importing this package does
-not load a model; that happens on the first message.
+``client.app:app`` is the ClientApp Flower loads. Importing this package is
+cheap: no model is loaded and the heavy submodules (transformers, PEFT) are
+imported only when one of their names is first used.
 """
 
-from client.lora_trainer import TrainStats, derive_seed, train_lora
-from client.node import NodeConfigError, NodeSettings, partition_file
-from client.runtime import ClientRuntime
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = [
     "ClientRuntime",
@@ -17,3 +19,19 @@ __all__ = [
     "partition_file",
     "train_lora",
 ]
+
+_LAZY = {
+    "ClientRuntime": "client.runtime",
+    "NodeConfigError": "client.node",
+    "NodeSettings": "client.node",
+    "TrainStats": "client.lora_trainer",
+    "derive_seed": "client.lora_trainer",
+    "partition_file": "client.node",
+    "train_lora": "client.lora_trainer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'client' has no attribute {name!r}")

@@ -10,15 +10,12 @@ message, and local settings come from the node config.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
-from client.lora_trainer import train_lora
 from client.node import NodeConfigError, NodeSettings
-from client.runtime import ClientRuntime
-from corpora import DatasetError
-from models import ModelLoadError, adapter_layout, adapter_tensors, load_adapter_tensors
 from protocols import (
     LoraTrainRes,
     NodeHello,
@@ -30,6 +27,9 @@ from protocols import (
 )
 from protocols.messages import ACTION_HELLO, ACTION_LORA
 
+if TYPE_CHECKING:
+    from client.runtime import ClientRuntime
+
 __all__ = ["ERROR_BAD_INSTRUCTION", "ERROR_NODE_SETUP", "app"]
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,23 @@ ERROR_NODE_SETUP = 4002
 
 app = ClientApp()
 
-# One cache per process: the SuperNode (or Ray actor) process that hosts this
-# app keeps models and data between messages.
-_RUNTIME = ClientRuntime()
+
+class _ProcessState:
+    """The per-process runtime, created on the first message that needs it.
+
+    The SuperNode (or Ray actor) process that hosts this app keeps models and
+    data between messages through it.
+    """
+
+    runtime: ClientRuntime | None = None
+
+    @classmethod
+    def get(cls) -> ClientRuntime:
+        if cls.runtime is None:
+            from client.runtime import ClientRuntime
+
+            cls.runtime = ClientRuntime()
+        return cls.runtime
 
 
 def _error_reply(msg: Message, code: int, exc: Exception) -> Message:
@@ -53,9 +67,11 @@ def _error_reply(msg: Message, code: int, exc: Exception) -> Message:
 @app.query(ACTION_HELLO)
 def hello(msg: Message, context: Context) -> Message:
     """Say who this node is and how many examples it holds."""
+    from corpora import DatasetError
+
     try:
         node = NodeSettings.from_context(context)
-        count = _RUNTIME.count_examples(node.data_path)
+        count = _ProcessState.get().count_examples(node.data_path)
     except (NodeConfigError, DatasetError, OSError) as exc:
         return _error_reply(msg, ERROR_NODE_SETUP, exc)
     return Message(encode_hello(NodeHello(node.label, count)), reply_to=msg)
@@ -64,12 +80,22 @@ def hello(msg: Message, context: Context) -> Message:
 @app.train(ACTION_LORA)
 def train(msg: Message, context: Context) -> Message:
     """Train the received global adapter on local data and send it back."""
+    from client.lora_trainer import train_lora
+    from corpora import DatasetError
+    from models import (
+        ModelLoadError,
+        adapter_layout,
+        adapter_tensors,
+        load_adapter_tensors,
+    )
+
+    runtime = _ProcessState.get()
     try:
         node = NodeSettings.from_context(context)
         ins = decode_lora_train_ins(msg.content)
-        lora = _RUNTIME.lora_model(ins.spec, node.device)
+        lora = runtime.lora_model(ins.spec, node.device)
         adapter_layout(lora.model).check(TensorLayout.of(ins.adapter))
-        data = _RUNTIME.local_data(node.data_path, ins.spec, lora.tokenizer)
+        data = runtime.local_data(node.data_path, ins.spec, lora.tokenizer)
     except ProtocolError as exc:
         return _error_reply(msg, ERROR_BAD_INSTRUCTION, exc)
     except (NodeConfigError, DatasetError, ModelLoadError, OSError) as exc:

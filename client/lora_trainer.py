@@ -36,7 +36,9 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
+def _batches(
+    n: int, batch_size: int, generator: torch.Generator
+) -> Iterator[list[int]]:
     """Endless index batches: fresh permutation each pass, no ragged tail."""
     size = min(batch_size, n)
     while True:
@@ -92,7 +94,9 @@ def train_lora(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # dropout draws, private to this call
         for _ in range(config.local_steps):
-            batch = collate_train([examples[i] for i in next(batches)], pad_id).to(device)
+            batch = collate_train([examples[i] for i in next(batches)], pad_id).to(
+                device
+            )
             out = model(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,

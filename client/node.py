@@ -62,7 +62,9 @@ class NodeSettings:
         cfg = context.node_config
         device_name = str(cfg.get("device", "cpu"))
         if device_name == "cuda" and not torch.cuda.is_available():
-            raise NodeConfigError("node config asks for device 'cuda' but CUDA is absent")
+            raise NodeConfigError(
+                "node config asks for device 'cuda' but CUDA is absent"
+            )
         device = torch.device(device_name)
         if "data-path" in cfg:
             path = Path(str(cfg["data-path"]))

@@ -89,7 +89,9 @@ def _parse_canonical(line: str, where: str) -> Example:
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{where}: invalid JSON ({exc.msg})") from exc
     if not isinstance(record, dict):
-        raise DatasetError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise DatasetError(
+            f"{where}: expected a JSON object, got {type(record).__name__}"
+        )
     values = []
     for field in CANONICAL_FIELDS:
         if field not in record:
@@ -164,12 +166,18 @@ def write_jsonl(examples: Iterable[Example], path: str | os.PathLike[str]) -> No
                 f"write_jsonl({str(target)!r}): item {position} is "
                 f"{type(example).__name__}, expected Example"
             )
-        record = {"prompt": example.prompt, "response": example.response, "group": example.group}
+        record = {
+            "prompt": example.prompt,
+            "response": example.response,
+            "group": example.group,
+        }
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     payload = "".join(lines).encode("utf-8")
     if target.name.endswith(".gz"):
         payload = gzip.compress(payload, mtime=0)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(
+        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
+    )
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
@@ -181,12 +189,16 @@ def write_jsonl(examples: Iterable[Example], path: str | os.PathLike[str]) -> No
         raise
 
 
-def _stratified_quotas(sizes: dict[str, int], n_eval: int, total: int) -> dict[str, int]:
+def _stratified_quotas(
+    sizes: dict[str, int], n_eval: int, total: int
+) -> dict[str, int]:
     """Split ``n_eval`` over groups in proportion to size (largest remainder)."""
     exact = {group: n_eval * size / total for group, size in sizes.items()}
     quotas = {group: int(value) for group, value in exact.items()}
     leftover = n_eval - sum(quotas.values())
-    by_remainder = sorted(sizes, key=lambda group: (-(exact[group] - quotas[group]), group))
+    by_remainder = sorted(
+        sizes, key=lambda group: (-(exact[group] - quotas[group]), group)
+    )
     for group in by_remainder[:leftover]:
         quotas[group] += 1
     return quotas

@@ -100,7 +100,9 @@ def _map_dolly(record: Record, where: str) -> Example:
     """Map a Dolly record to an example."""
     instruction = _text(record, "instruction", where)
     prompt = _with_context(instruction, _optional_text(record, "context", where))
-    return Example(prompt, _text(record, "response", where), _label(record, "category", where))
+    return Example(
+        prompt, _text(record, "response", where), _label(record, "category", where)
+    )
 
 
 def _map_natural_instructions(record: Record, where: str) -> Example:
@@ -109,8 +111,12 @@ def _map_natural_instructions(record: Record, where: str) -> Example:
     if isinstance(targets, str):
         targets = [targets]
     if not isinstance(targets, list) or not targets or not isinstance(targets[0], str):
-        raise DatasetError(f"{where}: field 'targets' must be a non-empty list of strings")
-    return Example(_text(record, "input", where), targets[0], _label(record, "task", where))
+        raise DatasetError(
+            f"{where}: field 'targets' must be a non-empty list of strings"
+        )
+    return Example(
+        _text(record, "input", where), targets[0], _label(record, "task", where)
+    )
 
 
 def _first_group(record: Record, keys: tuple[str, ...], where: str) -> str:
@@ -150,7 +156,9 @@ def _map_classification(record: Record, where: str) -> Example:
             label = _label(record, key, where)
             break
     else:
-        raise DatasetError(f"{where}: missing field; need one of {', '.join(_CLASS_LABEL_KEYS)}")
+        raise DatasetError(
+            f"{where}: missing field; need one of {', '.join(_CLASS_LABEL_KEYS)}"
+        )
     return Example(_text(record, "text", where), label, label)
 
 
@@ -234,7 +242,9 @@ def _json_records(path: Path) -> list[tuple[str, Any]]:
         try:
             data = json.load(handle)
         except json.JSONDecodeError as exc:
-            raise DatasetError(f"{path}: invalid JSON ({exc.msg}, line {exc.lineno})") from exc
+            raise DatasetError(
+                f"{path}: invalid JSON ({exc.msg}, line {exc.lineno})"
+            ) from exc
     if isinstance(data, dict):
         lists = [key for key, value in data.items() if isinstance(value, list)]
         key = next((k for k in ("data", "train") if k in lists), None)
@@ -247,8 +257,13 @@ def _json_records(path: Path) -> list[tuple[str, Any]]:
             )
         data = data[key]
     if not isinstance(data, list):
-        raise DatasetError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    return [(f"{path} record {number}", record) for number, record in enumerate(data, start=1)]
+        raise DatasetError(
+            f"{path}: expected a JSON list of records, got {type(data).__name__}"
+        )
+    return [
+        (f"{path} record {number}", record)
+        for number, record in enumerate(data, start=1)
+    ]
 
 
 def _csv_records(path: Path) -> list[tuple[str, Any]]:
@@ -323,7 +338,9 @@ def _subset(examples: list[Example], limit: int, seed: int) -> list[Example]:
     return [examples[int(index)] for index in keep]
 
 
-def load_examples(source: str, *, limit: int | None = None, seed: int = 0) -> list[Example]:
+def load_examples(
+    source: str, *, limit: int | None = None, seed: int = 0
+) -> list[Example]:
     """Load examples from a built-in generator or a local dataset file.
 
     Parameters
@@ -349,8 +366,12 @@ def load_examples(source: str, *, limit: int | None = None, seed: int = 0) -> li
         If ``limit < 1``, the builtin name is unknown, or the file cannot be
         read (see :func:`read_records`).
     """
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise DatasetError(f"load_examples: limit must be None or an integer >= 1, got {limit!r}")
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+    ):
+        raise DatasetError(
+            f"load_examples: limit must be None or an integer >= 1, got {limit!r}"
+        )
     if source.startswith("builtin:"):
         if source not in BUILTIN_SOURCES:
             raise DatasetError(

@@ -137,7 +137,9 @@ METRICS: Mapping[str, Callable[[str, str], float]] = MappingProxyType(
 """Read-only registry of per-pair metrics; ``accuracy`` is exact match on labels."""
 
 
-def score(metric_name: str, predictions: Sequence[str], references: Sequence[str]) -> float:
+def score(
+    metric_name: str, predictions: Sequence[str], references: Sequence[str]
+) -> float:
     """Mean of a metric over paired predictions and references.
 
     Parameters
@@ -172,5 +174,7 @@ def score(metric_name: str, predictions: Sequence[str], references: Sequence[str
     if not predictions:
         raise ScoringError(f"score({metric_name!r}): no predictions to score")
     metric = METRICS[metric_name]
-    total = sum(metric(pred, ref) for pred, ref in zip(predictions, references, strict=True))
+    total = sum(
+        metric(pred, ref) for pred, ref in zip(predictions, references, strict=True)
+    )
     return total / len(predictions)

@@ -38,19 +38,106 @@ BUILTIN_TASKS: tuple[str, ...] = (
 )
 
 WORDS: tuple[str, ...] = (
-    "apple", "river", "house", "green", "water", "table", "light", "music",
-    "paper", "stone", "bread", "cloud", "dream", "field", "glass", "heart",
-    "horse", "lemon", "money", "night", "ocean", "plant", "queen", "radio",
-    "sugar", "tiger", "train", "voice", "world", "zebra", "bird", "book",
-    "cake", "door", "fish", "game", "hand", "king", "lake", "milk",
-    "moon", "nose", "park", "rain", "ring", "road", "ship", "shoe",
-    "snow", "star", "tree", "wind", "wolf", "yard", "baby", "ball",
-    "bell", "boat", "cat", "dog", "sun", "red", "blue", "cold",
-    "warm", "fast", "slow", "tall", "small", "happy", "quiet", "bright",
-    "sweet", "brave", "clean", "early", "funny", "heavy", "young", "round",
-    "chair", "clock", "coffee", "garden", "window", "pencil", "mirror", "forest",
-    "island", "candle", "rabbit", "button", "orange", "silver", "winter", "summer",
-    "letter", "market", "bridge", "castle",
+    "apple",
+    "river",
+    "house",
+    "green",
+    "water",
+    "table",
+    "light",
+    "music",
+    "paper",
+    "stone",
+    "bread",
+    "cloud",
+    "dream",
+    "field",
+    "glass",
+    "heart",
+    "horse",
+    "lemon",
+    "money",
+    "night",
+    "ocean",
+    "plant",
+    "queen",
+    "radio",
+    "sugar",
+    "tiger",
+    "train",
+    "voice",
+    "world",
+    "zebra",
+    "bird",
+    "book",
+    "cake",
+    "door",
+    "fish",
+    "game",
+    "hand",
+    "king",
+    "lake",
+    "milk",
+    "moon",
+    "nose",
+    "park",
+    "rain",
+    "ring",
+    "road",
+    "ship",
+    "shoe",
+    "snow",
+    "star",
+    "tree",
+    "wind",
+    "wolf",
+    "yard",
+    "baby",
+    "ball",
+    "bell",
+    "boat",
+    "cat",
+    "dog",
+    "sun",
+    "red",
+    "blue",
+    "cold",
+    "warm",
+    "fast",
+    "slow",
+    "tall",
+    "small",
+    "happy",
+    "quiet",
+    "bright",
+    "sweet",
+    "brave",
+    "clean",
+    "early",
+    "funny",
+    "heavy",
+    "young",
+    "round",
+    "chair",
+    "clock",
+    "coffee",
+    "garden",
+    "window",
+    "pencil",
+    "mirror",
+    "forest",
+    "island",
+    "candle",
+    "rabbit",
+    "button",
+    "orange",
+    "silver",
+    "winter",
+    "summer",
+    "letter",
+    "market",
+    "bridge",
+    "castle",
 )
 
 _WordTask = Callable[[random.Random], tuple[str, str]]
@@ -78,7 +165,9 @@ def _add(rng: random.Random) -> tuple[str, str]:
 def _sort_digits(rng: random.Random) -> tuple[str, str]:
     """Return an (prompt, response) pair for sorting 3-5 digits ascending."""
     digits = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
-    prompt = "Sort these numbers from smallest to largest: " + " ".join(map(str, digits))
+    prompt = "Sort these numbers from smallest to largest: " + " ".join(
+        map(str, digits)
+    )
     return prompt, " ".join(map(str, sorted(digits)))
 
 
@@ -132,7 +221,9 @@ def _check_tasks(tasks: Sequence[str] | None) -> tuple[str, ...]:
     return chosen
 
 
-def generate_tasks(n: int, seed: int, tasks: Sequence[str] | None = None) -> list[Example]:
+def generate_tasks(
+    n: int, seed: int, tasks: Sequence[str] | None = None
+) -> list[Example]:
     """Generate ``n`` examples of the built-in checkable instruction tasks.
 
     Tasks are balanced: every selected task gets ``n // len(tasks)`` examples

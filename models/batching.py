@@ -65,7 +65,9 @@ class TrainBatch:
     def to(self, device: torch.device | str) -> TrainBatch:
         """Move every tensor to ``device``."""
         return TrainBatch(
-            self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device)
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.labels.to(device),
         )
 
 
@@ -85,7 +87,9 @@ def tokenize_example(
     prompt_ids = tokenizer(format_prompt(example.prompt), add_special_tokens=False)[
         "input_ids"
     ]
-    answer_ids = tokenizer(example.response.strip(), add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(example.response.strip(), add_special_tokens=False)[
+        "input_ids"
+    ]
     answer_ids = [*answer_ids, tokenizer.eos_token_id][: max_length - 8]
     prompt_ids = prompt_ids[-(max_length - len(answer_ids)) :]
     return TokenizedExample(

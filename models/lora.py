@@ -38,7 +38,9 @@ def peft_config(spec: LoraSpec) -> LoraConfig:
     )
 
 
-def attach_lora(model: PreTrainedModel, spec: LoraSpec, *, init_seed: int = 0) -> PeftModel:
+def attach_lora(
+    model: PreTrainedModel, spec: LoraSpec, *, init_seed: int = 0
+) -> PeftModel:
     """Wrap ``model`` with fresh LoRA adapters (in place; base frozen).
 
     Adapter A matrices are drawn from a private generator seeded with

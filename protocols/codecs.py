@@ -188,7 +188,9 @@ def _read_manifest(record: ArrayRecord) -> TensorLayout:
         raise ProtocolError(f"payload has no '{MANIFEST_KEY}' array")
     arr = record[MANIFEST_KEY]
     if arr.stype != MANIFEST_STYPE:
-        raise ProtocolError(f"manifest stype is '{arr.stype}', expected '{MANIFEST_STYPE}'")
+        raise ProtocolError(
+            f"manifest stype is '{arr.stype}', expected '{MANIFEST_STYPE}'"
+        )
     try:
         manifest = json.loads(arr.data.decode())
         version = manifest["version"]
@@ -200,12 +202,18 @@ def _read_manifest(record: ArrayRecord) -> TensorLayout:
             f"codec version {version!r} is not supported (this side speaks "
             f"{CODEC_VERSION})"
         )
+    if not isinstance(rows, list):
+        raise ProtocolError(f"manifest 'tensors' must be a list, got {type(rows).__name__}")
     entries = []
+    seen: set[str] = set()
     for i, row in enumerate(rows):
         if not (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str)):
             raise ProtocolError(f"manifest entry {i} is malformed: {row!r}")
         name, dtype, shape = row
-        if dtype not in SUPPORTED_DTYPES:
+        if name in seen:
+            raise ProtocolError(f"manifest names tensor '{name}' twice")
+        seen.add(name)
+        if not isinstance(dtype, str) or dtype not in SUPPORTED_DTYPES:
             raise ProtocolError(
                 f"tensor '{name}' has dtype {dtype!r}; supported: {sorted(SUPPORTED_DTYPES)}"
             )
@@ -282,6 +290,9 @@ def decode_tensors(
             raise ProtocolError(
                 f"array '{dtype}' holds {len(arr.data)} bytes, manifest needs {nbytes}"
             )
+        if nbytes == 0:
+            flats[dtype] = torch.empty(0, dtype=tdtype)
+            continue
         buf = torch.frombuffer(bytearray(arr.data), dtype=torch.uint8)
         flats[dtype] = buf.view(tdtype)
     return _split(layout, flats, allow_nonfinite=allow_nonfinite, device=device)

@@ -99,7 +99,8 @@ class LocalTrainConfig:
             "server_round": self.server_round >= 1,
             "local_steps": self.local_steps >= 1,
             "batch_size": self.batch_size >= 1,
-            "learning_rate": self.learning_rate > 0 and math.isfinite(self.learning_rate),
+            "learning_rate": self.learning_rate > 0
+            and math.isfinite(self.learning_rate),
             "weight_decay": self.weight_decay >= 0 and math.isfinite(self.weight_decay),
         }
         for name, ok in checks.items():
@@ -177,7 +178,9 @@ def encode_hello(hello: NodeHello) -> RecordDict:
 def decode_hello(content: RecordDict) -> NodeHello:
     """Read a ``query.hello`` reply."""
     rec = _record(content, _HELLO, ConfigRecord)
-    return NodeHello(label=_get(rec, "label", str), num_examples=_get(rec, NUM_EXAMPLES, int))
+    return NodeHello(
+        label=_get(rec, "label", str), num_examples=_get(rec, NUM_EXAMPLES, int)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +226,9 @@ def decode_lora_train_ins(
     """
     spec = LoraSpec.from_config_record(_record(content, _SPEC, ConfigRecord))
     config = LocalTrainConfig.from_config_record(_record(content, _TRAIN, ConfigRecord))
-    adapter = decode_tensors(_record(content, _ADAPTER, ArrayRecord), max_bytes=max_bytes)
+    adapter = decode_tensors(
+        _record(content, _ADAPTER, ArrayRecord), max_bytes=max_bytes
+    )
     return LoraTrainIns(spec=spec, config=config, adapter=adapter)
 
 
@@ -265,4 +270,6 @@ def decode_lora_train_res(
         max_bytes=max_bytes,
         device=device,
     )
-    return LoraTrainRes(adapter=adapter, num_examples=num_examples, train_loss=train_loss)
+    return LoraTrainRes(
+        adapter=adapter, num_examples=num_examples, train_loss=train_loss
+    )

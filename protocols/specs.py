@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -62,14 +63,18 @@ class LoraSpec:
             raise ProtocolError("LoraSpec.model must not be empty")
         if self.rank <= 0:
             raise ProtocolError(f"LoraSpec.rank must be > 0, got {self.rank}")
-        if self.alpha <= 0:
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ProtocolError(f"LoraSpec.alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ProtocolError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout}")
+        if not (math.isfinite(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise ProtocolError(
+                f"LoraSpec.dropout must be in [0, 1), got {self.dropout}"
+            )
         if not self.target_modules:
             raise ProtocolError("LoraSpec.target_modules must name at least one module")
         if self.max_length < 8:
-            raise ProtocolError(f"LoraSpec.max_length must be >= 8, got {self.max_length}")
+            raise ProtocolError(
+                f"LoraSpec.max_length must be >= 8, got {self.max_length}"
+            )
         if self.model_dtype not in ("float32", "float16", "bfloat16"):
             raise ProtocolError(
                 f"LoraSpec.model_dtype must be float32, float16 or bfloat16, "

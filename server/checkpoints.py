@@ -46,7 +46,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _safetensors_bytes(tensors: Mapping[str, torch.Tensor], meta: dict[str, str]) -> bytes:
+def _safetensors_bytes(
+    tensors: Mapping[str, torch.Tensor], meta: dict[str, str]
+) -> bytes:
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     return save(cpu, metadata=meta)
 
@@ -65,7 +67,9 @@ def save_checkpoint(
     """
     folder = run_dir / "checkpoint"
     meta = {"round": str(server_round), "spec": spec.fingerprint()}
-    atomic_write_bytes(folder / "adapter.safetensors", _safetensors_bytes(adapter, meta))
+    atomic_write_bytes(
+        folder / "adapter.safetensors", _safetensors_bytes(adapter, meta)
+    )
     state = {"round": server_round, "spec_fingerprint": spec.fingerprint(), **extra}
     atomic_write_bytes(folder / "state.json", json.dumps(state, indent=1).encode())
     return folder
@@ -94,7 +98,8 @@ def save_peft_adapter(folder: Path, model: PeftModel) -> Path:
 def write_status(run_dir: Path, state: str, **fields: Any) -> None:
     """Record the run's state ("running", "completed", "failed") in status.json."""
     atomic_write_bytes(
-        run_dir / "status.json", json.dumps({"state": state, **fields}, indent=1).encode()
+        run_dir / "status.json",
+        json.dumps({"state": state, **fields}, indent=1).encode(),
     )
 
 

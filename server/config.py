@@ -45,17 +45,23 @@ class _Section(BaseModel):
 class RunSection(_Section):
     """Identity and length of the run."""
 
-    name: str = Field("pollinate", min_length=1, description="Run name, used in the run folder.")
+    name: str = Field(
+        "pollinate", min_length=1, description="Run name, used in the run folder."
+    )
     method: Literal["lora"] = Field("lora", description="Fine-tuning method.")
     rounds: int = Field(5, ge=1, le=100_000, description="Federated rounds.")
     seed: int = Field(0, ge=0, description="Seed of every random draw of the run.")
-    output_dir: Path = Field(Path("runs"), description="Folder that receives run folders.")
+    output_dir: Path = Field(
+        Path("runs"), description="Folder that receives run folders."
+    )
 
 
 class ModelSection(_Section):
     """The base model, named as in :func:`models.load_causal_lm`."""
 
-    name: str = Field("smollm2-135m", min_length=1, description="Built-in name, HF id or path.")
+    name: str = Field(
+        "smollm2-135m", min_length=1, description="Built-in name, HF id or path."
+    )
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     max_length: int = Field(96, ge=16, le=8192, description="Tokens per example.")
 
@@ -63,22 +69,38 @@ class ModelSection(_Section):
 class DataSection(_Section):
     """Where the examples come from and how clients share them."""
 
-    source: str = Field("builtin:tasks", description="'builtin:tasks' or a JSON/JSONL/CSV path.")
-    limit: int | None = Field(None, ge=10, description="Use a seeded subset of this size.")
-    eval_examples: int = Field(64, ge=1, description="Held-out examples for central evaluation.")
+    source: str = Field(
+        "builtin:tasks", description="'builtin:tasks' or a JSON/JSONL/CSV path."
+    )
+    limit: int | None = Field(
+        None, ge=10, description="Use a seeded subset of this size."
+    )
+    eval_examples: int = Field(
+        64, ge=1, description="Held-out examples for central evaluation."
+    )
     partitioning: Literal["iid", "dirichlet", "task"] = "dirichlet"
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skew).")
-    min_partition_size: int = Field(8, ge=1, description="Fewest examples a client holds.")
+    alpha: float = Field(
+        0.5, gt=0, description="Dirichlet concentration (smaller = more skew)."
+    )
+    min_partition_size: int = Field(
+        8, ge=1, description="Fewest examples a client holds."
+    )
 
 
 class FederationSection(_Section):
     """How many clients exist and how many train each round."""
 
     clients: int = Field(4, ge=1, le=100_000, description="Number of clients.")
-    fraction: float = Field(1.0, gt=0, le=1, description="Share of clients sampled per round.")
+    fraction: float = Field(
+        1.0, gt=0, le=1, description="Share of clients sampled per round."
+    )
     min_clients: int = Field(1, ge=1, description="Fewest clients a round samples.")
-    round_timeout_s: float = Field(900.0, gt=0, description="Seconds to wait for replies.")
-    max_payload_mb: float = Field(512.0, gt=0, description="Largest update accepted, in MB.")
+    round_timeout_s: float = Field(
+        900.0, gt=0, description="Seconds to wait for replies."
+    )
+    max_payload_mb: float = Field(
+        512.0, gt=0, description="Largest update accepted, in MB."
+    )
 
 
 class TrainSection(_Section):
@@ -107,7 +129,9 @@ class EvalSection(_Section):
     )
     max_new_tokens: int = Field(16, ge=1, le=1024)
     batch_size: int = Field(32, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' = CUDA if present.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="'auto' = CUDA if present."
+    )
 
 
 class RunConfig(_Section):
@@ -217,7 +241,9 @@ def config_to_toml(config: RunConfig) -> str:
     for section, values in config.model_dump(mode="json").items():
         out.append(f"[{section}]")
         out.extend(
-            f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None
+            f"{key} = {_toml_value(value)}"
+            for key, value in values.items()
+            if value is not None
         )
         out.append("")
     return "\n".join(out)

@@ -110,7 +110,9 @@ class CentralEvaluator:
         self.model.eval()
         return EvalResult(
             loss=self._loss(),
-            metric=score(self.metric, self._generate(), [e.response for e in self.examples]),
+            metric=score(
+                self.metric, self._generate(), [e.response for e in self.examples]
+            ),
             metric_name=self.metric,
             num_examples=len(self.examples),
         )

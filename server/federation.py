@@ -24,7 +24,13 @@ import torch
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from protocols import MESSAGE_HELLO, ByteLedger, ProtocolError, decode_hello, payload_bytes
+from protocols import (
+    MESSAGE_HELLO,
+    ByteLedger,
+    ProtocolError,
+    decode_hello,
+    payload_bytes,
+)
 from server.checkpoints import MetricsLog, save_checkpoint
 from server.evaluation import CentralEvaluator
 from strategies import LoraFedAvg
@@ -82,7 +88,9 @@ def discover_nodes(
             )
         time.sleep(0.2)  # polling the grid: Flower offers no wait-for-nodes call
     nodes = sorted(grid.get_node_ids())
-    msgs = [Message(RecordDict(), dst_node_id=n, message_type=MESSAGE_HELLO) for n in nodes]
+    msgs = [
+        Message(RecordDict(), dst_node_id=n, message_type=MESSAGE_HELLO) for n in nodes
+    ]
     down = {m.metadata.dst_node_id: payload_bytes(m.content) for m in msgs}
     labels: dict[int, str] = {}
     for reply in grid.send_and_receive(msgs, timeout=timeout_s):
@@ -126,8 +134,17 @@ def run_lora_rounds(
     t0 = time.monotonic()
     first = evaluator.evaluate(global_adapter)
     up, down = ledger.round_totals(0)  # the hello exchange
-    row = RoundRow(0, 0, None, first.loss, first.metric, first.metric_name, up, down,
-                   time.monotonic() - t0)
+    row = RoundRow(
+        0,
+        0,
+        None,
+        first.loss,
+        first.metric,
+        first.metric_name,
+        up,
+        down,
+        time.monotonic() - t0,
+    )
     metrics.append(row.as_dict())
     if on_round:
         on_round(row, global_adapter)
@@ -151,12 +168,26 @@ def run_lora_rounds(
         global_adapter = result.adapter
         ev = evaluator.evaluate(global_adapter)
         up, down = ledger.round_totals(server_round)
-        row = RoundRow(server_round, len(result.accepted), result.train_loss, ev.loss,
-                       ev.metric, ev.metric_name, up, down, time.monotonic() - t0,
-                       rejected=len(result.rejected))
+        row = RoundRow(
+            server_round,
+            len(result.accepted),
+            result.train_loss,
+            ev.loss,
+            ev.metric,
+            ev.metric_name,
+            up,
+            down,
+            time.monotonic() - t0,
+            rejected=len(result.rejected),
+        )
         metrics.append(row.as_dict())
-        save_checkpoint(run_dir, server_round, global_adapter, strategy.spec,
-                        {"metrics": row.as_dict(), "ledger": ledger.to_json()})
+        save_checkpoint(
+            run_dir,
+            server_round,
+            global_adapter,
+            strategy.spec,
+            {"metrics": row.as_dict(), "ledger": ledger.to_json()},
+        )
         if on_round:
             on_round(row, global_adapter)
         log.info("round %d/%d: %s", server_round, rounds, row.as_dict())

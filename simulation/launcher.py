@@ -88,7 +88,9 @@ def _rounds_done(metrics: Path) -> list[dict[str, object]]:
         return []
 
 
-def _watch(proc: subprocess.Popen[bytes], run_dir: Path, rounds: int, console: Console) -> None:
+def _watch(
+    proc: subprocess.Popen[bytes], run_dir: Path, rounds: int, console: Console
+) -> None:
     """Show a progress bar over rounds until the engine exits."""
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -114,7 +116,9 @@ def _watch(proc: subprocess.Popen[bytes], run_dir: Path, rounds: int, console: C
             bar.update(task, completed=int(rows[-1]["round"]))
 
 
-def launch(run_dir: Path, *, rounds: int, console: Console | None = None) -> LaunchResult:
+def launch(
+    run_dir: Path, *, rounds: int, console: Console | None = None
+) -> LaunchResult:
     """Run the engine on a prepared ``run_dir`` and wait for it, owning its processes."""
     console = console or Console(stderr=True)
     log_path = run_dir / "simulation.log"

@@ -37,18 +37,26 @@ class PartitionError(ValueError):
 
 
 def _validate(
-    n_examples: int, num_partitions: int, scheme: str, alpha: float, min_partition_size: int
+    n_examples: int,
+    num_partitions: int,
+    scheme: str,
+    alpha: float,
+    min_partition_size: int,
 ) -> None:
     """Check the arguments of :func:`partition`, naming the bad one."""
     if scheme not in SCHEMES:
         raise PartitionError(f"scheme={scheme!r} is not one of {SCHEMES}")
     is_int = isinstance(num_partitions, int) and not isinstance(num_partitions, bool)
     if not is_int or num_partitions < 1:
-        raise PartitionError(f"num_partitions={num_partitions!r} must be an integer >= 1")
+        raise PartitionError(
+            f"num_partitions={num_partitions!r} must be an integer >= 1"
+        )
     if not alpha > 0:
         raise PartitionError(f"alpha={alpha!r} must be > 0")
     if isinstance(min_partition_size, bool) or not isinstance(min_partition_size, int):
-        raise PartitionError(f"min_partition_size={min_partition_size!r} must be an integer")
+        raise PartitionError(
+            f"min_partition_size={min_partition_size!r} must be an integer"
+        )
     if min_partition_size < 0:
         raise PartitionError(f"min_partition_size={min_partition_size} must be >= 0")
     if num_partitions > n_examples:
@@ -65,7 +73,9 @@ def _validate(
 def _iid(n_examples: int, num_partitions: int, seed: int) -> list[list[int]]:
     """Seeded random near-equal split of ``range(n_examples)``."""
     order = np.random.default_rng(seed).permutation(n_examples)
-    return [sorted(int(i) for i in part) for part in np.array_split(order, num_partitions)]
+    return [
+        sorted(int(i) for i in part) for part in np.array_split(order, num_partitions)
+    ]
 
 
 def _task(groups: Sequence[str], num_partitions: int) -> list[list[int]]:
@@ -76,7 +86,9 @@ def _task(groups: Sequence[str], num_partitions: int) -> list[list[int]]:
             f"scheme='task' needs num_partitions <= number of groups, got "
             f"num_partitions={num_partitions} and {len(distinct)} groups"
         )
-    owner = {group: position % num_partitions for position, group in enumerate(distinct)}
+    owner = {
+        group: position % num_partitions for position, group in enumerate(distinct)
+    }
     parts: list[list[int]] = [[] for _ in range(num_partitions)]
     for index, group in enumerate(groups):
         parts[owner[group]].append(index)
@@ -84,7 +96,10 @@ def _task(groups: Sequence[str], num_partitions: int) -> list[list[int]]:
 
 
 def _dirichlet_draw(
-    labels: np.ndarray, classes: list[str], num_partitions: int, alpha: float,
+    labels: np.ndarray,
+    classes: list[str],
+    num_partitions: int,
+    alpha: float,
     rng: np.random.Generator,
 ) -> list[list[int]]:
     """One Dirichlet draw: split each class's indices by sampled proportions."""
@@ -98,7 +113,9 @@ def _dirichlet_draw(
     return parts
 
 
-def _top_up(parts: list[list[int]], min_partition_size: int, rng: np.random.Generator) -> None:
+def _top_up(
+    parts: list[list[int]], min_partition_size: int, rng: np.random.Generator
+) -> None:
     """Move random examples from the largest partitions into undersized ones."""
     for part in parts:
         while len(part) < min_partition_size:
@@ -107,7 +124,11 @@ def _top_up(parts: list[list[int]], min_partition_size: int, rng: np.random.Gene
 
 
 def _dirichlet(
-    groups: Sequence[str], num_partitions: int, alpha: float, seed: int, min_partition_size: int
+    groups: Sequence[str],
+    num_partitions: int,
+    alpha: float,
+    seed: int,
+    min_partition_size: int,
 ) -> list[list[int]]:
     """Dirichlet label-skew split, resampled until partitions are large enough.
 
@@ -189,7 +210,9 @@ def partition(
     return parts
 
 
-def describe(partitions: Sequence[Sequence[int]], groups: Sequence[str]) -> list[dict[str, int]]:
+def describe(
+    partitions: Sequence[Sequence[int]], groups: Sequence[str]
+) -> list[dict[str, int]]:
     """Count the examples of each group in each partition.
 
     Parameters

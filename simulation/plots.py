@@ -61,8 +61,12 @@ def _legend_below(ax: Axes, handles: Sequence[Any] | None = None) -> None:
     """Put the legend under ``ax`` (below the x label) so it never hides data."""
     kwargs: dict[str, Any] = {} if handles is None else {"handles": list(handles)}
     ax.legend(
-        loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3,
-        frameon=False, fontsize="small", **kwargs,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.16),
+        ncol=3,
+        frameon=False,
+        fontsize="small",
+        **kwargs,
     )
 
 
@@ -107,13 +111,21 @@ def _draw_metric_panel(ax: Axes, rows: Sequence[Row], name: str) -> None:
     """Draw metric (percent, solid) and eval loss (twin axis, dashed) per round."""
     rounds = _rounds(rows)
     (metric_line,) = ax.plot(
-        rounds, [_value(r, "eval_metric", 100.0) for r in rows],
-        marker="o", color="tab:blue", label=f"{name} (%)",
+        rounds,
+        [_value(r, "eval_metric", 100.0) for r in rows],
+        marker="o",
+        color="tab:blue",
+        label=f"{name} (%)",
     )
     loss_ax = ax.twinx()
     (loss_line,) = loss_ax.plot(
-        rounds, [_value(r, "eval_loss") for r in rows],
-        marker="s", markersize=4, linestyle="--", color="tab:red", label="eval loss",
+        rounds,
+        [_value(r, "eval_loss") for r in rows],
+        marker="s",
+        markersize=4,
+        linestyle="--",
+        color="tab:red",
+        label="eval loss",
     )
     _round_axis(ax, rounds)
     ax.set_ylabel(f"{name} (%)")
@@ -205,7 +217,9 @@ def plot_comparison(
     """
     for label, rows in runs.items():
         if not rows:
-            warnings.warn(f"run {label!r} has no rows; left out of {out_path}", stacklevel=2)
+            warnings.warn(
+                f"run {label!r} has no rows; left out of {out_path}", stacklevel=2
+            )
     present = {label: rows for label, rows in runs.items() if rows}
     if not present:
         raise ReportError(f"no runs with rows to plot for {out_path}")

@@ -49,8 +49,12 @@ def prepare_run(config: RunConfig, run_dir: Path | None = None) -> Path:
     models.ModelLoadError
         If a built-in model needs a package that is not installed.
     """
-    examples = load_examples(config.data.source, limit=config.data.limit, seed=config.run.seed)
-    train, held_out = split_holdout(examples, config.data.eval_examples, config.run.seed)
+    examples = load_examples(
+        config.data.source, limit=config.data.limit, seed=config.run.seed
+    )
+    train, held_out = split_holdout(
+        examples, config.data.eval_examples, config.run.seed
+    )
     parts = partition(
         [e.group for e in train],
         config.federation.clients,
@@ -69,7 +73,9 @@ def prepare_run(config: RunConfig, run_dir: Path | None = None) -> Path:
         "sizes": [len(p) for p in parts],
         "groups": describe(parts, [e.group for e in train]),
     }
-    atomic_write_bytes(run_dir / "partitions.json", json.dumps(summary, indent=1).encode())
+    atomic_write_bytes(
+        run_dir / "partitions.json", json.dumps(summary, indent=1).encode()
+    )
     atomic_write_bytes(run_dir / "config.toml", config_to_toml(config).encode())
     prepare_model(config.model.name)
     return run_dir

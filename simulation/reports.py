@@ -231,7 +231,7 @@ def summary_table(rows: Sequence[Row], title: str) -> Table:
     table.add_column("Down MB", justify="right")
     table.add_column("Cum. MB", justify="right")
     table.add_column("Seconds", justify="right")
-    for row, (_, _, cum_total) in zip(rows, cumulative_mb(rows)):
+    for row, (_, _, cum_total) in zip(rows, cumulative_mb(rows), strict=True):
         table.add_row(
             _fmt(row.get("round"), ".0f"),
             _fmt(row.get("clients"), ".0f"),
@@ -289,7 +289,9 @@ def run_summary(rows: Sequence[Row]) -> dict[str, Any]:
     best_round = None
     if best_metric is not None:
         best_round = next(
-            row.get("round") for row in rows if _num(row.get("eval_metric")) == best_metric
+            row.get("round")
+            for row in rows
+            if _num(row.get("eval_metric")) == best_metric
         )
     bytes_up = sum(_bytes(row, "bytes_up") for row in rows)
     bytes_down = sum(_bytes(row, "bytes_down") for row in rows)
@@ -311,7 +313,9 @@ def run_summary(rows: Sequence[Row]) -> dict[str, Any]:
     }
 
 
-def compare_table(runs: Mapping[str, Sequence[Row]], title: str = "Run comparison") -> Table:
+def compare_table(
+    runs: Mapping[str, Sequence[Row]], title: str = "Run comparison"
+) -> Table:
     """Build a table comparing several runs, one row per run label.
 
     Parameters

@@ -52,7 +52,9 @@ def weighted_mean(
     if len(updates) != len(weights):
         raise AggregationError(f"{len(updates)} updates but {len(weights)} weights")
     if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-        raise AggregationError(f"weights must be finite, >= 0 and sum > 0: {list(weights)}")
+        raise AggregationError(
+            f"weights must be finite, >= 0 and sum > 0: {list(weights)}"
+        )
     total = float(sum(weights))
     first = updates[0]
     out: dict[str, torch.Tensor] = {}

@@ -184,7 +184,9 @@ class LoraFedAvg(Strategy):
                 continue
             good.append((who, res.adapter, res.num_examples, res.train_loss))
         for who, reason in sorted(rejected.items()):
-            log.warning("round %d: rejected update from %s: %s", server_round, who, reason)
+            log.warning(
+                "round %d: rejected update from %s: %s", server_round, who, reason
+            )
         if not good:
             return LoraAggregate(adapter=None, rejected=rejected)
         good.sort(key=lambda g: g[0])  # replies arrive in any order; sum in a fixed one

@@ -60,7 +60,9 @@ def sample_nodes(
         raise SamplingError(
             f"{len(ordered)} nodes available, the round needs at least {min_nodes}"
         )
-    count = min(len(ordered), max(min_nodes, math.ceil(fraction * len(ordered))))
+    # round() first: 0.55 * 100 is 55.000000000000007 in binary floating point
+    wanted = math.ceil(round(fraction * len(ordered), 9))
+    count = min(len(ordered), max(min_nodes, wanted))
     rng = np.random.default_rng([seed, server_round])
     picked = rng.choice(len(ordered), size=count, replace=False)
     return [ordered[i] for i in sorted(picked)]

@@ -1,0 +1,218 @@
+"""Tests for server.config (the run schema) and the ``pollinate validate`` CLI.
+
+A run is configured once at the edge; mistakes must surface there, all at
+once and by field name, not rounds later. These tests check the defaults,
+the TOML round trip, override precedence, error reporting (every bad field
+named in one message), the cross-field check, and the validate command's
+exit codes, console messages and override flags.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cli.main import build_parser, main
+from cli.overrides import collect_overrides
+from protocols import LoraSpec
+from server.config import ConfigError, RunConfig, config_to_toml, load_config
+
+
+@pytest.fixture(autouse=True)
+def _wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rich wraps at the terminal width; keep long paths on one line."""
+    monkeypatch.setenv("COLUMNS", "400")
+
+
+def _write(tmp_path: Path, text: str, name: str = "run.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_valid() -> None:
+    """The defaults must validate on their own and give a valid LoRA spec."""
+    config = load_config()
+    assert config == RunConfig()
+    assert config.federation.min_clients <= config.federation.clients
+    spec = config.lora_spec()
+    assert isinstance(spec, LoraSpec)
+    assert spec.rank == config.lora.rank and spec.max_length == config.model.max_length
+
+
+def test_toml_round_trip(tmp_path: Path) -> None:
+    """config_to_toml written to a file and read back must give an equal config,
+    for defaults and for a config with every section changed."""
+    custom = load_config(
+        None,
+        {
+            "run.name": 'my "quoted" \\ run',
+            "run.rounds": 3,
+            "run.output_dir": str(tmp_path / "out"),
+            "model.name": "tiny-llama",
+            "model.dtype": "bfloat16",
+            "data.limit": 200,
+            "data.partitioning": "iid",
+            "data.alpha": 1e-5,
+            "federation.clients": 6,
+            "federation.fraction": 0.5,
+            "federation.min_clients": 2,
+            "train.learning_rate": 3e-4,
+            "lora.target_modules": ["q_proj", "k_proj", "v_proj"],
+            "lora.dropout": 0.1,
+            "eval.metric": "rouge_l",
+            "eval.device": "cpu",
+        },
+    )
+    for config in (RunConfig(), custom):
+        path = _write(tmp_path, config_to_toml(config))
+        assert load_config(path) == config
+
+
+def test_overrides_win_over_file(tmp_path: Path) -> None:
+    """Dotted overrides must beat the file; untouched file values must stay."""
+    path = _write(tmp_path, "[federation]\nclients = 8\n\n[train]\nlocal_steps = 2\n")
+    config = load_config(path, {"federation.clients": 3, "lora.alpha": 32})
+    assert config.federation.clients == 3
+    assert config.train.local_steps == 2
+    assert config.lora.alpha == 32.0
+
+
+def test_every_bad_field_named_at_once(tmp_path: Path) -> None:
+    """One ConfigError must name every invalid field together (users fix all at
+    once): a bad count, a negative rate, a wrongly typed rank and an unknown key."""
+    path = _write(
+        tmp_path,
+        '[federation]\nclients = 0\n\n[train]\nlearning_rate = -1\nlr = 0.1\n\n'
+        '[lora]\nrank = "x"\n',
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    for field in ("federation.clients", "train.learning_rate", "lora.rank", "train.lr"):
+        assert field in msg, field
+    assert str(path) in msg
+    assert "4 invalid" in msg
+
+
+def test_same_errors_through_overrides() -> None:
+    """Overrides are validated the same way as file values."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {"federation.clients": 0, "lora.rank": "x", "train.lr": 1})
+    msg = str(err.value)
+    assert "federation.clients" in msg and "lora.rank" in msg and "train.lr" in msg
+
+
+def test_min_clients_cross_check() -> None:
+    """min_clients above clients can never be satisfied and must be refused
+    naming both fields."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {"federation.clients": 2, "federation.min_clients": 5})
+    assert "federation.min_clients" in str(err.value)
+    assert "federation.clients" in str(err.value)
+    assert load_config(None, {"federation.clients": 5, "federation.min_clients": 5})
+
+
+@pytest.mark.parametrize("key", ["clients", "federation", "a.b.c", ".x", "federation."])
+def test_bad_override_key(key: str) -> None:
+    """Override keys must be section.field."""
+    with pytest.raises(ConfigError, match="section.field"):
+        load_config(None, {key: 1})
+
+
+def test_unknown_section_named() -> None:
+    """An unknown table is an error naming it."""
+    with pytest.raises(ConfigError, match="trian"):
+        load_config(None, {"trian.local_steps": 2})
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    """A missing config file is a ConfigError naming the path."""
+    path = tmp_path / "absent.toml"
+    with pytest.raises(ConfigError, match="absent.toml"):
+        load_config(path)
+
+
+def test_bad_toml(tmp_path: Path) -> None:
+    """Unparsable TOML is a ConfigError naming the file, not a raw TOMLDecodeError."""
+    path = _write(tmp_path, "[run\nname = 'x'\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+
+
+def test_config_is_frozen() -> None:
+    """A parsed config cannot be changed behind the run's back."""
+    config = load_config()
+    with pytest.raises(Exception):  # pydantic's ValidationError for frozen models
+        config.federation.clients = 9  # type: ignore[misc]
+
+
+# -- CLI --------------------------------------------------------------------------
+
+
+def test_validate_valid_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`pollinate validate` exits 0 on a valid file and says it is valid."""
+    path = _write(tmp_path, "[federation]\nclients = 3\n\n[model]\nname = \"tiny-llama\"\n")
+    assert main(["validate", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "valid" in err and "3 clients" in err and "invalid" not in err
+
+
+def test_validate_invalid_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`pollinate validate` exits 2 on a bad file and names every bad field."""
+    path = _write(tmp_path, "[federation]\nclients = 0\n\n[lora]\ndropout = 1.5\n")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "invalid" in err
+    assert "federation.clients" in err and "lora.dropout" in err
+
+
+def test_validate_flags_applied(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A named flag that makes a valid file invalid is reported by field."""
+    path = _write(tmp_path, "")
+    assert main(["validate", str(path), "--clients", "0"]) == 2
+    assert "federation.clients" in capsys.readouterr().err
+    assert main(["validate", str(path), "--set", "lora.rank=0"]) == 2
+    assert "lora.rank" in capsys.readouterr().err
+    assert main(["validate", str(path), "--set", "no-equals-sign"]) == 2
+    assert "no-equals-sign" in capsys.readouterr().err
+
+
+def test_validate_missing_data_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A data.source file that does not exist is reported by name with exit 2."""
+    missing = tmp_path / "nowhere" / "train-data.jsonl"
+    path = _write(tmp_path, f'[data]\nsource = "{missing}"\n')
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "data.source" in err and str(missing) in err
+
+
+def test_collect_overrides_from_parser(tmp_path: Path) -> None:
+    """--set values are parsed as TOML values, named flags map to their fields,
+    and both win over the file."""
+    path = _write(tmp_path, "[federation]\nclients = 8\n\n[lora]\nalpha = 4.0\n")
+    args = build_parser().parse_args(
+        [
+            "validate", str(path),
+            "--set", "lora.alpha=32",
+            "--set", 'lora.target_modules=["q_proj"]',
+            "--set", "run.name=plain text",
+            "--clients", "3",
+            "--lr", "0.01",
+        ]
+    )
+    overrides = collect_overrides(args)
+    assert overrides == {
+        "federation.clients": 3,
+        "train.learning_rate": 0.01,
+        "lora.alpha": 32,
+        "lora.target_modules": ["q_proj"],
+        "run.name": "plain text",
+    }
+    config = load_config(path, overrides)
+    assert config.lora.alpha == 32.0
+    assert config.federation.clients == 3
+    assert config.lora.target_modules == ("q_proj",)
+    assert config.run.name == "plain text"
+    assert config.train.learning_rate == 0.01
