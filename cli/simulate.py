@@ -90,6 +90,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     console.print(
         f"{s['metric_name']}: {100 * (s['first_metric'] or 0):.1f}% -> "
         f"{100 * (s['last_metric'] or 0):.1f}%  eval loss {s['first_eval_loss']:.3f} -> "
-        f"{s['last_eval_loss']:.3f}\nplot: {plot}\nadapter: {run_dir / 'adapter'}"
+        f"{s['last_eval_loss']:.3f}\nplot: {plot}\n"
+        f"{'adapter' if config.run.method == 'lora' else 'model'}: "
+        f"{run_dir / ('adapter' if config.run.method == 'lora' else 'model')}"
     )
     return 0

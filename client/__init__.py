@@ -25,7 +25,7 @@ _LAZY = {
     "NodeConfigError": "client.node",
     "NodeSettings": "client.node",
     "TrainStats": "client.lora_trainer",
-    "derive_seed": "client.lora_trainer",
+    "derive_seed": "client.batches",
     "partition_file": "client.node",
     "train_lora": "client.lora_trainer",
 }

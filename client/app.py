@@ -25,17 +25,26 @@ from protocols import (
     encode_hello,
     encode_lora_train_res,
 )
-from protocols.messages import ACTION_HELLO, ACTION_LORA
+from protocols.messages import (
+    ACTION_HELLO,
+    ACTION_LORA,
+    ERROR_BAD_INSTRUCTION,
+    ERROR_NODE_SETUP,
+    ERROR_OUT_OF_SYNC,
+)
+from protocols.zo_messages import (
+    ACTION_ZO,
+    ZoTrainRes,
+    decode_zo_train_ins,
+    encode_zo_train_res,
+)
 
 if TYPE_CHECKING:
     from client.runtime import ClientRuntime
 
-__all__ = ["ERROR_BAD_INSTRUCTION", "ERROR_NODE_SETUP", "app"]
+__all__ = ["app"]
 
 log = logging.getLogger(__name__)
-
-ERROR_BAD_INSTRUCTION = 4001
-ERROR_NODE_SETUP = 4002
 
 app = ClientApp()
 
@@ -115,3 +124,53 @@ def train(msg: Message, context: Context) -> Message:
         train_loss=stats.mean_loss,
     )
     return Message(encode_lora_train_res(res), reply_to=msg)
+
+
+@app.train(ACTION_ZO)
+def train_zo(msg: Message, context: Context) -> Message:
+    """FedKSeed: catch up by seed replay, run local ZO steps, send the scalars."""
+    from client.zo_state import OutOfSyncError
+    from client.zo_trainer import zo_local_steps
+    from corpora import DatasetError
+    from models import ModelLoadError
+
+    runtime = _ProcessState.get()
+    try:
+        node = NodeSettings.from_context(context)
+        ins = decode_zo_train_ins(msg.content)
+        state = runtime.zo_state(ins.spec, node.device, context.run_id)
+        state.sync(ins)
+        data = runtime.local_data(node.data_path, ins.spec, state.tokenizer)
+    except OutOfSyncError as exc:
+        return _error_reply(msg, ERROR_OUT_OF_SYNC, exc)
+    except ProtocolError as exc:
+        return _error_reply(msg, ERROR_BAD_INSTRUCTION, exc)
+    except (NodeConfigError, DatasetError, ModelLoadError, OSError) as exc:
+        return _error_reply(msg, ERROR_NODE_SETUP, exc)
+    synced_round, synced_hash = state.round, state.hash
+    state.mark_trained()
+    try:
+        stats = zo_local_steps(
+            state.model,
+            state.perturbed(),
+            data.tokenized,
+            ins.config,
+            seeds=state.seeds,
+            eps=ins.spec.eps,
+            probabilities=ins.probabilities(),
+            pad_id=int(state.tokenizer.pad_token_id),
+            label=node.label,
+            device=node.device,
+        )
+    finally:
+        state.restore()  # back to the synced global model, whatever happened
+    res = ZoTrainRes(
+        indices=stats.indices,
+        scalars=stats.scalars,
+        num_examples=len(data.examples),
+        train_loss=stats.mean_loss,
+        synced_round=synced_round,
+        synced_hash=synced_hash,
+        skipped_steps=stats.skipped,
+    )
+    return Message(encode_zo_train_res(res), reply_to=msg)

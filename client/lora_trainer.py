@@ -8,17 +8,17 @@ private RNG seeded the same way, so a node's round is reproducible.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from peft import PeftModel
 
+from client.batches import derive_seed, index_batches
 from models import TokenizedExample, collate_train
 from protocols import LocalTrainConfig
 
-__all__ = ["TrainStats", "derive_seed", "train_lora"]
+__all__ = ["TrainStats", "train_lora"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,23 +28,6 @@ class TrainStats:
     mean_loss: float
     steps: int
     examples_seen: int
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts (stable across processes and machines)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def _batches(
-    n: int, batch_size: int, generator: torch.Generator
-) -> Iterator[list[int]]:
-    """Endless index batches: fresh permutation each pass, no ragged tail."""
-    size = min(batch_size, n)
-    while True:
-        order = torch.randperm(n, generator=generator).tolist()
-        for start in range(0, n - size + 1, size):
-            yield order[start : start + size]
 
 
 def train_lora(
@@ -89,7 +72,7 @@ def train_lora(
         params, lr=config.learning_rate, weight_decay=config.weight_decay
     )
     losses: list[torch.Tensor] = []
-    batches = _batches(len(examples), config.batch_size, generator)
+    batches = index_batches(len(examples), config.batch_size, generator)
     model.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # dropout draws, private to this call

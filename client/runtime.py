@@ -17,9 +17,16 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from client.zo_state import ZoModelState
 from corpora import Example, load_examples
-from models import TokenizedExample, attach_lora, load_causal_lm, tokenize_example
-from protocols import LoraSpec
+from models import (
+    TokenizedExample,
+    attach_lora,
+    default_cache_dir,
+    load_causal_lm,
+    tokenize_example,
+)
+from protocols import LoraSpec, ZOSpec
 
 __all__ = ["ClientRuntime", "LocalData", "LoraModel"]
 
@@ -45,6 +52,7 @@ class ClientRuntime:
 
     def __init__(self, max_datasets: int = 64) -> None:
         self._models: dict[tuple[str, str], LoraModel] = {}
+        self._zo: dict[tuple[str, str, int], ZoModelState] = {}
         self._data: dict[tuple[str, str, int], LocalData] = {}
         self._max_datasets = max_datasets
 
@@ -53,13 +61,28 @@ class ClientRuntime:
         key = (spec.fingerprint(), str(device))
         if key not in self._models:
             self._models.clear()  # one base model per process is the budget
+            self._zo.clear()
             loaded = load_causal_lm(spec.model, dtype=spec.model_dtype, device=device)
             model = attach_lora(loaded.model, spec)
             self._models[key] = LoraModel(model=model, tokenizer=loaded.tokenizer)
         return self._models[key]
 
+    def zo_state(self, spec: ZOSpec, device: torch.device, run_id: int) -> ZoModelState:
+        """The seed-synced model of a FedKSeed run, built on first use.
+
+        Snapshots go to ``<cache>/zo/<run id>-<spec fingerprint>``, shared by
+        the processes of this machine that serve the same run.
+        """
+        key = (spec.fingerprint(), str(device), run_id)
+        if key not in self._zo:
+            self._zo.clear()
+            self._models.clear()  # one base model per process is the budget
+            folder = default_cache_dir() / "zo" / f"{run_id}-{spec.fingerprint()}"
+            self._zo[key] = ZoModelState(spec, device, folder)
+        return self._zo[key]
+
     def local_data(
-        self, path: Path, spec: LoraSpec, tokenizer: PreTrainedTokenizerBase
+        self, path: Path, spec: LoraSpec | ZOSpec, tokenizer: PreTrainedTokenizerBase
     ) -> LocalData:
         """The node's examples, tokenized for ``spec.model``, read on first use."""
         key = (str(path), spec.model, spec.max_length)

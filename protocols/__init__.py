@@ -30,7 +30,8 @@ from protocols.messages import (
     encode_lora_train_ins,
     encode_lora_train_res,
 )
-from protocols.specs import LoraSpec
+from protocols.model_hash import state_hash
+from protocols.specs import LoraSpec, ZOSpec
 
 __all__ = [
     "CODEC_VERSION",
@@ -50,6 +51,7 @@ __all__ = [
     "SpecMismatchError",
     "TensorEntry",
     "TensorLayout",
+    "ZOSpec",
     "decode_hello",
     "decode_lora_train_ins",
     "decode_lora_train_res",
@@ -59,4 +61,5 @@ __all__ = [
     "encode_lora_train_res",
     "encode_tensors",
     "payload_bytes",
+    "state_hash",
 ]

@@ -5,7 +5,8 @@ Wire format, version 1
 Tensors are grouped by dtype. Each group is concatenated, in manifest order,
 into one flat little-endian byte buffer carried as a single Flower ``Array``
 whose ``dtype`` field is the torch dtype name (``"float32"``, ``"float16"``,
-``"bfloat16"``) and whose ``stype`` is :data:`RAW_STYPE`. NumPy has no
+``"bfloat16"``, ``"int32"``, ``"int64"``, ``"uint8"``) and whose ``stype`` is
+:data:`RAW_STYPE`. NumPy has no
 bfloat16, so raw bits travel untouched instead of going through ``np.save``.
 
 A manifest travels in the same record as one more ``Array`` under
@@ -54,6 +55,9 @@ SUPPORTED_DTYPES: Mapping[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
 }
 _DTYPE_NAMES = {v: k for k, v in SUPPORTED_DTYPES.items()}
 
@@ -203,7 +207,9 @@ def _read_manifest(record: ArrayRecord) -> TensorLayout:
             f"{CODEC_VERSION})"
         )
     if not isinstance(rows, list):
-        raise ProtocolError(f"manifest 'tensors' must be a list, got {type(rows).__name__}")
+        raise ProtocolError(
+            f"manifest 'tensors' must be a list, got {type(rows).__name__}"
+        )
     entries = []
     seen: set[str] = set()
     for i, row in enumerate(rows):

@@ -37,6 +37,9 @@ from protocols.specs import LoraSpec
 
 __all__ = [
     "ACTION_HELLO",
+    "ERROR_BAD_INSTRUCTION",
+    "ERROR_NODE_SETUP",
+    "ERROR_OUT_OF_SYNC",
     "ACTION_LORA",
     "LocalTrainConfig",
     "LoraTrainIns",
@@ -51,6 +54,11 @@ __all__ = [
     "encode_lora_train_ins",
     "encode_lora_train_res",
 ]
+
+# Error codes of client error replies (flwr ``Error.code``).
+ERROR_BAD_INSTRUCTION = 4001  # the instruction broke the contract (spec, payload)
+ERROR_NODE_SETUP = 4002  # the node lacks what it needs (data, model)
+ERROR_OUT_OF_SYNC = 4003  # the node cannot reach the target model: resend history from 0
 
 ACTION_HELLO = "hello"
 ACTION_LORA = "lora"

@@ -2,9 +2,12 @@
 
 A spec is a frozen dataclass with a schema version and a fingerprint. The
 server sends it with every round inside a ``ConfigRecord``; the client rebuilds
-it with :meth:`LoraSpec.from_config_record`, which rejects unknown keys, wrong
-types, out-of-range values, unsupported schema versions and a fingerprint that
-does not match the fields (a corrupted or hand-edited spec).
+it with ``from_config_record``, which rejects unknown keys, missing keys, wrong
+types, out-of-range values, an unsupported schema version, and a fingerprint
+that does not match the fields (a corrupted or hand-edited spec).
+
+:class:`LoraSpec` describes a LoRA federation; :class:`ZOSpec` a seed-based
+zeroth-order (FedKSeed) federation.
 """
 
 from __future__ import annotations
@@ -13,21 +16,124 @@ import dataclasses
 import hashlib
 import json
 import math
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from flwr.app import ConfigRecord
 
 from protocols.errors import ProtocolError, SpecMismatchError
 
-__all__ = ["LoraSpec"]
+__all__ = ["LoraSpec", "ZOSpec"]
 
 _FINGERPRINT_KEY = "fingerprint"
 _SCHEMA_KEY = "schema-version"
+_DTYPES = ("float32", "float16", "bfloat16")
+
+S = TypeVar("S", bound="_Spec")
+
+
+def _coerce(value: Any, kind: Any, where: str) -> Any:
+    """Check a wire value against a field's declared type."""
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ProtocolError(f"{where} must be an int, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ProtocolError(f"{where} must be a float, got {value!r}")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ProtocolError(f"{where} must be a str, got {value!r}")
+        return value
+    if kind == tuple[str, ...]:
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, str) for v in value
+        ):
+            raise ProtocolError(f"{where} must be a list of str, got {value!r}")
+        return tuple(value)
+    raise ProtocolError(f"{where} has an unsupported type {kind!r}")  # pragma: no cover
+
+
+class _Spec:
+    """Wire encoding shared by all specs (fields must be int/float/str/tuple[str])."""
+
+    SCHEMA_VERSION: ClassVar[int]
+    KIND: ClassVar[str]
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+        }
+
+    def fingerprint(self) -> str:
+        """SHA-256 (16 hex digits) of the kind, schema version and every field."""
+        text = json.dumps(
+            [self.KIND, self.SCHEMA_VERSION, self._fields()], sort_keys=True
+        )
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_config_record(self) -> ConfigRecord:
+        """Encode for the wire, with schema version and fingerprint."""
+        record = ConfigRecord(self._fields())
+        record[_SCHEMA_KEY] = self.SCHEMA_VERSION
+        record[_FINGERPRINT_KEY] = self.fingerprint()
+        return record
+
+    @classmethod
+    def from_config_record(cls: type[S], record: Mapping[str, Any]) -> S:
+        """Decode and validate a spec received from the wire.
+
+        Raises
+        ------
+        SpecMismatchError
+            On an unsupported schema version or a fingerprint that does not
+            match the fields.
+        ProtocolError
+            On unknown or missing keys, wrong types or bad values.
+        """
+        data = dict(record)
+        version = data.pop(_SCHEMA_KEY, None)
+        if version != cls.SCHEMA_VERSION:
+            raise SpecMismatchError(
+                f"{cls.KIND} spec schema version {version!r} is not supported "
+                f"(this side speaks {cls.SCHEMA_VERSION})"
+            )
+        fingerprint = data.pop(_FINGERPRINT_KEY, None)
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        unknown = set(data) - set(names)
+        if unknown:
+            raise ProtocolError(f"{cls.KIND} spec has unknown keys {sorted(unknown)}")
+        missing = set(names) - set(data)
+        if missing:
+            raise ProtocolError(f"{cls.KIND} spec lacks keys {sorted(missing)}")
+        values = {
+            n: _coerce(data[n], hints[n], f"{cls.KIND} spec field '{n}'") for n in names
+        }
+        spec = cls(**values)
+        if fingerprint != spec.fingerprint():
+            raise SpecMismatchError(
+                f"{cls.KIND} spec fingerprint {fingerprint!r} does not match its "
+                f"fields ({spec.fingerprint()}): the spec was altered in transit"
+            )
+        return spec
+
+
+def _require(ok: bool, kind: str, field: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ProtocolError(f"{kind}.{field} must be {rule}, got {value!r}")
+
+
+def _positive(x: float) -> bool:
+    return math.isfinite(x) and x > 0
 
 
 @dataclass(frozen=True, slots=True)
-class LoraSpec:
+class LoraSpec(_Spec):
     """What a LoRA federation agrees on.
 
     Attributes
@@ -49,6 +155,7 @@ class LoraSpec:
     """
 
     SCHEMA_VERSION: ClassVar[int] = 1
+    KIND: ClassVar[str] = "LoraSpec"
 
     model: str
     model_dtype: str = "float32"
@@ -59,96 +166,103 @@ class LoraSpec:
     max_length: int = 128
 
     def __post_init__(self) -> None:
-        if not self.model:
-            raise ProtocolError("LoraSpec.model must not be empty")
-        if self.rank <= 0:
-            raise ProtocolError(f"LoraSpec.rank must be > 0, got {self.rank}")
-        if not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise ProtocolError(f"LoraSpec.alpha must be > 0, got {self.alpha}")
-        if not (math.isfinite(self.dropout) and 0.0 <= self.dropout < 1.0):
-            raise ProtocolError(
-                f"LoraSpec.dropout must be in [0, 1), got {self.dropout}"
-            )
-        if not self.target_modules:
-            raise ProtocolError("LoraSpec.target_modules must name at least one module")
-        if self.max_length < 8:
-            raise ProtocolError(
-                f"LoraSpec.max_length must be >= 8, got {self.max_length}"
-            )
-        if self.model_dtype not in ("float32", "float16", "bfloat16"):
-            raise ProtocolError(
-                f"LoraSpec.model_dtype must be float32, float16 or bfloat16, "
-                f"got {self.model_dtype!r}"
-            )
-
-    def _fields(self) -> dict[str, Any]:
-        return {
-            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-            for f in dataclasses.fields(self)
-        }
-
-    def fingerprint(self) -> str:
-        """SHA-256 (16 hex digits) of the schema version and every field."""
-        text = json.dumps([self.SCHEMA_VERSION, self._fields()], sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    def to_config_record(self) -> ConfigRecord:
-        """Encode for the wire, with schema version and fingerprint."""
-        record = ConfigRecord(self._fields())
-        record[_SCHEMA_KEY] = self.SCHEMA_VERSION
-        record[_FINGERPRINT_KEY] = self.fingerprint()
-        return record
-
-    @classmethod
-    def from_config_record(cls, record: ConfigRecord) -> LoraSpec:
-        """Decode and validate a spec received from the wire.
-
-        Raises
-        ------
-        SpecMismatchError
-            On an unsupported schema version or a fingerprint that does not
-            match the fields.
-        ProtocolError
-            On unknown or missing keys, wrong types or bad values.
-        """
-        data = dict(record)
-        version = data.pop(_SCHEMA_KEY, None)
-        if version != cls.SCHEMA_VERSION:
-            raise SpecMismatchError(
-                f"LoRA spec schema version {version!r} is not supported "
-                f"(this side speaks {cls.SCHEMA_VERSION})"
-            )
-        fingerprint = data.pop(_FINGERPRINT_KEY, None)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ProtocolError(f"LoRA spec has unknown keys {sorted(unknown)}")
-        missing = names - set(data)
-        if missing:
-            raise ProtocolError(f"LoRA spec lacks keys {sorted(missing)}")
-        try:
-            spec = cls(
-                model=str(data["model"]),
-                model_dtype=str(data["model_dtype"]),
-                rank=_as_int(data["rank"], "rank"),
-                alpha=float(data["alpha"]),
-                dropout=float(data["dropout"]),
-                target_modules=tuple(str(m) for m in data["target_modules"]),
-                max_length=_as_int(data["max_length"], "max_length"),
-            )
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, ProtocolError):
-                raise
-            raise ProtocolError(f"LoRA spec has a badly typed field: {exc}") from exc
-        if fingerprint != spec.fingerprint():
-            raise SpecMismatchError(
-                f"LoRA spec fingerprint {fingerprint!r} does not match its fields "
-                f"({spec.fingerprint()}): the spec was altered in transit"
-            )
-        return spec
+        k = self.KIND
+        _require(bool(self.model), k, "model", self.model, "a non-empty name")
+        _require(self.rank > 0, k, "rank", self.rank, "> 0")
+        _require(_positive(self.alpha), k, "alpha", self.alpha, "> 0")
+        ok = math.isfinite(self.dropout) and 0.0 <= self.dropout < 1.0
+        _require(ok, k, "dropout", self.dropout, "in [0, 1)")
+        _require(bool(self.target_modules), k, "target_modules", (), "non-empty")
+        _require(self.max_length >= 8, k, "max_length", self.max_length, ">= 8")
+        _require(
+            self.model_dtype in _DTYPES,
+            k,
+            "model_dtype",
+            self.model_dtype,
+            f"one of {_DTYPES}",
+        )
 
 
-def _as_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ProtocolError(f"LoRA spec field '{name}' must be an int, got {value!r}")
-    return value
+@dataclass(frozen=True, slots=True)
+class ZOSpec(_Spec):
+    """What a seed-based zeroth-order (FedKSeed) federation agrees on.
+
+    Every party rebuilds the same model from the same seeds, so everything that
+    shapes a perturbation or an update is here.
+
+    Attributes
+    ----------
+    model : str
+        Base model name; its parameters are w0.
+    walk_fingerprint : str
+        Fingerprint of the ordered list of perturbed parameters (names and
+        shapes): the revision hash of the parameter list.
+    include : tuple[str, ...]
+        Glob patterns selecting the perturbed parameters (empty = all).
+    num_seeds : int
+        K, the size of the candidate seed pool.
+    master_seed : int
+        The pool is derived from it (see :func:`protocols.seeds.candidate_seeds`).
+    eps : float
+        Perturbation scale of the two-point estimate.
+    learning_rate : float
+        eta: the local step is ``w -= eta * g * z`` and the server folds eta
+        into the round's per-seed coefficients.
+    generator : str
+        :data:`protocols.seeds.GENERATOR_VERSION` of the seed -> z map.
+    sampling : str
+        "uniform" (FedKSeed) or "pro" (FedKSeed-Pro probabilities).
+    grad_clip : float
+        Scalars with ``|g| > grad_clip`` are clipped to it in the Pro
+        importance statistics (the paper's bias_loss_clip).
+    max_length : int
+        Token budget of one example.
+    """
+
+    SCHEMA_VERSION: ClassVar[int] = 1
+    KIND: ClassVar[str] = "ZOSpec"
+
+    model: str
+    walk_fingerprint: str
+    generator: str
+    include: tuple[str, ...] = ()
+    num_seeds: int = 1024
+    master_seed: int = 0
+    eps: float = 5e-4
+    learning_rate: float = 3e-7
+    sampling: str = "uniform"
+    grad_clip: float = 1000.0
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        k = self.KIND
+        _require(bool(self.model), k, "model", self.model, "a non-empty name")
+        _require(bool(self.walk_fingerprint), k, "walk_fingerprint", "", "non-empty")
+        _require(bool(self.generator), k, "generator", "", "non-empty")
+        _require(
+            1 <= self.num_seeds <= 1 << 20,
+            k,
+            "num_seeds",
+            self.num_seeds,
+            "in [1, 2^20]",
+        )
+        _require(
+            0 <= self.master_seed < 1 << 63,
+            k,
+            "master_seed",
+            self.master_seed,
+            "in [0, 2^63)",
+        )
+        _require(_positive(self.eps), k, "eps", self.eps, "> 0")
+        _require(
+            _positive(self.learning_rate), k, "learning_rate", self.learning_rate, "> 0"
+        )
+        _require(
+            self.sampling in ("uniform", "pro"),
+            k,
+            "sampling",
+            self.sampling,
+            "'uniform' or 'pro'",
+        )
+        _require(_positive(self.grad_clip), k, "grad_clip", self.grad_clip, "> 0")
+        _require(self.max_length >= 8, k, "max_length", self.max_length, ">= 8")

@@ -6,8 +6,8 @@ the prepared run folder named by the run-config key ``run-dir``.
 what ``pollinate simulate`` hands to Flower's simulation engine.
 
 The run folder is the unit of state: ``config.toml`` (resolved),
-``data/eval.jsonl`` (held-out set), ``metrics.jsonl``, ``checkpoint/``,
-``adapter/`` (the final PEFT adapter) and ``status.json``.
+``data/eval.jsonl`` (held-out set), ``metrics.jsonl``, ``checkpoint/``, the
+final ``adapter/`` (LoRA) or ``model/`` (FedKSeed), and ``status.json``.
 """
 
 from __future__ import annotations
@@ -15,25 +15,23 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from corpora import read_jsonl
-from models import (
-    adapter_layout,
-    adapter_tensors,
-    attach_lora,
-    load_adapter_tensors,
-    load_causal_lm,
-)
-from protocols import ByteLedger
-from server.checkpoints import save_peft_adapter, write_status
+from corpora import Example, read_jsonl
+from models import LoadedModel, adapter_layout, attach_lora, load_causal_lm
+from protocols import ByteLedger, ZOSpec
+from protocols.seeds import GENERATOR_VERSION, ParamWalk, candidate_seeds
+from server.checkpoints import write_status
 from server.config import RunConfig, load_config
 from server.evaluation import CentralEvaluator, pick_device, pick_metric
-from server.federation import discover_nodes, run_lora_rounds
-from strategies import LocalTrainSettings, LoraFedAvg
+from server.federation import RoundDriver, discover_nodes, run_rounds
+from server.lora_driver import LoraDriver
+from server.zo_driver import ZoDriver
+from strategies import FedKSeed, LocalTrainSettings, LoraFedAvg
 
-__all__ = ["EVAL_FILE", "app", "build_server_app", "run_server"]
+__all__ = ["EVAL_FILE", "app", "build_driver", "build_server_app", "run_server"]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +39,7 @@ EVAL_FILE = Path("data") / "eval.jsonl"
 
 
 def run_server(grid: Grid, config: RunConfig, run_dir: Path) -> None:
-    """Run a whole federated LoRA job; record the outcome in ``status.json``.
+    """Run a whole federated job; record the outcome in ``status.json``.
 
     Raises
     ------
@@ -50,67 +48,111 @@ def run_server(grid: Grid, config: RunConfig, run_dir: Path) -> None:
     """
     write_status(run_dir, "running", rounds_planned=config.run.rounds)
     try:
-        _run(grid, config, run_dir)
+        driver = build_driver(config, read_jsonl(run_dir / EVAL_FILE))
+        ledger = ByteLedger()
+        driver.set_nodes(
+            discover_nodes(
+                grid,
+                expected=config.federation.clients,
+                timeout_s=config.federation.round_timeout_s,
+                ledger=ledger,
+            )
+        )
+        run_rounds(
+            grid,
+            driver,
+            rounds=config.run.rounds,
+            run_dir=run_dir,
+            timeout_s=config.federation.round_timeout_s,
+            ledger=ledger,
+        )
     except BaseException as exc:
         write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
         raise
     write_status(run_dir, "completed", rounds=config.run.rounds)
 
 
-def _run(grid: Grid, config: RunConfig, run_dir: Path) -> None:
-    device = pick_device(config.eval.device)
-    spec = config.lora_spec()
-    loaded = load_causal_lm(spec.model, dtype=spec.model_dtype, device=device)
-    model = attach_lora(loaded.model, spec, init_seed=config.run.seed)
-    eval_examples = read_jsonl(run_dir / EVAL_FILE)
-    evaluator = CentralEvaluator(
-        model,
+def _evaluator(
+    config: RunConfig,
+    loaded: LoadedModel,
+    model: torch.nn.Module,
+    examples: list[Example],
+    device: torch.device,
+) -> CentralEvaluator:
+    return CentralEvaluator(
+        model,  # type: ignore[arg-type]
         loaded.tokenizer,
-        eval_examples,
-        metric=pick_metric(config.eval.metric, eval_examples),
-        max_length=spec.max_length,
+        examples,
+        metric=pick_metric(config.eval.metric, examples),
+        max_length=config.model.max_length,
         max_new_tokens=config.eval.max_new_tokens,
         batch_size=config.eval.batch_size,
         device=device,
     )
-    strategy = LoraFedAvg(
+
+
+def zo_spec(config: RunConfig, walk: ParamWalk) -> ZOSpec:
+    """The FedKSeed spec of a run, for a model whose walk is ``walk``."""
+    return ZOSpec(
+        model=config.model.name,
+        walk_fingerprint=walk.fingerprint(),
+        generator=GENERATOR_VERSION,
+        include=config.zo.include,
+        num_seeds=config.zo.num_seeds,
+        master_seed=config.run.seed,
+        eps=config.zo.eps,
+        learning_rate=config.zo.learning_rate,
+        sampling="pro" if config.run.method == "fedkseed-pro" else "uniform",
+        grad_clip=config.zo.grad_clip,
+        max_length=config.model.max_length,
+    )
+
+
+def build_driver(config: RunConfig, eval_examples: list[Example]) -> RoundDriver:
+    """The method's server side, with its model on the server's device."""
+    device = pick_device(config.eval.device)
+    if config.run.method == "lora":
+        spec = config.lora_spec()
+        loaded = load_causal_lm(spec.model, dtype=spec.model_dtype, device=device)
+        model = attach_lora(loaded.model, spec, init_seed=config.run.seed)
+        strategy = LoraFedAvg(
+            spec=spec,
+            layout=adapter_layout(model),
+            train=LocalTrainSettings(
+                local_steps=config.train.local_steps,
+                batch_size=config.train.batch_size,
+                learning_rate=config.train.learning_rate,
+                weight_decay=config.train.weight_decay,
+            ),
+            fraction_train=config.federation.fraction,
+            min_train_nodes=config.federation.min_clients,
+            seed=config.run.seed,
+            device=device,
+            max_payload_bytes=int(config.federation.max_payload_mb * 1e6),
+        )
+        strategy.summary()
+        return LoraDriver(
+            model, strategy, _evaluator(config, loaded, model, eval_examples, device)
+        )
+    loaded = load_causal_lm(config.model.name, dtype="float32", device=device)
+    walk = ParamWalk.from_model(loaded.model, config.zo.include or None)
+    spec = zo_spec(config, walk)
+    zo = FedKSeed(
         spec=spec,
-        layout=adapter_layout(model),
-        train=LocalTrainSettings(
-            local_steps=config.train.local_steps,
-            batch_size=config.train.batch_size,
-            learning_rate=config.train.learning_rate,
-            weight_decay=config.train.weight_decay,
-        ),
+        local_steps=config.train.local_steps,
+        batch_size=config.train.batch_size,
         fraction_train=config.federation.fraction,
         min_train_nodes=config.federation.min_clients,
         seed=config.run.seed,
-        device=device,
-        max_payload_bytes=int(config.federation.max_payload_mb * 1e6),
     )
-    strategy.summary()
-    ledger = ByteLedger()
-    initial = adapter_tensors(model)
-    strategy.set_nodes(
-        discover_nodes(
-            grid,
-            expected=config.federation.clients,
-            timeout_s=config.federation.round_timeout_s,
-            ledger=ledger,
-        )
+    zo.summary()
+    return ZoDriver(
+        loaded.model,
+        walk.params(loaded.model),
+        candidate_seeds(spec.master_seed, spec.num_seeds),
+        zo,
+        _evaluator(config, loaded, loaded.model, eval_examples, device),
     )
-    final = run_lora_rounds(
-        grid,
-        strategy,
-        evaluator,
-        initial,
-        rounds=config.run.rounds,
-        run_dir=run_dir,
-        timeout_s=config.federation.round_timeout_s,
-        ledger=ledger,
-    )
-    load_adapter_tensors(model, final)
-    save_peft_adapter(run_dir / "adapter", model)
 
 
 def build_server_app(config: RunConfig, run_dir: Path) -> ServerApp:

@@ -27,6 +27,7 @@ __all__ = [
     "atomic_write_bytes",
     "save_checkpoint",
     "save_peft_adapter",
+    "write_tensors",
     "write_status",
 ]
 
@@ -51,6 +52,13 @@ def _safetensors_bytes(
 ) -> bytes:
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     return save(cpu, metadata=meta)
+
+
+def write_tensors(
+    path: Path, tensors: Mapping[str, torch.Tensor], meta: dict[str, str]
+) -> None:
+    """Write tensors as one safetensors file, atomically."""
+    atomic_write_bytes(path, _safetensors_bytes(tensors, meta))
 
 
 def save_checkpoint(

@@ -29,6 +29,7 @@ __all__ = [
     "RunConfig",
     "RunSection",
     "TrainSection",
+    "ZOSection",
     "config_to_toml",
     "load_config",
 ]
@@ -48,7 +49,9 @@ class RunSection(_Section):
     name: str = Field(
         "pollinate", min_length=1, description="Run name, used in the run folder."
     )
-    method: Literal["lora"] = Field("lora", description="Fine-tuning method.")
+    method: Literal["lora", "fedkseed", "fedkseed-pro"] = Field(
+        "lora", description="Fine-tuning method."
+    )
     rounds: int = Field(5, ge=1, le=100_000, description="Federated rounds.")
     seed: int = Field(0, ge=0, description="Seed of every random draw of the run.")
     output_dir: Path = Field(
@@ -121,6 +124,18 @@ class LoraSection(_Section):
     target_modules: tuple[str, ...] = Field(("q_proj", "v_proj"), min_length=1)
 
 
+class ZOSection(_Section):
+    """Seed-based zeroth-order tuning (FedKSeed, FedKSeed-Pro); paper defaults."""
+
+    num_seeds: int = Field(4096, ge=1, le=1 << 20, description="K, candidate seeds.")
+    eps: float = Field(5e-4, gt=0, description="Perturbation scale.")
+    learning_rate: float = Field(3e-7, gt=0, description="eta of w -= eta * g * z.")
+    include: tuple[str, ...] = Field(
+        (), description="Globs of perturbed parameter names (empty = all)."
+    )
+    grad_clip: float = Field(1000.0, gt=0, description="Clip of |g| in Pro statistics.")
+
+
 class EvalSection(_Section):
     """Central evaluation on the server after every round."""
 
@@ -143,6 +158,7 @@ class RunConfig(_Section):
     federation: FederationSection = FederationSection()
     train: TrainSection = TrainSection()
     lora: LoraSection = LoraSection()
+    zo: ZOSection = ZOSection()
     eval: EvalSection = EvalSection()
 
     @model_validator(mode="after")
@@ -232,6 +248,10 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    # TOML basic strings cannot hold control characters raw: escape them.
+    text = "".join(
+        f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c for c in text
+    )
     return f'"{text}"'
 
 

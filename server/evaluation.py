@@ -12,8 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from corpora import Example, score
 from models import (
@@ -65,8 +64,9 @@ class CentralEvaluator:
 
     Parameters
     ----------
-    model : PeftModel
-        The base model with adapters attached, on ``device``.
+    model : PreTrainedModel
+        The model to score, on ``device`` (a ``PeftModel`` when adapters are
+        evaluated).
     tokenizer : PreTrainedTokenizerBase
         Its tokenizer.
     examples : Sequence[Example]
@@ -81,7 +81,7 @@ class CentralEvaluator:
 
     def __init__(
         self,
-        model: PeftModel,
+        model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         examples: Sequence[Example],
         *,
@@ -104,9 +104,10 @@ class CentralEvaluator:
         self._tokenized = [tokenize_example(e, tokenizer, max_length) for e in examples]
 
     @torch.no_grad()
-    def evaluate(self, adapter: Mapping[str, torch.Tensor]) -> EvalResult:
-        """Load ``adapter`` into the model and score it."""
-        load_adapter_tensors(self.model, adapter)
+    def evaluate(self, adapter: Mapping[str, torch.Tensor] | None = None) -> EvalResult:
+        """Score the model, after loading ``adapter`` into it when one is given."""
+        if adapter is not None:
+            load_adapter_tensors(self.model, adapter)  # type: ignore[arg-type]
         self.model.eval()
         return EvalResult(
             loss=self._loss(),

@@ -1,26 +1,27 @@
-"""The server's round loop for federated LoRA.
+"""The server's round loop, the same for every method.
 
-One place owns the global adapter and the order of events in a round:
+One place owns the order of events:
 
 1. wait for the federation to assemble and learn each node's stable label;
-2. evaluate the initial adapter (round 0);
-3. per round: sample and instruct nodes, collect replies, aggregate the
-   valid ones, evaluate centrally, append a ``metrics.jsonl`` row, write a
-   checkpoint.
+2. evaluate the initial model (round 0);
+3. per round: the method's driver instructs the sampled nodes, the replies
+   are collected, the driver validates and applies them to the global state,
+   the model is evaluated centrally, a ``metrics.jsonl`` row is appended and
+   a checkpoint written.
 
 Every payload is measured as serialized into the :class:`~protocols.ByteLedger`.
+A method plugs in through the :class:`RoundDriver` protocol.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import torch
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -31,11 +32,16 @@ from protocols import (
     decode_hello,
     payload_bytes,
 )
-from server.checkpoints import MetricsLog, save_checkpoint
-from server.evaluation import CentralEvaluator
-from strategies import LoraFedAvg
+from server.checkpoints import MetricsLog
+from server.evaluation import EvalResult
 
-__all__ = ["FederationError", "RoundRow", "discover_nodes", "run_lora_rounds"]
+__all__ = [
+    "FederationError",
+    "RoundDriver",
+    "RoundResult",
+    "discover_nodes",
+    "run_rounds",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,25 +50,43 @@ class FederationError(RuntimeError):
     """The federation cannot proceed (too few nodes, every update rejected...)."""
 
 
-@dataclass(frozen=True, slots=True)
-class RoundRow:
-    """What ``metrics.jsonl`` records for one round."""
+@dataclass
+class RoundResult:
+    """What a driver reports after applying one round."""
 
-    round: int
     clients: int
+    rejected: int
     train_loss: float | None
-    eval_loss: float
-    eval_metric: float
-    eval_metric_name: str
-    bytes_up: int
-    bytes_down: int
-    seconds: float
-    rejected: int = 0
-    method: str = "lora"
+    extra: dict[str, Any] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, Any]:
-        """The JSON object written for this round."""
-        return {name: getattr(self, name) for name in self.__slots__}
+
+class RoundDriver(Protocol):
+    """A method's server side: instruct, aggregate-and-apply, evaluate, save."""
+
+    method: str
+
+    def set_nodes(self, node_labels: dict[int, str]) -> None:
+        """Learn the federation's nodes and their stable labels."""
+
+    def label(self, node_id: int) -> str:
+        """A node's stable label."""
+
+    def configure(self, server_round: int, grid: Grid) -> list[Message]:
+        """This round's instructions."""
+
+    def apply(self, server_round: int, replies: Iterable[Message]) -> RoundResult:
+        """Validate replies and update the global state; raise FederationError if none usable."""
+
+    def evaluate(self) -> EvalResult:
+        """Central evaluation of the current global model."""
+
+    def checkpoint(
+        self, run_dir: Path, server_round: int, extra: dict[str, Any]
+    ) -> None:
+        """Persist everything needed to continue after ``server_round``."""
+
+    def finish(self, run_dir: Path) -> None:
+        """Write the final artefacts (adapter, model)."""
 
 
 def discover_nodes(
@@ -110,85 +134,79 @@ def discover_nodes(
     return labels
 
 
-def run_lora_rounds(
+def _row(
+    server_round: int,
+    result: RoundResult,
+    ev: EvalResult,
+    ledger: ByteLedger,
+    seconds: float,
+    method: str,
+) -> dict[str, Any]:
+    up, down = ledger.round_totals(server_round)
+    return {
+        "round": server_round,
+        "clients": result.clients,
+        "train_loss": result.train_loss,
+        "eval_loss": ev.loss,
+        "eval_metric": ev.metric,
+        "eval_metric_name": ev.metric_name,
+        "bytes_up": up,
+        "bytes_down": down,
+        "seconds": seconds,
+        "rejected": result.rejected,
+        "method": method,
+        **result.extra,
+    }
+
+
+def run_rounds(
     grid: Grid,
-    strategy: LoraFedAvg,
-    evaluator: CentralEvaluator,
-    adapter: Mapping[str, torch.Tensor],
+    driver: RoundDriver,
     *,
     rounds: int,
     run_dir: Path,
     timeout_s: float,
     ledger: ByteLedger,
-    on_round: Callable[[RoundRow, Mapping[str, torch.Tensor]], None] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Run ``rounds`` rounds of federated LoRA; return the final global adapter.
+) -> None:
+    """Run ``rounds`` rounds of ``driver``'s method (see the module docstring).
 
     Raises
     ------
     FederationError
-        If every update of a round is rejected.
+        If a round has no usable update.
     """
     metrics = MetricsLog(run_dir / "metrics.jsonl")
-    global_adapter = {k: v.to(strategy.device) for k, v in adapter.items()}
     t0 = time.monotonic()
-    first = evaluator.evaluate(global_adapter)
-    up, down = ledger.round_totals(0)  # the hello exchange
-    row = RoundRow(
-        0,
-        0,
-        None,
-        first.loss,
-        first.metric,
-        first.metric_name,
-        up,
-        down,
-        time.monotonic() - t0,
+    first = driver.evaluate()
+    metrics.append(
+        _row(
+            0,
+            RoundResult(0, 0, None),
+            first,
+            ledger,
+            time.monotonic() - t0,
+            driver.method,
+        )
     )
-    metrics.append(row.as_dict())
-    if on_round:
-        on_round(row, global_adapter)
     for server_round in range(1, rounds + 1):
         t0 = time.monotonic()
-        messages = strategy.configure(server_round, global_adapter, grid)
+        messages = driver.configure(server_round, grid)
         for m in messages:
-            who = strategy.label(m.metadata.dst_node_id)
+            who = driver.label(m.metadata.dst_node_id)
             ledger.record(server_round, who, "down", payload_bytes(m.content))
         replies = list(grid.send_and_receive(messages, timeout=timeout_s))
         for r in replies:
             if r.has_content():
-                who = strategy.label(r.metadata.src_node_id)
+                who = driver.label(r.metadata.src_node_id)
                 ledger.record(server_round, who, "up", payload_bytes(r.content))
-        result = strategy.aggregate(server_round, replies)
-        if result.adapter is None:
-            raise FederationError(
-                f"round {server_round}: no usable update ({len(replies)} replies of "
-                f"{len(messages)}; rejected: {result.rejected})"
-            )
-        global_adapter = result.adapter
-        ev = evaluator.evaluate(global_adapter)
-        up, down = ledger.round_totals(server_round)
-        row = RoundRow(
-            server_round,
-            len(result.accepted),
-            result.train_loss,
-            ev.loss,
-            ev.metric,
-            ev.metric_name,
-            up,
-            down,
-            time.monotonic() - t0,
-            rejected=len(result.rejected),
+        result = driver.apply(server_round, replies)
+        ev = driver.evaluate()
+        row = _row(
+            server_round, result, ev, ledger, time.monotonic() - t0, driver.method
         )
-        metrics.append(row.as_dict())
-        save_checkpoint(
-            run_dir,
-            server_round,
-            global_adapter,
-            strategy.spec,
-            {"metrics": row.as_dict(), "ledger": ledger.to_json()},
+        metrics.append(row)
+        driver.checkpoint(
+            run_dir, server_round, {"metrics": row, "ledger": ledger.to_json()}
         )
-        if on_round:
-            on_round(row, global_adapter)
-        log.info("round %d/%d: %s", server_round, rounds, row.as_dict())
-    return global_adapter
+        log.info("round %d/%d: %s", server_round, rounds, row)
+    driver.finish(run_dir)

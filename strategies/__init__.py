@@ -1,15 +1,22 @@
 """Server-side aggregation: pure kernels and one Flower strategy per method."""
 
 from strategies.aggregation import AggregationError, weighted_mean
+from strategies.fedkseed import FedKSeed, ZoAggregate
 from strategies.lora import LocalTrainSettings, LoraAggregate, LoraFedAvg
 from strategies.sampling import SamplingError, sample_nodes
+from strategies.seed_pool import ProStatistics, SeedUpdate, aggregate_seed_scalars
 
 __all__ = [
     "AggregationError",
+    "FedKSeed",
     "LocalTrainSettings",
     "LoraAggregate",
     "LoraFedAvg",
+    "ProStatistics",
     "SamplingError",
+    "SeedUpdate",
+    "ZoAggregate",
+    "aggregate_seed_scalars",
     "sample_nodes",
     "weighted_mean",
 ]

@@ -169,6 +169,10 @@ class LoraFedAvg(Strategy):
         rejected: dict[str, str] = {}
         for reply in replies:
             who = self.label(reply.metadata.src_node_id)
+            if who in rejected or any(g[0] == who for g in good):
+                rejected[who] = "the node replied more than once this round"
+                good = [g for g in good if g[0] != who]
+                continue
             if reply.has_error():
                 rejected[who] = f"client error: {reply.error.reason}"
                 continue

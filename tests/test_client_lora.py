@@ -18,8 +18,10 @@ import torch
 from flwr.app import Context, Message, RecordDict
 
 import models
-from client.app import ERROR_BAD_INSTRUCTION, ERROR_NODE_SETUP, hello, train
-from client.lora_trainer import derive_seed, train_lora
+from client.app import hello, train
+from protocols.messages import ERROR_BAD_INSTRUCTION, ERROR_NODE_SETUP
+from client.batches import derive_seed
+from client.lora_trainer import train_lora
 from corpora import Example, generate_tasks, write_jsonl
 from protocols import (
     MESSAGE_HELLO,
@@ -188,7 +190,6 @@ def test_train_handler_valid_instruction(
     msg = _train_msg(global_adapter)
     reply = train(msg, _context({"data-path": str(data_file)}))
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    assert reply.metadata.reply_to_message_id == msg.metadata.message_id
     model, _ = _fresh_lora()
     res = decode_lora_train_res(reply.content, expected=models.adapter_layout(model))
     assert res.num_examples == 12
@@ -274,6 +275,24 @@ def test_hello_errors(flower_identity: None, tmp_path: Path) -> None:
     missing = tmp_path / "none.jsonl"
     reply = hello(msg, _context({"data-path": str(missing)}))
     assert reply.has_error() and str(missing) in reply.error.reason
+
+
+def test_hello_simulated_partition(
+    flower_identity: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A simulated node (partition-id + run-dir) reads run_dir/data/client-NNNN.jsonl
+    and is labelled pNNNN; without a run folder it answers with an error naming
+    'run-dir'."""
+    monkeypatch.delenv("POLLINATE_RUN_DIR", raising=False)
+    write_jsonl(generate_tasks(5, seed=8), tmp_path / "data" / "client-0003.jsonl")
+    msg = Message(RecordDict(), dst_node_id=5, message_type=MESSAGE_HELLO)
+    ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 3}, state=RecordDict(),
+                  run_config={"run-dir": str(tmp_path)})
+    info = decode_hello(hello(msg, ctx).content)
+    assert info == decode_hello(hello(msg, ctx).content)
+    assert info.label == "p0003" and info.num_examples == 5
+    reply = hello(msg, _context({"partition-id": 3}))
+    assert reply.has_error() and "run-dir" in reply.error.reason
 
 
 def test_hello_counts_fresh_file(flower_identity: None, tmp_path: Path) -> None:

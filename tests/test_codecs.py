@@ -100,6 +100,22 @@ def test_nan_payload_bits_preserved_when_allowed() -> None:
     _assert_bit_exact(out, tensors)
 
 
+def test_integer_dtypes_round_trip_exactly() -> None:
+    """int32/int64 tensors (token ids, seeds) must keep dtype and every value,
+    including the extremes, and pack one array per dtype beside the floats."""
+    tensors = {
+        "i64": torch.tensor([0, -1, 2**62, -(2**63), 2**63 - 1], dtype=torch.int64),
+        "f": torch.tensor([1.5]),
+        "i32": torch.tensor([[2**31 - 1, -(2**31)], [7, -7]], dtype=torch.int32),
+    }
+    record = encode_tensors(tensors)
+    assert len(list(record.keys())) == 4
+    out = decode_tensors(record, expected=TensorLayout.of(tensors))
+    assert list(out) == list(tensors)
+    for name, t in tensors.items():
+        assert out[name].dtype == t.dtype and torch.equal(out[name], t), name
+
+
 def test_order_and_dtypes_preserved_with_interleaved_dtypes() -> None:
     """Tensors of different dtypes are packed per dtype; decoding must restore
     the original interleaved order and each tensor's dtype, or adapters would
@@ -293,10 +309,10 @@ def test_max_bytes_exceeded() -> None:
 
 
 def test_unsupported_dtype_rejected_on_encode() -> None:
-    """int64 (or float64) tensors are not part of the codec; encoding must refuse
+    """int16 (or float64) tensors are not part of the codec; encoding must refuse
     them with a ProtocolError naming the tensor, not silently cast."""
     with pytest.raises(ProtocolError, match="'ids'"):
-        encode_tensors({"ok": torch.zeros(1), "ids": torch.arange(3)})
+        encode_tensors({"ok": torch.zeros(1), "ids": torch.arange(3, dtype=torch.int16)})
     with pytest.raises(ProtocolError, match="'d'"):
         encode_tensors({"d": torch.zeros(2, dtype=torch.float64)})
 
@@ -410,10 +426,10 @@ def test_missing_data_array() -> None:
 
 
 def test_unsupported_dtype_in_manifest() -> None:
-    """A manifest claiming an int64 tensor must be refused naming the tensor."""
+    """A manifest claiming an int16 tensor must be refused naming the tensor."""
     record = encode_tensors({"a": torch.zeros(2)})
     man = _manifest(record)
-    man["tensors"][0][1] = "int64"
+    man["tensors"][0][1] = "int16"
     _replace_manifest(record, json.dumps(man).encode())
     with pytest.raises(ProtocolError, match="'a'"):
         decode_tensors(record)

@@ -70,6 +70,15 @@ def test_toml_round_trip(tmp_path: Path) -> None:
         assert load_config(path) == config
 
 
+def test_toml_round_trip_control_characters(tmp_path: Path) -> None:
+    """config_to_toml promises a file load_config reads back equal: a run name
+    holding a newline, tab or other control character must be escaped
+    (TOML basic strings forbid raw newlines), not written raw."""
+    config = load_config(None, {"run.name": "line one\nline two\tend\x01"})
+    path = _write(tmp_path, config_to_toml(config))
+    assert load_config(path) == config
+
+
 def test_overrides_win_over_file(tmp_path: Path) -> None:
     """Dotted overrides must beat the file; untouched file values must stay."""
     path = _write(tmp_path, "[federation]\nclients = 8\n\n[train]\nlocal_steps = 2\n")

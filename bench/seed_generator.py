@@ -1,0 +1,204 @@
+"""Benchmark of the reproducible seed generator (protocols.seeds).
+
+Measures, per backend, how many Gaussian values per second
+:func:`protocols.seeds.gaussian` produces (numba, numpy and torch int ops on
+CPU; torch int ops on CUDA when present), next to ``torch.randn`` as the fast
+but non-reproducible reference; then the time of one MeZO perturbation
+(:func:`~protocols.seeds.perturb_`) and of one FedKSeed replay
+(:func:`~protocols.seeds.apply_seed_sum_`, K seeds) over a small
+transformer-shaped parameter set. Writes ``bench/results/seed_generator.json``
+(with machine information) and prints a markdown table.
+
+Usage: ``python bench/seed_generator.py [--numel N] [--k K] [--layers L]``.
+Timings are the fastest of several runs (the CPU may be shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from protocols.seeds import (
+    GENERATOR_VERSION,
+    apply_seed_sum_,
+    candidate_seeds,
+    gaussian,
+    generation_throughput,
+    perturb_,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results" / "seed_generator.json"
+
+
+def best_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
+    """Fastest of ``repeats`` timed calls, after one untimed warm-up call."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def param_set(layers: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+    """A small decoder's float32 parameters: big matrices plus many small vectors."""
+    d, ff, vocab = 128, 512, 8192
+    shapes: list[tuple[str, tuple[int, ...]]] = [("embed.weight", (vocab, d))]
+    for i in range(layers):
+        p = f"layers.{i}."
+        shapes += [(p + n, (d, d)) for n in ("q.weight", "k.weight", "v.weight", "o.weight")]
+        shapes += [(p + "up.weight", (ff, d)), (p + "up.bias", (ff,))]
+        shapes += [(p + "down.weight", (d, ff)), (p + "down.bias", (d,))]
+        shapes += [(p + "norm1.weight", (d,)), (p + "norm2.weight", (d,))]
+    shapes.append(("norm.weight", (d,)))
+    g = torch.Generator().manual_seed(0)
+    return [(n, (torch.randn(s, generator=g) * 0.02).to(device)) for n, s in shapes]
+
+
+def machine_info() -> dict[str, object]:
+    """What the numbers were measured on."""
+    import numba
+
+    info: dict[str, object] = {
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": _cpu_model(),
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "numba_threads": numba.config.NUMBA_NUM_THREADS,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "generator": GENERATOR_VERSION,
+    }
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, write the JSON file, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--numel", type=int, default=1 << 22, help="values per generation call")
+    parser.add_argument("--k", type=int, default=32, help="seeds in the replay")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers in the param set")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    rows: list[dict[str, object]] = []
+
+    def sync_for(dev: torch.device) -> Callable[[], None]:
+        return torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    # 1. generation throughput
+    for dev in devices:
+        backends = ["numba", "numpy", "torch"] if dev.type == "cpu" else ["torch"]
+        for backend in backends:
+            rate = generation_throughput(args.numel, backend, dev)
+            rows.append(
+                {"what": "generate", "backend": backend, "device": dev.type,
+                 "numel": args.numel, "seconds": args.numel / rate, "values_per_s": rate}
+            )
+        t = best_time(lambda d=dev: torch.randn(args.numel, device=d), 5, sync_for(dev))
+        rows.append(
+            {"what": "generate", "backend": "torch.randn (not reproducible)",
+             "device": dev.type, "numel": args.numel, "seconds": t,
+             "values_per_s": args.numel / t}
+        )
+
+    # 2. one perturbation and one K-seed replay over a parameter set
+    seeds = candidate_seeds(2024, args.k)
+    coefficients = (np.random.default_rng(0).normal(size=args.k) * 1e-4).tolist()
+    for dev in devices:
+        params = param_set(args.layers, dev)
+        numel = sum(p.numel() for _, p in params)
+        backends = ["numba", "numpy", "torch"] if dev.type == "cpu" else ["torch"]
+        for backend in backends:
+            t = best_time(
+                lambda b=backend, ps=params: perturb_(ps, seeds[0], 1e-3, backend=b),
+                args.repeats, sync_for(dev),
+            )
+            rows.append(
+                {"what": "perturb_", "backend": backend, "device": dev.type,
+                 "numel": numel, "tensors": len(params), "seconds": t,
+                 "values_per_s": numel / t}
+            )
+            t = best_time(
+                lambda b=backend, ps=params: apply_seed_sum_(ps, seeds, coefficients, backend=b),
+                max(1, args.repeats - 1), sync_for(dev),
+            )
+            rows.append(
+                {"what": f"apply_seed_sum_ K={args.k}", "backend": backend, "device": dev.type,
+                 "numel": numel, "tensors": len(params), "seconds": t,
+                 "values_per_s": args.k * numel / t}
+            )
+        if dev.type == "cpu":
+            # Unfused reference: numba generation, then torch multiply and add.
+            def unfused(ps=params) -> None:
+                for name, p in ps:
+                    acc = torch.zeros(p.numel())
+                    for s, c in zip(seeds, coefficients, strict=True):
+                        acc.add_(gaussian(s, name, p.numel(), backend="numba").mul_(c))
+                    p.add_(acc.view(p.shape))
+
+            t = best_time(unfused, max(1, args.repeats - 1), sync_for(dev))
+            rows.append(
+                {"what": f"apply_seed_sum_ K={args.k}", "backend": "numba gen + torch add (unfused)",
+                 "device": dev.type, "numel": numel, "tensors": len(params), "seconds": t,
+                 "values_per_s": args.k * numel / t}
+            )
+
+    result = {
+        "benchmark": "seed_generator",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "args": {"numel": args.numel, "k": args.k, "layers": args.layers,
+                 "repeats": args.repeats},
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"generator {GENERATOR_VERSION}; {result['machine']['cpu_count']} CPUs, "
+          f"torch {torch.__version__}, CUDA: {result['machine']['cuda']}")
+    print()
+    print("| what | backend | device | values | seconds | M values/s |")
+    print("|---|---|---|---:|---:|---:|")
+    for r in rows:
+        values = r["numel"] * (args.k if str(r["what"]).startswith("apply") else 1)
+        print(f"| {r['what']} | {r['backend']} | {r['device']} | {values:,} | "
+              f"{r['seconds']:.4f} | {r['values_per_s'] / 1e6:,.1f} |")
+    print()
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

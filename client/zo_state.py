@@ -1,0 +1,169 @@
+"""A node's copy of the seed-rebuilt global model, kept in sync across rounds.
+
+FedKSeed clients never receive weights: they start from w0 (the pretrained
+model) and apply the same round deltas as the server, in the same order, so
+their model is bit-identical to the server's (checked by hash every round).
+
+Local training moves the weights away from the global model. Rather than hold
+a second copy in memory, the synced perturbed parameters are written to a
+snapshot file once per round (atomically, one tensor at a time) and read back
+after training. Snapshots live in a folder per spec fingerprint that every
+process on the machine shares, named by round and hash; a process that starts
+fresh (a new Ray actor, or a SuperNode's per-message process) resumes from the
+newest usable snapshot instead of replaying from w0.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from models import load_causal_lm
+from protocols import ProtocolError, SpecMismatchError, ZOSpec, state_hash
+from protocols.seeds import (
+    GENERATOR_VERSION,
+    ParamWalk,
+    apply_seed_sum_,
+    candidate_seeds,
+)
+from protocols.zo_messages import ZoTrainIns
+
+__all__ = ["OutOfSyncError", "ZoModelState"]
+
+
+class OutOfSyncError(ProtocolError):
+    """The node cannot reach the target model from what it holds."""
+
+
+class ZoModelState:
+    """One process's model for one :class:`ZOSpec`, with its synced round.
+
+    Parameters
+    ----------
+    spec : ZOSpec
+        The run's spec; the model's parameter walk must match it.
+    device : torch.device
+        Where the model lives.
+    snapshot_dir : Path
+        Shared snapshot folder (one per spec fingerprint).
+    """
+
+    def __init__(self, spec: ZOSpec, device: torch.device, snapshot_dir: Path) -> None:
+        if spec.generator != GENERATOR_VERSION:
+            raise SpecMismatchError(
+                f"spec asks for generator {spec.generator!r}, this node has {GENERATOR_VERSION!r}"
+            )
+        loaded = load_causal_lm(spec.model, dtype="float32", device=device)
+        walk = ParamWalk.from_model(loaded.model, spec.include or None)
+        if walk.fingerprint() != spec.walk_fingerprint:
+            raise SpecMismatchError(
+                f"parameter walk {walk.fingerprint()} of model {spec.model!r} with include "
+                f"{list(spec.include)} differs from the spec's {spec.walk_fingerprint}"
+            )
+        self.spec = spec
+        self.device = device
+        self.model: PreTrainedModel = loaded.model
+        self.tokenizer: PreTrainedTokenizerBase = loaded.tokenizer
+        self.params = walk.params(loaded.model)
+        self.seeds = candidate_seeds(spec.master_seed, spec.num_seeds)
+        self.snapshot_dir = snapshot_dir
+        self.round = 0
+        self.hash = state_hash(self.params)
+        self.dirty = False  # True while the weights hold local (unsynced) training
+
+    # -- snapshots ------------------------------------------------------------
+    def _snapshot_path(self, round_: int, hash_: str) -> Path:
+        return self.snapshot_dir / f"round-{round_:06d}-{hash_}.safetensors"
+
+    def _write_snapshot(self) -> None:
+        self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        path = self._snapshot_path(self.round, self.hash)
+        if path.exists():
+            return
+        fd, tmp = tempfile.mkstemp(prefix=".snap-", dir=self.snapshot_dir)
+        os.close(fd)
+        save_file({n: p.detach().to("cpu").contiguous() for n, p in self.params}, tmp)
+        os.replace(tmp, path)
+        for old in sorted(self.snapshot_dir.glob("round-*.safetensors"))[:-2]:
+            old.unlink(missing_ok=True)  # keep the newest two
+
+    def _read_snapshot(self, path: Path) -> None:
+        with torch.no_grad(), safe_open(str(path), framework="pt") as f:
+            for name, p in self.params:
+                p.copy_(f.get_tensor(name))  # one tensor in memory at a time
+
+    def _best_snapshot(self, base: int, target: int) -> tuple[int, str, Path] | None:
+        best = None
+        for path in self.snapshot_dir.glob("round-*.safetensors"):
+            _, r, h = path.stem.split("-")
+            if base <= int(r) <= target and (best is None or int(r) > best[0]):
+                best = (int(r), h, path)
+        return best
+
+    # -- sync -----------------------------------------------------------------
+    def _reset_to_w0(self) -> None:
+        fresh = load_causal_lm(self.spec.model, dtype="float32", device="cpu").model
+        named = dict(fresh.named_parameters())
+        with torch.no_grad():
+            for name, p in self.params:
+                p.copy_(named[name])
+        self.round, self.hash, self.dirty = 0, state_hash(self.params), False
+
+    def restore(self) -> None:
+        """Return the weights to the synced global model after local training."""
+        if self.dirty:
+            self._read_snapshot(self._snapshot_path(self.round, self.hash))
+            self.dirty = False
+
+    def sync(self, ins: ZoTrainIns) -> None:
+        """Bring the model to ``ins.target_round`` and check its hash.
+
+        Raises
+        ------
+        OutOfSyncError
+            If the held state cannot be advanced with the history received, or
+            the result's hash differs from the server's (state reset to w0).
+        """
+        self.restore()
+        if not ins.base_round <= self.round <= ins.target_round:
+            best = self._best_snapshot(ins.base_round, ins.target_round)
+            if best is not None:
+                self._read_snapshot(best[2])
+                self.round, self.hash = best[0], best[1]
+            elif ins.base_round == 0:
+                self._reset_to_w0()
+            else:
+                raise OutOfSyncError(
+                    f"node holds round {self.round}; history starts after round "
+                    f"{ins.base_round}: resend from round 0"
+                )
+        for delta in ins.history:
+            if delta.round > self.round:
+                seeds = [self.seeds[i] for i in delta.indices.tolist()]
+                apply_seed_sum_(self.params, seeds, delta.coefficients.tolist())
+                self.round = delta.round
+        self.round = ins.target_round
+        self.hash = state_hash(self.params)
+        if self.hash != ins.target_hash:
+            bad = self.hash
+            self._reset_to_w0()
+            raise OutOfSyncError(
+                f"after replay to round {ins.target_round} the model hash is {bad}, "
+                f"the server's is {ins.target_hash}"
+            )
+        self._write_snapshot()
+
+    def mark_trained(self) -> None:
+        """Record that the weights now hold local training (restore before syncing)."""
+        self.dirty = True
+
+    def perturbed(self) -> Sequence[tuple[str, torch.Tensor]]:
+        """The perturbed parameters in walk order."""
+        return self.params

@@ -1,0 +1,283 @@
+"""Payloads of the seed-based zeroth-order exchange (``train.zo``).
+
+Server -> client (:class:`ZoTrainIns`): the :class:`~protocols.specs.ZOSpec`,
+the round's local settings, the *catch-up* history that brings the node from
+the round it last synced to the current global model, the hash that model must
+have, and (FedKSeed-Pro) the round's seed importances. No weight tensor ever
+travels: the history is a list of rounds, each a sorted list of
+``(seed index, coefficient)`` pairs, and every party applies them with
+:func:`protocols.seeds.apply_seed_sum_` in the same order.
+
+Client -> server (:class:`ZoTrainRes`): one ``(seed index, scalar gradient)``
+pair per local step, the example count, the mean local loss, and the round and
+model hash the node synced to before training (proof that it was in sync).
+
+Everything is validated on decode: index ranges, finiteness of every scalar,
+array lengths, history order, and sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from protocols.codecs import decode_tensors, encode_tensors
+from protocols.errors import ProtocolError
+from protocols.messages import LocalTrainConfig, _get, _record
+from protocols.specs import ZOSpec
+
+__all__ = [
+    "ACTION_ZO",
+    "MESSAGE_TRAIN_ZO",
+    "RoundDelta",
+    "ZoTrainIns",
+    "ZoTrainRes",
+    "decode_zo_train_ins",
+    "decode_zo_train_res",
+    "encode_zo_train_ins",
+    "encode_zo_train_res",
+]
+
+ACTION_ZO = "zo"
+MESSAGE_TRAIN_ZO = f"train.{ACTION_ZO}"
+MAX_ZO_PAYLOAD_BYTES = 64 * 1024 * 1024
+
+_SPEC, _TRAIN, _SYNC, _HISTORY, _PROBS = (  # noqa: RUF100
+    "spec",
+    "train",
+    "sync",
+    "history",
+    "importance",
+)
+_STEPS, _METRICS = "steps", "metrics"
+
+
+@dataclass(frozen=True, slots=True)
+class RoundDelta:
+    """One round's change to the global model: ``w += sum_j coefficients[j] * z(seed[indices[j]])``.
+
+    ``indices`` are strictly increasing int32 pool indices; ``coefficients``
+    float32 (the learning rate and the minus sign already folded in).
+    """
+
+    round: int
+    indices: torch.Tensor
+    coefficients: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class ZoTrainIns:
+    """Server -> client instruction of one FedKSeed round."""
+
+    spec: ZOSpec
+    config: LocalTrainConfig
+    base_round: int
+    target_round: int
+    target_hash: str
+    history: tuple[RoundDelta, ...]
+    importance: torch.Tensor | None = None
+
+    def probabilities(self) -> torch.Tensor | None:
+        """FedKSeed-Pro's sampling distribution, or None for uniform sampling.
+
+        The server sends the min-max-scaled importances quantised to uint8
+        (``q = round(255 * psi~)``, K bytes instead of 4K); the distribution is
+        ``softmax(q / 255)``, evaluated here in float64.
+        """
+        if self.importance is None:
+            return None
+        return torch.softmax(self.importance.double() / 255.0, dim=0)
+
+
+@dataclass(frozen=True, slots=True)
+class ZoTrainRes:
+    """Client -> server reply: per-step (seed index, scalar) pairs and sync proof."""
+
+    indices: torch.Tensor
+    scalars: torch.Tensor
+    num_examples: int
+    train_loss: float
+    synced_round: int
+    synced_hash: str
+    skipped_steps: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _history_record(history: tuple[RoundDelta, ...]) -> ArrayRecord:
+    counts = [len(d.indices) for d in history]
+    return encode_tensors(
+        {
+            "rounds": torch.tensor([d.round for d in history], dtype=torch.int32),
+            "counts": torch.tensor(counts, dtype=torch.int32),
+            "indices": torch.cat([d.indices.to(torch.int32) for d in history])
+            if history
+            else torch.zeros(0, dtype=torch.int32),
+            "coefficients": torch.cat(
+                [d.coefficients.to(torch.float32) for d in history]
+            )
+            if history
+            else torch.zeros(0, dtype=torch.float32),
+        }
+    )
+
+
+def encode_zo_train_ins(ins: ZoTrainIns) -> RecordDict:
+    """Build the content of a ``train.zo`` instruction."""
+    content = RecordDict(
+        {
+            _SPEC: ins.spec.to_config_record(),
+            _TRAIN: ins.config.to_config_record(),
+            _SYNC: ConfigRecord(
+                {
+                    "base-round": ins.base_round,
+                    "target-round": ins.target_round,
+                    "target-hash": ins.target_hash,
+                }
+            ),
+            _HISTORY: _history_record(ins.history),
+        }
+    )
+    if ins.importance is not None:
+        content[_PROBS] = encode_tensors({"importance": ins.importance.to(torch.uint8)})
+    return content
+
+
+def _check_indices(indices: torch.Tensor, k: int, what: str) -> None:
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= k):
+        bad = indices[(indices < 0) | (indices >= k)][0]
+        raise ProtocolError(
+            f"{what}: seed index {int(bad)} is outside the pool [0, {k})"
+        )
+
+
+def _split_history(arrays: dict[str, torch.Tensor], k: int) -> tuple[RoundDelta, ...]:
+    rounds, counts = arrays["rounds"], arrays["counts"]
+    indices, coefficients = arrays["indices"], arrays["coefficients"]
+    if rounds.shape != counts.shape or indices.shape != coefficients.shape:
+        raise ProtocolError("history arrays have inconsistent lengths")
+    if int(counts.sum()) != indices.numel() or bool((counts < 0).any()):
+        raise ProtocolError("history counts do not add up to its entries")
+    _check_indices(indices, k, "history")
+    out, start, prev = [], 0, None
+    for r, n in zip(rounds.tolist(), counts.tolist(), strict=True):
+        idx = indices[start : start + n]
+        if prev is not None and r <= prev:
+            raise ProtocolError(f"history rounds are not increasing at round {r}")
+        if n > 1 and bool((idx[1:] <= idx[:-1]).any()):
+            raise ProtocolError(
+                f"history round {r}: indices are not strictly increasing"
+            )
+        out.append(RoundDelta(r, idx, coefficients[start : start + n]))
+        start, prev = start + n, r
+    return tuple(out)
+
+
+def decode_zo_train_ins(content: RecordDict) -> ZoTrainIns:
+    """Read and validate a ``train.zo`` instruction.
+
+    Raises
+    ------
+    ProtocolError
+        On a bad spec, train config, history or probabilities.
+    """
+    spec = ZOSpec.from_config_record(_record(content, _SPEC, ConfigRecord))
+    config = LocalTrainConfig.from_config_record(_record(content, _TRAIN, ConfigRecord))
+    sync = _record(content, _SYNC, ConfigRecord)
+    arrays = decode_tensors(
+        _record(content, _HISTORY, ArrayRecord), max_bytes=MAX_ZO_PAYLOAD_BYTES
+    )
+    missing = {"rounds", "counts", "indices", "coefficients"} - set(arrays)
+    if missing:
+        raise ProtocolError(f"history lacks arrays {sorted(missing)}")
+    history = _split_history(arrays, spec.num_seeds)
+    base, target = _get(sync, "base-round", int), _get(sync, "target-round", int)
+    if not 0 <= base <= target:
+        raise ProtocolError(
+            f"sync rounds must satisfy 0 <= base <= target, got {base}, {target}"
+        )
+    if history and (history[0].round <= base or history[-1].round > target):
+        raise ProtocolError(f"history rounds fall outside ({base}, {target}]")
+    probs = None
+    if _PROBS in content:
+        arrays = decode_tensors(_record(content, _PROBS, ArrayRecord))
+        probs = arrays.get("importance")
+        if probs is None or probs.dtype != torch.uint8 or probs.shape != (spec.num_seeds,):
+            raise ProtocolError(f"importance must be {spec.num_seeds} uint8 values")
+    return ZoTrainIns(
+        spec, config, base, target, _get(sync, "target-hash", str), history, probs
+    )
+
+
+def encode_zo_train_res(res: ZoTrainRes) -> RecordDict:
+    """Build the content of a ``train.zo`` reply."""
+    metrics = {
+        "num-examples": res.num_examples,
+        "train-loss": res.train_loss,
+        "skipped-steps": res.skipped_steps,
+        **res.extra,
+    }
+    return RecordDict(
+        {
+            _STEPS: encode_tensors(
+                {
+                    "indices": res.indices.to(torch.int32),
+                    "scalars": res.scalars.to(torch.float32),
+                }
+            ),
+            _SYNC: ConfigRecord(
+                {"synced-round": res.synced_round, "synced-hash": res.synced_hash}
+            ),
+            _METRICS: MetricRecord(metrics),
+        }
+    )
+
+
+def decode_zo_train_res(
+    content: RecordDict, *, num_seeds: int, max_steps: int
+) -> ZoTrainRes:
+    """Read and fully validate a ``train.zo`` reply.
+
+    Raises
+    ------
+    ProtocolError
+        On an out-of-pool seed index, a NaN/Inf scalar, more pairs than
+        ``max_steps``, mismatched lengths, or a missing record.
+    """
+    steps = decode_tensors(
+        _record(content, _STEPS, ArrayRecord), max_bytes=16 * max_steps + 4096
+    )
+    if set(steps) != {"indices", "scalars"}:
+        raise ProtocolError(
+            f"steps record must hold 'indices' and 'scalars', got {sorted(steps)}"
+        )
+    idx, g = steps["indices"], steps["scalars"]
+    if (
+        idx.dtype != torch.int32
+        or g.dtype != torch.float32
+        or idx.dim() != 1
+        or idx.shape != g.shape
+    ):
+        raise ProtocolError(
+            "steps must be two 1-D arrays of equal length (int32, float32)"
+        )
+    if idx.numel() > max_steps:
+        raise ProtocolError(
+            f"reply holds {idx.numel()} steps, at most {max_steps} were asked for"
+        )
+    _check_indices(idx, num_seeds, "reply")
+    sync = _record(content, _SYNC, ConfigRecord)
+    metrics = _record(content, _METRICS, MetricRecord)
+    n = _get(metrics, "num-examples", int)
+    if n <= 0:
+        raise ProtocolError(f"'num-examples' must be > 0, got {n}")
+    return ZoTrainRes(
+        indices=idx,
+        scalars=g,
+        num_examples=n,
+        train_loss=_get(metrics, "train-loss", float),
+        synced_round=_get(sync, "synced-round", int),
+        synced_hash=_get(sync, "synced-hash", str),
+        skipped_steps=_get(metrics, "skipped-steps", int),
+    )

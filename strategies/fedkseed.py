@@ -1,0 +1,285 @@
+"""FedKSeed and FedKSeed-Pro: federated zeroth-order tuning over a seed pool.
+
+The strategy never sees a weight. It keeps the round history (one
+:class:`~protocols.zo_messages.RoundDelta` per round), the round each node
+last synced to, and, for Pro, the per-seed importance statistics. Each round
+it sends every sampled node only the history since that node's last sync, and
+turns the replies' ``(seed index, scalar)`` pairs into the next round delta.
+
+A reply is rejected, with a logged reason, when it is an error, malformed
+(out-of-pool index, NaN scalar, too many steps) or out of sync (its model hash
+differs from the global model's): nothing of it reaches the aggregate.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from protocols import LocalTrainConfig, ProtocolError, ZOSpec
+from protocols.messages import ERROR_OUT_OF_SYNC
+from protocols.zo_messages import (
+    MESSAGE_TRAIN_ZO,
+    RoundDelta,
+    ZoTrainIns,
+    decode_zo_train_res,
+    encode_zo_train_ins,
+)
+from strategies.sampling import sample_nodes
+from strategies.seed_pool import ProStatistics, SeedUpdate, aggregate_seed_scalars
+
+__all__ = ["FedKSeed", "ZoAggregate"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ZoAggregate:
+    """Outcome of one FedKSeed round (``delta`` is None when nothing was usable)."""
+
+    delta: RoundDelta | None
+    accepted: list[str] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+    train_loss: float | None = None
+    num_examples: int = 0
+    steps: int = 0
+
+
+class FedKSeed(Strategy):
+    """Seed-pool zeroth-order federated tuning (uniform or Pro sampling).
+
+    Parameters
+    ----------
+    spec : ZOSpec
+        Sent with every instruction; ``spec.sampling`` picks FedKSeed or -Pro.
+    local_steps, batch_size : int
+        Local ZO steps per round and examples per step.
+    fraction_train : float
+        Share of the known nodes sampled each round.
+    min_train_nodes : int
+        Fewest nodes a round samples.
+    seed : int
+        Run seed (node sampling, clients' batch and seed draws).
+    """
+
+    def __init__(
+        self,
+        *,
+        spec: ZOSpec,
+        local_steps: int,
+        batch_size: int,
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 1,
+        seed: int = 0,
+    ) -> None:
+        self.spec = spec
+        self.local_steps = local_steps
+        self.batch_size = batch_size
+        self.fraction_train = fraction_train
+        self.min_train_nodes = min_train_nodes
+        self.seed = seed
+        self.history: list[RoundDelta] = []
+        self.node_rounds: dict[str, int] = {}
+        self.pro = (
+            ProStatistics(spec.num_seeds, spec.grad_clip)
+            if spec.sampling == "pro"
+            else None
+        )
+        self._labels: dict[int, str] = {}
+
+    def set_nodes(self, node_labels: Mapping[int, str]) -> None:
+        """Tell the strategy which nodes exist and their stable labels."""
+        self._labels = dict(node_labels)
+
+    def label(self, node_id: int) -> str:
+        """The stable label of a node."""
+        return self._labels.get(node_id, f"node-{node_id}")
+
+    def history_since(self, base_round: int) -> tuple[RoundDelta, ...]:
+        """The round deltas a node synced at ``base_round`` still has to apply."""
+        return tuple(d for d in self.history if d.round > base_round)
+
+    def configure(
+        self, server_round: int, grid: Grid, *, global_round: int, global_hash: str
+    ) -> list[Message]:
+        """This round's ``train.zo`` messages, each with its node's catch-up."""
+        labels = self._labels or {n: f"node-{n}" for n in grid.get_node_ids()}
+        nodes = sample_nodes(
+            labels,
+            fraction=self.fraction_train,
+            min_nodes=self.min_train_nodes,
+            seed=self.seed,
+            server_round=server_round,
+        )
+        config = LocalTrainConfig(
+            server_round=server_round,
+            local_steps=self.local_steps,
+            batch_size=self.batch_size,
+            learning_rate=self.spec.learning_rate,
+            weight_decay=0.0,
+            seed=self.seed,
+        )
+        importance = self.pro.quantized() if self.pro is not None else None
+        messages = []
+        for node in nodes:
+            base = self.node_rounds.get(labels[node], 0)
+            ins = ZoTrainIns(
+                spec=self.spec,
+                config=config,
+                base_round=base,
+                target_round=global_round,
+                target_hash=global_hash,
+                history=self.history_since(base),
+                importance=importance,
+            )
+            messages.append(
+                Message(
+                    encode_zo_train_ins(ins),
+                    dst_node_id=node,
+                    message_type=MESSAGE_TRAIN_ZO,
+                )
+            )
+        return messages
+
+    def aggregate(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+        *,
+        global_round: int,
+        global_hash: str,
+    ) -> ZoAggregate:
+        """Validate replies, then build and record the round delta."""
+        good: list[tuple[str, SeedUpdate, float]] = []
+        rejected: dict[str, str] = {}
+        for reply in replies:
+            who = self.label(reply.metadata.src_node_id)
+            if who in rejected or any(g[0] == who for g in good):
+                rejected[who] = "the node replied more than once this round"
+                good = [g for g in good if g[0] != who]
+                continue
+            if reply.has_error():
+                rejected[who] = f"client error: {reply.error.reason}"
+                if reply.error.code == ERROR_OUT_OF_SYNC:
+                    self.node_rounds[who] = 0  # it lost its state: full history next time
+                continue
+            try:
+                res = decode_zo_train_res(
+                    reply.content,
+                    num_seeds=self.spec.num_seeds,
+                    max_steps=self.local_steps,
+                )
+            except ProtocolError as exc:
+                rejected[who] = str(exc)
+                continue
+            if (res.synced_round, res.synced_hash) != (global_round, global_hash):
+                rejected[who] = (
+                    f"out of sync: trained from round {res.synced_round} hash "
+                    f"{res.synced_hash}, global is round {global_round} hash {global_hash}"
+                )
+                continue
+            self.node_rounds[who] = global_round
+            good.append(
+                (
+                    who,
+                    SeedUpdate(res.indices, res.scalars, res.num_examples),
+                    res.train_loss,
+                )
+            )
+        for who, reason in sorted(rejected.items()):
+            log.warning(
+                "round %d: rejected update from %s: %s", server_round, who, reason
+            )
+        if not good:
+            return ZoAggregate(delta=None, rejected=rejected)
+        good.sort(key=lambda g: g[0])
+        updates = [g[1] for g in good]
+        indices, coefficients = aggregate_seed_scalars(
+            updates,
+            num_seeds=self.spec.num_seeds,
+            learning_rate=self.spec.learning_rate,
+        )
+        if self.pro is not None:
+            for u in updates:
+                self.pro.update(u.indices, u.scalars)
+        delta = RoundDelta(server_round, indices, coefficients)
+        self.history.append(delta)
+        total = sum(u.num_examples for u in updates)
+        loss = sum(g[2] * g[1].num_examples for g in good) / total
+        return ZoAggregate(
+            delta=delta,
+            accepted=[g[0] for g in good],
+            rejected=rejected,
+            train_loss=loss,
+            num_examples=total,
+            steps=sum(int(u.indices.numel()) for u in updates),
+        )
+
+    def state(self) -> dict[str, object]:
+        """Everything needed to continue exactly (history, node rounds, Pro stats)."""
+        return {
+            "history": [
+                {
+                    "round": d.round,
+                    "indices": d.indices.tolist(),
+                    "coefficients": d.coefficients.tolist(),
+                }
+                for d in self.history
+            ],
+            "node_rounds": dict(self.node_rounds),
+            "pro": {k: v.tolist() for k, v in self.pro.state().items()}
+            if self.pro
+            else None,
+        }
+
+    # -- Flower Strategy API (the round loop in server/ drives the typed API) ---
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flower entry point: ``config`` carries ``global-round`` and ``global-hash``."""
+        del arrays
+        return self.configure(
+            server_round,
+            grid,
+            global_round=int(config["global-round"]),  # type: ignore[arg-type]
+            global_hash=str(config["global-hash"]),
+        )
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Not used: FedKSeed's aggregate depends on the global hash (see :meth:`aggregate`)."""
+        raise NotImplementedError(
+            "FedKSeed is driven through aggregate(); see server/zo_rounds.py"
+        )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Evaluation is central: no client is asked."""
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """No federated evaluation."""
+        return None
+
+    def summary(self) -> None:
+        """Log the strategy's settings."""
+        log.info(
+            "FedKSeed%s: K=%d eps=%g lr=%g steps=%d batch=%d fraction=%.2f",
+            "-Pro" if self.pro else "",
+            self.spec.num_seeds,
+            self.spec.eps,
+            self.spec.learning_rate,
+            self.local_steps,
+            self.batch_size,
+            self.fraction_train,
+        )
