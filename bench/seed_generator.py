@@ -39,7 +39,9 @@ from protocols.seeds import (
 RESULTS = Path(__file__).resolve().parent / "results" / "seed_generator.json"
 
 
-def best_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
+def best_time(
+    fn: Callable[[], object], repeats: int, sync: Callable[[], None]
+) -> float:
     """Fastest of ``repeats`` timed calls, after one untimed warm-up call."""
     fn()
     sync()
@@ -58,7 +60,9 @@ def param_set(layers: int, device: torch.device) -> list[tuple[str, torch.Tensor
     shapes: list[tuple[str, tuple[int, ...]]] = [("embed.weight", (vocab, d))]
     for i in range(layers):
         p = f"layers.{i}."
-        shapes += [(p + n, (d, d)) for n in ("q.weight", "k.weight", "v.weight", "o.weight")]
+        shapes += [
+            (p + n, (d, d)) for n in ("q.weight", "k.weight", "v.weight", "o.weight")
+        ]
         shapes += [(p + "up.weight", (ff, d)), (p + "up.bias", (ff,))]
         shapes += [(p + "down.weight", (d, ff)), (p + "down.bias", (d,))]
         shapes += [(p + "norm1.weight", (d,)), (p + "norm2.weight", (d,))]
@@ -73,7 +77,9 @@ def machine_info() -> dict[str, object]:
 
     info: dict[str, object] = {
         "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_affinity": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else None,
         "cpu_model": _cpu_model(),
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
@@ -102,9 +108,13 @@ def _cpu_model() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, write the JSON file, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--numel", type=int, default=1 << 22, help="values per generation call")
+    parser.add_argument(
+        "--numel", type=int, default=1 << 22, help="values per generation call"
+    )
     parser.add_argument("--k", type=int, default=32, help="seeds in the replay")
-    parser.add_argument("--layers", type=int, default=4, help="decoder layers in the param set")
+    parser.add_argument(
+        "--layers", type=int, default=4, help="decoder layers in the param set"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -123,14 +133,25 @@ def main(argv: list[str] | None = None) -> int:
         for backend in backends:
             rate = generation_throughput(args.numel, backend, dev)
             rows.append(
-                {"what": "generate", "backend": backend, "device": dev.type,
-                 "numel": args.numel, "seconds": args.numel / rate, "values_per_s": rate}
+                {
+                    "what": "generate",
+                    "backend": backend,
+                    "device": dev.type,
+                    "numel": args.numel,
+                    "seconds": args.numel / rate,
+                    "values_per_s": rate,
+                }
             )
         t = best_time(lambda d=dev: torch.randn(args.numel, device=d), 5, sync_for(dev))
         rows.append(
-            {"what": "generate", "backend": "torch.randn (not reproducible)",
-             "device": dev.type, "numel": args.numel, "seconds": t,
-             "values_per_s": args.numel / t}
+            {
+                "what": "generate",
+                "backend": "torch.randn (not reproducible)",
+                "device": dev.type,
+                "numel": args.numel,
+                "seconds": t,
+                "values_per_s": args.numel / t,
+            }
         )
 
     # 2. one perturbation and one K-seed replay over a parameter set
@@ -143,21 +164,37 @@ def main(argv: list[str] | None = None) -> int:
         for backend in backends:
             t = best_time(
                 lambda b=backend, ps=params: perturb_(ps, seeds[0], 1e-3, backend=b),
-                args.repeats, sync_for(dev),
+                args.repeats,
+                sync_for(dev),
             )
             rows.append(
-                {"what": "perturb_", "backend": backend, "device": dev.type,
-                 "numel": numel, "tensors": len(params), "seconds": t,
-                 "values_per_s": numel / t}
+                {
+                    "what": "perturb_",
+                    "backend": backend,
+                    "device": dev.type,
+                    "numel": numel,
+                    "tensors": len(params),
+                    "seconds": t,
+                    "values_per_s": numel / t,
+                }
             )
             t = best_time(
-                lambda b=backend, ps=params: apply_seed_sum_(ps, seeds, coefficients, backend=b),
-                max(1, args.repeats - 1), sync_for(dev),
+                lambda b=backend, ps=params: apply_seed_sum_(
+                    ps, seeds, coefficients, backend=b
+                ),
+                max(1, args.repeats - 1),
+                sync_for(dev),
             )
             rows.append(
-                {"what": f"apply_seed_sum_ K={args.k}", "backend": backend, "device": dev.type,
-                 "numel": numel, "tensors": len(params), "seconds": t,
-                 "values_per_s": args.k * numel / t}
+                {
+                    "what": f"apply_seed_sum_ K={args.k}",
+                    "backend": backend,
+                    "device": dev.type,
+                    "numel": numel,
+                    "tensors": len(params),
+                    "seconds": t,
+                    "values_per_s": args.k * numel / t,
+                }
             )
         if dev.type == "cpu":
             # Unfused reference: numba generation, then torch multiply and add.
@@ -170,31 +207,45 @@ def main(argv: list[str] | None = None) -> int:
 
             t = best_time(unfused, max(1, args.repeats - 1), sync_for(dev))
             rows.append(
-                {"what": f"apply_seed_sum_ K={args.k}", "backend": "numba gen + torch add (unfused)",
-                 "device": dev.type, "numel": numel, "tensors": len(params), "seconds": t,
-                 "values_per_s": args.k * numel / t}
+                {
+                    "what": f"apply_seed_sum_ K={args.k}",
+                    "backend": "numba gen + torch add (unfused)",
+                    "device": dev.type,
+                    "numel": numel,
+                    "tensors": len(params),
+                    "seconds": t,
+                    "values_per_s": args.k * numel / t,
+                }
             )
 
     result = {
         "benchmark": "seed_generator",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
-        "args": {"numel": args.numel, "k": args.k, "layers": args.layers,
-                 "repeats": args.repeats},
+        "args": {
+            "numel": args.numel,
+            "k": args.k,
+            "layers": args.layers,
+            "repeats": args.repeats,
+        },
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"generator {GENERATOR_VERSION}; {result['machine']['cpu_count']} CPUs, "
-          f"torch {torch.__version__}, CUDA: {result['machine']['cuda']}")
+    print(
+        f"generator {GENERATOR_VERSION}; {result['machine']['cpu_count']} CPUs, "
+        f"torch {torch.__version__}, CUDA: {result['machine']['cuda']}"
+    )
     print()
     print("| what | backend | device | values | seconds | M values/s |")
     print("|---|---|---|---:|---:|---:|")
     for r in rows:
         values = r["numel"] * (args.k if str(r["what"]).startswith("apply") else 1)
-        print(f"| {r['what']} | {r['backend']} | {r['device']} | {values:,} | "
-              f"{r['seconds']:.4f} | {r['values_per_s'] / 1e6:,.1f} |")
+        print(
+            f"| {r['what']} | {r['backend']} | {r['device']} | {values:,} | "
+            f"{r['seconds']:.4f} | {r['values_per_s'] / 1e6:,.1f} |"
+        )
     print()
     print(f"wrote {args.out}")
     return 0

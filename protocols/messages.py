@@ -58,7 +58,9 @@ __all__ = [
 # Error codes of client error replies (flwr ``Error.code``).
 ERROR_BAD_INSTRUCTION = 4001  # the instruction broke the contract (spec, payload)
 ERROR_NODE_SETUP = 4002  # the node lacks what it needs (data, model)
-ERROR_OUT_OF_SYNC = 4003  # the node cannot reach the target model: resend history from 0
+ERROR_OUT_OF_SYNC = (
+    4003  # the node cannot reach the target model: resend history from 0
+)
 
 ACTION_HELLO = "hello"
 ACTION_LORA = "lora"

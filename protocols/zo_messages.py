@@ -203,7 +203,11 @@ def decode_zo_train_ins(content: RecordDict) -> ZoTrainIns:
     if _PROBS in content:
         arrays = decode_tensors(_record(content, _PROBS, ArrayRecord))
         probs = arrays.get("importance")
-        if probs is None or probs.dtype != torch.uint8 or probs.shape != (spec.num_seeds,):
+        if (
+            probs is None
+            or probs.dtype != torch.uint8
+            or probs.shape != (spec.num_seeds,)
+        ):
             raise ProtocolError(f"importance must be {spec.num_seeds} uint8 values")
     return ZoTrainIns(
         spec, config, base, target, _get(sync, "target-hash", str), history, probs

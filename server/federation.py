@@ -72,7 +72,7 @@ class RoundDriver(Protocol):
         """A node's stable label."""
 
     def configure(self, server_round: int, grid: Grid) -> list[Message]:
-        """This round's instructions."""
+        """Build the round's instructions."""
 
     def apply(self, server_round: int, replies: Iterable[Message]) -> RoundResult:
         """Validate replies and update the global state; raise FederationError if none usable."""

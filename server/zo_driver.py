@@ -64,7 +64,9 @@ class ZoDriver:
         self.round = 0
         self.hash = state_hash(params)
         # Compile the generator kernels now, so round 1's replay time is honest.
-        apply_seed_sum_([("warm-up", torch.zeros(8, device=params[0][1].device))], [1], [1.0])
+        apply_seed_sum_(
+            [("warm-up", torch.zeros(8, device=params[0][1].device))], [1], [1.0]
+        )
 
     @property
     def spec(self) -> ZOSpec:

@@ -17,7 +17,6 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -108,7 +107,7 @@ class FedKSeed(Strategy):
     def configure(
         self, server_round: int, grid: Grid, *, global_round: int, global_hash: str
     ) -> list[Message]:
-        """This round's ``train.zo`` messages, each with its node's catch-up."""
+        """Build the round's ``train.zo`` messages, each with its node's catch-up."""
         labels = self._labels or {n: f"node-{n}" for n in grid.get_node_ids()}
         nodes = sample_nodes(
             labels,
@@ -167,7 +166,9 @@ class FedKSeed(Strategy):
             if reply.has_error():
                 rejected[who] = f"client error: {reply.error.reason}"
                 if reply.error.code == ERROR_OUT_OF_SYNC:
-                    self.node_rounds[who] = 0  # it lost its state: full history next time
+                    self.node_rounds[who] = (
+                        0  # it lost its state: full history next time
+                    )
                 continue
             try:
                 res = decode_zo_train_res(

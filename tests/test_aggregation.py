@@ -42,11 +42,15 @@ def test_matches_numpy_float64_reference() -> None:
     assert list(out) == ["a", "b", "s"]
     for name in out:
         ref = np.average(
-            np.stack([u[name].double().numpy() for u in updates]), axis=0, weights=weights
+            np.stack([u[name].double().numpy() for u in updates]),
+            axis=0,
+            weights=weights,
         )
         assert out[name].dtype == torch.float32
         assert out[name].shape == updates[0][name].shape
-        np.testing.assert_allclose(out[name].double().numpy(), ref, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            out[name].double().numpy(), ref, rtol=1e-6, atol=1e-6
+        )
 
 
 def test_hand_computed_example() -> None:
@@ -65,7 +69,9 @@ def test_equal_weights_is_plain_mean_and_scale_invariant() -> None:
     m1 = weighted_mean(updates, [1, 1])
     m2 = weighted_mean(updates, [2, 2])
     for name in m1:
-        assert torch.allclose(m1[name], (updates[0][name] + updates[1][name]) / 2, atol=1e-6)
+        assert torch.allclose(
+            m1[name], (updates[0][name] + updates[1][name]) / 2, atol=1e-6
+        )
         assert torch.allclose(m1[name], m2[name], atol=1e-7)
     single = weighted_mean(updates[:1], [5])
     for name in single:
@@ -89,14 +95,20 @@ def test_bfloat16_stays_bfloat16_and_matches_rounded_fp32_mean() -> None:
     updates = _updates(4, torch.bfloat16, seed=5)
     weights = [2.0, 5.0, 1.0, 4.0]
     out = weighted_mean(updates, weights)
-    fp32_mean = weighted_mean([{k: v.float() for k, v in u.items()} for u in updates], weights)
+    fp32_mean = weighted_mean(
+        [{k: v.float() for k, v in u.items()} for u in updates], weights
+    )
     for name in out:
         assert out[name].dtype == torch.bfloat16
         assert torch.equal(out[name], fp32_mean[name].to(torch.bfloat16)), name
         ref = np.average(
-            np.stack([u[name].double().numpy() for u in updates]), axis=0, weights=weights
+            np.stack([u[name].double().numpy() for u in updates]),
+            axis=0,
+            weights=weights,
         )
-        np.testing.assert_allclose(out[name].double().numpy(), ref, rtol=2**-8, atol=1e-6)
+        np.testing.assert_allclose(
+            out[name].double().numpy(), ref, rtol=2**-8, atol=1e-6
+        )
 
 
 def test_bfloat16_many_clients_no_bf16_accumulation() -> None:
@@ -105,7 +117,9 @@ def test_bfloat16_many_clients_no_bf16_accumulation() -> None:
     in bf16 rounds after every client and drifts by several ulps (0.0156 on
     this input, 19 of 33 elements wrong)."""
     g = torch.Generator().manual_seed(11)
-    updates = [{"w": (torch.rand(33, generator=g) + 0.5).to(torch.bfloat16)} for _ in range(64)]
+    updates = [
+        {"w": (torch.rand(33, generator=g) + 0.5).to(torch.bfloat16)} for _ in range(64)
+    ]
     weights = [float(i + 1) for i in range(64)]
     out = weighted_mean(updates, weights)["w"]
     ref = np.average(
@@ -211,13 +225,17 @@ def test_sampling_differs_across_rounds_and_seeds() -> None:
     the draw."""
     nodes = _nodes(20)
     draws = [
-        frozenset(sample_nodes(nodes, fraction=0.5, min_nodes=1, seed=0, server_round=r))
+        frozenset(
+            sample_nodes(nodes, fraction=0.5, min_nodes=1, seed=0, server_round=r)
+        )
         for r in range(1, 11)
     ]
     assert len(set(draws)) > 1
     assert set().union(*draws) != set(draws[0])
     other_seed = [
-        frozenset(sample_nodes(nodes, fraction=0.5, min_nodes=1, seed=1, server_round=r))
+        frozenset(
+            sample_nodes(nodes, fraction=0.5, min_nodes=1, seed=1, server_round=r)
+        )
         for r in range(1, 11)
     ]
     assert other_seed != draws
@@ -244,8 +262,9 @@ def test_sampling_result_sorted_by_label() -> None:
 )
 def test_sampling_count(n: int, fraction: float, min_nodes: int, want: int) -> None:
     """Count is max(min_nodes, ceil(fraction * N)) (hand-computed per case)."""
-    picked = sample_nodes(_nodes(n), fraction=fraction, min_nodes=min_nodes, seed=0,
-                          server_round=1)
+    picked = sample_nodes(
+        _nodes(n), fraction=fraction, min_nodes=min_nodes, seed=0, server_round=1
+    )
     assert len(picked) == want
     assert want == max(min_nodes, math.ceil(fraction * n))
 
@@ -255,7 +274,9 @@ def test_sampling_count_no_float_overshoot(n: int, fraction: float, want: int) -
     """A share written as a decimal must give that share: 55% of 100 nodes is 55
     nodes, not 56 (0.55 * 100 == 55.00000000000001 in floating point, and a
     bare ceil() then samples an extra node)."""
-    picked = sample_nodes(_nodes(n), fraction=fraction, min_nodes=1, seed=0, server_round=1)
+    picked = sample_nodes(
+        _nodes(n), fraction=fraction, min_nodes=1, seed=0, server_round=1
+    )
     assert len(picked) == want
 
 
@@ -265,7 +286,9 @@ def test_sampling_independent_of_insertion_order() -> None:
     reversed_nodes = dict(reversed(list(nodes.items())))
     for r in range(1, 5):
         a = sample_nodes(nodes, fraction=0.3, min_nodes=1, seed=9, server_round=r)
-        b = sample_nodes(reversed_nodes, fraction=0.3, min_nodes=1, seed=9, server_round=r)
+        b = sample_nodes(
+            reversed_nodes, fraction=0.3, min_nodes=1, seed=9, server_round=r
+        )
         assert a == b
 
 
@@ -289,4 +312,6 @@ def test_sampling_errors(n: int, fraction: float, min_nodes: int) -> None:
     """Too few nodes for min_nodes, or a fraction / min_nodes out of range,
     must raise SamplingError rather than silently train fewer nodes."""
     with pytest.raises(SamplingError):
-        sample_nodes(_nodes(n), fraction=fraction, min_nodes=min_nodes, seed=0, server_round=1)
+        sample_nodes(
+            _nodes(n), fraction=fraction, min_nodes=min_nodes, seed=0, server_round=1
+        )

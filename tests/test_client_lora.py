@@ -19,7 +19,6 @@ from flwr.app import Context, Message, RecordDict
 
 import models
 from client.app import hello, train
-from protocols.messages import ERROR_BAD_INSTRUCTION, ERROR_NODE_SETUP
 from client.batches import derive_seed
 from client.lora_trainer import train_lora
 from corpora import Example, generate_tasks, write_jsonl
@@ -33,6 +32,7 @@ from protocols import (
     decode_lora_train_res,
     encode_lora_train_ins,
 )
+from protocols.messages import ERROR_BAD_INSTRUCTION, ERROR_NODE_SETUP
 
 SPEC = LoraSpec(model="tiny-llama", max_length=64)
 CPU = torch.device("cpu")
@@ -54,21 +54,33 @@ def _fresh_lora() -> tuple[torch.nn.Module, object]:
 
 
 def _tokenized(tokenizer: object, n: int = 32) -> list[models.TokenizedExample]:
-    return [models.tokenize_example(e, tokenizer, SPEC.max_length) for e in generate_tasks(n, 0)]
+    return [
+        models.tokenize_example(e, tokenizer, SPEC.max_length)
+        for e in generate_tasks(n, 0)
+    ]
 
 
-def _config(steps: int, lr: float = 3e-3, batch: int = 4, round_: int = 1) -> LocalTrainConfig:
+def _config(
+    steps: int, lr: float = 3e-3, batch: int = 4, round_: int = 1
+) -> LocalTrainConfig:
     return LocalTrainConfig(
-        server_round=round_, local_steps=steps, batch_size=batch, learning_rate=lr,
-        weight_decay=0.0, seed=0,
+        server_round=round_,
+        local_steps=steps,
+        batch_size=batch,
+        learning_rate=lr,
+        weight_decay=0.0,
+        seed=0,
     )
 
 
 def _eval_loss(model: torch.nn.Module, examples: list, pad_id: int) -> float:
     batch = models.collate_train(examples, pad_id)
     with torch.no_grad():
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    labels=batch.labels)
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            labels=batch.labels,
+        )
     return float(out.loss)
 
 
@@ -86,7 +98,9 @@ def test_train_lora_lowers_loss() -> None:
     before = _eval_loss(model, data, pad)
     first = train_lora(model, data, _config(30), pad_id=pad, label="p0000", device=CPU)
     after = _eval_loss(model, data, pad)
-    second = train_lora(model, data, _config(30, round_=2), pad_id=pad, label="p0000", device=CPU)
+    second = train_lora(
+        model, data, _config(30, round_=2), pad_id=pad, label="p0000", device=CPU
+    )
     assert math.isfinite(first.mean_loss)
     assert after < before - 0.05, (before, after)
     assert second.mean_loss < first.mean_loss
@@ -101,8 +115,14 @@ def test_train_lora_only_adapter_changes() -> None:
         k: v.clone() for k, v in model.named_parameters() if "lora_" not in k
     }
     adapter_before = models.adapter_tensors(model)
-    train_lora(model, _tokenized(tok, 8), _config(2), pad_id=int(tok.pad_token_id),
-               label="x", device=CPU)
+    train_lora(
+        model,
+        _tokenized(tok, 8),
+        _config(2),
+        pad_id=int(tok.pad_token_id),
+        label="x",
+        device=CPU,
+    )
     for k, v in model.named_parameters():
         if "lora_" not in k:
             assert torch.equal(v, base_before[k]), k
@@ -117,8 +137,14 @@ def test_train_lora_deterministic_per_label() -> None:
     results = []
     for label in ("p0001", "p0001", "p0002"):
         model, tok = _fresh_lora()
-        stats = train_lora(model, _tokenized(tok, 16), _config(4), pad_id=int(tok.pad_token_id),
-                           label=label, device=CPU)
+        stats = train_lora(
+            model,
+            _tokenized(tok, 16),
+            _config(4),
+            pad_id=int(tok.pad_token_id),
+            label=label,
+            device=CPU,
+        )
         results.append((models.adapter_tensors(model), stats.mean_loss))
     (a, la), (b, lb), (c, _) = results
     assert la == lb
@@ -133,8 +159,14 @@ def test_train_lora_leaves_global_rng_alone() -> None:
     model, tok = _fresh_lora()
     torch.manual_seed(123)
     state = torch.random.get_rng_state()
-    train_lora(model, _tokenized(tok, 8), _config(2), pad_id=int(tok.pad_token_id),
-               label="x", device=CPU)
+    train_lora(
+        model,
+        _tokenized(tok, 8),
+        _config(2),
+        pad_id=int(tok.pad_token_id),
+        label="x",
+        device=CPU,
+    )
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
@@ -142,7 +174,9 @@ def test_train_lora_no_examples_raises() -> None:
     """No examples is a ValueError, not a silent no-op."""
     model, tok = _fresh_lora()
     with pytest.raises(ValueError, match="no training examples"):
-        train_lora(model, [], _config(1), pad_id=int(tok.pad_token_id), label="x", device=CPU)
+        train_lora(
+            model, [], _config(1), pad_id=int(tok.pad_token_id), label="x", device=CPU
+        )
 
 
 def test_derive_seed_stable() -> None:
@@ -170,14 +204,23 @@ def global_adapter() -> dict[str, torch.Tensor]:
 
 
 def _context(node_config: dict) -> Context:
-    return Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(),
-                   run_config={})
+    return Context(
+        run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config={}
+    )
 
 
 def _train_msg(adapter: dict[str, torch.Tensor]) -> Message:
-    config = LocalTrainConfig(server_round=1, local_steps=2, batch_size=4, learning_rate=1e-3,
-                              weight_decay=0.0, seed=0)
-    content = encode_lora_train_ins(LoraTrainIns(spec=SPEC, config=config, adapter=adapter))
+    config = LocalTrainConfig(
+        server_round=1,
+        local_steps=2,
+        batch_size=4,
+        learning_rate=1e-3,
+        weight_decay=0.0,
+        seed=0,
+    )
+    content = encode_lora_train_ins(
+        LoraTrainIns(spec=SPEC, config=config, adapter=adapter)
+    )
     return Message(content, dst_node_id=5, message_type=MESSAGE_TRAIN_LORA)
 
 
@@ -194,7 +237,9 @@ def test_train_handler_valid_instruction(
     res = decode_lora_train_res(reply.content, expected=models.adapter_layout(model))
     assert res.num_examples == 12
     assert math.isfinite(res.train_loss) and res.train_loss > 0
-    assert any(not torch.equal(res.adapter[k], global_adapter[k]) for k in global_adapter)
+    assert any(
+        not torch.equal(res.adapter[k], global_adapter[k]) for k in global_adapter
+    )
 
 
 def test_train_handler_reproducible(
@@ -205,8 +250,12 @@ def test_train_handler_reproducible(
     ctx = _context({"data-path": str(data_file)})
     model, _ = _fresh_lora()
     layout = models.adapter_layout(model)
-    a = decode_lora_train_res(train(_train_msg(global_adapter), ctx).content, expected=layout)
-    b = decode_lora_train_res(train(_train_msg(global_adapter), ctx).content, expected=layout)
+    a = decode_lora_train_res(
+        train(_train_msg(global_adapter), ctx).content, expected=layout
+    )
+    b = decode_lora_train_res(
+        train(_train_msg(global_adapter), ctx).content, expected=layout
+    )
     assert a.train_loss == b.train_loss
     for name in a.adapter:
         assert torch.equal(a.adapter[name], b.adapter[name])
@@ -238,7 +287,9 @@ def test_train_handler_wrong_shape_adapter(
     assert name in reply.error.reason
 
 
-def test_train_handler_no_data_config(flower_identity: None, global_adapter: dict) -> None:
+def test_train_handler_no_data_config(
+    flower_identity: None, global_adapter: dict
+) -> None:
     """A node started without data-path or partition-id answers with an error
     naming 'data-path' (how to fix it)."""
     reply = train(_train_msg(global_adapter), _context({}))
@@ -286,8 +337,13 @@ def test_hello_simulated_partition(
     monkeypatch.delenv("POLLINATE_RUN_DIR", raising=False)
     write_jsonl(generate_tasks(5, seed=8), tmp_path / "data" / "client-0003.jsonl")
     msg = Message(RecordDict(), dst_node_id=5, message_type=MESSAGE_HELLO)
-    ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 3}, state=RecordDict(),
-                  run_config={"run-dir": str(tmp_path)})
+    ctx = Context(
+        run_id=1,
+        node_id=5,
+        node_config={"partition-id": 3},
+        state=RecordDict(),
+        run_config={"run-dir": str(tmp_path)},
+    )
     info = decode_hello(hello(msg, ctx).content)
     assert info == decode_hello(hello(msg, ctx).content)
     assert info.label == "p0003" and info.num_examples == 5
@@ -300,4 +356,9 @@ def test_hello_counts_fresh_file(flower_identity: None, tmp_path: Path) -> None:
     path = tmp_path / "small.jsonl"
     write_jsonl([Example("p", "r", "g")] * 3, path)
     msg = Message(RecordDict(), dst_node_id=5, message_type=MESSAGE_HELLO)
-    assert decode_hello(hello(msg, _context({"data-path": str(path)})).content).num_examples == 3
+    assert (
+        decode_hello(
+            hello(msg, _context({"data-path": str(path)})).content
+        ).num_examples
+        == 3
+    )

@@ -26,7 +26,11 @@ from protocols import (
 )
 from protocols.codecs import MANIFEST_KEY, MANIFEST_STYPE, RAW_STYPE
 
-_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_INT_VIEW = {
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -34,7 +38,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(_INT_VIEW[t.dtype])
 
 
-def _assert_bit_exact(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+def _assert_bit_exact(
+    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]
+) -> None:
     assert list(got) == list(want)
     for name, ref in want.items():
         out = got[name]
@@ -54,8 +60,12 @@ def _mixed() -> dict[str, torch.Tensor]:
     }
 
 
-def _replace_manifest(record: ArrayRecord, blob: bytes, stype: str = MANIFEST_STYPE) -> None:
-    record[MANIFEST_KEY] = Array(dtype="uint8", shape=(len(blob),), stype=stype, data=blob)
+def _replace_manifest(
+    record: ArrayRecord, blob: bytes, stype: str = MANIFEST_STYPE
+) -> None:
+    record[MANIFEST_KEY] = Array(
+        dtype="uint8", shape=(len(blob),), stype=stype, data=blob
+    )
 
 
 def _manifest(record: ArrayRecord) -> dict:
@@ -88,12 +98,15 @@ def test_bfloat16_values_not_representable_in_float16_survive() -> None:
 def test_nan_payload_bits_preserved_when_allowed() -> None:
     """With allow_nonfinite=True, NaNs with non-canonical payloads, signed NaN
     and +/-Inf must come back with identical bits (raw bytes, no arithmetic)."""
-    f32 = torch.tensor([0x7FC00001, 0x7F800001, -0x00400001, 0x7F800000, 0x3F800000],
-                       dtype=torch.int32).view(torch.float32)
-    f16 = torch.tensor([0x7E01, 0x7C01, -0x0201, 0x7C00], dtype=torch.int16).view(torch.float16)
-    bf = torch.tensor([0x7FC1, 0x7F81, -0x003F, 0xFF80 - 0x10000], dtype=torch.int16).view(
-        torch.bfloat16
+    f32 = torch.tensor(
+        [0x7FC00001, 0x7F800001, -0x00400001, 0x7F800000, 0x3F800000], dtype=torch.int32
+    ).view(torch.float32)
+    f16 = torch.tensor([0x7E01, 0x7C01, -0x0201, 0x7C00], dtype=torch.int16).view(
+        torch.float16
     )
+    bf = torch.tensor(
+        [0x7FC1, 0x7F81, -0x003F, 0xFF80 - 0x10000], dtype=torch.int16
+    ).view(torch.bfloat16)
     tensors = {"f32": f32, "f16": f16, "bf": bf}
     assert torch.isnan(f32[:3]).all() and torch.isnan(f16[:3]).all()
     out = decode_tensors(encode_tensors(tensors), allow_nonfinite=True)
@@ -148,7 +161,9 @@ def test_manifest_lists_every_tensor_in_order() -> None:
     man = _manifest(encode_tensors(tensors))
     assert man["version"] == CODEC_VERSION
     assert [row[0] for row in man["tensors"]] == list(tensors)
-    assert [tuple(row[2]) for row in man["tensors"]] == [tuple(t.shape) for t in tensors.values()]
+    assert [tuple(row[2]) for row in man["tensors"]] == [
+        tuple(t.shape) for t in tensors.values()
+    ]
 
 
 def test_scalars_and_zero_size_tensors() -> None:
@@ -228,7 +243,9 @@ def test_randomized_round_trips_fixed_generator() -> None:
             tensors[f"guard_{dtype}"] = torch.randn(1, generator=g).to(dtype)
         record = encode_tensors(tensors)
         assert len(list(record.keys())) == len({t.dtype for t in tensors.values()}) + 1
-        _assert_bit_exact(decode_tensors(record, expected=TensorLayout.of(tensors)), tensors)
+        _assert_bit_exact(
+            decode_tensors(record, expected=TensorLayout.of(tensors)), tensors
+        )
 
 
 # -- layout checks -------------------------------------------------------------
@@ -280,7 +297,10 @@ def test_layout_fingerprint_distinguishes_layouts() -> None:
     a = TensorLayout.of({"w": torch.zeros(2, 3)})
     assert a.fingerprint() == TensorLayout.of({"w": torch.ones(2, 3)}).fingerprint()
     assert a.fingerprint() != TensorLayout.of({"w": torch.zeros(3, 2)}).fingerprint()
-    assert a.fingerprint() != TensorLayout.of({"w": torch.zeros(2, 3).half()}).fingerprint()
+    assert (
+        a.fingerprint()
+        != TensorLayout.of({"w": torch.zeros(2, 3).half()}).fingerprint()
+    )
 
 
 # -- value checks --------------------------------------------------------------
@@ -291,7 +311,10 @@ def test_layout_fingerprint_distinguishes_layouts() -> None:
 def test_nonfinite_rejected_by_default(bad: float, dtype: torch.dtype) -> None:
     """NaN/Inf in an update would poison the global adapter; the default decode
     must refuse them and name the offending tensor."""
-    tensors = {"fine": torch.ones(2, dtype=dtype), "poisoned": torch.tensor([1.0, bad]).to(dtype)}
+    tensors = {
+        "fine": torch.ones(2, dtype=dtype),
+        "poisoned": torch.tensor([1.0, bad]).to(dtype),
+    }
     with pytest.raises(ProtocolError, match="'poisoned'"):
         decode_tensors(encode_tensors(tensors))
 
@@ -299,7 +322,9 @@ def test_nonfinite_rejected_by_default(bad: float, dtype: torch.dtype) -> None:
 def test_max_bytes_exceeded() -> None:
     """A payload over max_bytes must raise PayloadTooLargeError (a ProtocolError);
     exactly at the limit it must still be accepted."""
-    record = encode_tensors({"a": torch.zeros(100), "b": torch.zeros(10, dtype=torch.float16)})
+    record = encode_tensors(
+        {"a": torch.zeros(100), "b": torch.zeros(10, dtype=torch.float16)}
+    )
     assert decode_tensors(record, max_bytes=420)["a"].shape == (100,)
     with pytest.raises(PayloadTooLargeError):
         decode_tensors(record, max_bytes=419)
@@ -312,7 +337,9 @@ def test_unsupported_dtype_rejected_on_encode() -> None:
     """int16 (or float64) tensors are not part of the codec; encoding must refuse
     them with a ProtocolError naming the tensor, not silently cast."""
     with pytest.raises(ProtocolError, match="'ids'"):
-        encode_tensors({"ok": torch.zeros(1), "ids": torch.arange(3, dtype=torch.int16)})
+        encode_tensors(
+            {"ok": torch.zeros(1), "ids": torch.arange(3, dtype=torch.int16)}
+        )
     with pytest.raises(ProtocolError, match="'d'"):
         encode_tensors({"d": torch.zeros(2, dtype=torch.float64)})
 
@@ -354,8 +381,16 @@ def test_manifest_not_json() -> None:
         {"version": 1, "tensors": [["a", "float32", [-2]]]},
     ],
     ids=[
-        "list", "int", "no-version", "no-tensors", "tensors-int", "tensors-null",
-        "dtype-list", "short-row", "shape-str", "negative-dim",
+        "list",
+        "int",
+        "no-version",
+        "no-tensors",
+        "tensors-int",
+        "tensors-null",
+        "dtype-list",
+        "short-row",
+        "shape-str",
+        "negative-dim",
     ],
 )
 def test_malformed_manifest_raises_protocol_error(manifest: object) -> None:
@@ -404,7 +439,9 @@ def test_mistagged_data_array() -> None:
     """A data array whose Flower dtype/stype tag disagrees with its key is refused."""
     record = encode_tensors({"a": torch.zeros(2)})
     data = record["float32"].data
-    record["float32"] = Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=data)
+    record["float32"] = Array(
+        dtype="float32", shape=(2,), stype="numpy.ndarray", data=data
+    )
     with pytest.raises(ProtocolError, match="float32"):
         decode_tensors(record)
 
@@ -412,14 +449,18 @@ def test_mistagged_data_array() -> None:
 def test_extra_unexpected_array() -> None:
     """An array the manifest does not account for must be refused (smuggled data)."""
     record = encode_tensors({"a": torch.zeros(2)})
-    record["float16"] = Array(dtype="float16", shape=(1,), stype=RAW_STYPE, data=bytes(2))
+    record["float16"] = Array(
+        dtype="float16", shape=(1,), stype=RAW_STYPE, data=bytes(2)
+    )
     with pytest.raises(ProtocolError, match="float16"):
         decode_tensors(record)
 
 
 def test_missing_data_array() -> None:
     """A manifest naming a dtype whose array is absent must be refused."""
-    record = encode_tensors({"a": torch.zeros(2), "h": torch.zeros(2, dtype=torch.float16)})
+    record = encode_tensors(
+        {"a": torch.zeros(2), "h": torch.zeros(2, dtype=torch.float16)}
+    )
     del record["float16"]
     with pytest.raises(ProtocolError, match="float16"):
         decode_tensors(record)
@@ -442,7 +483,10 @@ def test_duplicate_names_in_manifest_rejected() -> None:
     _replace_manifest(
         record,
         json.dumps(
-            {"version": CODEC_VERSION, "tensors": [["a", "float32", [3]], ["a", "float32", [0]]]}
+            {
+                "version": CODEC_VERSION,
+                "tensors": [["a", "float32", [3]], ["a", "float32", [0]]],
+            }
         ).encode(),
     )
     with pytest.raises(ProtocolError, match="'a'"):

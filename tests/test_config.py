@@ -93,7 +93,7 @@ def test_every_bad_field_named_at_once(tmp_path: Path) -> None:
     once): a bad count, a negative rate, a wrongly typed rank and an unknown key."""
     path = _write(
         tmp_path,
-        '[federation]\nclients = 0\n\n[train]\nlearning_rate = -1\nlr = 0.1\n\n'
+        "[federation]\nclients = 0\n\n[train]\nlearning_rate = -1\nlr = 0.1\n\n"
         '[lora]\nrank = "x"\n',
     )
     with pytest.raises(ConfigError) as err:
@@ -160,15 +160,21 @@ def test_config_is_frozen() -> None:
 # -- CLI --------------------------------------------------------------------------
 
 
-def test_validate_valid_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_valid_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`pollinate validate` exits 0 on a valid file and says it is valid."""
-    path = _write(tmp_path, "[federation]\nclients = 3\n\n[model]\nname = \"tiny-llama\"\n")
+    path = _write(
+        tmp_path, '[federation]\nclients = 3\n\n[model]\nname = "tiny-llama"\n'
+    )
     assert main(["validate", str(path)]) == 0
     err = capsys.readouterr().err
     assert "valid" in err and "3 clients" in err and "invalid" not in err
 
 
-def test_validate_invalid_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_invalid_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`pollinate validate` exits 2 on a bad file and names every bad field."""
     path = _write(tmp_path, "[federation]\nclients = 0\n\n[lora]\ndropout = 1.5\n")
     assert main(["validate", str(path)]) == 2
@@ -177,7 +183,9 @@ def test_validate_invalid_file(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "federation.clients" in err and "lora.dropout" in err
 
 
-def test_validate_flags_applied(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_flags_applied(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A named flag that makes a valid file invalid is reported by field."""
     path = _write(tmp_path, "")
     assert main(["validate", str(path), "--clients", "0"]) == 2
@@ -188,7 +196,9 @@ def test_validate_flags_applied(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "no-equals-sign" in capsys.readouterr().err
 
 
-def test_validate_missing_data_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_missing_data_source(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A data.source file that does not exist is reported by name with exit 2."""
     missing = tmp_path / "nowhere" / "train-data.jsonl"
     path = _write(tmp_path, f'[data]\nsource = "{missing}"\n')
@@ -203,12 +213,18 @@ def test_collect_overrides_from_parser(tmp_path: Path) -> None:
     path = _write(tmp_path, "[federation]\nclients = 8\n\n[lora]\nalpha = 4.0\n")
     args = build_parser().parse_args(
         [
-            "validate", str(path),
-            "--set", "lora.alpha=32",
-            "--set", 'lora.target_modules=["q_proj"]',
-            "--set", "run.name=plain text",
-            "--clients", "3",
-            "--lr", "0.01",
+            "validate",
+            str(path),
+            "--set",
+            "lora.alpha=32",
+            "--set",
+            'lora.target_modules=["q_proj"]',
+            "--set",
+            "run.name=plain text",
+            "--clients",
+            "3",
+            "--lr",
+            "0.01",
         ]
     )
     overrides = collect_overrides(args)

@@ -49,8 +49,13 @@ def test_dolly_counts_and_mapping() -> None:
     examples = load_examples(str(shared_data() / DOLLY))
     assert len(examples) == 15011
     expected = {
-        "open_qa": 3742, "general_qa": 2191, "classification": 2136, "closed_qa": 1773,
-        "brainstorming": 1766, "information_extraction": 1506, "summarization": 1188,
+        "open_qa": 3742,
+        "general_qa": 2191,
+        "classification": 2136,
+        "closed_qa": 1773,
+        "brainstorming": 1766,
+        "information_extraction": 1506,
+        "summarization": 1188,
         "creative_writing": 709,
     }
     assert Counter(e.group for e in examples) == expected
@@ -58,7 +63,9 @@ def test_dolly_counts_and_mapping() -> None:
         raw = [json.loads(line) for line in handle]
     with_context = next(i for i, r in enumerate(raw) if r["context"].strip())
     assert examples[with_context].prompt == (
-        raw[with_context]["instruction"] + "\n\nContext: " + raw[with_context]["context"]
+        raw[with_context]["instruction"]
+        + "\n\nContext: "
+        + raw[with_context]["context"]
     )
     assert examples[with_context].response == raw[with_context]["response"]
     without = next(i for i, r in enumerate(raw) if not r["context"])
@@ -77,19 +84,25 @@ def test_natural_instructions_counts_and_first_target() -> None:
         raw = [json.loads(line) for line in handle]
     for index in (0, 5000, 12016):
         record = raw[index]
-        assert examples[index] == Example(record["input"], record["targets"][0], record["task"])
+        assert examples[index] == Example(
+            record["input"], record["targets"][0], record["task"]
+        )
 
 
 def test_banking77_csv_matches_direct_read() -> None:
     """banking77 train.csv.gz must load every row with text as prompt and the
     intent as response and group; a CSV/gzip bug would change count or labels."""
-    with gzip.open(shared_data() / BANKING, "rt", encoding="utf-8", newline="") as handle:
+    with gzip.open(
+        shared_data() / BANKING, "rt", encoding="utf-8", newline=""
+    ) as handle:
         rows = list(csv.DictReader(handle))
     examples = load_examples(str(shared_data() / BANKING))
     assert len(examples) == len(rows) == 10003
     assert len({e.group for e in examples}) == 77
     assert all(e.response == e.group for e in examples)
-    assert [(e.prompt, e.group) for e in examples] == [(r["text"], r["category"]) for r in rows]
+    assert [(e.prompt, e.group) for e in examples] == [
+        (r["text"], r["category"]) for r in rows
+    ]
 
 
 def test_limit_is_seeded_subset() -> None:
@@ -112,7 +125,7 @@ def test_jsonl_round_trip_plain_and_gzip(tmp_path: Path) -> None:
     """write_jsonl then read_jsonl must give back equal examples (unicode,
     newlines, .gz) and leave no temp files; broken escaping or atomicity fails."""
     examples = [
-        Example("Say \"hi\"\nplease", "hi ✓", "greet"),
+        Example('Say "hi"\nplease', "hi ✓", "greet"),
         Example("naïve café", "", "other"),
     ]
     for name in ("data.jsonl", "data.jsonl.gz"):
@@ -122,16 +135,22 @@ def test_jsonl_round_trip_plain_and_gzip(tmp_path: Path) -> None:
         assert read_jsonl(path) == examples[:1] + examples
         assert load_examples(str(path)) == examples[:1] + examples
     assert gzip.decompress((tmp_path / "out" / "data.jsonl.gz").read_bytes())
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["data.jsonl", "data.jsonl.gz"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "data.jsonl",
+        "data.jsonl.gz",
+    ]
 
 
 def test_read_jsonl_names_bad_line(tmp_path: Path) -> None:
     """A canonical file with a record lacking 'group' must fail naming the
     file, the line and the field; silently skipping it would pass bad data."""
-    path = _write_lines(tmp_path / "c.jsonl", [
-        {"prompt": "a", "response": "b", "group": "g"},
-        {"prompt": "a", "response": "b"},
-    ])
+    path = _write_lines(
+        tmp_path / "c.jsonl",
+        [
+            {"prompt": "a", "response": "b", "group": "g"},
+            {"prompt": "a", "response": "b"},
+        ],
+    )
     with pytest.raises(DatasetError, match=r"c\.jsonl line 2: missing field 'group'"):
         read_jsonl(path)
 
@@ -139,21 +158,28 @@ def test_read_jsonl_names_bad_line(tmp_path: Path) -> None:
 def test_schemas_and_gzip_formats(tmp_path: Path) -> None:
     """Each documented schema (alpaca, generic, classification, dict-wrapped JSON,
     [text,label] pairs) in .json.gz/.csv.gz/.jsonl must map as documented."""
-    alpaca = _write_lines(tmp_path / "a.jsonl", [
-        {"instruction": "Do", "input": "this", "output": "done"},
-        {"instruction": "Go", "output": "gone", "category": "move"},
-    ])
+    alpaca = _write_lines(
+        tmp_path / "a.jsonl",
+        [
+            {"instruction": "Do", "input": "this", "output": "done"},
+            {"instruction": "Go", "output": "gone", "category": "move"},
+        ],
+    )
     assert load_examples(str(alpaca)) == [
-        Example("Do\n\nContext: this", "done", "default"), Example("Go", "gone", "move"),
+        Example("Do\n\nContext: this", "done", "default"),
+        Example("Go", "gone", "move"),
     ]
     generic = tmp_path / "g.json.gz"
     payload = {"data": [{"prompt": "p", "completion": "c", "label": 3}]}
     generic.write_bytes(gzip.compress(json.dumps(payload).encode()))
     assert load_examples(str(generic)) == [Example("p", "c", "3")]
     classes = tmp_path / "k.csv.gz"
-    classes.write_bytes(gzip.compress(b'text,intent\n"hello, there",greet\nbye,leave\n'))
+    classes.write_bytes(
+        gzip.compress(b'text,intent\n"hello, there",greet\nbye,leave\n')
+    )
     assert load_examples(str(classes)) == [
-        Example("hello, there", "greet", "greet"), Example("bye", "leave", "leave"),
+        Example("hello, there", "greet", "greet"),
+        Example("bye", "leave", "leave"),
     ]
     pairs = tmp_path / "p.json"
     pairs.write_text(json.dumps({"train": [["hi", "greet"]], "val": [["x", "y"]]}))
@@ -175,7 +201,13 @@ def test_unknown_schema_error_lists_fields_and_schemas(tmp_path: Path) -> None:
         load_examples(str(path))
     message = str(info.value)
     assert "['answer', 'question']" in message
-    for schema in ("dolly", "natural_instructions", "alpaca", "generic", "classification"):
+    for schema in (
+        "dolly",
+        "natural_instructions",
+        "alpaca",
+        "generic",
+        "classification",
+    ):
         assert schema in message
 
 
@@ -185,7 +217,9 @@ def test_record_errors_name_line_and_problem(tmp_path: Path) -> None:
     dolly = {"instruction": "i", "context": "", "response": "r", "category": "c"}
     truncated = {"instruction": "i", "context": ""}
     broken = _write_lines(tmp_path / "d.jsonl", [dolly, dolly, truncated])
-    with pytest.raises(DatasetError, match=r"d\.jsonl line 3: missing field 'response'"):
+    with pytest.raises(
+        DatasetError, match=r"d\.jsonl line 3: missing field 'response'"
+    ):
         load_examples(str(broken))
     empty = tmp_path / "e.jsonl.gz"
     empty.write_bytes(gzip.compress(b"\n"))
@@ -225,7 +259,7 @@ def test_builtin_tasks_deterministic_and_balanced() -> None:
     assert first == load_examples("builtin:tasks", limit=600, seed=7)
     assert first != load_examples("builtin:tasks", limit=600, seed=8)
     assert len(load_examples("builtin:tasks")) == 2400
-    assert Counter(e.group for e in first) == {task: 100 for task in BUILTIN_TASKS}
+    assert Counter(e.group for e in first) == dict.fromkeys(BUILTIN_TASKS, 100)
     uneven = Counter(e.group for e in generate_tasks(601, 0))
     assert max(uneven.values()) - min(uneven.values()) == 1
     subset = generate_tasks(40, 0, tasks=["add", "uppercase"])
@@ -244,7 +278,11 @@ def _check_answer(example: Example) -> bool:
         return example.response.split() == words[::-1]
     if example.group == "add":
         first, second = (int(x) for x in payload.split(" + "))
-        return 10 <= first <= 99 and 10 <= second <= 99 and int(example.response) == first + second
+        return (
+            10 <= first <= 99
+            and 10 <= second <= 99
+            and int(example.response) == first + second
+        )
     if example.group == "sort_digits":
         return example.response.split() == sorted(words, key=int)
     if example.group == "count_words":

@@ -65,7 +65,9 @@ def _reference_loss(model: PeftModel, tokenizer, examples: list[Example]) -> flo
     unpadded example at a time, written without the package's batching code."""
     total, count = 0.0, 0
     for e in examples:
-        prompt = tokenizer(models.format_prompt(e.prompt), add_special_tokens=False)["input_ids"]
+        prompt = tokenizer(models.format_prompt(e.prompt), add_special_tokens=False)[
+            "input_ids"
+        ]
         answer = tokenizer(e.response.strip(), add_special_tokens=False)["input_ids"]
         answer = [*answer, tokenizer.eos_token_id]
         ids = torch.tensor([prompt + answer])
@@ -101,11 +103,22 @@ def setup() -> dict:
     return {"model": model, "tok": tok, "ref": ref_model, "adapter": adapter}
 
 
-def _evaluator(setup: dict, examples: list[Example], metric: str = "exact_match",
-               batch_size: int = 3, max_new: int = 4) -> CentralEvaluator:
+def _evaluator(
+    setup: dict,
+    examples: list[Example],
+    metric: str = "exact_match",
+    batch_size: int = 3,
+    max_new: int = 4,
+) -> CentralEvaluator:
     return CentralEvaluator(
-        setup["model"], setup["tok"], examples, metric=metric, max_length=MAX_LENGTH,
-        max_new_tokens=max_new, batch_size=batch_size, device=CPU,
+        setup["model"],
+        setup["tok"],
+        examples,
+        metric=metric,
+        max_length=MAX_LENGTH,
+        max_new_tokens=max_new,
+        batch_size=batch_size,
+        device=CPU,
     )
 
 
@@ -178,7 +191,10 @@ def test_pick_metric() -> None:
     """'auto' must pick exact match for short answers (<= 6 words on average)
     and Rouge-L for long ones; explicit names pass through."""
     short = generate_tasks(12, seed=0)
-    long = [Example("Explain.", "word " * 20, "g"), Example("Say.", "one two three", "g")]
+    long = [
+        Example("Explain.", "word " * 20, "g"),
+        Example("Say.", "one two three", "g"),
+    ]
     assert pick_metric("auto", short) == "exact_match"
     assert pick_metric("auto", long) == "rouge_l"
     assert pick_metric("auto", [Example("p", "a b c d e f", "g")]) == "exact_match"
@@ -226,13 +242,19 @@ def test_save_checkpoint_round_trip(tmp_path: Path) -> None:
         meta = f.metadata()
     assert meta == {"round": "3", "spec": spec.fingerprint()}
     state = json.loads((folder / "state.json").read_text())
-    assert state == {"round": 3, "spec_fingerprint": spec.fingerprint(), "ledger": "[]",
-                     "best": 0.5}
+    assert state == {
+        "round": 3,
+        "spec_fingerprint": spec.fingerprint(),
+        "ledger": "[]",
+        "best": 0.5,
+    }
     newer = {k: v + 1 for k, v in adapter.items()}
     save_checkpoint(tmp_path, 4, newer, spec, {})
     assert json.loads((folder / "state.json").read_text())["round"] == 4
-    assert torch.equal(load_file(folder / "adapter.safetensors")["a.lora_A.weight"],
-                       newer["a.lora_A.weight"])
+    assert torch.equal(
+        load_file(folder / "adapter.safetensors")["a.lora_A.weight"],
+        newer["a.lora_A.weight"],
+    )
     _no_temp_files(tmp_path)
 
 
@@ -265,7 +287,10 @@ def test_atomic_write_bytes(tmp_path: Path) -> None:
     assert target.read_bytes() == b"second version"
     assert sorted(os.listdir(target.parent)) == ["file.bin"]
     write_status(tmp_path, "running", round=2)
-    assert json.loads((tmp_path / "status.json").read_text()) == {"state": "running", "round": 2}
+    assert json.loads((tmp_path / "status.json").read_text()) == {
+        "state": "running",
+        "round": 2,
+    }
     _no_temp_files(tmp_path)
 
 

@@ -99,7 +99,9 @@ def test_clients_and_server_stay_bit_identical_through_dropouts(cluster) -> None
 
 
 def test_a_late_joiner_replays_the_history_to_the_exact_global_model(
-    cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+    cluster,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
 ) -> None:
     """A node that never trained joins at round 4, starts from w0 in a fresh
     process (no snapshot) and reaches the server's model bit for bit.
@@ -112,14 +114,19 @@ def test_a_late_joiner_replays_the_history_to_the_exact_global_model(
         assert result.rejected == 0
     monkeypatch.setenv("POLLINATE_CACHE_DIR", str(tmp_path / "cache-fresh"))
     monkeypatch.setattr(client_app._ProcessState, "runtime", None)
-    (message,) = [m for m in driver.configure(4, _Grid([3])) if m.metadata.dst_node_id == 3]
+    (message,) = [
+        m for m in driver.configure(4, _Grid([3])) if m.metadata.dst_node_id == 3
+    ]
     reply = client_app.train_zo(message, contexts[3])
     assert not reply.has_error(), reply.error.reason
     res = decode_zo_train_res(reply.content, num_seeds=K, max_steps=4)
     assert (res.synced_round, res.synced_hash) == (3, driver.hash)
-    state = client_app._ProcessState.get()._zo[next(iter(client_app._ProcessState.get()._zo))]
+    state = client_app._ProcessState.get()._zo[
+        next(iter(client_app._ProcessState.get()._zo))
+    ]
     assert all(
-        torch.equal(a, b) for (_, a), (_, b) in zip(state.params, driver.params, strict=True)
+        torch.equal(a, b)
+        for (_, a), (_, b) in zip(state.params, driver.params, strict=True)
     )
 
 
@@ -152,14 +159,18 @@ def _spec_fields(spec: ZOSpec) -> dict[str, object]:
     return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
 
 
-def _forged(reply: Message, *, index: int | None = None, scalar: float | None = None) -> Message:
+def _forged(
+    reply: Message, *, index: int | None = None, scalar: float | None = None
+) -> Message:
     res = decode_zo_train_res(reply.content, num_seeds=K, max_steps=4)
     idx, g = res.indices.clone(), res.scalars.clone()
     if index is not None:
         idx[0] = index
     if scalar is not None:
         g[0] = scalar
-    forged = ZoTrainRes(idx, g, res.num_examples, res.train_loss, res.synced_round, res.synced_hash)
+    forged = ZoTrainRes(
+        idx, g, res.num_examples, res.train_loss, res.synced_round, res.synced_hash
+    )
     content = encode_zo_train_res(forged)  # the encoder does not police values
     return Message(content, reply_to=_Reply.of(reply))
 
@@ -168,7 +179,9 @@ class _Reply:
     @staticmethod
     def of(reply: Message) -> Message:
         return Message(
-            RecordDict(), dst_node_id=reply.metadata.src_node_id, message_type="train.zo"
+            RecordDict(),
+            dst_node_id=reply.metadata.src_node_id,
+            message_type="train.zo",
         )
 
 
@@ -179,13 +192,19 @@ def test_bad_scalars_are_rejected_without_touching_the_global_model(cluster) -> 
     driver, contexts = cluster
     messages = driver.configure(1, _Grid([1, 2]))
     good = [client_app.train_zo(m, contexts[m.metadata.dst_node_id]) for m in messages]
-    before = (driver.hash, [p.clone() for _, p in driver.params], len(driver.strategy.history))
+    before = (
+        driver.hash,
+        [p.clone() for _, p in driver.params],
+        len(driver.strategy.history),
+    )
     bad = [_forged(good[0], index=K), _forged(good[1], scalar=float("nan"))]
     with pytest.raises(FederationError) as info:
         driver.apply(1, bad)
     assert "outside the pool" in str(info.value) and "NaN" in str(info.value)
     assert driver.hash == before[0] == state_hash(driver.params)
-    assert all(torch.equal(a, b) for (_, a), b in zip(driver.params, before[1], strict=True))
+    assert all(
+        torch.equal(a, b) for (_, a), b in zip(driver.params, before[1], strict=True)
+    )
     assert len(driver.strategy.history) == before[2]
     result = driver.apply(1, [good[0], _forged(good[1], index=-1)])
     assert result.clients == 1 and result.rejected == 1

@@ -59,7 +59,10 @@ def test_round_totals_and_per_client() -> None:
     assert ledger.round_totals(1) == (105, 200)
     assert ledger.round_totals(2) == (0, 7)
     assert ledger.round_totals(3) == (0, 0)
-    assert ledger.per_client(1) == {"a": {"up": 45, "down": 100}, "b": {"up": 60, "down": 100}}
+    assert ledger.per_client(1) == {
+        "a": {"up": 45, "down": 100},
+        "b": {"up": 60, "down": 100},
+    }
     assert ledger.per_client(2) == {"a": {"up": 0, "down": 7}}
     assert ledger.per_client(9) == {}
     assert list(ledger)[4] == LedgerEntry(1, "a", "up", 5, "split")

@@ -64,19 +64,24 @@ def _ins(node: int) -> Message:
 
 
 def _reply(node: int, adapter: dict[str, torch.Tensor], n: int, loss: float) -> Message:
-    content = encode_lora_train_res(LoraTrainRes(adapter=adapter, num_examples=n, train_loss=loss))
+    content = encode_lora_train_res(
+        LoraTrainRes(adapter=adapter, num_examples=n, train_loss=loss)
+    )
     return Message(content, reply_to=_ins(node))
 
 
 def _hand_mean(adapters: list[dict], weights: list[float]) -> dict[str, torch.Tensor]:
     total = sum(weights)
     return {
-        name: sum(a[name].double() * w for a, w in zip(adapters, weights, strict=True)) / total
+        name: sum(a[name].double() * w for a, w in zip(adapters, weights, strict=True))
+        / total
         for name in adapters[0]
     }
 
 
-def _good(layout: TensorLayout) -> tuple[list[Message], list[dict], list[int], list[float]]:
+def _good(
+    layout: TensorLayout,
+) -> tuple[list[Message], list[dict], list[int], list[float]]:
     adapters = [_random_adapter(layout, s) for s in (1, 2, 3)]
     counts = [10, 30, 5]
     losses = [2.0, 1.0, 4.0]
@@ -133,7 +138,9 @@ def test_bad_replies_rejected_with_reasons(tiny, flower_identity) -> None:
     replies, adapters, counts, _ = _good(layout)
     first = layout.entries[0].name
     wrong_shape = _random_adapter(layout, 9)
-    wrong_shape[first] = torch.zeros(wrong_shape[first].shape[0] + 1, wrong_shape[first].shape[1])
+    wrong_shape[first] = torch.zeros(
+        wrong_shape[first].shape[0] + 1, wrong_shape[first].shape[1]
+    )
     with_nan = _random_adapter(layout, 10)
     second = layout.entries[1].name
     with_nan[second][0, 0] = float("nan")
@@ -152,7 +159,9 @@ def test_bad_replies_rejected_with_reasons(tiny, flower_identity) -> None:
     assert result.num_examples == 45
     ref = _hand_mean(adapters, counts)
     for name, want in ref.items():
-        assert torch.allclose(result.adapter[name].double(), want, atol=1e-6, rtol=0), name
+        assert torch.allclose(result.adapter[name].double(), want, atol=1e-6, rtol=0), (
+            name
+        )
 
 
 def test_all_bad_gives_no_adapter(tiny, flower_identity) -> None:
@@ -216,7 +225,9 @@ def test_strategy_never_mutates_inputs(tiny, flower_identity) -> None:
         for name in a:
             assert torch.equal(a[name], k[name])
     result.adapter[layout.entries[0].name].add_(1.0)
-    assert torch.equal(global_adapter[layout.entries[0].name], keep[layout.entries[0].name])
+    assert torch.equal(
+        global_adapter[layout.entries[0].name], keep[layout.entries[0].name]
+    )
 
 
 class _FakeGrid:
@@ -251,7 +262,9 @@ def test_configure_builds_instructions(tiny, flower_identity) -> None:
         layout.check(TensorLayout.of(ins.adapter))
 
 
-def test_configure_samples_fraction_and_uses_grid_without_hello(tiny, flower_identity) -> None:
+def test_configure_samples_fraction_and_uses_grid_without_hello(
+    tiny, flower_identity
+) -> None:
     """With fraction 0.4 of 5 known nodes, 2 distinct known nodes are picked,
     reproducibly for the round; without set_nodes the grid's ids are used."""
     adapter, layout = tiny
@@ -262,7 +275,10 @@ def test_configure_samples_fraction_and_uses_grid_without_hello(tiny, flower_ide
     assert len(ids_a) == 2 and set(ids_a) <= set(LABELS)
     assert ids_a == [m.metadata.dst_node_id for m in b]
     bare = LoraFedAvg(
-        spec=SPEC, layout=layout, train=LocalTrainSettings(1, 1, 1e-3), min_train_nodes=2
+        spec=SPEC,
+        layout=layout,
+        train=LocalTrainSettings(1, 1, 1e-3),
+        min_train_nodes=2,
     )
     msgs = bare.configure(1, adapter, _FakeGrid([7, 8, 9]))
     assert sorted(m.metadata.dst_node_id for m in msgs) == [7, 8, 9]
@@ -276,7 +292,9 @@ def test_flower_api_wrappers(tiny, flower_identity) -> None:
     strategy = _strategy(layout)
     global_adapter = _random_adapter(layout, 6)
     messages = list(
-        strategy.configure_train(2, encode_tensors(global_adapter), ConfigRecord(), _FakeGrid([]))
+        strategy.configure_train(
+            2, encode_tensors(global_adapter), ConfigRecord(), _FakeGrid([])
+        )
     )
     assert len(messages) == len(LABELS)
     ins = decode_lora_train_ins(messages[0].content)
@@ -296,5 +314,8 @@ def test_flower_api_wrappers(tiny, flower_identity) -> None:
     none_arrays, none_metrics = strategy.aggregate_train(2, [err])
     assert none_arrays is None
     assert none_metrics["accepted"] == 0 and none_metrics["rejected"] == 1
-    assert list(strategy.configure_evaluate(1, arrays, ConfigRecord(), _FakeGrid([]))) == []
+    assert (
+        list(strategy.configure_evaluate(1, arrays, ConfigRecord(), _FakeGrid([])))
+        == []
+    )
     assert strategy.aggregate_evaluate(1, []) is None

@@ -15,7 +15,16 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["protocols", "models", "corpora", "strategies", "client", "server", "simulation", "cli"]
+PACKAGES = [
+    "protocols",
+    "models",
+    "corpora",
+    "strategies",
+    "client",
+    "server",
+    "simulation",
+    "cli",
+]
 
 
 def _clean_env() -> dict[str, str]:
@@ -36,8 +45,12 @@ def test_every_package_imports_from_outside_the_repository(tmp_path: Path) -> No
         "print(json.dumps({n: importlib.import_module(n).__file__ for n in names}))\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=_clean_env(),
-        capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        check=True,
     )
     files = json.loads(out.stdout.strip().splitlines()[-1])
     for name in PACKAGES:
@@ -47,15 +60,21 @@ def test_every_package_imports_from_outside_the_repository(tmp_path: Path) -> No
         assert (path.parent / "__init__.py").read_text().count("__all__") >= 1
 
 
-def test_importing_the_client_loads_no_model_and_no_flower_simulation(tmp_path: Path) -> None:
+def test_importing_the_client_loads_no_model_and_no_flower_simulation(
+    tmp_path: Path,
+) -> None:
     """``import client`` on a device stays light: no Ray, nothing happens at import.
 
     Breaks if a module loads weights, starts Ray or configures logging at import.
     """
     code = "import sys, client, client.app; print(int('ray' in sys.modules))"
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=_clean_env(),
-        capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.strip().splitlines()[-1] == "0"
 
@@ -68,6 +87,12 @@ def test_console_script_runs(tmp_path: Path) -> None:
     exe = shutil.which("pollinate", path=str(Path(sys.executable).parent))
     assert exe, "the pollinate console script is not installed next to python"
     for argv in ([exe, "--help"], [exe, "simulate", "--help"]):
-        out = subprocess.run(argv, cwd=tmp_path, env=_clean_env(),
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            argv,
+            cwd=tmp_path,
+            env=_clean_env(),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert "pollinate" in out.stdout

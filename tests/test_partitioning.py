@@ -11,7 +11,14 @@ SCHEMES = ("iid", "dirichlet", "task")
 
 def _groups() -> list[str]:
     """Six groups of unequal size (60..110 examples), interleaved."""
-    sizes = {"add": 60, "count": 70, "last": 80, "reverse": 90, "sort": 100, "upper": 110}
+    sizes = {
+        "add": 60,
+        "count": 70,
+        "last": 80,
+        "reverse": 90,
+        "sort": 100,
+        "upper": 110,
+    }
     pool = [group for group, size in sizes.items() for _ in range(size)]
     return pool[::2] + pool[1::2]
 
@@ -60,7 +67,8 @@ def test_dirichlet_small_alpha_more_skewed_than_iid() -> None:
     groups = _groups()
     iid = [_max_share(partition(groups, 6, "iid", seed=s), groups) for s in range(3)]
     skew = [
-        _max_share(partition(groups, 6, "dirichlet", alpha=0.1, seed=s), groups) for s in range(3)
+        _max_share(partition(groups, 6, "dirichlet", alpha=0.1, seed=s), groups)
+        for s in range(3)
     ]
     assert sum(skew) / 3 > sum(iid) / 3 + 0.3
 
@@ -74,15 +82,31 @@ def test_dirichlet_matches_flwr_datasets() -> None:
 
     groups = _groups()
     # (0, 0.1, 10, 5) needs a second draw, checking the resampling sequence too.
-    for seed, alpha, clients, min_size in ((0, 0.5, 5, 1), (3, 0.1, 5, 1), (0, 0.1, 10, 5)):
+    for seed, alpha, clients, min_size in (
+        (0, 0.5, 5, 1),
+        (3, 0.1, 5, 1),
+        (0, 0.1, 10, 5),
+    ):
         flwr = DirichletPartitioner(
-            num_partitions=clients, partition_by="group", alpha=alpha,
-            min_partition_size=min_size, self_balancing=False, shuffle=False, seed=seed,
+            num_partitions=clients,
+            partition_by="group",
+            alpha=alpha,
+            min_partition_size=min_size,
+            self_balancing=False,
+            shuffle=False,
+            seed=seed,
         )
-        flwr.dataset = Dataset.from_dict({"group": groups, "index": list(range(len(groups)))})
+        flwr.dataset = Dataset.from_dict(
+            {"group": groups, "index": list(range(len(groups)))}
+        )
         expected = [sorted(flwr.load_partition(i)["index"]) for i in range(clients)]
         got = partition(
-            groups, clients, "dirichlet", alpha=alpha, seed=seed, min_partition_size=min_size
+            groups,
+            clients,
+            "dirichlet",
+            alpha=alpha,
+            seed=seed,
+            min_partition_size=min_size,
         )
         assert got == expected
 
@@ -93,7 +117,9 @@ def test_dirichlet_tops_up_small_partitions() -> None:
     example assigned exactly once and the split still more skewed than iid."""
     groups = _groups()
     for seed in range(3):
-        parts = partition(groups, 20, "dirichlet", alpha=0.01, seed=seed, min_partition_size=20)
+        parts = partition(
+            groups, 20, "dirichlet", alpha=0.01, seed=seed, min_partition_size=20
+        )
         assert min(len(p) for p in parts) >= 20
         assert sorted(i for p in parts for i in p) == list(range(len(groups)))
         iid_share = _max_share(partition(groups, 20, "iid", seed=seed), groups)
@@ -105,7 +131,12 @@ def test_task_one_group_per_client() -> None:
     groups = _groups()
     summary = describe(partition(groups, 6, "task"), groups)
     assert [list(counts) for counts in summary] == [
-        ["add"], ["count"], ["last"], ["reverse"], ["sort"], ["upper"]
+        ["add"],
+        ["count"],
+        ["last"],
+        ["reverse"],
+        ["sort"],
+        ["upper"],
     ]
     assert [sum(c.values()) for c in summary] == [60, 70, 80, 90, 100, 110]
 
@@ -136,10 +167,15 @@ def test_describe_counts_and_bad_index() -> None:
         ({"num_partitions": 600, "scheme": "iid"}, "num_partitions=600.*510"),
         ({"num_partitions": 7, "scheme": "task"}, "num_partitions=7 and 6 groups"),
         ({"num_partitions": 6, "scheme": "task", "min_partition_size": 70}, "size=70"),
-        ({"num_partitions": 10, "scheme": "iid", "min_partition_size": 52}, "size=52 x num"),
+        (
+            {"num_partitions": 10, "scheme": "iid", "min_partition_size": 52},
+            "size=52 x num",
+        ),
     ],
 )
-def test_partition_errors_name_argument(kwargs: dict[str, object], message: str) -> None:
+def test_partition_errors_name_argument(
+    kwargs: dict[str, object], message: str
+) -> None:
     """Bad arguments must raise PartitionError naming the argument and value."""
     with pytest.raises(PartitionError, match=message):
         partition(_groups(), **kwargs)  # type: ignore[arg-type]

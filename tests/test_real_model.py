@@ -25,9 +25,23 @@ def test_eval_loss_falls_with_the_real_default_model(tmp_path: Path) -> None:
     """
     code = cli_main(
         [
-            "simulate", "--clients", "2", "--rounds", "3", "--local-steps", "4",
-            "--batch-size", "8", "--limit", "400", "--output-dir", str(tmp_path),
-            "--set", "data.eval_examples=16", "--set", "eval.max_new_tokens=6",
+            "simulate",
+            "--clients",
+            "2",
+            "--rounds",
+            "3",
+            "--local-steps",
+            "4",
+            "--batch-size",
+            "8",
+            "--limit",
+            "400",
+            "--output-dir",
+            str(tmp_path),
+            "--set",
+            "data.eval_examples=16",
+            "--set",
+            "eval.max_new_tokens=6",
         ]
     )
     assert code == 0

@@ -26,25 +26,59 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def _rows(metric_name: str = "exact_match", scale: float = 1.0) -> list[dict[str, Any]]:
     """Return a 4-row run: round 0 baseline plus three training rounds."""
     return [
-        {"round": 0, "clients": 0, "train_loss": None, "eval_loss": 2.5,
-         "eval_metric": 0.10, "eval_metric_name": metric_name,
-         "bytes_up": 0, "bytes_down": 0, "seconds": 1.5},
-        {"round": 1, "clients": 2, "train_loss": 2.0, "eval_loss": 2.0,
-         "eval_metric": 0.30, "eval_metric_name": metric_name,
-         "bytes_up": int(1_000_000 * scale), "bytes_down": int(2_000_000 * scale), "seconds": 10.0,
-         "method": "lora"},
-        {"round": 2, "clients": 2, "train_loss": 1.5, "eval_loss": 1.8,
-         "eval_metric": 0.55, "eval_metric_name": metric_name,
-         "bytes_up": int(1_000_000 * scale), "bytes_down": int(2_000_000 * scale), "seconds": 9.0},
-        {"round": 3, "clients": 1, "train_loss": 1.2, "eval_loss": 1.9,
-         "eval_metric": 0.50, "eval_metric_name": metric_name,
-         "bytes_up": int(500_000 * scale), "bytes_down": int(1_000_000 * scale), "seconds": 5.5},
+        {
+            "round": 0,
+            "clients": 0,
+            "train_loss": None,
+            "eval_loss": 2.5,
+            "eval_metric": 0.10,
+            "eval_metric_name": metric_name,
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "seconds": 1.5,
+        },
+        {
+            "round": 1,
+            "clients": 2,
+            "train_loss": 2.0,
+            "eval_loss": 2.0,
+            "eval_metric": 0.30,
+            "eval_metric_name": metric_name,
+            "bytes_up": int(1_000_000 * scale),
+            "bytes_down": int(2_000_000 * scale),
+            "seconds": 10.0,
+            "method": "lora",
+        },
+        {
+            "round": 2,
+            "clients": 2,
+            "train_loss": 1.5,
+            "eval_loss": 1.8,
+            "eval_metric": 0.55,
+            "eval_metric_name": metric_name,
+            "bytes_up": int(1_000_000 * scale),
+            "bytes_down": int(2_000_000 * scale),
+            "seconds": 9.0,
+        },
+        {
+            "round": 3,
+            "clients": 1,
+            "train_loss": 1.2,
+            "eval_loss": 1.9,
+            "eval_metric": 0.50,
+            "eval_metric_name": metric_name,
+            "bytes_up": int(500_000 * scale),
+            "bytes_down": int(1_000_000 * scale),
+            "seconds": 5.5,
+        },
     ]
 
 
 def _write(path: Path, rows: list[dict[str, Any]], tail: str = "") -> Path:
     """Write ``rows`` as JSON lines to ``path``, followed by raw ``tail``."""
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + tail, encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps(r) + "\n" for r in rows) + tail, encoding="utf-8"
+    )
     return path
 
 
@@ -74,7 +108,9 @@ def test_read_metrics_skips_blank_lines(tmp_path: Path) -> None:
 def test_truncated_last_line_is_ignored_with_warning(tmp_path: Path) -> None:
     """Breaks if a crash mid-write (partial final line) makes the whole run unreadable."""
     rows = _rows()
-    path = _write(tmp_path / "metrics.jsonl", rows, tail='{"round": 4, "clients": 2, "eval_lo')
+    path = _write(
+        tmp_path / "metrics.jsonl", rows, tail='{"round": 4, "clients": 2, "eval_lo'
+    )
     with pytest.warns(UserWarning, match="truncated"):
         assert read_metrics(path) == rows
 
@@ -118,7 +154,7 @@ def test_cumulative_mb() -> None:
     totals = cumulative_mb(_rows())
     expected = [(0, 0, 0), (1, 2, 3), (2, 4, 6), (2.5, 5, 7.5)]
     assert len(totals) == len(expected)
-    for got, want in zip(totals, expected):
+    for got, want in zip(totals, expected, strict=True):
         assert got == pytest.approx(want)
 
 
@@ -158,7 +194,12 @@ def test_summary_table_rows_and_cells() -> None:
     assert table.row_count == 4
     headers = [str(c.header) for c in table.columns]
     assert "rouge_l" in headers
-    assert _cells(table, headers.index("rouge_l")) == ["10.0%", "30.0%", "55.0%", "50.0%"]
+    assert _cells(table, headers.index("rouge_l")) == [
+        "10.0%",
+        "30.0%",
+        "55.0%",
+        "50.0%",
+    ]
     assert _cells(table, headers.index("Train loss"))[0] == "-"
     assert _cells(table, headers.index("Cum. MB")) == ["0.00", "3.00", "6.00", "7.50"]
 
@@ -205,7 +246,11 @@ def test_plot_run_empty_raises(tmp_path: Path) -> None:
 
 def test_plot_comparison_writes_png(tmp_path: Path) -> None:
     """Breaks if plot_comparison writes no file or an unreadable/too small PNG."""
-    runs = {"lora": _rows(), "fedkseed": _rows(scale=0.001)[:3], "sfprompt": _rows()[:1]}
+    runs = {
+        "lora": _rows(),
+        "fedkseed": _rows(scale=0.001)[:3],
+        "sfprompt": _rows()[:1],
+    }
     out = plot_comparison(runs, tmp_path / "compare.png", title="methods")
     _assert_png(out)
 

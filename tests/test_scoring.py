@@ -35,7 +35,9 @@ def test_rouge_l_hand_computed() -> None:
     LCS = "the cat on the mat" = 5, P = 5/6, R = 5/5, F1 = 2PR/(P+R) = 10/11.
     "a b c d" vs "b d a": LCS = "b d" = 2, P = 2/4, R = 2/3, F1 = 4/7.
     """
-    assert rouge_l("the cat sat on the mat", "the cat on the mat") == pytest.approx(10 / 11)
+    assert rouge_l("the cat sat on the mat", "the cat on the mat") == pytest.approx(
+        10 / 11
+    )
     assert rouge_l("a b c d", "b d a") == pytest.approx(4 / 7)
     assert rouge_l("b d a", "a b c d") == pytest.approx(4 / 7)
 
@@ -78,7 +80,9 @@ def test_score_means_and_registry() -> None:
     assert score("exact_match", ["a", "b", "c", "d"], ["a", "x", "c", "d"]) == 0.75
     labels = ["card_arrival", "card_arrival"]
     assert score("accuracy", ["card_arrival", "lost_card"], labels) == 0.5
-    assert score("rouge_l", ["a b c d", "x"], ["b d a", "x"]) == pytest.approx((4 / 7 + 1) / 2)
+    assert score("rouge_l", ["a b c d", "x"], ["b d a", "x"]) == pytest.approx(
+        (4 / 7 + 1) / 2
+    )
 
 
 def test_score_errors() -> None:

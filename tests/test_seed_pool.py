@@ -70,7 +70,9 @@ def test_pro_probabilities_start_uniform_and_follow_the_paper_formula() -> None:
     stats = ProStatistics(4, clip=10.0)
     p0 = stats.probabilities()
     assert torch.allclose(p0, torch.full((4,), 0.25))
-    stats.update(torch.tensor([0, 1, 1], dtype=torch.int32), torch.tensor([4.0, -2.0, 100.0]))
+    stats.update(
+        torch.tensor([0, 1, 1], dtype=torch.int32), torch.tensor([4.0, -2.0, 100.0])
+    )
     psi = [4.0 / 2, (2.0 + 10.0) / 3, 0.0, 0.0]  # clip 100 -> 10; initial 0 counted
     lo, hi = min(psi), max(psi)
     scaled = [(v - lo) / (hi - lo + 1e-10) for v in psi]

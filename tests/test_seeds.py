@@ -589,6 +589,25 @@ def test_numba_thread_split_does_not_change_bits(
     assert np.array_equal(_bits(w), _bits(expected))
 
 
+def test_without_numba_auto_falls_back_to_numpy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With numba missing, "auto" uses numpy (same bits); "numba" is refused.
+
+    Breaks if a device without numba cannot perturb or replay at all, or if
+    asking for numba there silently does something else.
+    """
+    monkeypatch.setattr(philox, "_numba_kernels", lambda: None)
+    ref = _bits(gaussian_numpy(4, "n", 1001))
+    assert np.array_equal(_bits(gaussian(4, "n", 1001)), ref)
+    w, expected = _weights((1001,)), _weights((1001,))
+    apply_seed_sum_([("n", w)], [4, 5], [0.5, 0.25])
+    apply_seed_sum_([("n", expected)], [4, 5], [0.5, 0.25], backend="torch")
+    assert np.array_equal(_bits(w), _bits(expected))
+    with pytest.raises(ProtocolError, match="numba"):
+        gaussian(4, "n", 10, backend="numba")
+
+
 def test_numpy_generator_runs_without_torch() -> None:
     """protocols.philox works where torch is not installed (edge devices).
 

@@ -22,13 +22,33 @@ from simulation import launch, prepare_run, read_metrics
 pytestmark = pytest.mark.integration
 
 REQUIRED = {
-    "round", "clients", "train_loss", "eval_loss", "eval_metric",
-    "eval_metric_name", "bytes_up", "bytes_down", "seconds",
+    "round",
+    "clients",
+    "train_loss",
+    "eval_loss",
+    "eval_metric",
+    "eval_metric_name",
+    "bytes_up",
+    "bytes_down",
+    "seconds",
 }
 TINY = [
-    "--model", "tiny-llama", "--rounds", "2", "--clients", "3", "--local-steps", "3",
-    "--batch-size", "4", "--limit", "240",
-    "--set", "data.eval_examples=16", "--set", "eval.max_new_tokens=4",
+    "--model",
+    "tiny-llama",
+    "--rounds",
+    "2",
+    "--clients",
+    "3",
+    "--local-steps",
+    "3",
+    "--batch-size",
+    "4",
+    "--limit",
+    "240",
+    "--set",
+    "data.eval_examples=16",
+    "--set",
+    "eval.max_new_tokens=4",
 ]
 
 
@@ -131,7 +151,9 @@ def test_a_failed_run_is_reported_as_a_failure(tmp_path: Path) -> None:
     assert "no node answered" in (result.error or "")
 
 
-def test_fedkseed_pro_run_lowers_the_loss_with_kilobytes_per_round(tmp_path: Path) -> None:
+def test_fedkseed_pro_run_lowers_the_loss_with_kilobytes_per_round(
+    tmp_path: Path,
+) -> None:
     """FedKSeed-Pro through the CLI: loss falls, and each client costs a few KB.
 
     Breaks if seed replay diverges between clients and server (replies would be
@@ -139,9 +161,16 @@ def test_fedkseed_pro_run_lowers_the_loss_with_kilobytes_per_round(tmp_path: Pat
     """
     run_dir = _run_cli(
         tmp_path,
-        "--set", 'run.method="fedkseed-pro"', "--set", "zo.num_seeds=64",
-        "--set", "zo.learning_rate=1e-3", "--set", "zo.eps=1e-3",
-        "--local-steps", "20",
+        "--set",
+        'run.method="fedkseed-pro"',
+        "--set",
+        "zo.num_seeds=64",
+        "--set",
+        "zo.learning_rate=1e-3",
+        "--set",
+        "zo.eps=1e-3",
+        "--local-steps",
+        "20",
     )
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]

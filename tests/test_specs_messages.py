@@ -55,7 +55,12 @@ def _spec() -> LoraSpec:
 
 def _config() -> LocalTrainConfig:
     return LocalTrainConfig(
-        server_round=3, local_steps=5, batch_size=4, learning_rate=1e-3, weight_decay=0.01, seed=7
+        server_round=3,
+        local_steps=5,
+        batch_size=4,
+        learning_rate=1e-3,
+        weight_decay=0.01,
+        seed=7,
     )
 
 
@@ -340,7 +345,10 @@ def test_train_res_layout_enforced() -> None:
     the tensor."""
     res = LoraTrainRes(adapter=_adapter(), num_examples=3, train_loss=1.0)
     expected = TensorLayout.of(
-        {"layer.0.lora_A.weight": torch.zeros(4, 8), "layer.0.lora_B.weight": torch.zeros(4, 8)}
+        {
+            "layer.0.lora_A.weight": torch.zeros(4, 8),
+            "layer.0.lora_B.weight": torch.zeros(4, 8),
+        }
     )
     with pytest.raises(ProtocolError, match="layer.0.lora_B.weight"):
         decode_lora_train_res(encode_lora_train_res(res), expected=expected)
@@ -351,7 +359,9 @@ def test_train_res_non_positive_examples_rejected(count: int) -> None:
     """A reply claiming <= 0 examples would zero or flip its FedAvg weight."""
     res = LoraTrainRes(adapter=_adapter(), num_examples=count, train_loss=1.0)
     with pytest.raises(ProtocolError, match="num-examples"):
-        decode_lora_train_res(encode_lora_train_res(res), expected=TensorLayout.of(_adapter()))
+        decode_lora_train_res(
+            encode_lora_train_res(res), expected=TensorLayout.of(_adapter())
+        )
 
 
 @pytest.mark.parametrize("loss", [math.nan, math.inf])
@@ -359,7 +369,9 @@ def test_train_res_nonfinite_loss_rejected(loss: float) -> None:
     """A NaN/Inf train loss would poison the round's reported loss."""
     res = LoraTrainRes(adapter=_adapter(), num_examples=3, train_loss=loss)
     with pytest.raises(ProtocolError, match="train-loss"):
-        decode_lora_train_res(encode_lora_train_res(res), expected=TensorLayout.of(_adapter()))
+        decode_lora_train_res(
+            encode_lora_train_res(res), expected=TensorLayout.of(_adapter())
+        )
 
 
 def test_train_res_nan_adapter_rejected() -> None:
@@ -368,7 +380,9 @@ def test_train_res_nan_adapter_rejected() -> None:
     adapter["layer.0.lora_A.weight"][1, 2] = float("nan")
     res = LoraTrainRes(adapter=adapter, num_examples=3, train_loss=1.0)
     with pytest.raises(ProtocolError, match="layer.0.lora_A.weight"):
-        decode_lora_train_res(encode_lora_train_res(res), expected=TensorLayout.of(adapter))
+        decode_lora_train_res(
+            encode_lora_train_res(res), expected=TensorLayout.of(adapter)
+        )
 
 
 @pytest.mark.parametrize("record", ["metrics", "adapter"])
@@ -415,4 +429,6 @@ def test_hello_missing_record_and_key() -> None:
     with pytest.raises(ProtocolError, match="'label'"):
         decode_hello(RecordDict({"hello": ConfigRecord({"num-examples": 3})}))
     with pytest.raises(ProtocolError, match="num-examples"):
-        decode_hello(RecordDict({"hello": ConfigRecord({"label": "a", "num-examples": "3"})}))
+        decode_hello(
+            RecordDict({"hello": ConfigRecord({"label": "a", "num-examples": "3"})})
+        )
