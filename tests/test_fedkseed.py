@@ -247,3 +247,23 @@ def test_the_walk_restricts_perturbation_to_the_named_parameters() -> None:
     perturb_(walk.params(model), seed=3, scale=0.1)
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all(n.startswith("model.layers.1.") for n in moved)
+
+
+def test_a_history_with_an_out_of_pool_seed_is_refused_by_the_client(cluster) -> None:  # noqa: ANN001
+    """A catch-up history naming seed index K is refused before any replay,
+    and the node's model is left exactly as it was."""
+    from protocols import decode_tensors, encode_tensors
+
+    driver, contexts = cluster
+    _, result = _round(driver, contexts, 1, {1})
+    assert result.rejected == 0
+    runtime = client_app._ProcessState.get()
+    state = next(iter(runtime._zo.values()))
+    before = state_hash(state.params)
+    (message,) = [m for m in driver.configure(2, _Grid([2])) if m.metadata.dst_node_id == 2]
+    history = decode_tensors(message.content["history"])
+    history["indices"][0] = K
+    message.content["history"] = encode_tensors(history)
+    reply = client_app.train_zo(message, contexts[2])
+    assert reply.has_error() and "outside the pool" in reply.error.reason
+    assert state_hash(state.params) == before
