@@ -10,6 +10,7 @@ but never share data.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,9 @@ from models import (
 )
 from protocols import LoraSpec, ZOSpec
 
-__all__ = ["ClientRuntime", "LocalData", "LoraModel"]
+__all__ = ["ZO_STATE_ENV", "ClientRuntime", "LocalData", "LoraModel"]
+
+ZO_STATE_ENV = "POLLINATE_ZO_STATE_DIR"
 
 
 @dataclass
@@ -70,14 +73,17 @@ class ClientRuntime:
     def zo_state(self, spec: ZOSpec, device: torch.device, run_id: int) -> ZoModelState:
         """The seed-synced model of a FedKSeed run, built on first use.
 
-        Snapshots go to ``<cache>/zo/<run id>-<spec fingerprint>``, shared by
-        the processes of this machine that serve the same run.
+        Snapshots go to ``<root>/<run id>-<spec fingerprint>``, shared by the
+        processes of this machine that serve the same run; ``<root>`` is
+        ``$POLLINATE_ZO_STATE_DIR`` (a simulation points it into its run folder
+        and removes it afterwards) or ``<cache>/zo``.
         """
         key = (spec.fingerprint(), str(device), run_id)
         if key not in self._zo:
             self._zo.clear()
             self._models.clear()  # one base model per process is the budget
-            folder = default_cache_dir() / "zo" / f"{run_id}-{spec.fingerprint()}"
+            root = os.environ.get(ZO_STATE_ENV) or default_cache_dir() / "zo"
+            folder = Path(root) / f"{run_id}-{spec.fingerprint()}"
             self._zo[key] = ZoModelState(spec, device, folder)
         return self._zo[key]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from simulation.reports import ReportError, read_metrics
 
 __all__ = ["LaunchResult", "engine_env", "launch"]
+
+ZO_STATE_DIR = ".zo-state"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,7 @@ def engine_env(run_dir: Path) -> dict[str, str]:
     env.update(
         {
             "POLLINATE_RUN_DIR": str(run_dir),
+            "POLLINATE_ZO_STATE_DIR": str(run_dir / ZO_STATE_DIR),
             "FLWR_HOME": str(run_dir / ".flwr"),
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -137,6 +141,8 @@ def launch(
             console.print("[yellow]interrupted: stopping the simulation[/]")
         finally:
             _stop_group(proc)
+            # Clients' seed-sync snapshots are scratch: the checkpoint has the state.
+            shutil.rmtree(run_dir / ZO_STATE_DIR, ignore_errors=True)
     status_path = run_dir / "status.json"
     status = json.loads(status_path.read_text()) if status_path.exists() else {}
     returncode = proc.returncode if proc.returncode is not None else -1
