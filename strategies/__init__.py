@@ -3,6 +3,7 @@
 from strategies.aggregation import AggregationError, weighted_mean
 from strategies.fedkseed import FedKSeed, ZoAggregate
 from strategies.lora import LocalTrainSettings, LoraAggregate, LoraFedAvg
+from strategies.replies import NodeBook, triage
 from strategies.sampling import SamplingError, sample_nodes
 from strategies.seed_pool import ProStatistics, SeedUpdate, aggregate_seed_scalars
 
@@ -12,11 +13,13 @@ __all__ = [
     "LocalTrainSettings",
     "LoraAggregate",
     "LoraFedAvg",
+    "NodeBook",
     "ProStatistics",
     "SamplingError",
     "SeedUpdate",
     "ZoAggregate",
     "aggregate_seed_scalars",
     "sample_nodes",
+    "triage",
     "weighted_mean",
 ]

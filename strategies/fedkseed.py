@@ -17,7 +17,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -27,10 +27,11 @@ from protocols.zo_messages import (
     MESSAGE_TRAIN_ZO,
     RoundDelta,
     ZoTrainIns,
+    ZoTrainRes,
     decode_zo_train_res,
     encode_zo_train_ins,
 )
-from strategies.sampling import sample_nodes
+from strategies.replies import NodeBook, triage
 from strategies.seed_pool import ProStatistics, SeedUpdate, aggregate_seed_scalars
 
 __all__ = ["FedKSeed", "ZoAggregate"]
@@ -80,9 +81,10 @@ class FedKSeed(Strategy):
         self.spec = spec
         self.local_steps = local_steps
         self.batch_size = batch_size
-        self.fraction_train = fraction_train
-        self.min_train_nodes = min_train_nodes
         self.seed = seed
+        self.nodes = NodeBook(
+            fraction=fraction_train, min_nodes=min_train_nodes, seed=seed
+        )
         self.history: list[RoundDelta] = []
         self.node_rounds: dict[str, int] = {}
         self.pro = (
@@ -90,15 +92,14 @@ class FedKSeed(Strategy):
             if spec.sampling == "pro"
             else None
         )
-        self._labels: dict[int, str] = {}
 
     def set_nodes(self, node_labels: Mapping[int, str]) -> None:
         """Tell the strategy which nodes exist and their stable labels."""
-        self._labels = dict(node_labels)
+        self.nodes.set_nodes(node_labels)
 
     def label(self, node_id: int) -> str:
         """The stable label of a node."""
-        return self._labels.get(node_id, f"node-{node_id}")
+        return self.nodes.label(node_id)
 
     def history_since(self, base_round: int) -> tuple[RoundDelta, ...]:
         """The round deltas a node synced at ``base_round`` still has to apply."""
@@ -108,14 +109,7 @@ class FedKSeed(Strategy):
         self, server_round: int, grid: Grid, *, global_round: int, global_hash: str
     ) -> list[Message]:
         """Build the round's ``train.zo`` messages, each with its node's catch-up."""
-        labels = self._labels or {n: f"node-{n}" for n in grid.get_node_ids()}
-        nodes = sample_nodes(
-            labels,
-            fraction=self.fraction_train,
-            min_nodes=self.min_train_nodes,
-            seed=self.seed,
-            server_round=server_round,
-        )
+        nodes = self.nodes.sample(server_round, grid)
         config = LocalTrainConfig(
             server_round=server_round,
             local_steps=self.local_steps,
@@ -127,7 +121,7 @@ class FedKSeed(Strategy):
         importance = self.pro.quantized() if self.pro is not None else None
         messages = []
         for node in nodes:
-            base = self.node_rounds.get(labels[node], 0)
+            base = self.node_rounds.get(self.nodes.label(node), 0)
             ins = ZoTrainIns(
                 spec=self.spec,
                 config=config,
@@ -155,52 +149,28 @@ class FedKSeed(Strategy):
         global_hash: str,
     ) -> ZoAggregate:
         """Validate replies, then build and record the round delta."""
-        good: list[tuple[str, SeedUpdate, float]] = []
-        rejected: dict[str, str] = {}
-        for reply in replies:
-            who = self.label(reply.metadata.src_node_id)
-            if who in rejected or any(g[0] == who for g in good):
-                rejected[who] = "the node replied more than once this round"
-                good = [g for g in good if g[0] != who]
-                continue
-            if reply.has_error():
-                rejected[who] = f"client error: {reply.error.reason}"
-                if reply.error.code == ERROR_OUT_OF_SYNC:
-                    self.node_rounds[who] = (
-                        0  # it lost its state: full history next time
-                    )
-                continue
-            try:
-                res = decode_zo_train_res(
-                    reply.content,
-                    num_seeds=self.spec.num_seeds,
-                    max_steps=self.local_steps,
-                )
-            except ProtocolError as exc:
-                rejected[who] = str(exc)
-                continue
+
+        def decode(reply: Message) -> ZoTrainRes:
+            res = decode_zo_train_res(
+                reply.content, num_seeds=self.spec.num_seeds, max_steps=self.local_steps
+            )
             if (res.synced_round, res.synced_hash) != (global_round, global_hash):
-                rejected[who] = (
+                raise ProtocolError(
                     f"out of sync: trained from round {res.synced_round} hash "
                     f"{res.synced_hash}, global is round {global_round} hash {global_hash}"
                 )
-                continue
-            self.node_rounds[who] = global_round
-            good.append(
-                (
-                    who,
-                    SeedUpdate(res.indices, res.scalars, res.num_examples),
-                    res.train_loss,
-                )
-            )
-        for who, reason in sorted(rejected.items()):
-            log.warning(
-                "round %d: rejected update from %s: %s", server_round, who, reason
-            )
+            return res
+
+        def on_error(who: str, error: Error) -> None:
+            if error.code == ERROR_OUT_OF_SYNC:
+                self.node_rounds[who] = 0  # it lost its state: full history next time
+
+        good, rejected = triage(server_round, replies, self.nodes, decode, on_error)
         if not good:
             return ZoAggregate(delta=None, rejected=rejected)
-        good.sort(key=lambda g: g[0])
-        updates = [g[1] for g in good]
+        for who, _ in good:
+            self.node_rounds[who] = global_round
+        updates = [SeedUpdate(r.indices, r.scalars, r.num_examples) for _, r in good]
         indices, coefficients = aggregate_seed_scalars(
             updates,
             num_seeds=self.spec.num_seeds,
@@ -212,10 +182,10 @@ class FedKSeed(Strategy):
         delta = RoundDelta(server_round, indices, coefficients)
         self.history.append(delta)
         total = sum(u.num_examples for u in updates)
-        loss = sum(g[2] * g[1].num_examples for g in good) / total
+        loss = sum(r.train_loss * r.num_examples for _, r in good) / total
         return ZoAggregate(
             delta=delta,
-            accepted=[g[0] for g in good],
+            accepted=[who for who, _ in good],
             rejected=rejected,
             train_loss=loss,
             num_examples=total,
@@ -282,5 +252,5 @@ class FedKSeed(Strategy):
             self.spec.learning_rate,
             self.local_steps,
             self.batch_size,
-            self.fraction_train,
+            self.nodes.fraction,
         )

@@ -30,7 +30,7 @@ from protocols import (
     LocalTrainConfig,
     LoraSpec,
     LoraTrainIns,
-    ProtocolError,
+    LoraTrainRes,
     TensorLayout,
     decode_lora_train_res,
     decode_tensors,
@@ -38,7 +38,7 @@ from protocols import (
     encode_tensors,
 )
 from strategies.aggregation import weighted_mean
-from strategies.sampling import sample_nodes
+from strategies.replies import NodeBook, triage
 
 __all__ = ["LoraAggregate", "LoraFedAvg", "LocalTrainSettings"]
 
@@ -119,34 +119,27 @@ class LoraFedAvg(Strategy):
         self.spec = spec
         self.layout = layout
         self.train = train
-        self.fraction_train = fraction_train
-        self.min_train_nodes = min_train_nodes
         self.seed = seed
         self.device = torch.device(device)
         self.max_payload_bytes = max_payload_bytes
-        self._labels: dict[int, str] = {}
+        self.nodes = NodeBook(
+            fraction=fraction_train, min_nodes=min_train_nodes, seed=seed
+        )
 
     def set_nodes(self, node_labels: Mapping[int, str]) -> None:
         """Tell the strategy which nodes exist and their stable labels."""
-        self._labels = dict(node_labels)
+        self.nodes.set_nodes(node_labels)
 
     def label(self, node_id: int) -> str:
         """The stable label of a node (its id when it never said hello)."""
-        return self._labels.get(node_id, f"node-{node_id}")
+        return self.nodes.label(node_id)
 
     # -- typed API -----------------------------------------------------------
     def configure(
         self, server_round: int, adapter: Mapping[str, torch.Tensor], grid: Grid
     ) -> list[Message]:
         """Build this round's ``train.lora`` messages for the sampled nodes."""
-        labels = self._labels or {n: f"node-{n}" for n in grid.get_node_ids()}
-        nodes = sample_nodes(
-            labels,
-            fraction=self.fraction_train,
-            min_nodes=self.min_train_nodes,
-            seed=self.seed,
-            server_round=server_round,
-        )
+        nodes = self.nodes.sample(server_round, grid)
         config = LocalTrainConfig(
             server_round=server_round,
             local_steps=self.train.local_steps,
@@ -165,42 +158,28 @@ class LoraFedAvg(Strategy):
 
     def aggregate(self, server_round: int, replies: Iterable[Message]) -> LoraAggregate:
         """Validate every reply, drop bad ones with a reason, average the rest."""
-        good: list[tuple[str, dict[str, torch.Tensor], int, float]] = []
-        rejected: dict[str, str] = {}
-        for reply in replies:
-            who = self.label(reply.metadata.src_node_id)
-            if who in rejected or any(g[0] == who for g in good):
-                rejected[who] = "the node replied more than once this round"
-                good = [g for g in good if g[0] != who]
-                continue
-            if reply.has_error():
-                rejected[who] = f"client error: {reply.error.reason}"
-                continue
-            try:
-                res = decode_lora_train_res(
-                    reply.content,
-                    expected=self.layout,
-                    max_bytes=self.max_payload_bytes,
-                    device=self.device,
-                )
-            except ProtocolError as exc:
-                rejected[who] = str(exc)
-                continue
-            good.append((who, res.adapter, res.num_examples, res.train_loss))
-        for who, reason in sorted(rejected.items()):
-            log.warning(
-                "round %d: rejected update from %s: %s", server_round, who, reason
+
+        def decode(reply: Message) -> LoraTrainRes:
+            return decode_lora_train_res(
+                reply.content,
+                expected=self.layout,
+                max_bytes=self.max_payload_bytes,
+                device=self.device,
             )
+
+        good, rejected = triage(server_round, replies, self.nodes, decode)
         if not good:
             return LoraAggregate(adapter=None, rejected=rejected)
-        good.sort(key=lambda g: g[0])  # replies arrive in any order; sum in a fixed one
-        weights = [float(g[2]) for g in good]
-        adapter = weighted_mean([g[1] for g in good], weights, device=self.device)
+        # triage returns replies sorted by label: the sum has a fixed order.
+        weights = [float(res.num_examples) for _, res in good]
+        adapter = weighted_mean(
+            [res.adapter for _, res in good], weights, device=self.device
+        )
         total = int(sum(weights))
-        loss = sum(g[3] * g[2] for g in good) / total
+        loss = sum(res.train_loss * res.num_examples for _, res in good) / total
         return LoraAggregate(
             adapter=adapter,
-            accepted=[g[0] for g in good],
+            accepted=[who for who, _ in good],
             rejected=rejected,
             train_loss=loss,
             num_examples=total,
@@ -257,7 +236,7 @@ class LoraFedAvg(Strategy):
             self.train.local_steps,
             self.train.batch_size,
             self.train.learning_rate,
-            self.fraction_train,
-            self.min_train_nodes,
+            self.nodes.fraction,
+            self.nodes.min_nodes,
             self.device,
         )

@@ -56,9 +56,25 @@ def test_flwr_run_completes_a_prepared_run(tmp_path: Path) -> None:
     module, or the apps race on imports when Flower loads them together.
     """
     args = build_parser().parse_args(
-        ["simulate", "--model", "tiny-llama", "--rounds", "1", "--clients", "2",
-         "--local-steps", "2", "--limit", "120", "--output-dir", str(tmp_path / "runs"),
-         "--set", "data.eval_examples=8", "--set", "eval.max_new_tokens=2"]
+        [
+            "simulate",
+            "--model",
+            "tiny-llama",
+            "--rounds",
+            "1",
+            "--clients",
+            "2",
+            "--local-steps",
+            "2",
+            "--limit",
+            "120",
+            "--output-dir",
+            str(tmp_path / "runs"),
+            "--set",
+            "data.eval_examples=8",
+            "--set",
+            "eval.max_new_tokens=2",
+        ]
     )
     run_dir = prepare_run(load_config(None, collect_overrides(args)))
     flwr_home = tmp_path / "flwr-home"
@@ -75,10 +91,21 @@ def test_flwr_run_completes_a_prepared_run(tmp_path: Path) -> None:
     }
     try:
         out = subprocess.run(
-            [str(bin_dir / "flwr"), "run", ".", "--stream",
-             "--run-config", f'run-dir="{run_dir}"',
-             "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
-            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+            [
+                str(bin_dir / "flwr"),
+                "run",
+                ".",
+                "--stream",
+                "--run-config",
+                f'run-dir="{run_dir}"',
+                "--federation-config",
+                "num-supernodes=2 client-resources-num-cpus=1",
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
     finally:
         _kill_superlinks(flwr_home)

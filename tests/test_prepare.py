@@ -21,9 +21,20 @@ def test_prepare_only_splits_a_real_csv_dataset_one_label_group_per_client(
     Breaks if local CSV data cannot go through the same options as the default.
     """
     code = main(
-        ["simulate", "--prepare-only", "--dataset",
-         str(shared_data / "banking77" / "train.csv.gz"), "--partition", "task",
-         "--clients", "4", "--limit", "800", "--output-dir", str(tmp_path)]
+        [
+            "simulate",
+            "--prepare-only",
+            "--dataset",
+            str(shared_data / "banking77" / "train.csv.gz"),
+            "--partition",
+            "task",
+            "--clients",
+            "4",
+            "--limit",
+            "800",
+            "--output-dir",
+            str(tmp_path),
+        ]
     )
     assert code == 0
     (run_dir,) = tmp_path.iterdir()
@@ -50,5 +61,7 @@ def test_a_local_model_folder_loads_like_a_builtin(tmp_path: Path) -> None:
     again = load_causal_lm(str(tmp_path / "m"))
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
-        assert torch.equal(tiny.model(input_ids=ids).logits, again.model(input_ids=ids).logits)
+        assert torch.equal(
+            tiny.model(input_ids=ids).logits, again.model(input_ids=ids).logits
+        )
     assert again.tokenizer("hi")["input_ids"] == tiny.tokenizer("hi")["input_ids"]
