@@ -31,7 +31,7 @@ from protocols.messages import (
     encode_lora_train_res,
 )
 from protocols.model_hash import state_hash
-from protocols.specs import LoraSpec, ZOSpec
+from protocols.specs import LoraSpec, SplitSpec, ZOSpec
 
 __all__ = [
     "CODEC_VERSION",
@@ -49,6 +49,7 @@ __all__ = [
     "PayloadTooLargeError",
     "ProtocolError",
     "SpecMismatchError",
+    "SplitSpec",
     "TensorEntry",
     "TensorLayout",
     "ZOSpec",

@@ -7,7 +7,8 @@ types, out-of-range values, an unsupported schema version, and a fingerprint
 that does not match the fields (a corrupted or hand-edited spec).
 
 :class:`LoraSpec` describes a LoRA federation; :class:`ZOSpec` a seed-based
-zeroth-order (FedKSeed) federation.
+zeroth-order (FedKSeed) federation; :class:`SplitSpec` the split point of a
+split-learning (SFPrompt) federation.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from flwr.app import ConfigRecord
 
 from protocols.errors import ProtocolError, SpecMismatchError
 
-__all__ = ["LoraSpec", "ZOSpec"]
+__all__ = ["LoraSpec", "SplitSpec", "ZOSpec"]
 
 _FINGERPRINT_KEY = "fingerprint"
 _SCHEMA_KEY = "schema-version"
@@ -266,3 +267,90 @@ class ZOSpec(_Spec):
         )
         _require(_positive(self.grad_clip), k, "grad_clip", self.grad_clip, "> 0")
         _require(self.max_length >= 8, k, "max_length", self.max_length, ">= 8")
+
+
+@dataclass(frozen=True, slots=True)
+class SplitSpec(_Spec):
+    """Where a decoder LM is cut between device and server (SFPrompt).
+
+    The device holds the token embedding, ``num_prompts`` trainable soft
+    prompt vectors (prepended to the embedded tokens), the first
+    ``client_blocks`` decoder blocks (frozen) and the tail: the final norm and
+    an untied copy of the LM head (both trainable). The server holds the
+    remaining blocks, frozen. Both sides check this spec when a session opens.
+
+    Attributes
+    ----------
+    model : str
+        Base model name.
+    num_prompts : int
+        Soft prompt vectors P (>= 1).
+    client_blocks : int
+        Decoder blocks kept on the device (>= 0).
+    num_blocks : int
+        Decoder blocks of the whole model (the server holds the rest).
+    hidden_size : int
+        Width D of the activations crossing the cut.
+    activation_dtype : str
+        Dtype of the activations on the wire.
+    max_length : int
+        Token budget of one example (prompts not included).
+    tail : str
+        What of the tail trains: ``"norm+head"`` (final norm and LM head, as
+        in SFPrompt) or ``"norm"`` (the head stays frozen: far fewer bytes
+        per round for large vocabularies).
+    """
+
+    SCHEMA_VERSION: ClassVar[int] = 1
+    KIND: ClassVar[str] = "SplitSpec"
+
+    model: str
+    num_prompts: int
+    client_blocks: int
+    num_blocks: int
+    hidden_size: int
+    activation_dtype: str = "float32"
+    max_length: int = 128
+    tail: str = "norm+head"
+
+    def __post_init__(self) -> None:
+        k = self.KIND
+        _require(
+            self.tail in ("norm", "norm+head"),
+            k,
+            "tail",
+            self.tail,
+            "'norm' or 'norm+head'",
+        )
+        _require(bool(self.model), k, "model", self.model, "a non-empty name")
+        _require(
+            1 <= self.num_prompts <= 4096,
+            k,
+            "num_prompts",
+            self.num_prompts,
+            "in [1, 4096]",
+        )
+        _require(self.num_blocks >= 1, k, "num_blocks", self.num_blocks, ">= 1")
+        ok = 0 <= self.client_blocks < self.num_blocks
+        _require(
+            ok, k, "client_blocks", self.client_blocks, f"in [0, {self.num_blocks})"
+        )
+        _require(self.hidden_size >= 1, k, "hidden_size", self.hidden_size, ">= 1")
+        dt = self.activation_dtype
+        _require(dt in _DTYPES, k, "activation_dtype", dt, f"one of {_DTYPES}")
+        _require(self.max_length >= 8, k, "max_length", self.max_length, ">= 8")
+
+    @property
+    def server_blocks(self) -> int:
+        """Decoder blocks run by the server."""
+        return self.num_blocks - self.client_blocks
+
+    @property
+    def returns_all_positions(self) -> bool:
+        """Whether the server returns gradients for every position.
+
+        With no block on the device, only the prompt positions' gradients are
+        needed (the embedding is frozen); otherwise the device back-propagates
+        through its own blocks and needs all of them.
+        """
+        return self.client_blocks > 0

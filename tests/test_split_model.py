@@ -1,0 +1,128 @@
+"""SFPrompt's model split: the split model computes what the unsplit one does."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from client.pruning import el2n_scores, keep_hardest
+from client.split_trainer import LocalTrunkSession, SplitSettings, _lm_loss, split_round
+from corpora import generate_tasks
+from models import IGNORE_INDEX, collate_train, load_causal_lm, tokenize_example
+from models.split import _decoder_slice, build_split, split_spec_for
+
+
+def _batch(tokenizer, n: int = 3):  # noqa: ANN001, ANN202
+    examples = generate_tasks(n, seed=2)
+    tok = [tokenize_example(e, tokenizer, 64) for e in examples]
+    return collate_train(tok, int(tokenizer.pad_token_id))
+
+
+@pytest.mark.parametrize("client_blocks", [0, 1])
+def test_split_loss_and_gradients_equal_the_unsplit_model(client_blocks: int) -> None:
+    """head -> trunk (through a session) -> tail gives the unsplit model's loss,
+    and the same gradients for the prompts, the norm and the LM head.
+
+    Breaks if the cut loses positions, masks or rotary offsets, or the
+    gradient returned at the cut is wrong or cut to the wrong positions.
+    """
+    lm = load_causal_lm("tiny-llama")
+    spec = split_spec_for(
+        lm.model,
+        "tiny-llama",
+        num_prompts=3,
+        client_blocks=client_blocks,
+        max_length=64,
+    )
+    head, trunk, tail = build_split(lm.model, spec, init_seed=1)
+    batch = _batch(lm.tokenizer)
+    # Split path, exactly as the device does it.
+    session = LocalTrunkSession(trunk, spec.returns_all_positions, spec.num_prompts)
+    hidden, mask = head(batch.input_ids, batch.attention_mask)
+    body_out = session.forward(hidden.detach(), mask, train=True).requires_grad_()
+    loss_split = _lm_loss(tail(body_out)[:, 3:], batch.labels)
+    loss_split.backward()
+    cut = session.backward(body_out.grad)
+    (hidden if cut.shape[1] == hidden.shape[1] else hidden[:, :3]).backward(cut)
+    split_grads = [
+        head.prompts.grad.clone(),
+        tail.norm.weight.grad.clone(),
+        tail.lm_head.weight.grad.clone(),
+    ]
+    # Unsplit reference: every block in one graph on [prompts; embed(x)], with
+    # fresh copies of the untied norm and head.
+    prompts = head.prompts.detach().clone().requires_grad_()
+    tail_ref = copy.deepcopy(tail)
+    tail_ref.zero_grad(set_to_none=True)
+    decoder = lm.model.model
+    emb = decoder.embed_tokens(batch.input_ids)
+    full = torch.cat([prompts.unsqueeze(0).expand(emb.shape[0], -1, -1), emb], 1)
+    whole = _decoder_slice(decoder, 0, spec.num_blocks)
+    h = whole(inputs_embeds=full, attention_mask=mask).last_hidden_state
+    loss_ref = _lm_loss(tail_ref(h)[:, 3:], batch.labels)
+    ref_grads = torch.autograd.grad(
+        loss_ref, [prompts, tail_ref.norm.weight, tail_ref.lm_head.weight]
+    )
+    assert torch.allclose(loss_split, loss_ref, atol=1e-6)
+    for got, want in zip(split_grads, ref_grads, strict=True):
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_el2n_scores_follow_the_definition() -> None:
+    """A confident correct prediction scores ~0, a uniform one sqrt((V-1)/V),
+    and positions without a target do not count."""
+    v = 4
+    labels = torch.tensor([[IGNORE_INDEX, 2, 1], [IGNORE_INDEX, 3, IGNORE_INDEX]])
+    logits = torch.zeros(2, 3, v)
+    logits[0, 0, 2] = 50.0  # predicts label[0,1] = 2 confidently
+    logits[0, 1, 1] = 50.0  # predicts label[0,2] = 1 confidently
+    scores = el2n_scores(logits, labels)  # example 1: uniform on its one target
+    assert float(scores[0]) == pytest.approx(0.0, abs=1e-6)
+    assert float(scores[1]) == pytest.approx(math.sqrt((v - 1) / v + 0.0 * 0), rel=1e-5)
+
+
+def test_pruning_keeps_exactly_the_hardest_fraction() -> None:
+    """ceil(gamma * n) highest scores are kept, ties by lower index."""
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.9, 0.2, 0.7])
+    assert keep_hardest(scores, 0.5) == [1, 3, 5]
+    assert keep_hardest(scores, 0.34) == [1, 3, 5]  # ceil(2.04) = 3
+    assert keep_hardest(scores, 1.0) == list(range(6))
+    assert keep_hardest(torch.tensor([0.3, 0.3, 0.3]), 0.3) == [0]
+    with pytest.raises(ValueError, match="gamma"):
+        keep_hardest(scores, 0.0)
+
+
+def test_a_split_round_lowers_the_loss_on_a_tiny_model() -> None:
+    """Three device rounds through a local trunk lower the split-path loss.
+
+    Breaks if prompts or tail do not learn, or the round trains nothing.
+    """
+    lm = load_causal_lm("tiny-llama")
+    spec = split_spec_for(
+        lm.model, "tiny-llama", num_prompts=4, client_blocks=0, max_length=64
+    )
+    head, trunk, tail = build_split(lm.model, spec)
+    examples = [
+        tokenize_example(e, lm.tokenizer, 64) for e in generate_tasks(48, seed=0)
+    ]
+    session = LocalTrunkSession(trunk, False, 4)
+    losses = []
+    for r in range(1, 4):
+        settings = SplitSettings(
+            local_steps=10,
+            local_loss_steps=3,
+            batch_size=8,
+            learning_rate=3e-3,
+            gamma=0.5,
+            seed=0,
+            server_round=r,
+        )
+        stats = split_round(
+            head, tail, session, examples, settings, pad_id=256, label="a"
+        )
+        assert stats.kept == 24 and stats.examples == 48
+        losses.append(stats.split_loss)
+    assert losses[-1] < losses[0], losses
