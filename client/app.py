@@ -32,6 +32,12 @@ from protocols.messages import (
     ERROR_NODE_SETUP,
     ERROR_OUT_OF_SYNC,
 )
+from protocols.split_messages import (
+    ACTION_SFPROMPT,
+    SplitTrainRes,
+    decode_split_train_ins,
+    encode_split_train_res,
+)
 from protocols.zo_messages import (
     ACTION_ZO,
     ZoTrainRes,
@@ -174,3 +180,65 @@ def train_zo(msg: Message, context: Context) -> Message:
         skipped_steps=stats.skipped,
     )
     return Message(encode_zo_train_res(res), reply_to=msg)
+
+
+@app.train(ACTION_SFPROMPT)
+def train_sfprompt(msg: Message, context: Context) -> Message:
+    """SFPrompt: local-loss warm-up, EL2N pruning, split training over the trunk."""
+    from client.split_trainer import SplitSettings, split_round
+    from client.trunk_client import TrunkClient, TrunkError
+    from corpora import DatasetError
+    from models import ModelLoadError
+    from models.split import load_trainable_state, trainable_state
+
+    runtime = _ProcessState.get()
+    try:
+        node = NodeSettings.from_context(context)
+        ins = decode_split_train_ins(msg.content)
+        parts = runtime.split_parts(ins.spec, node.device)
+        live = trainable_state(parts.head, parts.tail)
+        TensorLayout.of(live).check(TensorLayout.of(ins.tensors))
+        data = runtime.local_data(node.data_path, ins.spec, parts.tokenizer)
+    except ProtocolError as exc:
+        return _error_reply(msg, ERROR_BAD_INSTRUCTION, exc)
+    except (NodeConfigError, DatasetError, ModelLoadError, OSError) as exc:
+        return _error_reply(msg, ERROR_NODE_SETUP, exc)
+    load_trainable_state(parts.head, parts.tail, ins.tensors)
+    c = ins.config
+    settings = SplitSettings(
+        local_steps=c.local_steps,
+        local_loss_steps=c.local_loss_steps,
+        batch_size=c.batch_size,
+        learning_rate=c.learning_rate,
+        gamma=c.gamma,
+        seed=c.seed,
+        server_round=c.server_round,
+    )
+    try:
+        with TrunkClient(c.trunk_address) as trunk:
+            session = trunk.open(ins.spec, node.label, c.server_round)
+            stats = split_round(
+                parts.head,
+                parts.tail,
+                session,
+                data.tokenized,
+                settings,
+                pad_id=int(parts.tokenizer.pad_token_id),
+                label=node.label,
+            )
+            session.close()
+    except TrunkError as exc:
+        return _error_reply(msg, ERROR_NODE_SETUP, exc)
+    res = SplitTrainRes(
+        tensors={
+            k: v.detach().clone()
+            for k, v in trainable_state(parts.head, parts.tail).items()
+        },
+        num_examples=len(data.examples),
+        train_loss=stats.split_loss,
+        local_loss=stats.local_loss,
+        kept=stats.kept,
+        trunk_bytes_up=session.bytes_up,
+        trunk_bytes_down=session.bytes_down,
+    )
+    return Message(encode_split_train_res(res), reply_to=msg)

@@ -27,9 +27,10 @@ from models import (
     load_causal_lm,
     tokenize_example,
 )
-from protocols import LoraSpec, ZOSpec
+from models.split import DeviceHead, DeviceTail, device_parts
+from protocols import LoraSpec, SplitSpec, ZOSpec
 
-__all__ = ["ZO_STATE_ENV", "ClientRuntime", "LocalData", "LoraModel"]
+__all__ = ["ZO_STATE_ENV", "ClientRuntime", "LocalData", "LoraModel", "SplitParts"]
 
 ZO_STATE_ENV = "POLLINATE_ZO_STATE_DIR"
 
@@ -39,6 +40,15 @@ class LoraModel:
     """A base model wrapped with adapters, and its tokenizer."""
 
     model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+
+
+@dataclass
+class SplitParts:
+    """The device's SFPrompt parts and tokenizer."""
+
+    head: DeviceHead
+    tail: DeviceTail
     tokenizer: PreTrainedTokenizerBase
 
 
@@ -56,6 +66,7 @@ class ClientRuntime:
     def __init__(self, max_datasets: int = 64) -> None:
         self._models: dict[tuple[str, str], LoraModel] = {}
         self._zo: dict[tuple[str, str, int], ZoModelState] = {}
+        self._split: dict[tuple[str, str], SplitParts] = {}
         self._data: dict[tuple[str, str, int], LocalData] = {}
         self._max_datasets = max_datasets
 
@@ -65,6 +76,7 @@ class ClientRuntime:
         if key not in self._models:
             self._models.clear()  # one base model per process is the budget
             self._zo.clear()
+            self._split.clear()
             loaded = load_causal_lm(spec.model, dtype=spec.model_dtype, device=device)
             model = attach_lora(loaded.model, spec)
             self._models[key] = LoraModel(model=model, tokenizer=loaded.tokenizer)
@@ -81,14 +93,32 @@ class ClientRuntime:
         key = (spec.fingerprint(), str(device), run_id)
         if key not in self._zo:
             self._zo.clear()
+            self._split.clear()
             self._models.clear()  # one base model per process is the budget
             root = os.environ.get(ZO_STATE_ENV) or default_cache_dir() / "zo"
             folder = Path(root) / f"{run_id}-{spec.fingerprint()}"
             self._zo[key] = ZoModelState(spec, device, folder)
         return self._zo[key]
 
+    def split_parts(self, spec: SplitSpec, device: torch.device) -> SplitParts:
+        """The device's SFPrompt parts for ``spec`` (no server block in memory)."""
+        key = (spec.fingerprint(), str(device))
+        if key not in self._split:
+            self._split.clear()
+            self._models.clear()
+            self._zo.clear()
+            loaded = load_causal_lm(
+                spec.model, dtype=spec.activation_dtype, device=device
+            )
+            head, tail = device_parts(loaded.model, spec)
+            self._split[key] = SplitParts(head, tail, loaded.tokenizer)
+        return self._split[key]
+
     def local_data(
-        self, path: Path, spec: LoraSpec | ZOSpec, tokenizer: PreTrainedTokenizerBase
+        self,
+        path: Path,
+        spec: LoraSpec | ZOSpec | SplitSpec,
+        tokenizer: PreTrainedTokenizerBase,
     ) -> LocalData:
         """The node's examples, tokenized for ``spec.model``, read on first use."""
         key = (str(path), spec.model, spec.max_length)

@@ -54,7 +54,9 @@ class TrunkSessionLike(Protocol):
 class LocalTrunkSession:
     """An in-process trunk session (tests, and a reference for the gRPC one)."""
 
-    def __init__(self, trunk: Trunk, returns_all_positions: bool, num_prompts: int) -> None:
+    def __init__(
+        self, trunk: Trunk, returns_all_positions: bool, num_prompts: int
+    ) -> None:
         self.trunk = trunk
         self.all = returns_all_positions
         self.p = num_prompts
@@ -115,13 +117,15 @@ def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _local_logits(head: DeviceHead, tail: DeviceTail, batch: TrainBatch) -> torch.Tensor:
+def _local_logits(
+    head: DeviceHead, tail: DeviceTail, batch: TrainBatch
+) -> torch.Tensor:
     hidden, _ = head(batch.input_ids, batch.attention_mask)
     return tail(hidden)[:, head.spec.num_prompts :]
 
 
 def _mean(values: list[torch.Tensor]) -> float:
-    return float(torch.stack(values).mean()) if values else float("nan")
+    return float(torch.stack(values).mean()) if values else 0.0  # 0: phase skipped
 
 
 def split_round(

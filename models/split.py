@@ -30,6 +30,7 @@ __all__ = [
     "SplitError",
     "Trunk",
     "build_split",
+    "device_parts",
     "load_trainable_state",
     "split_spec_for",
     "trainable_state",
@@ -191,6 +192,26 @@ def build_split(
     model.requires_grad_(False)
     tail = DeviceTail(model, train_head=spec.tail == "norm+head")
     return DeviceHead(model, spec, init_seed=init_seed), Trunk(model, spec), tail
+
+
+def device_parts(
+    model: PreTrainedModel, spec: SplitSpec, *, init_seed: int = 0
+) -> tuple[DeviceHead, DeviceTail]:
+    """The device's parts only: the server's blocks are dropped from ``model``.
+
+    After this call ``model`` keeps its embedding, its first
+    ``spec.client_blocks`` blocks and its norm/head, so the device's memory
+    holds no server block.
+    """
+    decoder = _decoder(model)
+    if int(model.config.num_hidden_layers) != spec.num_blocks:
+        raise SplitError(
+            f"spec says {spec.num_blocks} blocks, model has {model.config.num_hidden_layers}"
+        )
+    model.requires_grad_(False)
+    decoder.layers = nn.ModuleList(list(decoder.layers)[: spec.client_blocks])
+    tail = DeviceTail(model, train_head=spec.tail == "norm+head")
+    return DeviceHead(model, spec, init_seed=init_seed), tail
 
 
 def trainable_state(head: DeviceHead, tail: DeviceTail) -> dict[str, torch.Tensor]:

@@ -21,15 +21,24 @@ from flwr.serverapp import Grid, ServerApp
 
 from corpora import Example, read_jsonl
 from models import LoadedModel, adapter_layout, attach_lora, load_causal_lm
-from protocols import ByteLedger, ZOSpec
+from models.split import PromptedLM, build_split, split_spec_for, trainable_state
+from protocols import ByteLedger, TensorLayout, ZOSpec
 from protocols.seeds import GENERATOR_VERSION, ParamWalk, candidate_seeds
 from server.checkpoints import write_status
 from server.config import RunConfig, load_config
 from server.evaluation import CentralEvaluator, pick_device, pick_metric
 from server.federation import RoundDriver, discover_nodes, run_rounds
 from server.lora_driver import LoraDriver
+from server.split_driver import SplitDriver
+from server.trunk_service import TrunkService, start_trunk_server
 from server.zo_driver import ZoDriver
-from strategies import FedKSeed, LocalTrainSettings, LoraFedAvg
+from strategies import (
+    FedKSeed,
+    LocalTrainSettings,
+    LoraFedAvg,
+    SFPromptFedAvg,
+    SplitRoundSettings,
+)
 
 __all__ = ["EVAL_FILE", "app", "build_driver", "build_server_app", "run_server"]
 
@@ -47,6 +56,7 @@ def run_server(grid: Grid, config: RunConfig, run_dir: Path) -> None:
         Whatever stopped the run, after ``status.json`` says ``failed``.
     """
     write_status(run_dir, "running", rounds_planned=config.run.rounds)
+    driver: RoundDriver | None = None
     try:
         driver = build_driver(config, read_jsonl(run_dir / EVAL_FILE))
         ledger = ByteLedger()
@@ -69,6 +79,9 @@ def run_server(grid: Grid, config: RunConfig, run_dir: Path) -> None:
     except BaseException as exc:
         write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
         raise
+    finally:
+        if driver is not None:
+            driver.close()
     write_status(run_dir, "completed", rounds=config.run.rounds)
 
 
@@ -108,9 +121,52 @@ def zo_spec(config: RunConfig, walk: ParamWalk) -> ZOSpec:
     )
 
 
+def _split_driver(
+    config: RunConfig, eval_examples: list[Example], device: torch.device
+) -> SplitDriver:
+    """Cut the model, start the trunk service, wire SFPrompt's strategy."""
+    loaded = load_causal_lm(config.model.name, dtype="float32", device=device)
+    split = config.split
+    spec = split_spec_for(
+        loaded.model,
+        config.model.name,
+        num_prompts=split.num_prompts,
+        client_blocks=split.client_blocks,
+        max_length=config.model.max_length,
+        tail=split.tail,
+    )
+    head, trunk, tail = build_split(loaded.model, spec, init_seed=config.run.seed)
+    service = TrunkService(
+        trunk, spec, max_message_bytes=int(split.max_message_mb * 1e6)
+    )
+    server, port = start_trunk_server(service, split.host, split.port)
+    strategy = SFPromptFedAvg(
+        spec=spec,
+        layout=TensorLayout.of(trainable_state(head, tail)),
+        settings=SplitRoundSettings(
+            local_steps=config.train.local_steps,
+            local_loss_steps=split.local_loss_steps,
+            batch_size=config.train.batch_size,
+            learning_rate=config.train.learning_rate,
+            gamma=split.gamma,
+        ),
+        trunk_address=f"{split.host}:{port}",
+        fraction_train=config.federation.fraction,
+        min_train_nodes=config.federation.min_clients,
+        seed=config.run.seed,
+        device=device,
+    )
+    log.info("SFPrompt trunk service listening on %s:%d", split.host, port)
+    model = PromptedLM(head, trunk, tail)
+    evaluator = _evaluator(config, loaded, model, eval_examples, device)
+    return SplitDriver(head, tail, strategy, evaluator, service, server)
+
+
 def build_driver(config: RunConfig, eval_examples: list[Example]) -> RoundDriver:
     """The method's server side, with its model on the server's device."""
     device = pick_device(config.eval.device)
+    if config.run.method == "sfprompt":
+        return _split_driver(config, eval_examples, device)
     if config.run.method == "lora":
         spec = config.lora_spec()
         loaded = load_causal_lm(spec.model, dtype=spec.model_dtype, device=device)

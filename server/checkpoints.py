@@ -26,6 +26,7 @@ __all__ = [
     "MetricsLog",
     "atomic_write_bytes",
     "save_checkpoint",
+    "save_checkpoint_tensors",
     "save_peft_adapter",
     "write_tensors",
     "write_status",
@@ -68,17 +69,34 @@ def save_checkpoint(
     spec: LoraSpec,
     extra: Mapping[str, Any],
 ) -> Path:
-    """Write the round's global adapter and state to ``run_dir/checkpoint``.
+    """Write the round's global adapter and state (see :func:`save_checkpoint_tensors`)."""
+    return save_checkpoint_tensors(
+        run_dir, server_round, adapter, spec.fingerprint(), extra
+    )
 
-    The adapter file is replaced first, then ``state.json`` (which names the
-    round), so ``state.json`` never points at an adapter that is not there.
+
+def save_checkpoint_tensors(
+    run_dir: Path,
+    server_round: int,
+    tensors: Mapping[str, torch.Tensor],
+    spec_fingerprint: str,
+    extra: Mapping[str, Any],
+    filename: str = "adapter.safetensors",
+) -> Path:
+    """Write the round's global tensors and state to ``run_dir/checkpoint``.
+
+    The tensor file is replaced first, then ``state.json`` (which names the
+    round), so ``state.json`` never points at tensors that are not there.
     """
     folder = run_dir / "checkpoint"
-    meta = {"round": str(server_round), "spec": spec.fingerprint()}
-    atomic_write_bytes(
-        folder / "adapter.safetensors", _safetensors_bytes(adapter, meta)
-    )
-    state = {"round": server_round, "spec_fingerprint": spec.fingerprint(), **extra}
+    meta = {"round": str(server_round), "spec": spec_fingerprint}
+    atomic_write_bytes(folder / filename, _safetensors_bytes(tensors, meta))
+    state = {
+        "round": server_round,
+        "spec_fingerprint": spec_fingerprint,
+        "tensors": filename,
+        **extra,
+    }
     atomic_write_bytes(folder / "state.json", json.dumps(state, indent=1).encode())
     return folder
 

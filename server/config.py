@@ -28,6 +28,7 @@ __all__ = [
     "ModelSection",
     "RunConfig",
     "RunSection",
+    "SplitSection",
     "TrainSection",
     "ZOSection",
     "config_to_toml",
@@ -49,7 +50,7 @@ class RunSection(_Section):
     name: str = Field(
         "pollinate", min_length=1, description="Run name, used in the run folder."
     )
-    method: Literal["lora", "fedkseed", "fedkseed-pro"] = Field(
+    method: Literal["lora", "fedkseed", "fedkseed-pro", "sfprompt"] = Field(
         "lora", description="Fine-tuning method."
     )
     rounds: int = Field(5, ge=1, le=100_000, description="Federated rounds.")
@@ -136,6 +137,23 @@ class ZOSection(_Section):
     grad_clip: float = Field(1000.0, gt=0, description="Clip of |g| in Pro statistics.")
 
 
+class SplitSection(_Section):
+    """Split learning (SFPrompt): where the model is cut, what the device trains."""
+
+    num_prompts: int = Field(8, ge=1, le=4096, description="Soft prompt vectors.")
+    client_blocks: int = Field(
+        0, ge=0, description="Decoder blocks kept on the device."
+    )
+    tail: Literal["norm", "norm+head"] = Field(
+        "norm+head", description="Train the final norm and LM head, or the norm only."
+    )
+    gamma: float = Field(0.5, gt=0, le=1, description="Share of examples kept by EL2N.")
+    local_loss_steps: int = Field(2, ge=0, description="Local-loss steps per round.")
+    host: str = Field("127.0.0.1", description="Interface the trunk service binds.")
+    port: int = Field(0, ge=0, le=65535, description="Trunk service port (0 = free).")
+    max_message_mb: float = Field(64.0, gt=0, description="Largest trunk message, MB.")
+
+
 class EvalSection(_Section):
     """Central evaluation on the server after every round."""
 
@@ -159,6 +177,7 @@ class RunConfig(_Section):
     train: TrainSection = TrainSection()
     lora: LoraSection = LoraSection()
     zo: ZOSection = ZOSection()
+    split: SplitSection = SplitSection()
     eval: EvalSection = EvalSection()
 
     @model_validator(mode="after")

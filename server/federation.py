@@ -58,6 +58,7 @@ class RoundResult:
     rejected: int
     train_loss: float | None
     extra: dict[str, Any] = field(default_factory=dict)
+    side_bytes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class RoundDriver(Protocol):
@@ -87,6 +88,9 @@ class RoundDriver(Protocol):
 
     def finish(self, run_dir: Path) -> None:
         """Write the final artefacts (adapter, model)."""
+
+    def close(self) -> None:
+        """Release what the driver started (services), finished or not."""
 
 
 def discover_nodes(
@@ -200,6 +204,9 @@ def run_rounds(
                 who = driver.label(r.metadata.src_node_id)
                 ledger.record(server_round, who, "up", payload_bytes(r.content))
         result = driver.apply(server_round, replies)
+        for who, (up, down) in sorted(result.side_bytes.items()):
+            ledger.record(server_round, who, "up", up, channel="side")
+            ledger.record(server_round, who, "down", down, channel="side")
         ev = driver.evaluate()
         row = _row(
             server_round, result, ev, ledger, time.monotonic() - t0, driver.method

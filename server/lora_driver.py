@@ -87,3 +87,6 @@ class LoraDriver:
         with torch.no_grad():
             load_adapter_tensors(self.model, self.adapter)
         save_peft_adapter(run_dir / "adapter", self.model)
+
+    def close(self) -> None:
+        """Nothing to release."""

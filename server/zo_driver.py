@@ -144,3 +144,6 @@ class ZoDriver:
             dict(self.params),
             {"round": str(self.round), "hash": self.hash},
         )
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -6,6 +6,7 @@ from strategies.lora import LocalTrainSettings, LoraAggregate, LoraFedAvg
 from strategies.replies import NodeBook, triage
 from strategies.sampling import SamplingError, sample_nodes
 from strategies.seed_pool import ProStatistics, SeedUpdate, aggregate_seed_scalars
+from strategies.sfprompt import SFPromptFedAvg, SplitAggregate, SplitRoundSettings
 
 __all__ = [
     "AggregationError",
@@ -15,8 +16,11 @@ __all__ = [
     "LoraFedAvg",
     "NodeBook",
     "ProStatistics",
+    "SFPromptFedAvg",
     "SamplingError",
     "SeedUpdate",
+    "SplitAggregate",
+    "SplitRoundSettings",
     "ZoAggregate",
     "aggregate_seed_scalars",
     "sample_nodes",

@@ -1,0 +1,210 @@
+"""Payloads of the split-learning round (``train.sfprompt``).
+
+Flower messages only coordinate SFPrompt's rounds; activations and gradients
+stream over the trunk service (``protocols/proto/trunk.proto``).
+
+Server -> client (:class:`SplitTrainIns`): the :class:`~protocols.specs.SplitSpec`,
+the round's device settings, where the trunk service listens, and the global
+trainable tensors (soft prompts and tail). Client -> server
+(:class:`SplitTrainRes`): the trained tensors, the example count, the losses
+of the local-loss and split phases, how many examples pruning kept and the
+bytes the device moved over the trunk service.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from protocols.codecs import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    TensorLayout,
+    decode_tensors,
+    encode_tensors,
+)
+from protocols.errors import ProtocolError
+from protocols.messages import _get, _record
+from protocols.specs import SplitSpec
+
+__all__ = [
+    "ACTION_SFPROMPT",
+    "MESSAGE_TRAIN_SFPROMPT",
+    "SplitRoundConfig",
+    "SplitTrainIns",
+    "SplitTrainRes",
+    "decode_split_train_ins",
+    "decode_split_train_res",
+    "encode_split_train_ins",
+    "encode_split_train_res",
+]
+
+ACTION_SFPROMPT = "sfprompt"
+MESSAGE_TRAIN_SFPROMPT = f"train.{ACTION_SFPROMPT}"
+
+_SPEC, _ROUND, _TENSORS, _METRICS = "spec", "round", "tensors", "metrics"
+
+
+@dataclass(frozen=True, slots=True)
+class SplitRoundConfig:
+    """One round's device settings and the trunk service's address."""
+
+    server_round: int
+    local_steps: int
+    local_loss_steps: int
+    batch_size: int
+    learning_rate: float
+    gamma: float
+    seed: int
+    trunk_address: str
+
+    def __post_init__(self) -> None:
+        checks = {
+            "server_round": self.server_round >= 1,
+            "local_steps": self.local_steps >= 1,
+            "local_loss_steps": self.local_loss_steps >= 0,
+            "batch_size": self.batch_size >= 1,
+            "learning_rate": math.isfinite(self.learning_rate)
+            and self.learning_rate > 0,
+            "gamma": 0.0 < self.gamma <= 1.0,
+            "trunk_address": ":" in self.trunk_address,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ProtocolError(
+                    f"split round field '{name}' is out of range: {getattr(self, name)!r}"
+                )
+
+    def to_config_record(self) -> ConfigRecord:
+        """Encode for the wire."""
+        return ConfigRecord(
+            {
+                "server-round": self.server_round,
+                "local-steps": self.local_steps,
+                "local-loss-steps": self.local_loss_steps,
+                "batch-size": self.batch_size,
+                "learning-rate": self.learning_rate,
+                "gamma": self.gamma,
+                "seed": self.seed,
+                "trunk-address": self.trunk_address,
+            }
+        )
+
+    @classmethod
+    def from_config_record(cls, record: ConfigRecord) -> SplitRoundConfig:
+        """Decode and validate; raises :class:`ProtocolError` naming the key."""
+        return cls(
+            server_round=_get(record, "server-round", int),
+            local_steps=_get(record, "local-steps", int),
+            local_loss_steps=_get(record, "local-loss-steps", int),
+            batch_size=_get(record, "batch-size", int),
+            learning_rate=_get(record, "learning-rate", float),
+            gamma=_get(record, "gamma", float),
+            seed=_get(record, "seed", int),
+            trunk_address=_get(record, "trunk-address", str),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SplitTrainIns:
+    """Server -> client: train these prompts and tail with this trunk."""
+
+    spec: SplitSpec
+    config: SplitRoundConfig
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class SplitTrainRes:
+    """Client -> server: trained prompts and tail, and how the round went."""
+
+    tensors: dict[str, torch.Tensor]
+    num_examples: int
+    train_loss: float
+    local_loss: float
+    kept: int
+    trunk_bytes_up: int
+    trunk_bytes_down: int
+
+
+def encode_split_train_ins(ins: SplitTrainIns) -> RecordDict:
+    """Build the content of a ``train.sfprompt`` instruction."""
+    return RecordDict(
+        {
+            _SPEC: ins.spec.to_config_record(),
+            _ROUND: ins.config.to_config_record(),
+            _TENSORS: encode_tensors(ins.tensors),
+        }
+    )
+
+
+def decode_split_train_ins(
+    content: RecordDict, *, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+) -> SplitTrainIns:
+    """Read a ``train.sfprompt`` instruction (layout checked by the caller)."""
+    return SplitTrainIns(
+        spec=SplitSpec.from_config_record(_record(content, _SPEC, ConfigRecord)),
+        config=SplitRoundConfig.from_config_record(
+            _record(content, _ROUND, ConfigRecord)
+        ),
+        tensors=decode_tensors(
+            _record(content, _TENSORS, ArrayRecord), max_bytes=max_bytes
+        ),
+    )
+
+
+def encode_split_train_res(res: SplitTrainRes) -> RecordDict:
+    """Build the content of a ``train.sfprompt`` reply."""
+    return RecordDict(
+        {
+            _TENSORS: encode_tensors(res.tensors),
+            _METRICS: MetricRecord(
+                {
+                    "num-examples": res.num_examples,
+                    "train-loss": res.train_loss,
+                    "local-loss": res.local_loss,
+                    "kept": res.kept,
+                    "trunk-bytes-up": res.trunk_bytes_up,
+                    "trunk-bytes-down": res.trunk_bytes_down,
+                }
+            ),
+        }
+    )
+
+
+def decode_split_train_res(
+    content: RecordDict,
+    *,
+    expected: TensorLayout,
+    max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    device: torch.device | str = "cpu",
+) -> SplitTrainRes:
+    """Read and fully validate a ``train.sfprompt`` reply.
+
+    Raises
+    ------
+    ProtocolError
+        On a missing record, a layout other than ``expected``, NaN/Inf values,
+        a non-positive example count or non-finite losses.
+    """
+    metrics = _record(content, _METRICS, MetricRecord)
+    n = _get(metrics, "num-examples", int)
+    if n <= 0:
+        raise ProtocolError(f"'num-examples' must be > 0, got {n}")
+    tensors = decode_tensors(
+        _record(content, _TENSORS, ArrayRecord),
+        expected=expected,
+        max_bytes=max_bytes,
+        device=device,
+    )
+    return SplitTrainRes(
+        tensors=tensors,
+        num_examples=n,
+        train_loss=_get(metrics, "train-loss", float),
+        local_loss=_get(metrics, "local-loss", float),
+        kept=_get(metrics, "kept", int),
+        trunk_bytes_up=_get(metrics, "trunk-bytes-up", int),
+        trunk_bytes_down=_get(metrics, "trunk-bytes-down", int),
+    )
