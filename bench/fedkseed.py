@@ -48,8 +48,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python bench/fedkseed.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+# numpy and torch are imported inside functions: the memory children of
+# section 3 are spawned before them, from a lean parent (on Linux a child's
+# ru_maxrss starts at its parent's RSS at fork/exec, so a parent holding the
+# model would hide the children's own peaks).
 
 RESULTS_DIR = REPO / "bench" / "results"
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -102,6 +104,9 @@ def expected_distinct(k: int, draws: int) -> float:
 
 
 def machine_info() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
     import flwr
     import transformers
 
@@ -209,6 +214,9 @@ def _record_breakdown(content: Any) -> dict[str, int]:
 
 def section_bytes(walk: Any, global_hash: str) -> dict[str, Any]:
     """Exact serialized sizes of real train.zo instructions and replies."""
+    import numpy as np
+    import torch
+
     from protocols import payload_bytes
     from protocols.zo_messages import RoundDelta, ZoTrainRes, encode_zo_train_res
     from server.app import zo_spec
@@ -326,6 +334,9 @@ def section_bytes(walk: Any, global_hash: str) -> dict[str, Any]:
 
 def section_step(model: Any, tokenizer: Any, params: list, steps: int) -> dict[str, Any]:
     """Time the five parts of MeZO steps on the full model (after one warm-up)."""
+    import numpy as np
+    import torch
+
     from client.zo_trainer import _loss, zo_local_steps
     from models import collate_train
     from protocols import LocalTrainConfig
@@ -438,6 +449,9 @@ def section_step(model: Any, tokenizer: Any, params: list, steps: int) -> dict[s
 
 def child_memory(kind: str, spec_json: str | None) -> dict[str, Any]:
     """Run in a fresh subprocess: peak RSS of inference, ZO steps or the client path."""
+    import numpy as np
+    import torch
+
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     from client.zo_trainer import _loss, zo_local_steps
     from models import collate_train, load_causal_lm
@@ -569,6 +583,9 @@ def section_memory(spec: Any) -> dict[str, Any]:
 
 
 def section_replay(params: list, d: int, repeats: int) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
     from protocols.seeds import (
         apply_seed_sum_,
         candidate_seeds,
@@ -679,6 +696,9 @@ def zo_args(method: str, steps: int, batch: int, lr: float) -> list[str]:
 
 def run_simulation(name: str, extra: list[str], root: Path, timeout: float) -> dict[str, Any]:
     """One ``pollinate simulate`` subprocess; its metrics and outcome."""
+    import numpy as np
+    import torch
+
     out_dir = root / name
     out_dir.mkdir(parents=True, exist_ok=True)
     exe = Path(sys.executable).parent / "pollinate"
@@ -758,6 +778,9 @@ def lr_probe(steps: int, batch: int, lrs: tuple[float, ...]) -> dict[str, Any]:
     held-out examples, client 0 of the task split), the same model length
     (``model.max_length`` default), the same include globs and eps.
     """
+    import numpy as np
+    import torch
+
     from client.zo_trainer import zo_local_steps
     from corpora import load_examples, split_holdout
     from models import load_causal_lm, tokenize_example
