@@ -104,10 +104,9 @@ def expected_distinct(k: int, draws: int) -> float:
 
 
 def machine_info() -> dict[str, Any]:
+    import flwr
     import numpy as np
     import torch
-
-    import flwr
     import transformers
 
     try:
@@ -334,7 +333,6 @@ def section_bytes(walk: Any, global_hash: str) -> dict[str, Any]:
 
 def section_step(model: Any, tokenizer: Any, params: list, steps: int) -> dict[str, Any]:
     """Time the five parts of MeZO steps on the full model (after one warm-up)."""
-    import numpy as np
     import torch
 
     from client.zo_trainer import _loss, zo_local_steps
@@ -449,7 +447,6 @@ def section_step(model: Any, tokenizer: Any, params: list, steps: int) -> dict[s
 
 def child_memory(kind: str, spec_json: str | None) -> dict[str, Any]:
     """Run in a fresh subprocess: peak RSS of inference, ZO steps or the client path."""
-    import numpy as np
     import torch
 
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
@@ -460,6 +457,15 @@ def child_memory(kind: str, spec_json: str | None) -> dict[str, Any]:
 
     marks = {"after_imports": maxrss_mib()}
     t0 = now()
+    if kind == "spec":
+        from server.app import zo_spec
+        from server.config import load_config
+
+        model = load_causal_lm(MODEL, dtype="float32", device="cpu").model
+        spec = zo_spec(load_config(None, {"run.method": "fedkseed"}), ParamWalk.from_model(model))
+        fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+        fields["include"] = list(fields["include"])
+        return {"kind": kind, "spec": fields}
     config = LocalTrainConfig(
         server_round=1,
         local_steps=3,
@@ -559,16 +565,16 @@ def run_child(kind: str, spec_json: str | None = None) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def section_memory(spec: Any) -> dict[str, Any]:
-    spec_fields = {
-        f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
-    }
-    spec_fields["include"] = list(spec_fields["include"])
+def section_memory() -> dict[str, Any]:
+    """Three fresh children (plus one that only computes the spec), spawned lean."""
+    parent_rss = maxrss_mib()
+    spec_json = json.dumps(run_child("spec")["spec"])
     inference = run_child("inference")
     zo = run_child("zo")
-    client = run_child("client", json.dumps(spec_fields))
+    client = run_child("client", spec_json)
     numba_cost = zo["marks_mib"]["after_numba_compile"] - zo["marks_mib"]["after_batch"]
     return {
+        "parent_peak_mib_at_spawn": parent_rss,
         "inference": inference,
         "zo": zo,
         "client_path": client,
@@ -697,7 +703,6 @@ def zo_args(method: str, steps: int, batch: int, lr: float) -> list[str]:
 def run_simulation(name: str, extra: list[str], root: Path, timeout: float) -> dict[str, Any]:
     """One ``pollinate simulate`` subprocess; its metrics and outcome."""
     import numpy as np
-    import torch
 
     out_dir = root / name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -778,7 +783,6 @@ def lr_probe(steps: int, batch: int, lrs: tuple[float, ...]) -> dict[str, Any]:
     held-out examples, client 0 of the task split), the same model length
     (``model.max_length`` default), the same include globs and eps.
     """
-    import numpy as np
     import torch
 
     from client.zo_trainer import zo_local_steps
@@ -1241,6 +1245,14 @@ def main(argv: list[str] | None = None) -> int:
         sections = set(args.only.split(","))
     else:
         sections = {"1", "2", "3", "4", "5"}
+
+    def log(msg: str) -> None:
+        print(f"[{now() - started:7.1f} s] {msg}", flush=True)
+
+    memory = None
+    if "3" in sections:  # first, while this process is still lean (no torch yet)
+        memory = section_memory()
+        log("section 3 done")
     results: dict[str, Any] = {
         "benchmark": "fedkseed",
         "quick": args.quick,
@@ -1248,15 +1260,12 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "args": {k: v for k, v in vars(args).items() if k not in ("child", "spec_json")},
     }
-
-    def log(msg: str) -> None:
-        print(f"[{now() - started:7.1f} s] {msg}", flush=True)
+    if memory is not None:
+        results["memory"] = memory
 
     from models import load_causal_lm
     from protocols import state_hash
     from protocols.seeds import ParamWalk
-    from server.app import zo_spec
-    from server.config import load_config
 
     loaded = load_causal_lm(MODEL, dtype="float32", device="cpu")
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -1267,10 +1276,6 @@ def main(argv: list[str] | None = None) -> int:
     if "1" in sections:
         results["bytes"] = section_bytes(walk, w0_hash)
         log("section 1 done")
-    if "3" in sections:
-        spec = zo_spec(load_config(None, {"run.method": "fedkseed"}), walk)
-        results["memory"] = section_memory(spec)
-        log("section 3 done")
     if "2" in sections:
         results["step"] = section_step(model, tokenizer, params, args.steps)
         log("section 2 done")

@@ -7,7 +7,7 @@ import sys
 
 from rich.console import Console
 
-from cli import compare, simulate, validate
+from cli import certs, compare, simulate, validate
 
 __all__ = ["build_parser", "main"]
 
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_parser(sub)
     simulate.add_parser(sub)
     compare.add_parser(sub)
+    certs.add_parser(sub)
     return parser
 
 

@@ -215,7 +215,8 @@ def train_sfprompt(msg: Message, context: Context) -> Message:
         server_round=c.server_round,
     )
     try:
-        with TrunkClient(c.trunk_address) as trunk:
+        root = c.trunk_root_certificate or None
+        with TrunkClient(c.trunk_address, root_certificates=root) as trunk:
             session = trunk.open(ins.spec, node.label, c.server_round)
             stats = split_round(
                 parts.head,

@@ -49,7 +49,13 @@ _SPEC, _ROUND, _TENSORS, _METRICS = "spec", "round", "tensors", "metrics"
 
 @dataclass(frozen=True, slots=True)
 class SplitRoundConfig:
-    """One round's device settings and the trunk service's address."""
+    """One round's device settings and how to reach the trunk service.
+
+    ``trunk_root_certificate`` is the PEM of the CA that signed the trunk
+    service's certificate (empty: plaintext). It travels over the Flower
+    connection, which the device already trusts, so a device needs no extra
+    set-up to reach the trunk over TLS.
+    """
 
     server_round: int
     local_steps: int
@@ -59,6 +65,7 @@ class SplitRoundConfig:
     gamma: float
     seed: int
     trunk_address: str
+    trunk_root_certificate: bytes = b""
 
     def __post_init__(self) -> None:
         checks = {
@@ -89,6 +96,7 @@ class SplitRoundConfig:
                 "gamma": self.gamma,
                 "seed": self.seed,
                 "trunk-address": self.trunk_address,
+                "trunk-root-certificate": self.trunk_root_certificate,
             }
         )
 
@@ -104,6 +112,7 @@ class SplitRoundConfig:
             gamma=_get(record, "gamma", float),
             seed=_get(record, "seed", int),
             trunk_address=_get(record, "trunk-address", str),
+            trunk_root_certificate=_get(record, "trunk-root-certificate", bytes),
         )
 
 

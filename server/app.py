@@ -139,7 +139,11 @@ def _split_driver(
     service = TrunkService(
         trunk, spec, max_message_bytes=int(split.max_message_mb * 1e6)
     )
-    server, port = start_trunk_server(service, split.host, split.port)
+    tls, root = None, b""
+    if split.tls_certfile and split.tls_keyfile and split.tls_ca_certfile:
+        tls = (split.tls_certfile.read_bytes(), split.tls_keyfile.read_bytes())
+        root = split.tls_ca_certfile.read_bytes()
+    server, port = start_trunk_server(service, split.host, split.port, tls=tls)
     strategy = SFPromptFedAvg(
         spec=spec,
         layout=TensorLayout.of(trainable_state(head, tail)),
@@ -151,12 +155,18 @@ def _split_driver(
             gamma=split.gamma,
         ),
         trunk_address=f"{split.host}:{port}",
+        trunk_root_certificate=root,
         fraction_train=config.federation.fraction,
         min_train_nodes=config.federation.min_clients,
         seed=config.run.seed,
         device=device,
     )
-    log.info("SFPrompt trunk service listening on %s:%d", split.host, port)
+    log.info(
+        "SFPrompt trunk service on %s:%d (%s)",
+        split.host,
+        port,
+        "TLS" if tls else "plaintext",
+    )
     model = PromptedLM(head, trunk, tail)
     evaluator = _evaluator(config, loaded, model, eval_examples, device)
     return SplitDriver(head, tail, strategy, evaluator, service, server)

@@ -152,6 +152,23 @@ class SplitSection(_Section):
     host: str = Field("127.0.0.1", description="Interface the trunk service binds.")
     port: int = Field(0, ge=0, le=65535, description="Trunk service port (0 = free).")
     max_message_mb: float = Field(64.0, gt=0, description="Largest trunk message, MB.")
+    tls_certfile: Path | None = Field(
+        None, description="Trunk TLS certificate chain (PEM)."
+    )
+    tls_keyfile: Path | None = Field(None, description="Trunk TLS private key (PEM).")
+    tls_ca_certfile: Path | None = Field(
+        None, description="CA that signed the certificate, sent to devices (PEM)."
+    )
+
+    @model_validator(mode="after")
+    def _tls_all_or_nothing(self) -> SplitSection:
+        given = [self.tls_certfile, self.tls_keyfile, self.tls_ca_certfile]
+        if any(given) and not all(given):
+            raise ValueError(
+                "split.tls_certfile, split.tls_keyfile and split.tls_ca_certfile "
+                "go together: give all three or none"
+            )
+        return self
 
 
 class EvalSection(_Section):

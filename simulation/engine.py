@@ -10,6 +10,7 @@ The exit status is 0 only when the server recorded a completed run.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m simulation.engine RUN_DIR", file=sys.stderr)
         return 2
     run_dir = Path(args[0]).resolve()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s"
+    )
     # Imported here: the launcher must start fast, and nothing happens at import.
     from flwr.simulation import run_simulation
 

@@ -69,6 +69,8 @@ class SFPromptFedAvg(Strategy):
         Device settings.
     trunk_address : str
         ``host:port`` of the trunk service the devices must use.
+    trunk_root_certificate : bytes
+        PEM of the CA behind the trunk's TLS certificate (empty: plaintext).
     fraction_train, min_train_nodes, seed :
         Node sampling (see :class:`strategies.replies.NodeBook`).
     device : torch.device or str
@@ -82,6 +84,7 @@ class SFPromptFedAvg(Strategy):
         layout: TensorLayout,
         settings: SplitRoundSettings,
         trunk_address: str,
+        trunk_root_certificate: bytes = b"",
         fraction_train: float = 1.0,
         min_train_nodes: int = 1,
         seed: int = 0,
@@ -91,6 +94,7 @@ class SFPromptFedAvg(Strategy):
         self.layout = layout
         self.settings = settings
         self.trunk_address = trunk_address
+        self.trunk_root_certificate = trunk_root_certificate
         self.seed = seed
         self.device = torch.device(device)
         self.nodes = NodeBook(
@@ -119,6 +123,7 @@ class SFPromptFedAvg(Strategy):
             gamma=s.gamma,
             seed=self.seed,
             trunk_address=self.trunk_address,
+            trunk_root_certificate=self.trunk_root_certificate,
         )
         content = encode_split_train_ins(
             SplitTrainIns(self.spec, config, dict(tensors))

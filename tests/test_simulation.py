@@ -205,3 +205,28 @@ def test_sfprompt_run_trains_over_the_trunk_service(tmp_path: Path) -> None:
     # prompts + norm + untied head both ways, plus activations both ways
     assert rows[1]["bytes_up"] > rows[1]["bytes_down"] > 0
     assert (run_dir / "model" / "prompts_and_tail.safetensors").exists()
+
+
+def test_sfprompt_trunk_runs_over_tls_with_a_dev_pki(tmp_path: Path) -> None:
+    """With ``[split] tls_*`` set, the trunk serves TLS only and devices reach
+    it with the CA sent over the Flower connection.
+
+    Breaks if the certificate is not used by the server or not trusted by
+    the devices (the run would fail with UNAVAILABLE).
+    """
+    assert cli_main(["certs", str(tmp_path / "pki")]) == 0
+    pki = tmp_path / "pki"
+    code = cli_main(
+        ["simulate", "--method", "sfprompt", "--model", "tiny-llama", "--rounds", "1",
+         "--clients", "2", "--local-steps", "2", "--batch-size", "4", "--limit", "120",
+         "--output-dir", str(tmp_path / "runs"),
+         "--set", "data.eval_examples=8", "--set", "eval.max_new_tokens=2",
+         "--set", f'split.tls_certfile="{pki / "server.crt"}"',
+         "--set", f'split.tls_keyfile="{pki / "server.key"}"',
+         "--set", f'split.tls_ca_certfile="{pki / "ca.crt"}"']
+    )
+    assert code == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert rows[1]["clients"] == 2 and rows[1]["rejected"] == 0
+    assert "TLS" in (run_dir / "simulation.log").read_text()
