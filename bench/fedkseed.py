@@ -777,7 +777,7 @@ def run_simulation(name: str, extra: list[str], root: Path, timeout: float) -> d
 
 
 def lr_probe(steps: int, batch: int, lrs: tuple[float, ...]) -> dict[str, Any]:
-    """One client-round of ZO steps per learning rate; held-out loss after each.
+    """A short run of ZO steps per learning rate (from w0); held-out loss after each.
 
     Same data as the simulation (the seeded 1,200-example subset, the same 32
     held-out examples, client 0 of the task split), the same model length
@@ -851,7 +851,7 @@ def lr_probe(steps: int, batch: int, lrs: tuple[float, ...]) -> dict[str, Any]:
     if improving:
         best = min(improving, key=lambda r: r["eval_loss_after"])
         reason = (
-            f"lowest held-out loss after one client-round ({best['eval_loss_after']:.4f} "
+            f"lowest held-out loss after the probe ({best['eval_loss_after']:.4f} "
             f"vs {base:.4f} before)"
         )
     else:
@@ -879,7 +879,7 @@ def lr_probe(steps: int, batch: int, lrs: tuple[float, ...]) -> dict[str, Any]:
 
 def section_task(args: argparse.Namespace) -> dict[str, Any]:
     t_start = now()
-    probe = lr_probe(args.zo_steps, args.zo_batch, PROBE_LRS)
+    probe = lr_probe(args.probe_steps, args.zo_batch, PROBE_LRS)
     lr = probe["chosen_learning_rate"]
     runs = {}
     with tempfile.TemporaryDirectory(prefix="fedkseed-bench-") as tmp:
@@ -1094,7 +1094,7 @@ def render(results: dict[str, Any]) -> str:
             "; ".join(
                 f"lr {r['learning_rate']:g}: {r['eval_loss_change']:+.4f}" for r in pb["rows"]
             ) + f" -> chose {pb['chosen_learning_rate']:g}",
-            f"held-out loss change after one client-round ({pb['settings']['steps']} steps x "
+            f"held-out loss change after a short probe ({pb['settings']['steps']} steps x "
             f"{pb['settings']['batch_size']}) from {pb['eval_loss_before']:.4f}, "
             "in-process `zo_local_steps`",
         ))
@@ -1122,15 +1122,15 @@ def render(results: dict[str, Any]) -> str:
             )
             rows.append(("5 task", label, value, how))
     lines = [
-        f"# FedKSeed benchmark ({'quick' if results['quick'] else 'full'})",
+        f"# FedKSeed benchmark ({results.get('mode', 'full')})",
         "",
         f"{m['date']}, {m['cpu_count']} CPU ({m['cpu_model']}), torch {m['torch']}, "
         f"numpy {m['numpy']}, numba {m['numba']}, CUDA: "
         f"{'yes' if m['cuda_available'] else 'no (not available in this session)'}. "
         "CPU shared with other engineers' work during the run. "
         f"Total runtime {results.get('total_seconds', 0) / 60:.1f} min. "
-        "Raw numbers: `bench/results/fedkseed"
-        + ("-quick" if results["quick"] else "")
+        "Raw numbers: `bench/results/"
+        + {"quick": "fedkseed-quick", "full": "fedkseed"}.get(results.get("mode"), "fedkseed-partial")
         + ".json`.",
         "",
         "| section | quantity | value | how measured |",
@@ -1226,7 +1226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replay-seeds", type=int, default=64, help="D in section 4")
     parser.add_argument("--zo-steps", type=int, default=50, help="section 5 local steps")
     parser.add_argument("--zo-batch", type=int, default=2, help="section 5 ZO batch size")
-    parser.add_argument("--sim-timeout", type=float, default=900.0, help="s per simulation")
+    parser.add_argument("--probe-steps", type=int, default=20, help="section 5 lr-probe steps")
+    parser.add_argument("--sim-timeout", type=float, default=1200.0, help="s per simulation")
     parser.add_argument("--only", default="", help="comma list of sections to run (1-5)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--spec-json", help=argparse.SUPPRESS)
@@ -1256,6 +1257,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "benchmark": "fedkseed",
         "quick": args.quick,
+        "mode": "quick" if args.quick else (
+            "full" if sections == {"1", "2", "3", "4", "5"} else "partial"
+        ),
         "sections": sorted(sections),
         "machine": machine_info(),
         "args": {k: v for k, v in vars(args).items() if k not in ("child", "spec_json")},
@@ -1285,7 +1289,10 @@ def main(argv: list[str] | None = None) -> int:
     del model, params, loaded
     gc.collect()
     if "5" in sections:
-        results["task"] = section_task(args)
+        try:
+            results["task"] = section_task(args)
+        except Exception as exc:  # keep sections 1-4 even if a run breaks
+            results["task_error"] = f"{type(exc).__name__}: {exc}"
         log("section 5 done")
     results["machine"]["load_average_at_end"] = os.getloadavg()
     results["total_seconds"] = now() - started

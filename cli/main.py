@@ -7,7 +7,7 @@ import sys
 
 from rich.console import Console
 
-from cli import certs, compare, simulate, validate
+from cli import certs, compare, resume, simulate, validate
 
 __all__ = ["build_parser", "main"]
 
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     validate.add_parser(sub)
     simulate.add_parser(sub)
+    resume.add_parser(sub)
     compare.add_parser(sub)
     certs.add_parser(sub)
     return parser

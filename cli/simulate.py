@@ -15,11 +15,18 @@ from rich.console import Console
 
 from cli.overrides import add_config_arguments, collect_overrides
 from cli.validate import check_resources
-from server.config import ConfigError, load_config
-from simulation import launch, plot_run, prepare_run, read_metrics, summary_table
+from server.config import ConfigError, RunConfig, load_config
+from simulation import (
+    LaunchResult,
+    launch,
+    plot_run,
+    prepare_run,
+    read_metrics,
+    summary_table,
+)
 from simulation.reports import run_summary
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "report_run", "run"]
 
 EPILOG = """examples:
   pollinate simulate                                  # offline default: SmolLM2-135M, built-in tasks
@@ -71,6 +78,13 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.prepare_only:
         return 0
     result = launch(run_dir, rounds=config.run.rounds, console=console)
+    return report_run(result, run_dir, config, console)
+
+
+def report_run(
+    result: LaunchResult, run_dir: Path, config: RunConfig, console: Console
+) -> int:
+    """Print the outcome of a launch: the error, or the table, plot and outputs."""
     if not result.ok:
         console.print(
             f"[red]run failed[/] (engine exit {result.returncode}, state {result.state})"
@@ -78,6 +92,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         if result.error:
             console.print(f"error: {result.error}")
         console.print(f"last lines of {result.log_path}:\n{_tail(result.log_path)}")
+        console.print(f"continue it with: pollinate resume {run_dir}")
         return 1
     rows = read_metrics(run_dir / "metrics.jsonl")
     plot = plot_run(
@@ -87,11 +102,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
         summary_table(rows, title=f"{config.run.method} on {config.model.name}")
     )
     s = run_summary(rows)
+    output = "adapter" if config.run.method == "lora" else "model"
     console.print(
         f"{s['metric_name']}: {100 * (s['first_metric'] or 0):.1f}% -> "
         f"{100 * (s['last_metric'] or 0):.1f}%  eval loss {s['first_eval_loss']:.3f} -> "
-        f"{s['last_eval_loss']:.3f}\nplot: {plot}\n"
-        f"{'adapter' if config.run.method == 'lora' else 'model'}: "
-        f"{run_dir / ('adapter' if config.run.method == 'lora' else 'model')}"
+        f"{s['last_eval_loss']:.3f}\nplot: {plot}\n{output}: {run_dir / output}"
     )
     return 0

@@ -12,7 +12,9 @@ final ``adapter/`` (LoRA) or ``model/`` (FedKSeed), and ``status.json``.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -47,8 +49,17 @@ log = logging.getLogger(__name__)
 EVAL_FILE = Path("data") / "eval.jsonl"
 
 
-def run_server(grid: Grid, config: RunConfig, run_dir: Path) -> None:
+FAULT_ENV = "POLLINATE_FAULT_AFTER_ROUND"
+
+
+def run_server(
+    grid: Grid, config: RunConfig, run_dir: Path, *, resume: bool = False
+) -> None:
     """Run a whole federated job; record the outcome in ``status.json``.
+
+    With ``resume`` the run continues from the last checkpoint in ``run_dir``
+    (rounds already recorded are not redone). ``$POLLINATE_FAULT_AFTER_ROUND``
+    (tests only) kills the server right after that round is recorded.
 
     Raises
     ------
@@ -57,15 +68,23 @@ def run_server(grid: Grid, config: RunConfig, run_dir: Path) -> None:
     """
     write_status(run_dir, "running", rounds_planned=config.run.rounds)
     driver: RoundDriver | None = None
+    fault = os.environ.get(FAULT_ENV)
     try:
         driver = build_driver(config, read_jsonl(run_dir / EVAL_FILE))
-        ledger = ByteLedger()
+        start, ledger = 0, ByteLedger()
+        if resume:
+            start = driver.restore(run_dir)
+            state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+            ledger = ByteLedger.from_json(state["ledger"])
+            log.info("resuming %s after round %d", run_dir, start)
+        # On resume the hello goes to a scratch ledger: round 0 is already counted.
+        hello_ledger = ByteLedger() if resume else ledger
         driver.set_nodes(
             discover_nodes(
                 grid,
                 expected=config.federation.clients,
                 timeout_s=config.federation.round_timeout_s,
-                ledger=ledger,
+                ledger=hello_ledger,
             )
         )
         run_rounds(
@@ -75,6 +94,8 @@ def run_server(grid: Grid, config: RunConfig, run_dir: Path) -> None:
             run_dir=run_dir,
             timeout_s=config.federation.round_timeout_s,
             ledger=ledger,
+            start_round=start,
+            crash_after=int(fault) if fault else None,
         )
     except BaseException as exc:
         write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
@@ -221,14 +242,16 @@ def build_driver(config: RunConfig, eval_examples: list[Example]) -> RoundDriver
     )
 
 
-def build_server_app(config: RunConfig, run_dir: Path) -> ServerApp:
+def build_server_app(
+    config: RunConfig, run_dir: Path, *, resume: bool = False
+) -> ServerApp:
     """A ServerApp bound to ``config`` and ``run_dir`` (for the simulation engine)."""
     bound = ServerApp()
 
     @bound.main()
     def main(grid: Grid, context: Context) -> None:
         del context
-        run_server(grid, config, run_dir)
+        run_server(grid, config, run_dir, resume=resume)
 
     return bound
 

@@ -23,14 +23,59 @@ from safetensors.torch import save
 from protocols import LoraSpec
 
 __all__ = [
+    "CheckpointError",
     "MetricsLog",
     "atomic_write_bytes",
+    "read_checkpoint",
+    "read_checkpoint_tensors",
     "save_checkpoint",
     "save_checkpoint_tensors",
     "save_peft_adapter",
     "write_tensors",
     "write_status",
 ]
+
+
+class CheckpointError(RuntimeError):
+    """A run folder has no usable checkpoint, or one of another run."""
+
+
+def read_checkpoint(run_dir: Path, spec_fingerprint: str) -> dict[str, Any]:
+    """The checkpoint state of ``run_dir``, checked against the run's spec.
+
+    Raises
+    ------
+    CheckpointError
+        If there is no checkpoint or it belongs to another spec.
+    """
+    path = run_dir / "checkpoint" / "state.json"
+    try:
+        state: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise CheckpointError(
+            f"no checkpoint in {run_dir} (looked for {path})"
+        ) from exc
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    if state.get("spec_fingerprint") != spec_fingerprint:
+        raise CheckpointError(
+            f"{path} was written for spec {state.get('spec_fingerprint')}, this run's "
+            f"spec is {spec_fingerprint}: the config changed since the checkpoint"
+        )
+    return state
+
+
+def read_checkpoint_tensors(
+    run_dir: Path, state: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    """The tensors a :func:`save_checkpoint_tensors` checkpoint names."""
+    from safetensors.torch import load_file
+
+    path = run_dir / "checkpoint" / str(state.get("tensors", "adapter.safetensors"))
+    try:
+        return load_file(path)
+    except (FileNotFoundError, OSError) as exc:
+        raise CheckpointError(f"checkpoint tensors unreadable: {path}: {exc}") from exc
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -135,6 +180,20 @@ class MetricsLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+
+    def truncate_after(self, server_round: int) -> None:
+        """Drop rows past ``server_round`` (and a torn last line), atomically."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash
+            if int(row.get("round", -1)) <= server_round:
+                kept.append(line)
+        atomic_write_bytes(self.path, "".join(f"{k}\n" for k in kept).encode())
 
     def append(self, row: Mapping[str, Any]) -> None:
         """Append ``row`` as one line and fsync it."""

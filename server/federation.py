@@ -16,6 +16,7 @@ A method plugs in through the :class:`RoundDriver` protocol.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -91,6 +92,9 @@ class RoundDriver(Protocol):
 
     def close(self) -> None:
         """Release what the driver started (services), finished or not."""
+
+    def restore(self, run_dir: Path) -> int:
+        """Load the last checkpoint of ``run_dir``; return its round."""
 
 
 def discover_nodes(
@@ -171,8 +175,17 @@ def run_rounds(
     run_dir: Path,
     timeout_s: float,
     ledger: ByteLedger,
+    start_round: int = 0,
+    crash_after: int | None = None,
 ) -> None:
-    """Run ``rounds`` rounds of ``driver``'s method (see the module docstring).
+    """Run rounds ``start_round + 1 .. rounds`` of ``driver``'s method.
+
+    A fresh run (``start_round == 0``) first records round 0, the initial
+    model. Each round's checkpoint is written before its ``metrics.jsonl``
+    row, so after a crash every recorded row has a checkpoint at or past it;
+    a resumed run drops rows past its checkpoint and redoes them.
+    ``crash_after`` (fault injection for tests) kills the process like a
+    SIGKILL right after that round is recorded.
 
     Raises
     ------
@@ -180,10 +193,11 @@ def run_rounds(
         If a round has no usable update.
     """
     metrics = MetricsLog(run_dir / "metrics.jsonl")
-    t0 = time.monotonic()
-    first = driver.evaluate()
-    metrics.append(
-        _row(
+    if start_round == 0:
+        metrics.truncate_after(-1)
+        t0 = time.monotonic()
+        first = driver.evaluate()
+        row0 = _row(
             0,
             RoundResult(0, 0, None),
             first,
@@ -191,8 +205,10 @@ def run_rounds(
             time.monotonic() - t0,
             driver.method,
         )
-    )
-    for server_round in range(1, rounds + 1):
+        metrics.append(row0)
+    else:
+        metrics.truncate_after(start_round)
+    for server_round in range(start_round + 1, rounds + 1):
         t0 = time.monotonic()
         messages = driver.configure(server_round, grid)
         for m in messages:
@@ -211,9 +227,14 @@ def run_rounds(
         row = _row(
             server_round, result, ev, ledger, time.monotonic() - t0, driver.method
         )
-        metrics.append(row)
         driver.checkpoint(
             run_dir, server_round, {"metrics": row, "ledger": ledger.to_json()}
         )
+        metrics.append(row)
         log.info("round %d/%d: %s", server_round, rounds, row)
+        if crash_after == server_round:
+            log.error(
+                "fault injection: killing the server after round %d", server_round
+            )
+            os._exit(137)
     driver.finish(run_dir)

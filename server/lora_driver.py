@@ -12,7 +12,13 @@ from flwr.serverapp import Grid
 from peft import PeftModel
 
 from models import adapter_tensors, load_adapter_tensors
-from server.checkpoints import save_checkpoint, save_peft_adapter
+from protocols import TensorLayout
+from server.checkpoints import (
+    read_checkpoint,
+    read_checkpoint_tensors,
+    save_checkpoint,
+    save_peft_adapter,
+)
 from server.evaluation import CentralEvaluator, EvalResult
 from server.federation import FederationError, RoundResult
 from strategies import LoraFedAvg
@@ -90,3 +96,11 @@ class LoraDriver:
 
     def close(self) -> None:
         """Nothing to release."""
+
+    def restore(self, run_dir: Path) -> int:
+        """Load the last checkpointed global adapter; return its round."""
+        state = read_checkpoint(run_dir, self.strategy.spec.fingerprint())
+        tensors = read_checkpoint_tensors(run_dir, state)
+        self.strategy.layout.check(TensorLayout.of(tensors))
+        self.adapter = {k: v.to(self.strategy.device) for k, v in tensors.items()}
+        return int(state["round"])

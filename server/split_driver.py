@@ -19,7 +19,13 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from models.split import DeviceHead, DeviceTail, load_trainable_state, trainable_state
-from server.checkpoints import save_checkpoint_tensors, write_tensors
+from protocols import TensorLayout
+from server.checkpoints import (
+    read_checkpoint,
+    read_checkpoint_tensors,
+    save_checkpoint_tensors,
+    write_tensors,
+)
 from server.evaluation import CentralEvaluator, EvalResult
 from server.federation import FederationError, RoundResult
 from server.trunk_service import TrunkService
@@ -129,3 +135,11 @@ class SplitDriver:
     def close(self) -> None:
         """Stop the trunk service (idempotent)."""
         self.server.stop(grace=1.0).wait()
+
+    def restore(self, run_dir: Path) -> int:
+        """Load the last checkpointed prompts and tail; return their round."""
+        state = read_checkpoint(run_dir, self.strategy.spec.fingerprint())
+        tensors = read_checkpoint_tensors(run_dir, state)
+        self.strategy.layout.check(TensorLayout.of(tensors))
+        self.tensors = {k: v.to(self.strategy.device) for k, v in tensors.items()}
+        return int(state["round"])

@@ -22,7 +22,12 @@ from transformers import PreTrainedModel
 
 from protocols import ZOSpec, state_hash
 from protocols.seeds import apply_seed_sum_
-from server.checkpoints import atomic_write_bytes, write_tensors
+from server.checkpoints import (
+    CheckpointError,
+    atomic_write_bytes,
+    read_checkpoint,
+    write_tensors,
+)
 from server.evaluation import CentralEvaluator, EvalResult
 from server.federation import FederationError, RoundResult
 from strategies import FedKSeed
@@ -147,3 +152,29 @@ class ZoDriver:
 
     def close(self) -> None:
         """Nothing to release."""
+
+    def restore(self, run_dir: Path) -> int:
+        """Rebuild the global model from the checkpointed seed history.
+
+        The model is w0 plus every recorded round delta, applied in order with
+        the same kernel as during the run, so its hash must equal the
+        checkpoint's; nodes are assumed to hold nothing (full catch-up next).
+
+        Raises
+        ------
+        CheckpointError
+            If the rebuilt model's hash differs from the checkpoint's.
+        """
+        state = read_checkpoint(run_dir, self.spec.fingerprint())
+        self.strategy.load_state(state["strategy"])
+        for delta in self.strategy.history:
+            seeds = [self.seeds[i] for i in delta.indices.tolist()]
+            apply_seed_sum_(self.params, seeds, delta.coefficients.tolist())
+        self.round = int(state["round"])
+        self.hash = state_hash(self.params)
+        if self.hash != state["model_hash"]:
+            raise CheckpointError(
+                f"seed replay of {len(self.strategy.history)} rounds gives model hash "
+                f"{self.hash}, the checkpoint recorded {state['model_hash']}"
+            )
+        return self.round

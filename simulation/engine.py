@@ -29,8 +29,10 @@ def backend_config(num_cpus_per_client: float = 1.0) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     """Run the simulation of one prepared run folder; return the exit status."""
     args = sys.argv[1:] if argv is None else argv
+    resume = "--resume" in args
+    args = [a for a in args if a != "--resume"]
     if len(args) != 1:
-        print("usage: python -m simulation.engine RUN_DIR", file=sys.stderr)
+        print("usage: python -m simulation.engine RUN_DIR [--resume]", file=sys.stderr)
         return 2
     run_dir = Path(args[0]).resolve()
     logging.basicConfig(
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["POLLINATE_RUN_DIR"] = str(run_dir)
     try:
         run_simulation(
-            server_app=build_server_app(config, run_dir),
+            server_app=build_server_app(config, run_dir, resume=resume),
             client_app=client_app,
             num_supernodes=config.federation.clients,
             backend_config=backend_config(),  # type: ignore[arg-type]

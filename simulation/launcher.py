@@ -121,18 +121,28 @@ def _watch(
 
 
 def launch(
-    run_dir: Path, *, rounds: int, console: Console | None = None
+    run_dir: Path,
+    *,
+    rounds: int,
+    console: Console | None = None,
+    resume: bool = False,
+    env: dict[str, str] | None = None,
 ) -> LaunchResult:
-    """Run the engine on a prepared ``run_dir`` and wait for it, owning its processes."""
+    """Run the engine on a prepared ``run_dir`` and wait for it, owning its processes.
+
+    ``resume`` continues from the run's last checkpoint; ``env`` adds variables
+    to the engine's environment.
+    """
     console = console or Console(stderr=True)
     log_path = run_dir / "simulation.log"
-    with log_path.open("wb") as log:
+    with log_path.open("ab" if resume else "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "simulation.engine", str(run_dir)],
+            [sys.executable, "-m", "simulation.engine", str(run_dir)]
+            + (["--resume"] if resume else []),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=engine_env(run_dir),
+            env={**engine_env(run_dir), **(env or {})},
             start_new_session=True,
         )
         try:

@@ -16,7 +16,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -208,6 +210,27 @@ class FedKSeed(Strategy):
             if self.pro
             else None,
         }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state`'s history and Pro statistics (node rounds reset).
+
+        Nodes are assumed to hold nothing after a restart: each gets the full
+        history at its next round, which keeps the replay exact.
+        """
+        self.history = [
+            RoundDelta(
+                int(d["round"]),
+                torch.tensor(d["indices"], dtype=torch.int32),
+                torch.tensor(d["coefficients"], dtype=torch.float32),
+            )
+            for d in state["history"]
+        ]
+        self.node_rounds = {}
+        pro = state.get("pro")
+        if self.pro is not None and pro:
+            self.pro.load_state(
+                {k: torch.tensor(v, dtype=torch.float64) for k, v in pro.items()}
+            )
 
     # -- Flower Strategy API (the round loop in server/ drives the typed API) ---
     def configure_train(
