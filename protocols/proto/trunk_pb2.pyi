@@ -17,13 +17,7 @@ class Tensor(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     crc32: int
-    def __init__(
-        self,
-        dtype: _Optional[str] = ...,
-        shape: _Optional[_Iterable[int]] = ...,
-        data: _Optional[bytes] = ...,
-        crc32: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class OpenRequest(_message.Message):
     __slots__ = ("client", "spec_json", "round")
@@ -33,12 +27,7 @@ class OpenRequest(_message.Message):
     client: str
     spec_json: str
     round: int
-    def __init__(
-        self,
-        client: _Optional[str] = ...,
-        spec_json: _Optional[str] = ...,
-        round: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, client: _Optional[str] = ..., spec_json: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
 class OpenReply(_message.Message):
     __slots__ = ("session_id", "max_message_bytes", "server_spec_fingerprint")
@@ -48,12 +37,7 @@ class OpenReply(_message.Message):
     session_id: str
     max_message_bytes: int
     server_spec_fingerprint: str
-    def __init__(
-        self,
-        session_id: _Optional[str] = ...,
-        max_message_bytes: _Optional[int] = ...,
-        server_spec_fingerprint: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., server_spec_fingerprint: _Optional[str] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("session_id", "step", "hidden", "attention_mask", "train")
@@ -67,14 +51,7 @@ class ForwardRequest(_message.Message):
     hidden: Tensor
     attention_mask: Tensor
     train: bool
-    def __init__(
-        self,
-        session_id: _Optional[str] = ...,
-        step: _Optional[int] = ...,
-        hidden: _Optional[_Union[Tensor, _Mapping]] = ...,
-        attention_mask: _Optional[_Union[Tensor, _Mapping]] = ...,
-        train: bool = ...,
-    ) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., train: bool = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("session_id", "step", "hidden")
@@ -84,12 +61,7 @@ class ForwardReply(_message.Message):
     session_id: str
     step: int
     hidden: Tensor
-    def __init__(
-        self,
-        session_id: _Optional[str] = ...,
-        step: _Optional[int] = ...,
-        hidden: _Optional[_Union[Tensor, _Mapping]] = ...,
-    ) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
     __slots__ = ("session_id", "step", "grad")
@@ -99,12 +71,7 @@ class BackwardRequest(_message.Message):
     session_id: str
     step: int
     grad: Tensor
-    def __init__(
-        self,
-        session_id: _Optional[str] = ...,
-        step: _Optional[int] = ...,
-        grad: _Optional[_Union[Tensor, _Mapping]] = ...,
-    ) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardReply(_message.Message):
     __slots__ = ("session_id", "step", "grad")
@@ -114,12 +81,7 @@ class BackwardReply(_message.Message):
     session_id: str
     step: int
     grad: Tensor
-    def __init__(
-        self,
-        session_id: _Optional[str] = ...,
-        step: _Optional[int] = ...,
-        grad: _Optional[_Union[Tensor, _Mapping]] = ...,
-    ) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class CloseRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -135,9 +97,4 @@ class CloseReply(_message.Message):
     steps: int
     bytes_up: int
     bytes_down: int
-    def __init__(
-        self,
-        steps: _Optional[int] = ...,
-        bytes_up: _Optional[int] = ...,
-        bytes_down: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, steps: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ...) -> None: ...
