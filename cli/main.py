@@ -7,7 +7,7 @@ import sys
 
 from rich.console import Console
 
-from cli import certs, compare, resume, simulate, validate
+from cli import certs, compare, export, resume, simulate, validate
 
 __all__ = ["build_parser", "main"]
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_parser(sub)
     resume.add_parser(sub)
     compare.add_parser(sub)
+    export.add_parser(sub)
     certs.add_parser(sub)
     return parser
 

@@ -1,0 +1,211 @@
+"""Exporting a finished run: the adapter, a merged model folder, or ONNX.
+
+``adapter``
+    What the method trained, as it was saved: the PEFT adapter folder (LoRA),
+    the tuned parameters (FedKSeed) or the prompts and tail (SFPrompt).
+``merged``
+    A plain Hugging Face model folder with the training folded in
+    (``from_pretrained`` loads it with no Pollinate code): LoRA adapters
+    merged into the base weights, or FedKSeed's tuned parameters written over
+    them. SFPrompt's prompts need their own forward, so use ``onnx`` for it.
+``onnx``
+    ``model.onnx`` mapping ``(input_ids, attention_mask)`` to logits with
+    dynamic batch and length, checked against PyTorch with ONNX Runtime on a
+    probe batch; the largest difference is recorded in ``export.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models import LoadedModel, load_causal_lm
+from server.checkpoints import atomic_write_bytes
+from server.config import RunConfig, load_config
+
+__all__ = ["FORMATS", "ExportError", "export_run", "tuned_model"]
+
+FORMATS = ("adapter", "merged", "onnx")
+ONNX_TOLERANCE = 1e-3
+
+
+class ExportError(RuntimeError):
+    """The run cannot be exported as asked."""
+
+
+def _final(run_dir: Path, config: RunConfig) -> Path:
+    path = {
+        "lora": run_dir / "adapter",
+        "fedkseed": run_dir / "model" / "perturbed.safetensors",
+        "fedkseed-pro": run_dir / "model" / "perturbed.safetensors",
+        "sfprompt": run_dir / "model" / "prompts_and_tail.safetensors",
+    }[config.run.method]
+    if not path.exists():
+        raise ExportError(
+            f"{run_dir} has no final {path.name}: the run did not complete "
+            f"(continue it with: pollinate resume {run_dir})"
+        )
+    return path
+
+
+class _LogitsOnly(nn.Module):
+    """``(input_ids, attention_mask) -> logits`` for export."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return out.logits
+
+
+def tuned_model(run_dir: Path) -> tuple[nn.Module, LoadedModel, RunConfig]:
+    """The run's final model in memory (eval mode, CPU) and its base.
+
+    Raises
+    ------
+    ExportError
+        If the run folder has no final artefact.
+    """
+    config = load_config(run_dir / "config.toml")
+    final = _final(run_dir, config)
+    loaded = load_causal_lm(config.model.name, dtype="float32", device="cpu")
+    method = config.run.method
+    if method == "lora":
+        from peft import PeftModel
+
+        model: nn.Module = PeftModel.from_pretrained(
+            loaded.model, final
+        ).merge_and_unload()
+    elif method in ("fedkseed", "fedkseed-pro"):
+        from safetensors.torch import load_file
+
+        params = dict(loaded.model.named_parameters())
+        with torch.no_grad():
+            for name, value in load_file(final).items():
+                params[name].copy_(value)
+        model = loaded.model
+    else:
+        from safetensors.torch import load_file
+
+        from models.split import (
+            PromptedLM,
+            build_split,
+            load_trainable_state,
+            split_spec_for,
+        )
+
+        split = config.split
+        spec = split_spec_for(
+            loaded.model,
+            config.model.name,
+            num_prompts=split.num_prompts,
+            client_blocks=split.client_blocks,
+            max_length=config.model.max_length,
+            tail=split.tail,
+        )
+        head, trunk, tail = build_split(loaded.model, spec)
+        load_trainable_state(head, tail, load_file(final))
+        model = PromptedLM(head, trunk, tail)
+    return model.eval(), loaded, config
+
+
+def _export_onnx(model: nn.Module, out: Path) -> float:
+    """Export and check with ONNX Runtime; return the largest logit difference."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise ExportError("ONNX export needs onnxruntime") from exc
+    wrapped = _LogitsOnly(model).eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 200, (2, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # a left-padded row
+    path = out / "model.onnx"
+    try:
+        torch.onnx.export(
+            wrapped,
+            (ids, mask),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_axes={
+                n: {0: "batch", 1: "length"}
+                for n in ("input_ids", "attention_mask", "logits")
+            },
+        )
+    except Exception as exc:  # the exporter raises many types
+        if "onnx is not installed" in str(exc):
+            raise ExportError(
+                "ONNX export needs the onnx package: pip install onnx"
+            ) from exc
+        raise
+    probe_ids = torch.randint(0, 200, (3, 17), generator=gen)
+    probe_mask = torch.ones_like(probe_ids)
+    probe_mask[0, :5] = 0
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(
+        None, {"input_ids": probe_ids.numpy(), "attention_mask": probe_mask.numpy()}
+    )[0]
+    with torch.no_grad():
+        want = wrapped(probe_ids, probe_mask).numpy()
+    keep = probe_mask.numpy().astype(bool)  # padded positions carry no meaning
+    diff = float(abs(got - want)[keep].max())
+    if diff > ONNX_TOLERANCE:
+        raise ExportError(
+            f"ONNX logits differ from PyTorch by {diff:.2e} > {ONNX_TOLERANCE}"
+        )
+    return diff
+
+
+def export_run(run_dir: Path, out: Path, fmt: str) -> Path:
+    """Export ``run_dir`` into the new folder ``out``; return ``out``.
+
+    Raises
+    ------
+    ExportError
+        On an unknown format, an incomplete run, an existing ``out``, an
+        unsupported combination, or an ONNX check that fails.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if out.exists():
+        raise ExportError(f"{out} exists: export into a new folder")
+    config = load_config(run_dir / "config.toml")
+    final = _final(run_dir, config)
+    if fmt == "adapter":
+        if final.is_dir():
+            shutil.copytree(final, out)
+        else:
+            out.mkdir(parents=True)
+            shutil.copy2(final, out / final.name)
+        shutil.copy2(run_dir / "config.toml", out / "config.toml")
+        return out
+    if fmt == "merged" and config.run.method == "sfprompt":
+        raise ExportError(
+            "SFPrompt's soft prompts need their own forward: export --format onnx"
+        )
+    model, loaded, _ = tuned_model(run_dir)
+    out.mkdir(parents=True)
+    info: dict[str, object] = {
+        "run": str(run_dir),
+        "method": config.run.method,
+        "format": fmt,
+    }
+    if fmt == "merged":
+        model.save_pretrained(out)  # type: ignore[operator]
+        loaded.tokenizer.save_pretrained(out)
+    else:
+        info["max_abs_logit_diff"] = _export_onnx(model, out)
+        loaded.tokenizer.save_pretrained(out)
+    atomic_write_bytes(out / "export.json", json.dumps(info, indent=1).encode())
+    return out
