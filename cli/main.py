@@ -7,7 +7,16 @@ import sys
 
 from rich.console import Console
 
-from cli import certs, compare, export, resume, simulate, validate
+from cli import (
+    certs,
+    client_cmd,
+    compare,
+    export,
+    resume,
+    server_cmd,
+    simulate,
+    validate,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -25,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_parser(sub)
     export.add_parser(sub)
     certs.add_parser(sub)
+    server_cmd.add_parser(sub)
+    client_cmd.add_parser(sub)
     return parser
 
 

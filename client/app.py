@@ -107,6 +107,7 @@ def train(msg: Message, context: Context) -> Message:
     runtime = _ProcessState.get()
     try:
         node = NodeSettings.from_context(context)
+        node.accept("lora")
         ins = decode_lora_train_ins(msg.content)
         lora = runtime.lora_model(ins.spec, node.device)
         adapter_layout(lora.model).check(TensorLayout.of(ins.adapter))
@@ -143,6 +144,7 @@ def train_zo(msg: Message, context: Context) -> Message:
     runtime = _ProcessState.get()
     try:
         node = NodeSettings.from_context(context)
+        node.accept("fedkseed")
         ins = decode_zo_train_ins(msg.content)
         state = runtime.zo_state(ins.spec, node.device, context.run_id)
         state.sync(ins)
@@ -194,6 +196,7 @@ def train_sfprompt(msg: Message, context: Context) -> Message:
     runtime = _ProcessState.get()
     try:
         node = NodeSettings.from_context(context)
+        node.accept("sfprompt")
         ins = decode_split_train_ins(msg.content)
         parts = runtime.split_parts(ins.spec, node.device)
         live = trainable_state(parts.head, parts.tail)

@@ -48,6 +48,21 @@ class NodeSettings:
     data_path: Path
     label: str
     device: torch.device
+    methods: tuple[str, ...] = ()
+
+    def accept(self, method: str) -> None:
+        """Refuse a method this node was not started for.
+
+        Raises
+        ------
+        NodeConfigError
+            If the node limits its methods and ``method`` is not one of them.
+        """
+        if self.methods and method not in self.methods:
+            raise NodeConfigError(
+                f"this node accepts {list(self.methods)}, not {method!r} "
+                "(pollinate client join --method ...)"
+            )
 
     @classmethod
     def from_context(cls, context: Context) -> NodeSettings:
@@ -68,7 +83,8 @@ class NodeSettings:
         device = torch.device(device_name)
         if "data-path" in cfg:
             path = Path(str(cfg["data-path"]))
-            return cls(path, str(cfg.get("label", path.stem)), device)
+            methods = tuple(m for m in str(cfg.get("methods", "")).split(",") if m)
+            return cls(path, str(cfg.get("label", path.stem)), device, methods)
         if "partition-id" in cfg:
             pid = int(cfg["partition-id"])
             run_dir = context.run_config.get("run-dir") or os.environ.get(RUN_DIR_ENV)

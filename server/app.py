@@ -270,4 +270,5 @@ def main(grid: Grid, context: Context) -> None:
             "--run-config 'run-dir=\"PATH\"'"
         )
     folder = Path(str(run_dir))
-    run_server(grid, load_config(folder / "config.toml"), folder)
+    resume = bool(context.run_config.get("resume", False))
+    run_server(grid, load_config(folder / "config.toml"), folder, resume=resume)

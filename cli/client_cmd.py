@@ -1,0 +1,95 @@
+"""``pollinate client join|keygen``: a device joins a real federation."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from pathlib import Path
+
+from rich.console import Console
+
+from client.daemon import JoinSettings, make_node_key, run_daemon
+
+__all__ = ["add_parser"]
+
+EPILOG = """examples:
+  pollinate client keygen keys/                 # then give keys/node.pub to the server
+  pollinate client join --server 10.0.0.5:9092 --data my.jsonl --root-cert certs/ca.crt \\
+      --auth-key keys/node.key
+  pollinate client join --server 127.0.0.1:9092 --data my.jsonl --insecure   # local only
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``client`` and its subcommands."""
+    parser = sub.add_parser(
+        "client",
+        help="join a federation as a device (SuperNode daemon)",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cmds = parser.add_subparsers(dest="client_command", required=True)
+    join = cmds.add_parser("join", help="run this node's ClientApp against a server")
+    join.add_argument("--server", required=True, help="HOST:PORT of the server")
+    join.add_argument(
+        "--data", required=True, type=Path, help="local JSON/JSONL/CSV data"
+    )
+    join.add_argument(
+        "--label", default=socket.gethostname(), help="a stable node name"
+    )
+    tls = join.add_mutually_exclusive_group(required=True)
+    tls.add_argument(
+        "--root-cert", type=Path, help="CA certificate of the server (TLS)"
+    )
+    tls.add_argument("--insecure", action="store_true", help="plaintext (local only)")
+    join.add_argument(
+        "--auth-key", type=Path, help="private key registered with the server"
+    )
+    join.add_argument(
+        "--method",
+        action="append",
+        default=[],
+        choices=["lora", "fedkseed", "sfprompt"],
+        help="accept only these methods (repeatable; default: all)",
+    )
+    join.add_argument("--state-dir", type=Path, default=Path(".pollinate-node"))
+    join.add_argument(
+        "--local-port", type=int, default=9094, help="SuperNode's local API port"
+    )
+    join.add_argument("--max-restarts", type=int, default=100)
+    join.set_defaults(handler=_join)
+    keygen = cmds.add_parser("keygen", help="make this node's authentication key pair")
+    keygen.add_argument("folder", type=Path)
+    keygen.add_argument("--name", default="node")
+    keygen.set_defaults(handler=_keygen)
+
+
+def _join(args: argparse.Namespace, console: Console) -> int:
+    if not args.data.is_file():
+        console.print(f"[red]no data file at {args.data}[/]")
+        return 2
+    settings = JoinSettings(
+        server=args.server,
+        data=args.data,
+        label=args.label,
+        root_certificates=args.root_cert,
+        insecure=args.insecure,
+        auth_key=args.auth_key,
+        state_dir=args.state_dir,
+        local_port=args.local_port,
+        max_restarts=args.max_restarts,
+        methods=tuple(args.method),
+    )
+    return run_daemon(settings, say=console.print)
+
+
+def _keygen(args: argparse.Namespace, console: Console) -> int:
+    try:
+        private, public = make_node_key(args.folder, args.name)
+    except FileExistsError as exc:
+        console.print(f"[red]{exc}[/]")
+        return 2
+    console.print(
+        f"private key: {private} (keep it on this node)\npublic key: {public} (give it to the server)"
+    )
+    return 0

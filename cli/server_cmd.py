@@ -1,0 +1,242 @@
+"""``pollinate server start|status|stop|resume``: a real federation server.
+
+``start`` prepares a run folder, starts the SuperLink (TLS by default) and
+submits the run; by default it then watches the run, shows progress and stops
+the SuperLink when the run ends (``--detach`` returns at once). ``status``
+reads the run folder (and asks the SuperLink which nodes are connected);
+``stop`` stops the SuperLink; ``resume`` continues a stopped or crashed run
+from its last checkpoint, restarting the SuperLink if it is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from cli.overrides import add_config_arguments, collect_overrides
+from cli.simulate import report_run
+from server.config import ConfigError, RunConfig, load_config
+from server.deploy import (
+    DeployError,
+    ServerInfo,
+    TlsFiles,
+    connected_nodes,
+    prepare_server_run,
+    process_alive,
+    read_server_info,
+    register_node_keys,
+    start_superlink,
+    stop_process_group,
+    submit_run,
+    write_server_info,
+)
+from simulation import LaunchResult, new_run_dir, read_metrics, summary_table
+
+__all__ = ["add_parser"]
+
+EPILOG = """examples:
+  pollinate certs certs/ --host 10.0.0.5
+  pollinate server start run.toml --certs certs/ --host 0.0.0.0 --port 9092
+  pollinate server start run.toml --insecure --port 9092        # local experiments only
+  pollinate server status runs/<run>
+  pollinate server stop runs/<run>
+  pollinate server resume runs/<run>
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``server`` and its subcommands."""
+    parser = sub.add_parser(
+        "server",
+        help="run a federation server (SuperLink) for real clients",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cmds = parser.add_subparsers(dest="server_command", required=True)
+    start = cmds.add_parser("start", help="start a server and a run")
+    add_config_arguments(start, config_required=True)
+    _serving_arguments(start)
+    start.add_argument("--run-dir", type=Path, help="run folder (default: a new one)")
+    start.set_defaults(handler=_start)
+    for name, handler, text in (
+        ("status", _status, "rounds done, clients, metrics and bytes so far"),
+        ("stop", _stop, "stop the server of a run"),
+        ("resume", _resume, "continue a stopped or crashed run from its checkpoint"),
+    ):
+        cmd = cmds.add_parser(name, help=text)
+        cmd.add_argument("run_dir", type=Path)
+        if name == "resume":
+            cmd.add_argument(
+                "--detach", action="store_true", help="return after submitting"
+            )
+        cmd.set_defaults(handler=handler)
+
+
+def _serving_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    parser.add_argument(
+        "--port", type=int, default=9092, help="port clients connect to"
+    )
+    tls = parser.add_mutually_exclusive_group(required=True)
+    tls.add_argument("--certs", type=Path, help="folder from pollinate certs (TLS)")
+    tls.add_argument("--insecure", action="store_true", help="plaintext (local only)")
+    parser.add_argument(
+        "--auth-keys",
+        type=Path,
+        help="folder of node public keys (*.pub): only they may join",
+    )
+    parser.add_argument("--detach", action="store_true", help="return after submitting")
+
+
+def _tls(info: ServerInfo) -> TlsFiles | None:
+    return TlsFiles.in_folder(Path(info.certs)) if info.certs else None
+
+
+def _serve(
+    info: ServerInfo, run_dir: Path, *, resume: bool, console: Console
+) -> ServerInfo:
+    """Start the SuperLink if needed, register keys, submit the run."""
+    tls = _tls(info)
+    if not process_alive(info.pid):
+        proc = start_superlink(
+            run_dir, info.host, info.port, tls=tls, auth=bool(info.auth_keys)
+        )
+        info = ServerInfo(
+            proc.pid, info.host, info.port, info.address, info.certs, info.auth_keys
+        )
+        write_server_info(run_dir, info)
+        if info.auth_keys and tls is not None:
+            keys = sorted(Path(info.auth_keys).glob("*.pub"))
+            register_node_keys(run_dir, info.address, tls, keys)
+            console.print(f"registered {len(keys)} node key(s)")
+    run_id = submit_run(run_dir, info.address, tls, resume=resume)
+    info = ServerInfo(
+        info.pid, info.host, info.port, info.address, info.certs, info.auth_keys, run_id
+    )
+    write_server_info(run_dir, info)
+    console.print(
+        f"server listening on {info.host}:{info.port} ({'TLS' if tls else 'plaintext'}), run {run_id}"
+    )
+    return info
+
+
+def _watch(info: ServerInfo, run_dir: Path, config: RunConfig, console: Console) -> int:
+    """Follow the run until it ends, then stop the SuperLink and report."""
+    status_path = run_dir / "status.json"
+    shown = -1
+    state = "running"
+    try:
+        while process_alive(info.pid):
+            status = json.loads(status_path.read_text()) if status_path.exists() else {}
+            rows = (
+                read_metrics(run_dir / "metrics.jsonl")
+                if (run_dir / "metrics.jsonl").exists()
+                else []
+            )
+            if rows and rows[-1]["round"] != shown:
+                shown = int(rows[-1]["round"])
+                console.print(
+                    f"round {shown}/{config.run.rounds}: eval loss {rows[-1]['eval_loss']:.4f}, clients {rows[-1]['clients']}"
+                )
+            state = status.get("state", "running")
+            if state in ("completed", "failed"):
+                break
+            time.sleep(1.0)  # polling the run folder: the UI's refresh rate
+    except KeyboardInterrupt:
+        console.print("interrupted: stopping the server")
+    stop_process_group(info.pid)
+    status = json.loads(status_path.read_text()) if status_path.exists() else {}
+    result = LaunchResult(
+        0 if status.get("state") == "completed" else 1,
+        str(status.get("state", "not started")),
+        status.get("error"),
+        run_dir / "superlink.log",
+    )
+    return report_run(result, run_dir, config, console)
+
+
+def _start(args: argparse.Namespace, console: Console) -> int:
+    try:
+        config = load_config(Path(args.config), collect_overrides(args))
+        run_dir = args.run_dir or new_run_dir(config)
+        prepare_server_run(config, run_dir)
+        certs = str(args.certs.resolve()) if args.certs else None
+        keys = str(args.auth_keys.resolve()) if args.auth_keys else None
+        connect = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        info = ServerInfo(
+            -1, args.host, args.port, f"{connect}:{args.port}", certs, keys
+        )
+        console.print(f"run folder: {run_dir}")
+        info = _serve(info, run_dir, resume=False, console=console)
+    except (ConfigError, DeployError, ValueError, OSError) as exc:
+        console.print(f"[red]cannot start[/]: {exc}")
+        return 2
+    if args.detach:
+        console.print(f"watch it with: pollinate server status {run_dir}")
+        return 0
+    return _watch(info, run_dir, config, console)
+
+
+def _resume(args: argparse.Namespace, console: Console) -> int:
+    info = read_server_info(args.run_dir)
+    try:
+        config = load_config(args.run_dir / "config.toml")
+        if info is None:
+            raise DeployError(f"{args.run_dir} was never served (no server.json)")
+        if not (args.run_dir / "checkpoint" / "state.json").exists():
+            raise DeployError("no checkpoint yet: start the run again")
+        info = _serve(info, args.run_dir, resume=True, console=console)
+    except (ConfigError, DeployError, OSError) as exc:
+        console.print(f"[red]cannot resume[/]: {exc}")
+        return 2
+    return 0 if args.detach else _watch(info, args.run_dir, config, console)
+
+
+def _stop(args: argparse.Namespace, console: Console) -> int:
+    info = read_server_info(args.run_dir)
+    if info is None or not process_alive(info.pid):
+        console.print(f"no server running for {args.run_dir}")
+        return 1
+    stop_process_group(info.pid)
+    console.print(f"stopped the server of {args.run_dir} (pid {info.pid})")
+    return 0
+
+
+def _status(args: argparse.Namespace, console: Console) -> int:
+    run_dir: Path = args.run_dir
+    try:
+        config = load_config(run_dir / "config.toml")
+    except ConfigError as exc:
+        console.print(f"[red]not a run folder[/]: {exc}")
+        return 2
+    info = read_server_info(run_dir)
+    status = (
+        json.loads((run_dir / "status.json").read_text())
+        if (run_dir / "status.json").exists()
+        else {}
+    )
+    alive = info is not None and process_alive(info.pid)
+    console.print(
+        f"run {run_dir.name}: {status.get('state', 'not started')}; server "
+        f"{'up at ' + info.address if alive and info else 'down'}"
+    )
+    if alive and info is not None:
+        try:
+            nodes = connected_nodes(run_dir, info.address, _tls(info))
+            online = [n for n in nodes if str(n.get("status", "")).startswith("online")]
+            console.print(f"clients connected: {len(online)}")
+        except DeployError as exc:
+            console.print(f"clients: unknown ({exc})")
+    if (run_dir / "metrics.jsonl").exists():
+        rows = read_metrics(run_dir / "metrics.jsonl")
+        console.print(
+            summary_table(
+                rows,
+                title=f"{config.run.method}: {len(rows) - 1}/{config.run.rounds} rounds",
+            )
+        )
+    return 0

@@ -1,0 +1,201 @@
+"""The deployed client: a supervised Flower SuperNode running our ClientApp.
+
+``pollinate client join`` starts ``flower-supernode`` against the server with
+this node's data path and label in its node config, and keeps it running: a
+SuperNode exits when the server restarts (an in-memory SuperLink forgets its
+nodes), so the daemon starts it again with a growing back-off, up to
+``max_restarts`` times. Method state lives where it survives a SuperNode's
+per-message process: FedKSeed's synced model in snapshot files, everything
+else in the messages themselves. SIGINT/SIGTERM stop the SuperNode and the
+daemon. Node keys for authenticated federations come from
+:func:`make_node_key`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+__all__ = ["JoinSettings", "make_node_key", "run_daemon", "supernode_command"]
+
+
+@dataclass(frozen=True, slots=True)
+class JoinSettings:
+    """How this node joins a federation.
+
+    Attributes
+    ----------
+    server : str
+        ``HOST:PORT`` of the SuperLink.
+    data : Path
+        The node's local examples.
+    label : str
+        A stable name (orders nodes reproducibly; shown in the server's ledger).
+    root_certificates : Path | None
+        CA certificate for TLS; ``None`` with ``insecure`` only.
+    insecure : bool
+        Plaintext (tests and local experiments only).
+    auth_key : Path | None
+        Private key (OpenSSH EC) registered with the server, when it
+        authenticates nodes.
+    state_dir : Path
+        The SuperNode's FLWR_HOME and local API port file live here.
+    local_port : int
+        Port of the SuperNode's local ClientApp API (on 127.0.0.1).
+    max_restarts : int
+        Restarts after an unexpected exit before giving up.
+    methods : tuple[str, ...]
+        Methods this node accepts (empty: all).
+    """
+
+    server: str
+    data: Path
+    label: str
+    root_certificates: Path | None = None
+    insecure: bool = False
+    auth_key: Path | None = None
+    state_dir: Path = Path(".pollinate-node")
+    local_port: int = 9094
+    max_restarts: int = 100
+    methods: tuple[str, ...] = ()
+
+
+def supernode_command(s: JoinSettings) -> list[str]:
+    """The ``flower-supernode`` command line for these settings.
+
+    Raises
+    ------
+    ValueError
+        If TLS is off without ``insecure``, or on with ``insecure``.
+    """
+    if s.insecure == (s.root_certificates is not None):
+        raise ValueError("give exactly one of a root certificate (TLS) or insecure")
+    tool = Path(sys.executable).parent / "flower-supernode"
+    node_config = f'data-path="{s.data.resolve()}" label="{s.label}"'
+    if s.methods:
+        node_config += f' methods="{",".join(s.methods)}"'
+    cmd = [
+        str(tool),
+        "--superlink",
+        s.server,
+        "--port",
+        str(s.local_port),
+        "--node-config",
+        node_config,
+    ]
+    if s.insecure:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(s.root_certificates)]
+    if s.auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(s.auth_key)]
+    return cmd
+
+
+def _env(s: JoinSettings) -> dict[str, str]:
+    return {
+        **os.environ,
+        "FLWR_HOME": str(s.state_dir / "flwr"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "POLLINATE_ZO_STATE_DIR": str(s.state_dir / "zo-state"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+def run_daemon(s: JoinSettings, *, say: Callable[[str], None] = print) -> int:
+    """Run and supervise the SuperNode; return the exit status.
+
+    0 when stopped by a signal or when the SuperNode exits cleanly; the
+    SuperNode's last status when restarts are exhausted.
+    """
+    s.state_dir.mkdir(parents=True, exist_ok=True)
+    cmd, env = supernode_command(s), _env(s)
+    stopping = False
+    child: subprocess.Popen[bytes] | None = None
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        del frame
+        stopping = True
+        if child is not None and child.poll() is None:
+            os.killpg(child.pid, signal.SIGTERM)
+        say(f"signal {signum}: stopping")
+
+    previous = {
+        sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    restarts, backoff = 0, 1.0
+    try:
+        while True:
+            log = (s.state_dir / "supernode.log").open("ab")
+            child = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+            log.close()
+            say(f"node {s.label}: SuperNode started (pid {child.pid}) for {s.server}")
+            code = child.wait()
+            if stopping or code == 0:
+                return 0
+            if restarts >= s.max_restarts:
+                say(f"node {s.label}: SuperNode exited with {code}; no restarts left")
+                return code
+            restarts += 1
+            say(
+                f"node {s.label}: SuperNode exited with {code}; restart {restarts} in {backoff:.0f} s"
+            )
+            time.sleep(backoff)  # back-off before re-joining a restarting server
+            backoff = min(backoff * 2, 30.0)
+    finally:
+        if child is not None and child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def make_node_key(folder: Path, name: str = "node") -> tuple[Path, Path]:
+    """Write an OpenSSH EC (P-384) key pair for node authentication.
+
+    Returns ``(private key, public key)``; register the public key on the
+    server (``pollinate server start --auth-keys DIR``).
+
+    Raises
+    ------
+    FileExistsError
+        If the key already exists.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    private, public = folder / f"{name}.key", folder / f"{name}.pub"
+    if private.exists():
+        raise FileExistsError(f"{private} exists")
+    key = ec.generate_private_key(ec.SECP384R1())
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    os.chmod(private, 0o600)
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+    )
+    return private, public

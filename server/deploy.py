@@ -1,0 +1,362 @@
+"""Running a federation server for real: Flower's SuperLink, owned and watched.
+
+``pollinate server start`` prepares a run folder, starts ``flower-superlink``
+(its own process group, state in memory, no per-run dependency install, TLS
+unless told ``--insecure``, optional node authentication), and submits the
+run with ``flwr run``. The app it submits is a two-line Flower app
+(``<run>/app/pyproject.toml``) naming this installation's ``server.app:app``
+and ``client.app:app``, so the same apps run in simulation and deployment.
+``server.json`` in the run folder records the SuperLink's PID, address and
+the Flower run id; ``status``, ``stop`` and ``resume`` work from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from corpora import load_examples, split_holdout, write_jsonl
+from models import prepare_model
+from server.checkpoints import atomic_write_bytes
+from server.config import RunConfig, config_to_toml
+
+__all__ = [
+    "DeployError",
+    "ServerInfo",
+    "connected_nodes",
+    "TlsFiles",
+    "flwr_env",
+    "prepare_server_run",
+    "process_alive",
+    "read_server_info",
+    "register_node_keys",
+    "start_superlink",
+    "stop_process_group",
+    "submit_run",
+    "wait_for_port",
+    "write_app",
+    "write_server_info",
+]
+
+APP_PYPROJECT = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "pollinate-run"
+version = "1.0.0"
+description = "A Pollinate run: the installed server.app and client.app"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "pollinate"
+
+[tool.flwr.app.components]
+serverapp = "server.app:app"
+clientapp = "client.app:app"
+
+[tool.flwr.app.config]
+run-dir = ""
+resume = false
+"""
+
+
+class DeployError(RuntimeError):
+    """A deployment process could not be started, reached or stopped."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files for the SuperLink's TLS (see ``pollinate certs``)."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+    @classmethod
+    def in_folder(cls, folder: Path) -> TlsFiles:
+        """The files ``pollinate certs FOLDER`` writes.
+
+        Raises
+        ------
+        DeployError
+            If one is missing.
+        """
+        files = cls(folder / "ca.crt", folder / "server.crt", folder / "server.key")
+        for path in (files.ca_cert, files.server_cert, files.server_key):
+            if not path.is_file():
+                raise DeployError(
+                    f"TLS file missing: {path} (make them with pollinate certs)"
+                )
+        return files
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """What ``server.json`` records about a running federation server."""
+
+    pid: int
+    host: str
+    port: int
+    address: str
+    certs: str | None
+    auth_keys: str | None
+    run_id: int | None = None
+
+
+def prepare_server_run(config: RunConfig, run_dir: Path) -> Path:
+    """A run folder for a deployed server: config and the held-out set only.
+
+    Clients hold their own data in deployment; the server keeps the held-out
+    examples of ``data.source`` for central evaluation.
+    """
+    examples = load_examples(
+        config.data.source, limit=config.data.limit, seed=config.run.seed
+    )
+    _, held_out = split_holdout(examples, config.data.eval_examples, config.run.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(held_out, run_dir / "data" / "eval.jsonl")
+    atomic_write_bytes(run_dir / "config.toml", config_to_toml(config).encode())
+    prepare_model(config.model.name)
+    return run_dir
+
+
+def write_app(run_dir: Path) -> Path:
+    """The Flower app folder that ``flwr run`` submits for this run."""
+    app = run_dir / "app"
+    app.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(app / "pyproject.toml", APP_PYPROJECT.encode())
+    return app
+
+
+def flwr_env(home: Path) -> dict[str, str]:
+    """Environment for Flower processes: own FLWR_HOME, offline, our venv first."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+def _tool(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    found = str(path) if path.exists() else shutil.which(name)
+    if not found:
+        raise DeployError(f"{name} not found: is flwr installed in this environment?")
+    return found
+
+
+def wait_for_port(
+    host: str, port: int, timeout_s: float, proc: subprocess.Popen[bytes]
+) -> None:
+    """Block until ``host:port`` accepts connections (or the process died).
+
+    Raises
+    ------
+    DeployError
+        If the process exits first or the port stays closed for ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DeployError(
+                f"the process exited with status {proc.returncode} before listening"
+            )
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)  # polling a port: there is no readiness signal to wait on
+    raise DeployError(f"nothing listens on {host}:{port} after {timeout_s:.0f} s")
+
+
+def start_superlink(
+    run_dir: Path, host: str, port: int, *, tls: TlsFiles | None, auth: bool
+) -> subprocess.Popen[bytes]:
+    """Start ``flower-superlink`` for ``run_dir`` in its own process group.
+
+    Raises
+    ------
+    DeployError
+        If node authentication is asked without TLS, or it does not come up.
+    """
+    if auth and tls is None:
+        raise DeployError(
+            "node authentication needs TLS (Flower refuses it with --insecure)"
+        )
+    cmd = [
+        _tool("flower-superlink"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
+    if tls is None:
+        cmd.append("--insecure")
+    else:
+        cmd += [
+            "--ssl-certfile",
+            str(tls.server_cert),
+            "--ssl-keyfile",
+            str(tls.server_key),
+            "--ssl-ca-certfile",
+            str(tls.ca_cert),
+        ]
+    if auth:
+        cmd.append("--enable-supernode-auth")
+    log = (run_dir / "superlink.log").open("ab")
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=flwr_env(run_dir / ".flwr-superlink"),
+        start_new_session=True,
+    )
+    log.close()
+    wait_for_port("127.0.0.1" if host in ("0.0.0.0", "::") else host, port, 60.0, proc)
+    return proc
+
+
+def _cli_home(run_dir: Path, address: str, tls: TlsFiles | None) -> Path:
+    """A FLWR_HOME whose ``deploy`` connection points at our SuperLink."""
+    home = run_dir / ".flwr-cli"
+    home.mkdir(parents=True, exist_ok=True)
+    security = (
+        f'root-certificates = "{tls.ca_cert.resolve()}"' if tls else "insecure = true"
+    )
+    text = (
+        '[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n'
+        f'address = "{address}"\n{security}\n'
+    )
+    atomic_write_bytes(home / "config.toml", text.encode())
+    return home
+
+
+def _flwr(
+    home: Path, *args: str, timeout_s: float = 120.0
+) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(
+        [_tool("flwr"), *args],
+        env=flwr_env(home),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise DeployError(
+            f"flwr {' '.join(args)} failed: {out.stdout[-800:]}{out.stderr[-800:]}"
+        )
+    return out
+
+
+def register_node_keys(
+    run_dir: Path, address: str, tls: TlsFiles, keys: list[Path]
+) -> None:
+    """Register node public keys (``*.pub``, OpenSSH EC) with the SuperLink."""
+    home = _cli_home(run_dir, address, tls)
+    for key in keys:
+        _flwr(home, "supernode", "register", str(key), "deploy")
+
+
+def submit_run(
+    run_dir: Path, address: str, tls: TlsFiles | None, *, resume: bool
+) -> int:
+    """Submit this run's app with ``flwr run``; return Flower's run id."""
+    home = _cli_home(run_dir, address, tls)
+    app = write_app(run_dir)
+    config = f'run-dir="{run_dir.resolve()}" resume={"true" if resume else "false"}'
+    out = _flwr(
+        home, "run", str(app), "deploy", "--run-config", config, "--format", "json"
+    )
+    text = out.stdout
+    start = text.find("{")
+    try:
+        payload = json.loads(text[start:]) if start >= 0 else {}
+    except json.JSONDecodeError:
+        payload = {}
+    if payload.get("success") and payload.get("run-id"):
+        return int(payload["run-id"])
+    raise DeployError(f"flwr run gave no run id: {out.stdout[-500:]}")
+
+
+def write_server_info(run_dir: Path, info: ServerInfo) -> None:
+    """Record the running server in ``server.json``."""
+    atomic_write_bytes(
+        run_dir / "server.json", json.dumps(asdict(info), indent=1).encode()
+    )
+
+
+def read_server_info(run_dir: Path) -> ServerInfo | None:
+    """The recorded server, or None if this run was never served."""
+    path = run_dir / "server.json"
+    if not path.exists():
+        return None
+    return ServerInfo(**json.loads(path.read_text()))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (and is not a zombie)."""
+    if pid <= 0:  # os.kill(-1, 0) would signal every process we may signal
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
+    return state != "Z"
+
+
+def stop_process_group(pid: int, grace_s: float = 10.0) -> None:
+    """SIGTERM a process group, then SIGKILL what is left after ``grace_s``."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and process_alive(pid):
+        time.sleep(0.1)  # waiting for exit: no handle on a process we did not spawn
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def connected_nodes(
+    run_dir: Path, address: str, tls: TlsFiles | None
+) -> list[dict[str, str]]:
+    """The SuperLink's nodes as ``flwr supernode ls`` reports them."""
+    out = _flwr(
+        _cli_home(run_dir, address, tls),
+        "supernode",
+        "ls",
+        "deploy",
+        "--format",
+        "json",
+    )
+    start = out.stdout.find("{")
+    try:
+        payload = json.loads(out.stdout[start:]) if start >= 0 else {}
+    except json.JSONDecodeError:
+        return []
+    nodes = payload.get("nodes", payload) if isinstance(payload, dict) else payload
+    return [n for n in nodes if isinstance(n, dict)]
