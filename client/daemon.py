@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-__all__ = ["JoinSettings", "make_node_key", "run_daemon", "supernode_command"]
+__all__ = [
+    "JoinSettings",
+    "make_node_key",
+    "run_daemon",
+    "supernode_command",
+    "supernode_env",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +105,8 @@ def supernode_command(s: JoinSettings) -> list[str]:
     return cmd
 
 
-def _env(s: JoinSettings) -> dict[str, str]:
+def supernode_env(s: JoinSettings) -> dict[str, str]:
+    """The SuperNode's environment: its own FLWR_HOME, offline, our venv first."""
     return {
         **os.environ,
         "FLWR_HOME": str(s.state_dir / "flwr"),
@@ -118,7 +125,7 @@ def run_daemon(s: JoinSettings, *, say: Callable[[str], None] = print) -> int:
     SuperNode's last status when restarts are exhausted.
     """
     s.state_dir.mkdir(parents=True, exist_ok=True)
-    cmd, env = supernode_command(s), _env(s)
+    cmd, env = supernode_command(s), supernode_env(s)
     stopping = False
     child: subprocess.Popen[bytes] | None = None
 

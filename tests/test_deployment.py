@@ -1,0 +1,277 @@
+"""Real deployment on 127.0.0.1: ``pollinate server`` and ``pollinate client join``.
+
+Every process is real (SuperLink, SuperNodes, per-message ClientApp
+processes), listens on 127.0.0.1 on a free port, and is stopped by the test
+that started it. These tests take minutes: they carry the ``deployment``
+marker, run by ``.ci/run`` after the default suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from client.daemon import JoinSettings, make_node_key, supernode_command, supernode_env
+from corpora import generate_tasks, write_jsonl
+from server.certificates import make_dev_pki
+from server.deploy import (
+    TlsFiles,
+    connected_nodes,
+    register_node_keys,
+    start_superlink,
+    stop_process_group,
+)
+from simulation import read_metrics
+
+pytestmark = [pytest.mark.deployment, pytest.mark.integration]
+
+POLLINATE = str(Path(sys.executable).parent / "pollinate")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _config(tmp_path: Path, rounds: int, extra: str = "") -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(
+        f"""[run]
+rounds = {rounds}
+output_dir = "{tmp_path / "runs"}"
+[model]
+name = "tiny-llama"
+[federation]
+clients = 2
+round_timeout_s = 90
+[train]
+local_steps = 2
+batch_size = 4
+[data]
+limit = 120
+eval_examples = 8
+[eval]
+max_new_tokens = 2
+{extra}"""
+    )
+    return path
+
+
+class Cluster:
+    """Client daemons started by a test, stopped by it."""
+
+    def __init__(self, tmp_path: Path, port: int) -> None:
+        self.tmp_path, self.port = tmp_path, port
+        self.procs: list[subprocess.Popen[bytes]] = []
+        examples = generate_tasks(60, seed=3)
+        self.data = []
+        for i, label in enumerate("ab"):
+            path = tmp_path / f"{label}.jsonl"
+            write_jsonl(examples[i * 30 : (i + 1) * 30], path)
+            self.data.append(path)
+
+    def join(self, label: str, *extra: str) -> subprocess.Popen[bytes]:
+        data = self.data["ab".index(label)]
+        log = (self.tmp_path / f"daemon-{label}.log").open("ab")
+        proc = subprocess.Popen(
+            [
+                POLLINATE,
+                "client",
+                "join",
+                "--server",
+                f"127.0.0.1:{self.port}",
+                "--data",
+                str(data),
+                "--label",
+                label,
+                "--state-dir",
+                str(self.tmp_path / f"node-{label}"),
+                "--local-port",
+                str(_free_port()),
+                *extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture()
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, _free_port())
+    yield c
+    c.stop()
+
+
+def _server(
+    cluster: Cluster,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 400,
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [POLLINATE, "server", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def _run_dir(tmp_path: Path) -> Path:
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    return run_dir
+
+
+def test_a_deployed_federation_runs_to_completion(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """``server start`` plus two ``client join`` daemons complete a LoRA run:
+    every round has both clients, the SuperLink is stopped at the end.
+
+    Breaks if the app is not found by the SuperLink/SuperNodes, a client
+    cannot read its data through the node config, or the server leaks its
+    SuperLink.
+    """
+    cluster.join("a", "--insecure")
+    cluster.join("b", "--insecure")
+    out = _server(
+        cluster,
+        "start",
+        str(_config(tmp_path, 2)),
+        "--insecure",
+        "--port",
+        str(cluster.port),
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    run_dir = _run_dir(tmp_path)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["clients"] for r in rows] == [0, 2, 2]
+    info = json.loads((run_dir / "server.json").read_text())
+    assert not Path(f"/proc/{info['pid']}").exists() or (
+        Path(f"/proc/{info['pid']}/stat").read_text().split()[2] == "Z"
+    )
+
+
+def test_a_killed_server_resumes_and_ends_where_an_uninterrupted_one_does(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The ServerApp dies after round 2 (like SIGKILL) and its SuperLink is
+    SIGKILLed; the daemons re-join the restarted server; ``server resume``
+    finishes with the same final metrics as an uninterrupted run.
+
+    Breaks if the checkpoint misses state, the daemons do not reconnect, or
+    resume redoes or skips rounds.
+    """
+    cluster.join("a", "--insecure")
+    cluster.join("b", "--insecure")
+    config = _config(tmp_path, 3)
+    crash = _server(
+        cluster,
+        "start",
+        str(config),
+        "--insecure",
+        "--port",
+        str(cluster.port),
+        env={"POLLINATE_FAULT_AFTER_ROUND": "2"},
+    )
+    assert crash.returncode != 0
+    run_dir = _run_dir(tmp_path)
+    assert [r["round"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1, 2]
+    info = json.loads((run_dir / "server.json").read_text())
+    stop_process_group(info["pid"], grace_s=0)  # SIGKILL whatever is left
+    resumed = _server(cluster, "resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert rows[3]["clients"] == 2
+    # The uninterrupted reference, on the same machine and clients.
+    (tmp_path / "ref").mkdir()
+    ref_config = _config(tmp_path / "ref", 3)
+    ref = _server(
+        cluster, "start", str(ref_config), "--insecure", "--port", str(cluster.port)
+    )
+    assert ref.returncode == 0
+    ref_rows = read_metrics(_run_dir(tmp_path / "ref") / "metrics.jsonl")
+    for got, want in zip(rows, ref_rows, strict=True):
+        assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-4)
+        assert (
+            got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4)
+            if got["train_loss"] is not None
+            else want["train_loss"] is None
+        )
+
+
+def test_unknown_nodes_and_plaintext_clients_are_refused(tmp_path: Path) -> None:
+    """With TLS and node authentication on, a node without a registered key
+    and a node speaking plaintext are refused (their SuperNodes exit with an
+    error), while a node with a registered key joins and shows online."""
+    pki = make_dev_pki(tmp_path / "pki")
+    tls = TlsFiles(pki.ca_cert, pki.server_cert, pki.server_key)
+    port = _free_port()
+    run_dir = tmp_path / "srv"
+    run_dir.mkdir()
+    superlink = start_superlink(run_dir, "127.0.0.1", port, tls=tls, auth=True)
+    procs = []
+    try:
+        data = tmp_path / "d.jsonl"
+        write_jsonl(generate_tasks(10, seed=0), data)
+        good, good_pub = make_node_key(tmp_path / "keys", "good")
+        bad, _ = make_node_key(tmp_path / "keys", "unregistered")
+        register_node_keys(run_dir, f"127.0.0.1:{port}", tls, [good_pub])
+
+        def node(label: str, **kw: object) -> subprocess.Popen[bytes]:
+            s = JoinSettings(
+                server=f"127.0.0.1:{port}",
+                data=data,
+                label=label,
+                state_dir=tmp_path / label,
+                local_port=_free_port(),
+                **kw,
+            )
+            s.state_dir.mkdir()
+            cmd = supernode_command(s) + ["--max-retries", "2", "--max-wait-time", "20"]
+            proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=supernode_env(s),
+                start_new_session=True,
+            )
+            procs.append(proc)
+            return proc
+
+        accepted = node("registered", root_certificates=pki.ca_cert, auth_key=good)
+        unknown = node("unknown", root_certificates=pki.ca_cert, auth_key=bad)
+        plaintext = node("plaintext", insecure=True)
+        assert unknown.wait(timeout=120) != 0, "a node with an unregistered key joined"
+        assert plaintext.wait(timeout=120) != 0, "a plaintext node joined a TLS server"
+        assert accepted.poll() is None, "the registered node was refused"
+        nodes = connected_nodes(run_dir, f"127.0.0.1:{port}", tls)
+        assert [n for n in nodes if str(n.get("status", "")).startswith("online")]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(superlink.pid)
