@@ -10,6 +10,8 @@ message, and local settings come from the node config.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flwr.app import Context, Error, Message
@@ -48,7 +50,7 @@ from protocols.zo_messages import (
 if TYPE_CHECKING:
     from client.runtime import ClientRuntime
 
-__all__ = ["app"]
+__all__ = ["app", "build_client_app"]
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +82,12 @@ def _error_reply(msg: Message, code: int, exc: Exception) -> Message:
 
 
 @app.query(ACTION_HELLO)
-def hello(msg: Message, context: Context) -> Message:
+def hello(msg: Message, context: Context, run_dir: str | None = None) -> Message:
     """Say who this node is and how many examples it holds."""
     from corpora import DatasetError
 
     try:
-        node = NodeSettings.from_context(context)
+        node = NodeSettings.from_context(context, run_dir)
         count = _ProcessState.get().count_examples(node.data_path)
     except (NodeConfigError, DatasetError, OSError) as exc:
         return _error_reply(msg, ERROR_NODE_SETUP, exc)
@@ -93,7 +95,7 @@ def hello(msg: Message, context: Context) -> Message:
 
 
 @app.train(ACTION_LORA)
-def train(msg: Message, context: Context) -> Message:
+def train(msg: Message, context: Context, run_dir: str | None = None) -> Message:
     """Train the received global adapter on local data and send it back."""
     from client.lora_trainer import train_lora
     from corpora import DatasetError
@@ -106,7 +108,7 @@ def train(msg: Message, context: Context) -> Message:
 
     runtime = _ProcessState.get()
     try:
-        node = NodeSettings.from_context(context)
+        node = NodeSettings.from_context(context, run_dir)
         node.accept("lora")
         ins = decode_lora_train_ins(msg.content)
         lora = runtime.lora_model(ins.spec, node.device)
@@ -134,7 +136,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.train(ACTION_ZO)
-def train_zo(msg: Message, context: Context) -> Message:
+def train_zo(msg: Message, context: Context, run_dir: str | None = None) -> Message:
     """FedKSeed: catch up by seed replay, run local ZO steps, send the scalars."""
     from client.zo_state import OutOfSyncError
     from client.zo_trainer import zo_local_steps
@@ -143,7 +145,7 @@ def train_zo(msg: Message, context: Context) -> Message:
 
     runtime = _ProcessState.get()
     try:
-        node = NodeSettings.from_context(context)
+        node = NodeSettings.from_context(context, run_dir)
         node.accept("fedkseed")
         ins = decode_zo_train_ins(msg.content)
         state = runtime.zo_state(ins.spec, node.device, context.run_id)
@@ -185,7 +187,9 @@ def train_zo(msg: Message, context: Context) -> Message:
 
 
 @app.train(ACTION_SFPROMPT)
-def train_sfprompt(msg: Message, context: Context) -> Message:
+def train_sfprompt(
+    msg: Message, context: Context, run_dir: str | None = None
+) -> Message:
     """SFPrompt: local-loss warm-up, EL2N pruning, split training over the trunk."""
     from client.split_trainer import SplitSettings, split_round
     from client.trunk_client import TrunkClient, TrunkError
@@ -195,7 +199,7 @@ def train_sfprompt(msg: Message, context: Context) -> Message:
 
     runtime = _ProcessState.get()
     try:
-        node = NodeSettings.from_context(context)
+        node = NodeSettings.from_context(context, run_dir)
         node.accept("sfprompt")
         ins = decode_split_train_ins(msg.content)
         parts = runtime.split_parts(ins.spec, node.device)
@@ -246,3 +250,28 @@ def train_sfprompt(msg: Message, context: Context) -> Message:
         trunk_bytes_down=session.bytes_down,
     )
     return Message(encode_split_train_res(res), reply_to=msg)
+
+
+def build_client_app(run_dir: Path) -> ClientApp:
+    """The same handlers, bound to a simulation's run folder.
+
+    Simulated nodes find their partition through the run folder. Binding it
+    here (it travels with the app to every Ray worker, on this machine or on a
+    cluster) needs no environment variable on the workers.
+    """
+    bound = ClientApp()
+    folder = str(run_dir)
+
+    def bind(
+        handler: Callable[[Message, Context], Message],
+    ) -> Callable[[Message, Context], Message]:
+        def with_run_dir(msg: Message, context: Context) -> Message:
+            return handler(msg, context, folder)
+
+        return with_run_dir
+
+    bound.query(ACTION_HELLO)(bind(hello))
+    bound.train(ACTION_LORA)(bind(train))
+    bound.train(ACTION_ZO)(bind(train_zo))
+    bound.train(ACTION_SFPROMPT)(bind(train_sfprompt))
+    return bound

@@ -65,8 +65,12 @@ class NodeSettings:
             )
 
     @classmethod
-    def from_context(cls, context: Context) -> NodeSettings:
-        """Parse ``context.node_config`` (and the run config in simulation).
+    def from_context(cls, context: Context, run_dir: str | None = None) -> NodeSettings:
+        """Parse ``context.node_config`` (and, in simulation, find the run folder).
+
+        A simulated node's run folder is ``run_dir`` (bound into the app by
+        the simulation), else the run config's ``run-dir``, else
+        ``$POLLINATE_RUN_DIR``.
 
         Raises
         ------
@@ -87,7 +91,11 @@ class NodeSettings:
             return cls(path, str(cfg.get("label", path.stem)), device, methods)
         if "partition-id" in cfg:
             pid = int(cfg["partition-id"])
-            run_dir = context.run_config.get("run-dir") or os.environ.get(RUN_DIR_ENV)
+            run_dir = (
+                run_dir
+                or context.run_config.get("run-dir")
+                or os.environ.get(RUN_DIR_ENV)
+            )
             if not run_dir:
                 raise NodeConfigError(
                     "simulated node has a partition-id but no run folder: set run "

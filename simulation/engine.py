@@ -41,16 +41,21 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here: the launcher must start fast, and nothing happens at import.
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
+    from client.app import build_client_app
     from server.app import build_server_app
     from server.config import load_config
 
     config = load_config(run_dir / "config.toml")
+    cluster = os.environ.get("RAY_ADDRESS")
+    logging.getLogger(__name__).info(
+        "Ray: %s",
+        f"joining the existing Ray cluster at {cluster}" if cluster else "local",
+    )
     os.environ["POLLINATE_RUN_DIR"] = str(run_dir)
     try:
         run_simulation(
             server_app=build_server_app(config, run_dir, resume=resume),
-            client_app=client_app,
+            client_app=build_client_app(run_dir),
             num_supernodes=config.federation.clients,
             backend_config=backend_config(),  # type: ignore[arg-type]
         )

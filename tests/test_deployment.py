@@ -275,3 +275,66 @@ def test_unknown_nodes_and_plaintext_clients_are_refused(tmp_path: Path) -> None
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
         stop_process_group(superlink.pid)
+
+
+def test_a_simulation_runs_on_an_existing_ray_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With RAY_ADDRESS set, the engine's clients run on that Ray cluster (a
+    local single-node one here) and find their data through the app, not
+    through environment variables of the cluster's workers."""
+    from cli.main import main as cli_main
+
+    ray = str(Path(sys.executable).parent / "ray")
+    port = _free_port()
+    started = subprocess.run(
+        [
+            ray,
+            "start",
+            "--head",
+            "--port",
+            str(port),
+            "--num-cpus",
+            "2",
+            "--include-dashboard",
+            "false",
+            "--disable-usage-stats",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert started.returncode == 0, started.stderr[-1000:]
+    try:
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        code = cli_main(
+            [
+                "simulate",
+                "--model",
+                "tiny-llama",
+                "--rounds",
+                "1",
+                "--clients",
+                "2",
+                "--local-steps",
+                "2",
+                "--limit",
+                "120",
+                "--output-dir",
+                str(tmp_path),
+                "--set",
+                "data.eval_examples=8",
+                "--set",
+                "eval.max_new_tokens=2",
+            ]
+        )
+        assert code == 0
+        (run_dir,) = tmp_path.iterdir()
+        log = (run_dir / "simulation.log").read_text()
+        assert f"joining the existing Ray cluster at 127.0.0.1:{port}" in log
+        assert read_metrics(run_dir / "metrics.jsonl")[1]["clients"] == 2
+    finally:
+        subprocess.run(
+            [ray, "stop", "--force"], capture_output=True, timeout=120, check=False
+        )
