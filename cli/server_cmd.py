@@ -19,12 +19,14 @@ from rich.console import Console
 
 from cli.overrides import add_config_arguments, collect_overrides
 from cli.simulate import report_run
+from server.checkpoints import write_status
 from server.config import ConfigError, RunConfig, load_config
 from server.deploy import (
     DeployError,
     ServerInfo,
     TlsFiles,
     connected_nodes,
+    flower_run_status,
     prepare_server_run,
     process_alive,
     read_server_info,
@@ -129,6 +131,7 @@ def _watch(info: ServerInfo, run_dir: Path, config: RunConfig, console: Console)
     status_path = run_dir / "status.json"
     shown = -1
     state = "running"
+    last_check = time.monotonic()
     try:
         while process_alive(info.pid):
             status = json.loads(status_path.read_text()) if status_path.exists() else {}
@@ -145,6 +148,16 @@ def _watch(info: ServerInfo, run_dir: Path, config: RunConfig, console: Console)
             state = status.get("state", "running")
             if state in ("completed", "failed"):
                 break
+            if info.run_id is not None and time.monotonic() - last_check > 5.0:
+                last_check = time.monotonic()
+                flower = flower_run_status(
+                    run_dir, info.address, _tls(info), info.run_id
+                )
+                if flower.startswith("finished"):  # the ServerApp died without a word
+                    write_status(
+                        run_dir, "failed", error=f"Flower reports the run {flower}"
+                    )
+                    break
             time.sleep(1.0)  # polling the run folder: the UI's refresh rate
     except KeyboardInterrupt:
         console.print("interrupted: stopping the server")

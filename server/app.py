@@ -96,6 +96,7 @@ def run_server(
             ledger=ledger,
             start_round=start,
             crash_after=int(fault) if fault else None,
+            min_replies=config.federation.min_replies,
         )
     except BaseException as exc:
         write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")

@@ -99,6 +99,9 @@ class FederationSection(_Section):
         1.0, gt=0, le=1, description="Share of clients sampled per round."
     )
     min_clients: int = Field(1, ge=1, description="Fewest clients a round samples.")
+    min_replies: int = Field(
+        1, ge=1, description="Fewest usable replies a round needs; fewer fails the run."
+    )
     round_timeout_s: float = Field(
         900.0, gt=0, description="Seconds to wait for replies."
     )

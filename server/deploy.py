@@ -33,6 +33,7 @@ __all__ = [
     "ServerInfo",
     "connected_nodes",
     "TlsFiles",
+    "flower_run_status",
     "flwr_env",
     "prepare_server_run",
     "process_alive",
@@ -360,3 +361,29 @@ def connected_nodes(
         return []
     nodes = payload.get("nodes", payload) if isinstance(payload, dict) else payload
     return [n for n in nodes if isinstance(n, dict)]
+
+
+def flower_run_status(
+    run_dir: Path, address: str, tls: TlsFiles | None, run_id: int
+) -> str:
+    """Flower's status of a run (e.g. ``running``, ``finished:failed``), or ``""``."""
+    try:
+        out = _flwr(
+            _cli_home(run_dir, address, tls),
+            "ls",
+            "deploy",
+            "--run-id",
+            str(run_id),
+            "--format",
+            "json",
+            timeout_s=60.0,
+        )
+    except (DeployError, subprocess.TimeoutExpired):
+        return ""
+    start = out.stdout.find("{")
+    try:
+        payload = json.loads(out.stdout[start:]) if start >= 0 else {}
+    except json.JSONDecodeError:
+        return ""
+    runs = payload.get("runs", []) if isinstance(payload, dict) else []
+    return str(runs[0].get("status", "")) if runs else ""

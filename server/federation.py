@@ -177,6 +177,7 @@ def run_rounds(
     ledger: ByteLedger,
     start_round: int = 0,
     crash_after: int | None = None,
+    min_replies: int = 1,
 ) -> None:
     """Run rounds ``start_round + 1 .. rounds`` of ``driver``'s method.
 
@@ -220,6 +221,13 @@ def run_rounds(
                 who = driver.label(r.metadata.src_node_id)
                 ledger.record(server_round, who, "up", payload_bytes(r.content))
         result = driver.apply(server_round, replies)
+        if result.clients < min_replies:
+            raise FederationError(
+                f"round {server_round}: {result.clients} usable replies of "
+                f"{len(messages)} sampled clients, the run needs at least {min_replies} "
+                "(federation.min_replies); the last checkpoint is round "
+                f"{server_round - 1}: resume when clients are back"
+            )
         for who, (up, down) in sorted(result.side_bytes.items()):
             ledger.record(server_round, who, "up", up, channel="side")
             ledger.record(server_round, who, "down", down, channel="side")

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -338,3 +340,51 @@ def test_a_simulation_runs_on_an_existing_ray_cluster(
         subprocess.run(
             [ray, "stop", "--force"], capture_output=True, timeout=120, check=False
         )
+
+
+def test_a_client_killed_mid_run_does_not_stop_the_round(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """One of two clients is killed after round 1: later rounds complete with
+    the other once the round timeout passes, and the run finishes."""
+    cluster.join("a", "--insecure")
+    victim = cluster.join("b", "--insecure")
+    config = _config(tmp_path, 3, extra="")
+    text = config.read_text().replace("round_timeout_s = 90", "round_timeout_s = 25")
+    config.write_text(text)
+    server = subprocess.Popen(
+        [
+            POLLINATE,
+            "server",
+            "start",
+            str(config),
+            "--insecure",
+            "--port",
+            str(cluster.port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        metrics = None
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # wait for round 1 to be recorded
+            runs = list((tmp_path / "runs").glob("*/metrics.jsonl"))
+            if runs and len(runs[0].read_text().splitlines()) >= 2:
+                metrics = runs[0]
+                break
+            assert server.poll() is None, "the server ended before round 1"
+            time.sleep(0.5)  # polling the run folder for a condition
+        assert metrics is not None, "round 1 never completed"
+        log = (tmp_path / "daemon-b.log").read_text()
+        supernode = int(re.findall(r"SuperNode started \(pid (\d+)\)", log)[-1])
+        os.killpg(victim.pid, signal.SIGKILL)  # the daemon: no restart
+        os.killpg(supernode, signal.SIGKILL)  # its SuperNode and ClientApp processes
+        assert server.wait(timeout=400) == 0
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    rows = read_metrics(metrics)
+    assert rows[1]["clients"] == 2
+    assert [r["clients"] for r in rows[2:]] == [1, 1]

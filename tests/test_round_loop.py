@@ -1,0 +1,87 @@
+"""The method-agnostic round loop, with a fake driver and grid (no Flower run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from protocols import ByteLedger
+from server.evaluation import EvalResult
+from server.federation import FederationError, RoundResult, run_rounds
+from simulation import read_metrics
+
+
+class _Driver:
+    method = "fake"
+
+    def __init__(self, replies_per_round: list[int]) -> None:
+        self.replies = replies_per_round
+        self.checkpoints: list[int] = []
+        self.finished = False
+
+    def set_nodes(self, node_labels: dict[int, str]) -> None: ...
+
+    def label(self, node_id: int) -> str:
+        return f"n{node_id}"
+
+    def configure(self, server_round: int, grid: object) -> list:
+        return []
+
+    def apply(self, server_round: int, replies: object) -> RoundResult:
+        return RoundResult(self.replies[server_round - 1], 0, 1.0)
+
+    def evaluate(self) -> EvalResult:
+        return EvalResult(1.0, 0.5, "exact_match", 4)
+
+    def checkpoint(self, run_dir: Path, server_round: int, extra: dict) -> None:
+        self.checkpoints.append(server_round)
+
+    def finish(self, run_dir: Path) -> None:
+        self.finished = True
+
+    def close(self) -> None: ...
+
+    def restore(self, run_dir: Path) -> int:
+        return 0
+
+
+class _Grid:
+    def send_and_receive(self, messages: list, timeout: float) -> list:
+        return []
+
+
+def test_too_few_replies_fail_the_run_with_the_setting_named(tmp_path: Path) -> None:
+    """A round with fewer usable replies than federation.min_replies stops the
+    run with a message naming the setting; earlier rounds stay recorded and
+    the failing round writes no checkpoint."""
+    driver = _Driver([2, 1, 2])
+    with pytest.raises(FederationError, match="min_replies"):
+        run_rounds(
+            _Grid(),
+            driver,
+            rounds=3,
+            run_dir=tmp_path,
+            timeout_s=1.0,
+            ledger=ByteLedger(),
+            min_replies=2,
+        )
+    assert driver.checkpoints == [1] and not driver.finished
+    assert [r["round"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1]
+
+
+def test_enough_replies_complete_every_round(tmp_path: Path) -> None:
+    """With min_replies met, every round is checkpointed and recorded once."""
+    driver = _Driver([2, 1, 2])
+    run_rounds(
+        _Grid(),
+        driver,
+        rounds=3,
+        run_dir=tmp_path,
+        timeout_s=1.0,
+        ledger=ByteLedger(),
+        min_replies=1,
+    )
+    assert driver.checkpoints == [1, 2, 3] and driver.finished
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["clients"] for r in rows] == [0, 2, 1, 2]
