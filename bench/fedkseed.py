@@ -149,7 +149,9 @@ def machine_info() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "flwr": flwr.__version__,
         "cuda_available": torch.cuda.is_available(),
-        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda_device": torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else None,
         "git_commit": commit,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "note": "CPU shared with other engineers' processes during the run; "
@@ -160,7 +162,9 @@ def machine_info() -> dict[str, Any]:
 # ------------------------------------------------------------------ data
 
 
-def fixed_ni_batch(tokenizer: Any, n: int = STEP_BATCH, length: int = STEP_TOKENS, seed: int = 0):
+def fixed_ni_batch(
+    tokenizer: Any, n: int = STEP_BATCH, length: int = STEP_TOKENS, seed: int = 0
+):
     """``n`` real NI examples tokenized to exactly ``length`` tokens (no padding).
 
     Examples are visited in a seeded random order and kept when the prompt
@@ -298,7 +302,9 @@ def section_bytes(walk: Any, global_hash: str) -> dict[str, Any]:
             }
         out["ins"][method] = rows
 
-    tau_idx = torch.from_numpy(rng.integers(0, PAPER_K, size=PAPER_TAU).astype(np.int32))
+    tau_idx = torch.from_numpy(
+        rng.integers(0, PAPER_K, size=PAPER_TAU).astype(np.int32)
+    )
     tau_g = torch.from_numpy(rng.normal(0.0, 5.0, size=PAPER_TAU).astype(np.float32))
     res = ZoTrainRes(
         indices=tau_idx,
@@ -331,7 +337,9 @@ def section_bytes(walk: Any, global_hash: str) -> dict[str, Any]:
 # ------------------------------------------------------------------ section 2
 
 
-def section_step(model: Any, tokenizer: Any, params: list, steps: int) -> dict[str, Any]:
+def section_step(
+    model: Any, tokenizer: Any, params: list, steps: int
+) -> dict[str, Any]:
     """Time the five parts of MeZO steps on the full model (after one warm-up)."""
     import torch
 
@@ -462,7 +470,9 @@ def child_memory(kind: str, spec_json: str | None) -> dict[str, Any]:
         from server.config import load_config
 
         model = load_causal_lm(MODEL, dtype="float32", device="cpu").model
-        spec = zo_spec(load_config(None, {"run.method": "fedkseed"}), ParamWalk.from_model(model))
+        spec = zo_spec(
+            load_config(None, {"run.method": "fedkseed"}), ParamWalk.from_model(model)
+        )
         fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
         fields["include"] = list(fields["include"])
         return {"kind": kind, "spec": fields}
@@ -496,7 +506,9 @@ def child_memory(kind: str, spec_json: str | None) -> dict[str, Any]:
             )
             state.sync(ins)  # writes the synced snapshot to disk
             marks["after_sync_snapshot_write"] = maxrss_mib()
-            snapshot_bytes = sum(f.stat().st_size for f in Path(snap).glob("*.safetensors"))
+            snapshot_bytes = sum(
+                f.stat().st_size for f in Path(snap).glob("*.safetensors")
+            )
             state.mark_trained()
             zo_local_steps(
                 state.model,
@@ -549,7 +561,12 @@ def child_memory(kind: str, spec_json: str | None) -> dict[str, Any]:
         marks["after_3_zo_steps"] = maxrss_mib()
     else:
         raise ValueError(kind)
-    return {"kind": kind, "peak_mib": maxrss_mib(), "marks_mib": marks, "seconds": now() - t0}
+    return {
+        "kind": kind,
+        "peak_mib": maxrss_mib(),
+        "marks_mib": marks,
+        "seconds": now() - t0,
+    }
 
 
 def run_child(kind: str, spec_json: str | None = None) -> dict[str, Any]:
@@ -700,7 +717,9 @@ def zo_args(method: str, steps: int, batch: int, lr: float) -> list[str]:
     ]
 
 
-def run_simulation(name: str, extra: list[str], root: Path, timeout: float) -> dict[str, Any]:
+def run_simulation(
+    name: str, extra: list[str], root: Path, timeout: float
+) -> dict[str, Any]:
     """One ``pollinate simulate`` subprocess; its metrics and outcome."""
     import numpy as np
 
@@ -713,7 +732,11 @@ def run_simulation(name: str, extra: list[str], root: Path, timeout: float) -> d
     timed_out = False
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
         )
         try:
             proc.wait(timeout=timeout)
@@ -745,9 +768,11 @@ def run_simulation(name: str, extra: list[str], root: Path, timeout: float) -> d
     if parts.exists():
         p = json.loads(parts.read_text())
         result["partition_sizes"] = p.get("sizes")
-        result["tasks_per_client"] = [len(g) for g in p.get("groups", [])] if isinstance(
-            p.get("groups"), list
-        ) else None
+        result["tasks_per_client"] = (
+            [len(g) for g in p.get("groups", [])]
+            if isinstance(p.get("groups"), list)
+            else None
+        )
     metrics = run_dir / "metrics.jsonl"
     rows = (
         [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
@@ -824,13 +849,24 @@ def lr_probe(steps: int, batch: int, lrs: tuple[float, ...]) -> dict[str, Any]:
             for (_, p), s in zip(params, saved, strict=True):
                 p.copy_(s)
         config = LocalTrainConfig(
-            server_round=1, local_steps=steps, batch_size=batch,
-            learning_rate=lr, weight_decay=0.0, seed=0,
+            server_round=1,
+            local_steps=steps,
+            batch_size=batch,
+            learning_rate=lr,
+            weight_decay=0.0,
+            seed=0,
         )
         t0 = now()
         stats = zo_local_steps(
-            model, params, tokenized, config, seeds=seeds, eps=ZO_EPS,
-            probabilities=None, pad_id=int(tok.pad_token_id), label="probe",
+            model,
+            params,
+            tokenized,
+            config,
+            seeds=seeds,
+            eps=ZO_EPS,
+            probabilities=None,
+            pad_id=int(tok.pad_token_id),
+            label="probe",
             device=torch.device("cpu"),
         )
         seconds = now() - t0
@@ -877,6 +913,79 @@ def lr_probe(steps: int, batch: int, lrs: tuple[float, ...]) -> dict[str, Any]:
     }
 
 
+SIM_RUNS = ("lora", "fedkseed", "fedkseed-pro")
+
+
+def sim_extra(name: str, zo_steps: int, zo_batch: int, lr: float) -> list[str]:
+    """The method-specific ``pollinate simulate`` arguments of one section 5 run."""
+    if name == "lora":
+        return ["--local-steps", "10", "--batch-size", "8"]
+    return zo_args(name, zo_steps, zo_batch, lr)
+
+
+def run_with_retry(
+    name: str, extra: list[str], root: Path, timeout: float
+) -> dict[str, Any]:
+    """One simulation, run once more if its engine died without timing out.
+
+    On a shared machine another process's ``ray stop`` ends every Ray node;
+    the earlier attempt is kept in the result.
+    """
+    first = run_simulation(name, extra, root / "attempt-1", timeout)
+    if (first.get("status") or {}).get("state") == "completed" or first["timed_out"]:
+        return first
+    second = run_simulation(name, extra, root / "attempt-2", timeout)
+    second["earlier_attempts"] = [
+        {
+            k: first.get(k)
+            for k in ("returncode", "status", "wall_s", "rounds_done", "log_tail")
+        }
+    ]
+    return second
+
+
+def rerun(args: argparse.Namespace) -> int:
+    """Redo named section 5 runs of an existing full result and re-render it."""
+    path = RESULTS_DIR / "fedkseed.json"
+    results = json.loads(path.read_text())
+    task = results["task"]
+    zo = task["settings"]["zo"]
+    t0 = now()
+    with tempfile.TemporaryDirectory(prefix="fedkseed-bench-") as tmp:
+        for name in [n for n in args.rerun.split(",") if n]:
+            if name not in SIM_RUNS:
+                raise SystemExit(f"--rerun: {name!r} is not one of {SIM_RUNS}")
+            old = task["runs"].get(name, {})
+            extra = sim_extra(
+                name, zo["local_steps"], zo["batch_size"], zo["learning_rate"]
+            )
+            new = run_with_retry(name, extra, Path(tmp), args.sim_timeout)
+            new["rerun"] = {
+                "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                "reason": args.rerun_reason,
+                "replaced": {
+                    k: old.get(k)
+                    for k in (
+                        "returncode",
+                        "status",
+                        "wall_s",
+                        "rounds_done",
+                        "timed_out",
+                        "log_tail",
+                    )
+                },
+            }
+            task["runs"][name] = new
+    task.setdefault("rerun_seconds", 0.0)
+    task["rerun_seconds"] += now() - t0
+    results["total_seconds"] = results.get("total_seconds", 0.0) + (now() - t0)
+    path.write_text(json.dumps(results, indent=1, default=str))
+    table = render(results)
+    (RESULTS_DIR / "fedkseed.md").write_text(table)
+    print(table)
+    return 0
+
+
 def section_task(args: argparse.Namespace) -> dict[str, Any]:
     t_start = now()
     probe = lr_probe(args.probe_steps, args.zo_batch, PROBE_LRS)
@@ -884,14 +993,9 @@ def section_task(args: argparse.Namespace) -> dict[str, Any]:
     runs = {}
     with tempfile.TemporaryDirectory(prefix="fedkseed-bench-") as tmp:
         root = Path(tmp)
-        runs["lora"] = run_simulation(
-            "lora", ["--local-steps", "10", "--batch-size", "8"], root, args.sim_timeout
-        )
-        for method in ("fedkseed", "fedkseed-pro"):
-            runs[method] = run_simulation(
-                method, zo_args(method, args.zo_steps, args.zo_batch, lr), root,
-                args.sim_timeout,
-            )
+        for name in SIM_RUNS:
+            extra = sim_extra(name, args.zo_steps, args.zo_batch, lr)
+            runs[name] = run_with_retry(name, extra, root, args.sim_timeout)
     return {
         "settings": {
             "dataset": str(NI_PATH),
@@ -902,8 +1006,11 @@ def section_task(args: argparse.Namespace) -> dict[str, Any]:
             "eval_examples": SIM_EVAL,
             "eval_max_new_tokens": 32,
             "metric": "rouge_l",
-            "lora": {"local_steps": 10, "batch_size": 8, "defaults": "lora.rank 8, "
-                     "q_proj+v_proj, AdamW lr 2e-3"},
+            "lora": {
+                "local_steps": 10,
+                "batch_size": 8,
+                "defaults": "lora.rank 8, q_proj+v_proj, AdamW lr 2e-3",
+            },
             "zo": {
                 "num_seeds": PAPER_K,
                 "local_steps": args.zo_steps,
@@ -933,173 +1040,228 @@ def render(results: dict[str, Any]) -> str:
     if b:
         s = b["settings"]
         d = s["distinct_seeds_used"]
-        for method, label in (("fedkseed", "FedKSeed"), ("fedkseed-pro", "FedKSeed-Pro")):
+        for method, label in (
+            ("fedkseed", "FedKSeed"),
+            ("fedkseed-pro", "FedKSeed-Pro"),
+        ):
             ins = b["ins"][method]
             synced = ins["0"]["bytes"]
             total = synced + b["res"]["bytes"]
-            rows.append((
-                "1a bytes",
-                f"{label}, node synced last round: down + up",
-                f"{synced:,} + {b['res']['bytes']:,} = **{total:,} B** "
-                f"({'<' if total < 18000 else '>='} 18 kB)",
-                f"`payload_bytes` of `FedKSeed.configure` / `encode_zo_train_res` contents; "
-                f"K={s['K']}, tau={s['tau']}, history = 1 round of D={d} seeds "
-                f"(E[distinct] of {s['draws_per_round']} draws)",
-            ))
-            growth = ", ".join(
-                f"r={r}: {ins[str(r)]['bytes']:,} B" for r in ("1", "5", "20") if r in ins
+            rows.append(
+                (
+                    "1a bytes",
+                    f"{label}, node synced last round: down + up",
+                    f"{synced:,} + {b['res']['bytes']:,} = **{total:,} B** "
+                    f"({'<' if total < 18000 else '>='} 18 kB)",
+                    f"`payload_bytes` of `FedKSeed.configure` / `encode_zo_train_res` contents; "
+                    f"K={s['K']}, tau={s['tau']}, history = 1 round of D={d} seeds "
+                    f"(E[distinct] of {s['draws_per_round']} draws)",
+                )
             )
-            rows.append((
+            growth = ", ".join(
+                f"r={r}: {ins[str(r)]['bytes']:,} B"
+                for r in ("1", "5", "20")
+                if r in ins
+            )
+            rows.append(
+                (
+                    "1a bytes",
+                    f"{label} download after missing r rounds",
+                    growth,
+                    f"same encoder, history of r+1 round deltas x {d} (int32 index, float32 "
+                    "coefficient) pairs: grows ~8 D B per missed round",
+                )
+            )
+        rows.append(
+            (
                 "1a bytes",
-                f"{label} download after missing r rounds",
-                growth,
-                f"same encoder, history of r+1 round deltas x {d} (int32 index, float32 "
-                "coefficient) pairs: grows ~8 D B per missed round",
-            ))
-        rows.append((
-            "1a bytes",
-            "upload (reply), tau=200 steps",
-            f"{b['res']['bytes']:,} B",
-            "`encode_zo_train_res`: 200 int32 indices + 200 float32 scalars + sync proof "
-            "+ metrics",
-        ))
-        rows.append((
-            "1a bytes",
-            "paper accounting 4K + 8 tau / our floor 8D + 8 tau",
-            f"{b['paper_accounting']['bytes']:,} B / "
-            f"{b['paper_accounting']['our_payload_floor_bytes']:,} B",
-            "arithmetic only (payload arrays, no headers)",
-        ))
+                "upload (reply), tau=200 steps",
+                f"{b['res']['bytes']:,} B",
+                "`encode_zo_train_res`: 200 int32 indices + 200 float32 scalars + sync proof "
+                "+ metrics",
+            )
+        )
+        rows.append(
+            (
+                "1a bytes",
+                "paper accounting 4K + 8 tau / our floor 8D + 8 tau",
+                f"{b['paper_accounting']['bytes']:,} B / "
+                f"{b['paper_accounting']['our_payload_floor_bytes']:,} B",
+                "arithmetic only (payload arrays, no headers)",
+            )
+        )
     t = results.get("task")
     if t:
-        for key, label in (("fedkseed", "FedKSeed"), ("fedkseed-pro", "FedKSeed-Pro"),
-                           ("lora", "LoRA FedAvg")):
+        for key, label in (
+            ("fedkseed", "FedKSeed"),
+            ("fedkseed-pro", "FedKSeed-Pro"),
+            ("lora", "LoRA FedAvg"),
+        ):
             run = t["runs"].get(key, {})
             if "bytes_up_per_client_round" in run:
-                up, down = run["bytes_up_per_client_round"], run["bytes_down_per_client_round"]
-                rows.append((
-                    "1b bytes",
-                    f"{label}, measured per client per round (section 5 run)",
-                    "down " + ", ".join(f"{x:,.0f}" for x in down)
-                    + " / up " + ", ".join(f"{x:,.0f}" for x in up) + " B",
-                    "`bytes_down`/`bytes_up` of metrics.jsonl rounds 1..3 / clients "
-                    "(4 clients, all sampled; round 1 has no history)",
-                ))
+                up, down = (
+                    run["bytes_up_per_client_round"],
+                    run["bytes_down_per_client_round"],
+                )
+                rows.append(
+                    (
+                        "1b bytes",
+                        f"{label}, measured per client per round (section 5 run)",
+                        "down "
+                        + ", ".join(f"{x:,.0f}" for x in down)
+                        + " / up "
+                        + ", ".join(f"{x:,.0f}" for x in up)
+                        + " B",
+                        "`bytes_down`/`bytes_up` of metrics.jsonl rounds 1..3 / clients "
+                        "(4 clients, all sampled; round 1 has no history)",
+                    )
+                )
     st = results.get("step")
     if st:
         ss = st["settings"]
-        rows.append((
-            "2 step time",
-            "ms per forward pass (batch 8 x 128)",
-            f"{st['forward_ms_mean']:,.0f} ms (min {st['forward_ms_min']:,.0f}; "
-            f"{st['forward_cpu_ms_mean']:,.0f} CPU-ms)",
-            f"`client.zo_trainer._loss` under inference_mode, {ss['timed_steps']} step(s) "
-            "after 1 warm-up, perf_counter",
-        ))
-        rows.append((
-            "2 step time",
-            "ms per perturbation pass (134.5M params)",
-            f"{st['perturb_ms_mean']:,.0f} ms (min {st['perturb_ms_min']:,.0f}; "
-            f"{st['perturb_cpu_ms_mean']:,.0f} CPU-ms)",
-            "`perturb_` (+eps, -2eps, eps - lr g) over the full ParamWalk, numba backend",
-        ))
-        rows.append((
-            "2 step time",
-            "share of a step: forwards / perturbations / other",
-            f"{_pct(st['share_forward'])} / {_pct(st['share_perturb'])} / "
-            f"{_pct(st['share_other'])} of {st['step_ms_mean']:,.0f} ms "
-            f"(perturbation share of CPU time: {_pct(st['share_perturb_cpu'])})",
-            "sums of the timed parts over the step wall time; CPU time = process_time",
-        ))
-        rows.append((
-            "2 step time",
-            "passes over the parameters per step",
-            "3 (MeZO reference: 4)",
-            "restore and update fused into one `perturb_(eps - lr g)` (client/zo_trainer.py)",
-        ))
-        rows.append((
-            "2 step time",
-            "generator throughput inside perturb_",
-            f"{st['perturb_values_per_s_mean'] / 1e6:,.0f} M values/s (best "
-            f"{st['perturb_values_per_s_best'] / 1e6:,.0f} M; standalone "
-            f"`gaussian` {st['generator_standalone_values_per_s'] / 1e6:,.0f} M)",
-            "perturbed values / perturb_ time; standalone = `generation_throughput(4M, "
-            "numba)`",
-        ))
-        rows.append((
-            "2 step time",
-            "cross-check: `zo_local_steps` ms per step",
-            f"{st['zo_local_steps_ms_per_step']:,.0f} ms",
-            "the real loop over the same 8 examples (batch 8), wall / steps",
-        ))
+        rows.append(
+            (
+                "2 step time",
+                "ms per forward pass (batch 8 x 128)",
+                f"{st['forward_ms_mean']:,.0f} ms (min {st['forward_ms_min']:,.0f}; "
+                f"{st['forward_cpu_ms_mean']:,.0f} CPU-ms)",
+                f"`client.zo_trainer._loss` under inference_mode, {ss['timed_steps']} step(s) "
+                "after 1 warm-up, perf_counter",
+            )
+        )
+        rows.append(
+            (
+                "2 step time",
+                "ms per perturbation pass (134.5M params)",
+                f"{st['perturb_ms_mean']:,.0f} ms (min {st['perturb_ms_min']:,.0f}; "
+                f"{st['perturb_cpu_ms_mean']:,.0f} CPU-ms)",
+                "`perturb_` (+eps, -2eps, eps - lr g) over the full ParamWalk, numba backend",
+            )
+        )
+        rows.append(
+            (
+                "2 step time",
+                "share of a step: forwards / perturbations / other",
+                f"{_pct(st['share_forward'])} / {_pct(st['share_perturb'])} / "
+                f"{_pct(st['share_other'])} of {st['step_ms_mean']:,.0f} ms "
+                f"(perturbation share of CPU time: {_pct(st['share_perturb_cpu'])})",
+                "sums of the timed parts over the step wall time; CPU time = process_time",
+            )
+        )
+        rows.append(
+            (
+                "2 step time",
+                "passes over the parameters per step",
+                "3 (MeZO reference: 4)",
+                "restore and update fused into one `perturb_(eps - lr g)` (client/zo_trainer.py)",
+            )
+        )
+        rows.append(
+            (
+                "2 step time",
+                "generator throughput inside perturb_",
+                f"{st['perturb_values_per_s_mean'] / 1e6:,.0f} M values/s (best "
+                f"{st['perturb_values_per_s_best'] / 1e6:,.0f} M; standalone "
+                f"`gaussian` {st['generator_standalone_values_per_s'] / 1e6:,.0f} M)",
+                "perturbed values / perturb_ time; standalone = `generation_throughput(4M, "
+                "numba)`",
+            )
+        )
+        rows.append(
+            (
+                "2 step time",
+                "cross-check: `zo_local_steps` ms per step",
+                f"{st['zo_local_steps_ms_per_step']:,.0f} ms",
+                "the real loop over the same 8 examples (batch 8), wall / steps",
+            )
+        )
     mem = results.get("memory")
     if mem:
-        rows.append((
-            "3 memory",
-            "peak RSS: inference / ZO steps",
-            f"{mem['inference']['peak_mib']:,.0f} MiB / {mem['zo']['peak_mib']:,.0f} MiB "
-            f"-> **{mem['ratio_zo_over_inference']:.2f}x** (target < 1.2)",
-            "`ru_maxrss` of two fresh subprocesses: load + 3 inference forwards (8 x 128, "
-            "with labels) vs load + 3 `zo_local_steps` over all 134.5M params",
-        ))
-        rows.append((
-            "3 memory",
-            "of which numba import + JIT compile",
-            f"{mem['numba_import_and_compile_mib']:,.0f} MiB",
-            "RSS before/after the first `perturb_` in the ZO child (one-off, model-size "
-            "independent)",
-        ))
+        rows.append(
+            (
+                "3 memory",
+                "peak RSS: inference / ZO steps",
+                f"{mem['inference']['peak_mib']:,.0f} MiB / {mem['zo']['peak_mib']:,.0f} MiB "
+                f"-> **{mem['ratio_zo_over_inference']:.2f}x** (target < 1.2)",
+                "`ru_maxrss` of two fresh subprocesses: load + 3 inference forwards (8 x 128, "
+                "with labels) vs load + 3 `zo_local_steps` over all 134.5M params",
+            )
+        )
+        rows.append(
+            (
+                "3 memory",
+                "of which numba import + JIT compile",
+                f"{mem['numba_import_and_compile_mib']:,.0f} MiB",
+                "RSS before/after the first `perturb_` in the ZO child (one-off, model-size "
+                "independent)",
+            )
+        )
         cp = mem["client_path"]
-        rows.append((
-            "3 memory",
-            "client path (ZoModelState: sync + snapshot + 3 steps + restore)",
-            f"{cp['peak_mib']:,.0f} MiB -> {mem['ratio_client_path_over_inference']:.2f}x "
-            f"inference; snapshot on disk {cp['snapshot_bytes'] / 2**20:,.0f} MiB",
-            "`ru_maxrss` of a third subprocess; the synced snapshot lives on disk, "
-            "not in memory",
-        ))
+        rows.append(
+            (
+                "3 memory",
+                "client path (ZoModelState: sync + snapshot + 3 steps + restore)",
+                f"{cp['peak_mib']:,.0f} MiB -> {mem['ratio_client_path_over_inference']:.2f}x "
+                f"inference; snapshot on disk {cp['snapshot_bytes'] / 2**20:,.0f} MiB",
+                "`ru_maxrss` of a third subprocess; the synced snapshot lives on disk, "
+                "not in memory",
+            )
+        )
     rp = results.get("replay")
     if rp:
         rs = rp["settings"]
         pr = rp["paper_round"]
-        rows.append((
-            "4 replay",
-            f"server replay, D={rs['D']} seeds, 134.5M params",
-            f"{rp['replay_s_per_seed'] * 1000:,.0f} ms per seed "
-            f"({rp['replay_values_per_s'] / 1e6:,.0f} M values/s)",
-            f"`apply_seed_sum_` over the full walk, best of {rs['repeats']}",
-        ))
-        rows.append((
-            "4 replay",
-            "floor: generate one perturbation per seed",
-            f"{rp['floor_s_per_seed'] * 1000:,.0f} ms per seed -> replay/floor "
-            f"**{rp['ratio_replay_over_floor']:.2f}**",
-            "`gaussian(seed, name, numel)` for every tensor and seed, results discarded, "
-            "best of the same repeats",
-        ))
-        rows.append((
-            "4 replay",
-            "paper round extrapolated (2 CPU cores)",
-            f"{pr['cpu_seconds_extrapolated'] / 60:,.1f} min "
-            f"({pr['values']:.2e} values); torch int-op backend: "
-            f"{pr['cpu_seconds_torch_int_backend'] / 3600:,.1f} h",
-            f"D = {pr['distinct_seeds']:.0f} x 134.5M at the measured per-value replay "
-            "time; torch-backend rate from `generation_throughput(1M, torch)`",
-        ))
+        rows.append(
+            (
+                "4 replay",
+                f"server replay, D={rs['D']} seeds, 134.5M params",
+                f"{rp['replay_s_per_seed'] * 1000:,.0f} ms per seed "
+                f"({rp['replay_values_per_s'] / 1e6:,.0f} M values/s)",
+                f"`apply_seed_sum_` over the full walk, best of {rs['repeats']}",
+            )
+        )
+        rows.append(
+            (
+                "4 replay",
+                "floor: generate one perturbation per seed",
+                f"{rp['floor_s_per_seed'] * 1000:,.0f} ms per seed -> replay/floor "
+                f"**{rp['ratio_replay_over_floor']:.2f}**",
+                "`gaussian(seed, name, numel)` for every tensor and seed, results discarded, "
+                "best of the same repeats",
+            )
+        )
+        rows.append(
+            (
+                "4 replay",
+                "paper round extrapolated (2 CPU cores)",
+                f"{pr['cpu_seconds_extrapolated'] / 60:,.1f} min "
+                f"({pr['values']:.2e} values); torch int-op backend: "
+                f"{pr['cpu_seconds_torch_int_backend'] / 3600:,.1f} h",
+                f"D = {pr['distinct_seeds']:.0f} x 134.5M at the measured per-value replay "
+                "time; torch-backend rate from `generation_throughput(1M, torch)`",
+            )
+        )
     if t:
         pb = t["probe"]
-        rows.append((
-            "5 task",
-            "ZO learning-rate probe (eps 1e-3)",
-            "; ".join(
-                f"lr {r['learning_rate']:g}: {r['eval_loss_change']:+.4f}" for r in pb["rows"]
-            ) + f" -> chose {pb['chosen_learning_rate']:g}",
-            f"held-out loss change after a short probe ({pb['settings']['steps']} steps x "
-            f"{pb['settings']['batch_size']}) from {pb['eval_loss_before']:.4f}, "
-            "in-process `zo_local_steps`",
-        ))
-        for key, label in (("lora", "LoRA FedAvg"), ("fedkseed", "FedKSeed"),
-                           ("fedkseed-pro", "FedKSeed-Pro")):
+        rows.append(
+            (
+                "5 task",
+                "ZO learning-rate probe (eps 1e-3)",
+                "; ".join(
+                    f"lr {r['learning_rate']:g}: {r['eval_loss_change']:+.4f}"
+                    for r in pb["rows"]
+                )
+                + f" -> chose {pb['chosen_learning_rate']:g}",
+                f"held-out loss change after a short probe ({pb['settings']['steps']} steps x "
+                f"{pb['settings']['batch_size']}) from {pb['eval_loss_before']:.4f}, "
+                "in-process `zo_local_steps`",
+            )
+        )
+        for key, label in (
+            ("lora", "LoRA FedAvg"),
+            ("fedkseed", "FedKSeed"),
+            ("fedkseed-pro", "FedKSeed-Pro"),
+        ):
             run = t["runs"].get(key, {})
             state = (run.get("status") or {}).get("state", "no status")
             if "metric_last" in run:
@@ -1110,14 +1272,19 @@ def render(results: dict[str, Any]) -> str:
                     f"{run['wall_s']:,.0f} s ({state}, {run.get('rounds_done')} rounds)"
                 )
             else:
-                value = f"no metrics ({state}, rc {run.get('returncode')}, " \
-                        f"timed out {run.get('timed_out')})"
+                value = (
+                    f"no metrics ({state}, rc {run.get('returncode')}, "
+                    f"timed out {run.get('timed_out')})"
+                )
             zo = t["settings"]["zo"]
             how = (
                 "`pollinate simulate`, NI, 4 clients, task split, limit 1200, 3 rounds, "
-                + ("10 steps x 8, AdamW (defaults)" if key == "lora" else
-                   f"K=4096, {zo['local_steps']} steps x {zo['batch_size']}, eps {zo['eps']:g}, "
-                   f"lr {zo['learning_rate']:g}, layers 28-29 + final norm")
+                + (
+                    "10 steps x 8, AdamW (defaults)"
+                    if key == "lora"
+                    else f"K=4096, {zo['local_steps']} steps x {zo['batch_size']}, eps {zo['eps']:g}, "
+                    f"lr {zo['learning_rate']:g}, layers 28-29 + final norm"
+                )
                 + "; round 0 -> 3, 32 held-out examples, 32 new tokens"
             )
             rows.append(("5 task", label, value, how))
@@ -1130,7 +1297,9 @@ def render(results: dict[str, Any]) -> str:
         "CPU shared with other engineers' work during the run. "
         f"Total runtime {results.get('total_seconds', 0) / 60:.1f} min. "
         "Raw numbers: `bench/results/"
-        + {"quick": "fedkseed-quick", "full": "fedkseed"}.get(results.get("mode"), "fedkseed-partial")
+        + {"quick": "fedkseed-quick", "full": "fedkseed"}.get(
+            results.get("mode"), "fedkseed-partial"
+        )
         + ".json`.",
         "",
         "| section | quantity | value | how measured |",
@@ -1221,14 +1390,34 @@ def notes(results: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="sections 1, 2 (1 step), 4 (D=2)")
-    parser.add_argument("--steps", type=int, default=3, help="timed ZO steps in section 2")
+    parser.add_argument(
+        "--quick", action="store_true", help="sections 1, 2 (1 step), 4 (D=2)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=3, help="timed ZO steps in section 2"
+    )
     parser.add_argument("--replay-seeds", type=int, default=64, help="D in section 4")
-    parser.add_argument("--zo-steps", type=int, default=50, help="section 5 local steps")
-    parser.add_argument("--zo-batch", type=int, default=2, help="section 5 ZO batch size")
-    parser.add_argument("--probe-steps", type=int, default=20, help="section 5 lr-probe steps")
-    parser.add_argument("--sim-timeout", type=float, default=1200.0, help="s per simulation")
-    parser.add_argument("--only", default="", help="comma list of sections to run (1-5)")
+    parser.add_argument(
+        "--zo-steps", type=int, default=50, help="section 5 local steps"
+    )
+    parser.add_argument(
+        "--zo-batch", type=int, default=2, help="section 5 ZO batch size"
+    )
+    parser.add_argument(
+        "--probe-steps", type=int, default=20, help="section 5 lr-probe steps"
+    )
+    parser.add_argument(
+        "--sim-timeout", type=float, default=1200.0, help="s per simulation"
+    )
+    parser.add_argument(
+        "--only", default="", help="comma list of sections to run (1-5)"
+    )
+    parser.add_argument(
+        "--rerun",
+        default="",
+        help="redo section 5 runs (e.g. lora,fedkseed) of results/fedkseed.json",
+    )
+    parser.add_argument("--rerun-reason", default="", help="recorded with --rerun")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--spec-json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1237,6 +1426,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child_memory(args.child, args.spec_json)))
         return 0
+    if args.rerun:
+        return rerun(args)
 
     started = now()
     if args.quick:
@@ -1257,12 +1448,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "benchmark": "fedkseed",
         "quick": args.quick,
-        "mode": "quick" if args.quick else (
-            "full" if sections == {"1", "2", "3", "4", "5"} else "partial"
-        ),
+        "mode": "quick"
+        if args.quick
+        else ("full" if sections == {"1", "2", "3", "4", "5"} else "partial"),
         "sections": sorted(sections),
         "machine": machine_info(),
-        "args": {k: v for k, v in vars(args).items() if k not in ("child", "spec_json")},
+        "args": {
+            k: v for k, v in vars(args).items() if k not in ("child", "spec_json")
+        },
     }
     if memory is not None:
         results["memory"] = memory
@@ -1284,7 +1477,9 @@ def main(argv: list[str] | None = None) -> int:
         results["step"] = section_step(model, tokenizer, params, args.steps)
         log("section 2 done")
     if "4" in sections:
-        results["replay"] = section_replay(params, args.replay_seeds, 1 if args.quick else 2)
+        results["replay"] = section_replay(
+            params, args.replay_seeds, 1 if args.quick else 2
+        )
         log("section 4 done")
     del model, params, loaded
     gc.collect()
@@ -1298,10 +1493,16 @@ def main(argv: list[str] | None = None) -> int:
     results["total_seconds"] = now() - started
     table = render(results)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem = "fedkseed-quick" if args.quick else (
-        "fedkseed" if sections == {"1", "2", "3", "4", "5"} else "fedkseed-partial"
+    stem = (
+        "fedkseed-quick"
+        if args.quick
+        else (
+            "fedkseed" if sections == {"1", "2", "3", "4", "5"} else "fedkseed-partial"
+        )
     )
-    (RESULTS_DIR / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
+    (RESULTS_DIR / f"{stem}.json").write_text(
+        json.dumps(results, indent=1, default=str)
+    )
     (RESULTS_DIR / f"{stem}.md").write_text(table)
     print(table)
     log(f"wrote {RESULTS_DIR / stem}.json/.md")

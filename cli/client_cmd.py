@@ -80,7 +80,12 @@ def _join(args: argparse.Namespace, console: Console) -> int:
         max_restarts=args.max_restarts,
         methods=tuple(args.method),
     )
-    return run_daemon(settings, say=console.print)
+
+    def say(text: str) -> None:
+        console.print(text)
+        console.file.flush()  # a daemon's log is read while it runs
+
+    return run_daemon(settings, say=say)
 
 
 def _keygen(args: argparse.Namespace, console: Console) -> int:

@@ -202,6 +202,8 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
             raise DeployError(f"{args.run_dir} was never served (no server.json)")
         if not (args.run_dir / "checkpoint" / "state.json").exists():
             raise DeployError("no checkpoint yet: start the run again")
+        # The crashed attempt's "failed" must not end the watch of this one.
+        write_status(args.run_dir, "resuming")
         info = _serve(info, args.run_dir, resume=True, console=console)
     except (ConfigError, DeployError, OSError) as exc:
         console.print(f"[red]cannot resume[/]: {exc}")

@@ -121,8 +121,8 @@ def supernode_env(s: JoinSettings) -> dict[str, str]:
 def run_daemon(s: JoinSettings, *, say: Callable[[str], None] = print) -> int:
     """Run and supervise the SuperNode; return the exit status.
 
-    0 when stopped by a signal or when the SuperNode exits cleanly; the
-    SuperNode's last status when restarts are exhausted.
+    0 when stopped by SIGINT/SIGTERM; the SuperNode's last status when
+    ``max_restarts`` restarts are exhausted.
     """
     s.state_dir.mkdir(parents=True, exist_ok=True)
     cmd, env = supernode_command(s), supernode_env(s)
@@ -142,7 +142,7 @@ def run_daemon(s: JoinSettings, *, say: Callable[[str], None] = print) -> int:
     }
     restarts, backoff = 0, 1.0
     try:
-        while True:
+        while not stopping:
             log = (s.state_dir / "supernode.log").open("ab")
             child = subprocess.Popen(
                 cmd,
@@ -155,17 +155,23 @@ def run_daemon(s: JoinSettings, *, say: Callable[[str], None] = print) -> int:
             log.close()
             say(f"node {s.label}: SuperNode started (pid {child.pid}) for {s.server}")
             code = child.wait()
-            if stopping or code == 0:
+            say(f"node {s.label}: SuperNode exited with status {code}")
+            if stopping:
                 return 0
+            # Any exit, clean or not, while not stopping means the server went
+            # away (a restarted SuperLink forgets its nodes): join again.
             if restarts >= s.max_restarts:
-                say(f"node {s.label}: SuperNode exited with {code}; no restarts left")
+                say(f"node {s.label}: no restarts left")
                 return code
             restarts += 1
             say(
                 f"node {s.label}: SuperNode exited with {code}; restart {restarts} in {backoff:.0f} s"
             )
             time.sleep(backoff)  # back-off before re-joining a restarting server
+            if stopping:
+                return 0
             backoff = min(backoff * 2, 30.0)
+        return 0
     finally:
         if child is not None and child.poll() is None:
             os.killpg(child.pid, signal.SIGKILL)
