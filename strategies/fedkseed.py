@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from protocols import LocalTrainConfig, ProtocolError, ZOSpec
 from protocols.messages import ERROR_OUT_OF_SYNC
@@ -33,7 +32,7 @@ from protocols.zo_messages import (
     decode_zo_train_res,
     encode_zo_train_ins,
 )
-from strategies.replies import NodeBook, triage
+from strategies.replies import CentrallyEvaluated, NodeBook, triage
 from strategies.seed_pool import ProStatistics, SeedUpdate, aggregate_seed_scalars
 
 __all__ = ["FedKSeed", "ZoAggregate"]
@@ -53,7 +52,7 @@ class ZoAggregate:
     steps: int = 0
 
 
-class FedKSeed(Strategy):
+class FedKSeed(CentrallyEvaluated):
     """Seed-pool zeroth-order federated tuning (uniform or Pro sampling).
 
     Parameters
@@ -252,18 +251,6 @@ class FedKSeed(Strategy):
         raise NotImplementedError(
             "FedKSeed is driven through aggregate(); see server/zo_rounds.py"
         )
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Evaluation is central: no client is asked."""
-        return []
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """No federated evaluation."""
-        return None
 
     def summary(self) -> None:
         """Log the strategy's settings."""

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from protocols import (
     DEFAULT_MAX_PAYLOAD_BYTES,
@@ -38,7 +37,7 @@ from protocols import (
     encode_tensors,
 )
 from strategies.aggregation import weighted_mean
-from strategies.replies import NodeBook, triage
+from strategies.replies import CentrallyEvaluated, NodeBook, triage
 
 __all__ = ["LoraAggregate", "LoraFedAvg", "LocalTrainSettings"]
 
@@ -81,7 +80,7 @@ class LoraAggregate:
     num_examples: int = 0
 
 
-class LoraFedAvg(Strategy):
+class LoraFedAvg(CentrallyEvaluated):
     """Example-weighted FedAvg of LoRA adapters.
 
     Parameters
@@ -210,20 +209,6 @@ class LoraFedAvg(Strategy):
             }
         )
         return encode_tensors(result.adapter), metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Evaluation is central (on the server), so no client is asked."""
-        del server_round, arrays, config, grid
-        return []
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """No federated evaluation: nothing to aggregate."""
-        del server_round, replies
-        return None
 
     def summary(self) -> None:
         """Log the strategy's settings."""

@@ -13,13 +13,14 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 
-from flwr.app import Error, Message
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from protocols import ProtocolError
 from strategies.sampling import sample_nodes
 
-__all__ = ["NodeBook", "triage"]
+__all__ = ["CentrallyEvaluated", "NodeBook", "triage"]
 
 log = logging.getLogger(__name__)
 
@@ -93,3 +94,26 @@ def triage(
     for who, reason in sorted(rejected.items()):
         log.warning("round %d: rejected update from %s: %s", server_round, who, reason)
     return sorted(good.items()), rejected
+
+
+class CentrallyEvaluated(Strategy):
+    """A Flower ``Strategy`` whose evaluation happens on the server only.
+
+    Pollinate evaluates the global model centrally, so no client is asked to
+    evaluate and there is nothing to aggregate; the training half stays
+    abstract.
+    """
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """No client evaluates."""
+        del server_round, arrays, config, grid
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Nothing to aggregate."""
+        del server_round, replies
+        return None

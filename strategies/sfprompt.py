@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from protocols import TensorLayout
 from protocols.specs import SplitSpec
@@ -27,7 +26,7 @@ from protocols.split_messages import (
     encode_split_train_ins,
 )
 from strategies.aggregation import weighted_mean
-from strategies.replies import NodeBook, triage
+from strategies.replies import CentrallyEvaluated, NodeBook, triage
 
 __all__ = ["SFPromptFedAvg", "SplitAggregate", "SplitRoundSettings"]
 
@@ -56,7 +55,7 @@ class SplitAggregate:
     trunk_bytes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
-class SFPromptFedAvg(Strategy):
+class SFPromptFedAvg(CentrallyEvaluated):
     """FedAvg of SFPrompt's device-side trainable tensors.
 
     Parameters
@@ -187,18 +186,6 @@ class SFPromptFedAvg(Strategy):
             {"accepted": len(result.accepted), "rejected": len(result.rejected)}
         )
         return encode_tensors(result.tensors), metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Evaluation is central: no client is asked."""
-        return []
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """No federated evaluation."""
-        return None
 
     def summary(self) -> None:
         """Nothing beyond the run config to report."""
