@@ -153,10 +153,18 @@ def _watch(info: ServerInfo, run_dir: Path, config: RunConfig, console: Console)
                 flower = flower_run_status(
                     run_dir, info.address, _tls(info), info.run_id
                 )
-                if flower.startswith("finished"):  # the ServerApp died without a word
-                    write_status(
-                        run_dir, "failed", error=f"Flower reports the run {flower}"
+                if flower.startswith("finished"):
+                    # Re-read: the ServerApp may have recorded its end since.
+                    final = (
+                        json.loads(status_path.read_text())
+                        if status_path.exists()
+                        else {}
                     )
+                    if final.get("state") not in ("completed", "failed"):
+                        # The ServerApp process died without a word (killed).
+                        write_status(
+                            run_dir, "failed", error=f"Flower reports the run {flower}"
+                        )
                     break
             time.sleep(1.0)  # polling the run folder: the UI's refresh rate
     except KeyboardInterrupt:
