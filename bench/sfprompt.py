@@ -25,7 +25,8 @@ Usage: ``python bench/sfprompt.py [--quick]``. ``--quick`` runs sections 1
 section 3, and writes ``bench/results/sfprompt-quick.*``; the full run writes
 ``bench/results/sfprompt.json`` (raw numbers, machine info, settings) and
 ``bench/results/sfprompt.md`` (the table), and prints the table. ``--only
-1,3`` runs a subset (``sfprompt-partial.*``). The CPU may be shared with other
+1,3`` runs a subset (``sfprompt-partial.*``); ``--render results.json``
+rewrites the table from saved numbers. The CPU may be shared with other
 work: timings are what this machine gave at that moment.
 """
 
@@ -1353,6 +1354,16 @@ def render(results: dict[str, Any]) -> str:
                 f"128-token examples (scored in chunks of 32, logits + softmax + one-hot over "
                 f"V), gamma 0.5, {st['steps']} split steps; trunk in another process",
             ))
+        tp = dev.get("trunk_process")
+        if tp:
+            rows.append((
+                "3 memory", "trunk server process: ready / peak while serving one device",
+                f"{tp['ready']['peak_mib_ready']:,.0f} / {tp['final']['peak_mib']:,.0f} MiB",
+                "`ru_maxrss` of the TrunkService child: whole model loaded, then one "
+                f"session's pending graph (30-block body on {st['batch']} x (8 + "
+                f"{st['tokens']}) positions) per training step; TrunkService admits up to "
+                "256 such sessions at once (`max_sessions`), with no memory budget",
+            ))
         rows.append((
             "3 memory", "full FT peak RSS",
             f"{full['peak_mib']:,.0f} MiB (after load {fm['after_load']:,.0f})",
@@ -1375,7 +1386,8 @@ def render(results: dict[str, Any]) -> str:
                 f"Rouge-L {r['metric_first']:.3f} -> **{r['metric_last']:.3f}**, eval loss "
                 f"{r['eval_loss_first']:.3f} -> {r['eval_loss_last']:.3f}; "
                 f"{_mb(bpc) if bpc else 'n/a'} per client-round; wall {r['wall_s'] / 60:.1f} "
-                f"min{partial}"
+                f"min{partial}; round 0 (evaluation only) {r.get('round0_seconds', 0):.0f} s, "
+                f"rounds {', '.join(f'{x:.0f}' for x in r.get('round_seconds', []))} s"
                 + (f"; local-path loss per round "
                    f"{', '.join(f'{x:.1f}' for x in r['local_loss'])}, kept "
                    f"{r['kept_examples']}" if r.get("local_loss") else ""),
@@ -1384,6 +1396,21 @@ def render(results: dict[str, Any]) -> str:
                 f"x batch {st['batch_size']}, {st['eval_examples']} eval examples, "
                 f"{st['eval_max_new_tokens']} new tokens; bytes = mean over rounds of "
                 "(bytes_up + bytes_down)/clients from metrics.jsonl",
+            ))
+    if t:
+        done = {n: r.get("rounds_done", 0) for n, r in t["runs"].items() if r.get("metrics")}
+        k = min(done.values()) if done else 0
+        if k >= 1 and len(set(done.values())) > 1:  # some run stopped early
+            parts = []
+            for name, r in t["runs"].items():
+                row = next((x for x in r.get("metrics", []) if x["round"] == k), None)
+                if row:
+                    parts.append(f"{name}: Rouge-L {row['eval_metric']:.3f}, eval loss "
+                                 f"{row['eval_loss']:.3f}")
+            rows.append((
+                "4 task", f"at equal rounds (round {k}, the last every run reached)",
+                "; ".join(parts),
+                "the same metrics.jsonl rows, read at round k",
             ))
     head = (
         f"# SFPrompt benchmark{' (quick)' if results['quick'] else ''}\n\n"
@@ -1419,6 +1446,15 @@ def notes(results: dict[str, Any]) -> list[str]:
             "through the LM head (a forward over V for every position): for this vocabulary "
             "that pass alone is a large share of the device's round."
         )
+        out.append(
+            "- Section 2 time vs FLOPs: the measured ratios are below the FLOP ratios because "
+            "on a CPU the device's work is one large GEMM (d x V) per pass, run near peak, "
+            "while the full step is many small GEMMs plus elementwise work (norms, RoPE, "
+            "SiLU, attention) and an AdamW update over all 134.5M parameters (memory bound; "
+            "see `adamw_s` in the JSON). Wall times were taken under heavy contention (load "
+            "average up to ~10 on 2 cores): CPU-time ratios are steadier than wall ratios, "
+            "and the FLOP ratio is the machine-independent figure."
+        )
     if c and c.get("local_path"):
         lp = c["local_path"]
         out.append(
@@ -1444,7 +1480,9 @@ def notes(results: dict[str, Any]) -> list[str]:
                 f"- Section 4 deviates from the requested settings to fit ~20 min on 2 "
                 f"shared cores: {st['local_steps']} local steps (requested 10), "
                 f"{st['eval_examples']} eval examples and {st['eval_max_new_tokens']} new "
-                f"tokens (requested 32 / 32), {st['rounds']} rounds (requested 3); "
+                f"tokens (requested 32 / 32)"
+                + (f", {st['rounds']} rounds (requested 3)" if st["rounds"] != 3 else "")
+                + "; "
                 "everything else as requested (Dolly, 4 clients, dirichlet 0.5, limit 800, "
                 "batch 8, lr 2e-3 LoRA / 1e-3 SFPrompt, default [split]). Reason: "
                 "SFPrompt's central evaluation generates with `PromptedLM.generate`, which "
@@ -1487,6 +1525,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run SFPrompt with tail=norm in section 4")
     parser.add_argument("--sim-timeout", type=float, default=900.0, help="s per simulation")
     parser.add_argument("--only", default="", help="comma list of sections to run (1-4)")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="only re-render the markdown table from a results JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tail", default="norm+head", help=argparse.SUPPRESS)
@@ -1494,6 +1534,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    if args.render:
+        results = json.loads(args.render.read_text())
+        table = render(results)
+        args.render.with_suffix(".md").write_text(table)
+        print(table)
+        return 0
     if args.child == "trunk":
         child_trunk(args.tail)
         return 0
@@ -1505,6 +1551,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     started = now()
+    load_at_start = os.getloadavg()
+    date_at_start = datetime.now(UTC).isoformat(timespec="seconds")
     warmup = 1
     act_steps, act_batch, act_tokens = args.act_steps, STEP_BATCH, STEP_TOKENS
     if args.quick:
@@ -1538,6 +1586,8 @@ def main(argv: list[str] | None = None) -> int:
             results["memory_error"] = f"{type(exc).__name__}: {exc}"
         log("section 3 done")
     results["machine"] = machine_info()
+    results["machine"]["load_average_at_start"] = load_at_start
+    results["machine"]["date"] = date_at_start
 
     from models import load_causal_lm
 

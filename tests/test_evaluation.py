@@ -245,6 +245,7 @@ def test_save_checkpoint_round_trip(tmp_path: Path) -> None:
     assert state == {
         "round": 3,
         "spec_fingerprint": spec.fingerprint(),
+        "tensors": "adapter.safetensors",
         "ledger": "[]",
         "best": 0.5,
     }

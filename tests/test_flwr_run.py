@@ -21,7 +21,7 @@ from cli.overrides import collect_overrides
 from server.config import load_config
 from simulation import prepare_run
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

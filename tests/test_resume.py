@@ -67,6 +67,7 @@ def _strip(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     ]
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("method", ["lora", "fedkseed"])
 def test_a_killed_run_resumes_to_the_uninterrupted_result(
     tmp_path: Path, method: str

@@ -207,6 +207,7 @@ def test_sfprompt_run_trains_over_the_trunk_service(tmp_path: Path) -> None:
     assert (run_dir / "model" / "prompts_and_tail.safetensors").exists()
 
 
+@pytest.mark.long
 def test_sfprompt_trunk_runs_over_tls_with_a_dev_pki(tmp_path: Path) -> None:
     """With ``[split] tls_*`` set, the trunk serves TLS only and devices reach
     it with the CA sent over the Flower connection.
