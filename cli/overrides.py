@@ -17,7 +17,7 @@ __all__ = ["FLAG_FIELDS", "add_config_arguments", "collect_overrides"]
 # flag -> (dotted field, type, help)
 FLAG_FIELDS: dict[str, tuple[str, type, str]] = {
     "--name": ("run.name", str, "run name (run folder prefix)"),
-    "--method": ("run.method", str, "lora | fedkseed | fedkseed-pro"),
+    "--method": ("run.method", str, "lora | fedkseed | fedkseed-pro | sfprompt"),
     "--rounds": ("run.rounds", int, "federated rounds"),
     "--seed": ("run.seed", int, "seed of every random draw"),
     "--output-dir": ("run.output_dir", str, "folder that receives run folders"),

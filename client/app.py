@@ -223,8 +223,10 @@ def train_sfprompt(
     )
     try:
         root = c.trunk_root_certificate or None
-        with TrunkClient(c.trunk_address, root_certificates=root) as trunk:
-            session = trunk.open(ins.spec, node.label, c.server_round)
+        with (
+            TrunkClient(c.trunk_address, root_certificates=root) as trunk,
+            trunk.open(ins.spec, node.label, c.server_round) as session,
+        ):
             stats = split_round(
                 parts.head,
                 parts.tail,
@@ -234,8 +236,7 @@ def train_sfprompt(
                 pad_id=int(parts.tokenizer.pad_token_id),
                 label=node.label,
             )
-            session.close()
-    except TrunkError as exc:
+    except (TrunkError, ProtocolError) as exc:
         return _error_reply(msg, ERROR_NODE_SETUP, exc)
     res = SplitTrainRes(
         tensors={

@@ -37,8 +37,10 @@ def el2n_scores(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     probs = torch.softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
     targets = labels[:, 1:]
     valid = targets != IGNORE_INDEX
-    onehot = torch.nn.functional.one_hot(targets.clamp_min(0), probs.shape[-1]).float()
-    err = (probs - onehot).norm(dim=-1) * valid  # (B, T-1)
+    # ||p - onehot(y)||^2 = sum(p^2) - 2 p_y + 1, without a (B, T, V) one-hot.
+    p_y = probs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    sq = (probs.square().sum(-1) - 2.0 * p_y + 1.0).clamp_min(0.0)
+    err = sq.sqrt() * valid  # (B, T-1)
     return err.sum(dim=1) / valid.sum(dim=1).clamp_min(1)
 
 

@@ -121,7 +121,7 @@ def _local_logits(
     head: DeviceHead, tail: DeviceTail, batch: TrainBatch
 ) -> torch.Tensor:
     hidden, _ = head(batch.input_ids, batch.attention_mask)
-    return tail(hidden)[:, head.spec.num_prompts :]
+    return tail(hidden[:, head.spec.num_prompts :])  # no LM head on prompt positions
 
 
 def _mean(values: list[torch.Tensor]) -> float:
@@ -171,7 +171,7 @@ def split_round(
         hidden, mask = head(batch.input_ids, batch.attention_mask)  # (B, P+T, D)
         body_out = session.forward(hidden.detach(), mask, train=True).to(device)
         body_out.requires_grad_()
-        loss = _lm_loss(tail(body_out)[:, p:], batch.labels)
+        loss = _lm_loss(tail(body_out[:, p:]), batch.labels)
         loss.backward()  # tail grads, and body_out.grad
         assert body_out.grad is not None
         cut_grad = session.backward(body_out.grad).to(device)
@@ -199,8 +199,9 @@ def _prune(
     """Keep the hardest fraction gamma of the examples by EL2N (local path)."""
     device = head.prompts.device
     scores = []
-    for start in range(0, len(examples), 32):
-        batch = collate_train(list(examples[start : start + 32]), pad_id).to(device)
+    step = settings.batch_size  # scoring memory ~ one training batch's logits
+    for start in range(0, len(examples), step):
+        batch = collate_train(list(examples[start : start + step]), pad_id).to(device)
         scores.append(el2n_scores(_local_logits(head, tail, batch), batch.labels))
     keep = keep_hardest(torch.cat(scores).cpu(), settings.gamma)
     return [examples[i] for i in keep]

@@ -178,6 +178,7 @@ def _split_driver(
         ),
         trunk_address=f"{split.host}:{port}",
         trunk_root_certificate=root,
+        max_payload_bytes=int(config.federation.max_payload_mb * 1e6),
         fraction_train=config.federation.fraction,
         min_train_nodes=config.federation.min_clients,
         seed=config.run.seed,

@@ -15,7 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from protocols import TensorLayout
+from protocols import DEFAULT_MAX_PAYLOAD_BYTES, TensorLayout
 from protocols.specs import SplitSpec
 from protocols.split_messages import (
     MESSAGE_TRAIN_SFPROMPT,
@@ -74,6 +74,8 @@ class SFPromptFedAvg(CentrallyEvaluated):
         Node sampling (see :class:`strategies.replies.NodeBook`).
     device : torch.device or str
         Where aggregation runs.
+    max_payload_bytes : int
+        Largest prompts-and-tail payload accepted from a client.
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class SFPromptFedAvg(CentrallyEvaluated):
         min_train_nodes: int = 1,
         seed: int = 0,
         device: torch.device | str = "cpu",
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     ) -> None:
         self.spec = spec
         self.layout = layout
@@ -96,6 +99,7 @@ class SFPromptFedAvg(CentrallyEvaluated):
         self.trunk_root_certificate = trunk_root_certificate
         self.seed = seed
         self.device = torch.device(device)
+        self.max_payload_bytes = max_payload_bytes
         self.nodes = NodeBook(
             fraction=fraction_train, min_nodes=min_train_nodes, seed=seed
         )
@@ -139,7 +143,10 @@ class SFPromptFedAvg(CentrallyEvaluated):
 
         def decode(reply: Message) -> SplitTrainRes:
             return decode_split_train_res(
-                reply.content, expected=self.layout, device=self.device
+                reply.content,
+                expected=self.layout,
+                max_bytes=self.max_payload_bytes,
+                device=self.device,
             )
 
         good, rejected = triage(server_round, replies, self.nodes, decode)
