@@ -1121,7 +1121,7 @@ def rerun(args: argparse.Namespace) -> int:
         save(now() - t0)
     task = results["task"]
     zo = task["settings"]["zo"]
-    with tempfile.TemporaryDirectory(prefix="fedkseed-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fedkseed-sim-") as tmp:
         for name in [n for n in names if n in SIM_RUNS]:
             t0 = now()
             old = task["runs"].get(name, {})
@@ -1160,7 +1160,7 @@ def section_task(args: argparse.Namespace) -> dict[str, Any]:
     probe = lr_probe(args.probe_steps, args.zo_batch, PROBE_LRS)
     lr = probe["chosen_learning_rate"]
     runs = {}
-    with tempfile.TemporaryDirectory(prefix="fedkseed-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fedkseed-sim-") as tmp:
         root = Path(tmp)
         for name in SIM_RUNS:
             extra = sim_extra(name, args.zo_steps, args.zo_batch, lr)

@@ -123,6 +123,9 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     c = Cluster(tmp_path, _free_port())
     yield c
     c.stop()
+    # A server that failed a test may have left its SuperLink: stop it too.
+    for info in tmp_path.rglob("server.json"):
+        stop_process_group(int(json.loads(info.read_text())["pid"]), grace_s=2.0)
 
 
 def _server(
