@@ -329,6 +329,8 @@ def process_alive(pid: int) -> bool:
 
 def stop_process_group(pid: int, grace_s: float = 10.0) -> None:
     """SIGTERM a process group, then SIGKILL what is left after ``grace_s``."""
+    if pid <= 1:  # never signal "every process" or init's group
+        return
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
