@@ -249,7 +249,7 @@ class FedKSeed(CentrallyEvaluated):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Not used: FedKSeed's aggregate depends on the global hash (see :meth:`aggregate`)."""
         raise NotImplementedError(
-            "FedKSeed is driven through aggregate(); see server/zo_rounds.py"
+            "FedKSeed is driven through aggregate(); see server/zo_driver.py (ZoDriver.apply)"
         )
 
     def summary(self) -> None:

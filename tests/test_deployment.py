@@ -30,6 +30,7 @@ from server.deploy import (
     register_node_keys,
     start_superlink,
     stop_process_group,
+    wait_for_port,
 )
 from simulation import read_metrics
 
@@ -292,11 +293,14 @@ def test_a_simulation_runs_on_an_existing_ray_cluster(
 
     ray = str(Path(sys.executable).parent / "ray")
     port = _free_port()
-    started = subprocess.run(
+    # --block keeps the head in the foreground: the test stops exactly this
+    # cluster (its process group), never other Ray nodes on the machine.
+    head = subprocess.Popen(
         [
             ray,
             "start",
             "--head",
+            "--block",
             "--port",
             str(port),
             "--num-cpus",
@@ -305,13 +309,12 @@ def test_a_simulation_runs_on_an_existing_ray_cluster(
             "false",
             "--disable-usage-stats",
         ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
-    assert started.returncode == 0, started.stderr[-1000:]
     try:
+        wait_for_port("127.0.0.1", port, 120.0, head)
         monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
         code = cli_main(
             [
@@ -340,9 +343,7 @@ def test_a_simulation_runs_on_an_existing_ray_cluster(
         assert f"joining the existing Ray cluster at 127.0.0.1:{port}" in log
         assert read_metrics(run_dir / "metrics.jsonl")[1]["clients"] == 2
     finally:
-        subprocess.run(
-            [ray, "stop", "--force"], capture_output=True, timeout=120, check=False
-        )
+        stop_process_group(head.pid)
 
 
 def test_a_client_killed_mid_run_does_not_stop_the_round(
