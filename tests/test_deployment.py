@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,16 +32,11 @@ from server.deploy import (
     wait_for_port,
 )
 from simulation import read_metrics
+from tests.conftest import free_port
 
 pytestmark = [pytest.mark.deployment, pytest.mark.integration]
 
 POLLINATE = str(Path(sys.executable).parent / "pollinate")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _config(tmp_path: Path, rounds: int, extra: str = "") -> Path:
@@ -99,7 +93,7 @@ class Cluster:
                 "--state-dir",
                 str(self.tmp_path / f"node-{label}"),
                 "--local-port",
-                str(_free_port()),
+                str(free_port()),
                 *extra,
             ],
             stdout=log,
@@ -121,7 +115,7 @@ class Cluster:
 
 @pytest.fixture()
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, _free_port())
+    c = Cluster(tmp_path, free_port())
     yield c
     c.stop()
     # A server that failed a test may have left its SuperLink: stop it too.
@@ -235,7 +229,7 @@ def test_unknown_nodes_and_plaintext_clients_are_refused(tmp_path: Path) -> None
     error), while a node with a registered key joins and shows online."""
     pki = make_dev_pki(tmp_path / "pki")
     tls = TlsFiles(pki.ca_cert, pki.server_cert, pki.server_key)
-    port = _free_port()
+    port = free_port()
     run_dir = tmp_path / "srv"
     run_dir.mkdir()
     superlink = start_superlink(run_dir, "127.0.0.1", port, tls=tls, auth=True)
@@ -253,7 +247,7 @@ def test_unknown_nodes_and_plaintext_clients_are_refused(tmp_path: Path) -> None
                 data=data,
                 label=label,
                 state_dir=tmp_path / label,
-                local_port=_free_port(),
+                local_port=free_port(),
                 **kw,
             )
             s.state_dir.mkdir()
@@ -292,7 +286,7 @@ def test_a_simulation_runs_on_an_existing_ray_cluster(
     from cli.main import main as cli_main
 
     ray = str(Path(sys.executable).parent / "ray")
-    port = _free_port()
+    port = free_port()
     # --block keeps the head in the foreground: the test stops exactly this
     # cluster (its process group), never other Ray nodes on the machine.
     head = subprocess.Popen(
