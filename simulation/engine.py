@@ -18,11 +18,22 @@ from pathlib import Path
 __all__ = ["backend_config", "main"]
 
 
-def backend_config(num_cpus_per_client: float = 1.0) -> dict[str, object]:
-    """Flower's Ray backend settings: CPUs per virtual client, no dashboard."""
+def backend_config(
+    cluster: str | None = None, num_cpus_per_client: float = 1.0
+) -> dict[str, object]:
+    """Flower's Ray backend settings: CPUs per virtual client, no dashboard.
+
+    Without ``cluster`` (``RAY_ADDRESS``), Ray is told to start a fresh local
+    instance (``address="local"``). Left to itself, ``ray.init()`` connects to
+    the last cluster named in ``$TMPDIR/ray/ray_current_cluster``; a head that
+    was killed leaves that file behind, and the connection then waits forever.
+    """
+    init_args: dict[str, object] = {"include_dashboard": False, "log_to_driver": True}
+    if not cluster:
+        init_args["address"] = "local"
     return {
         "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": 0.0},
-        "init_args": {"include_dashboard": False, "log_to_driver": True},
+        "init_args": init_args,
     }
 
 
@@ -57,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             server_app=build_server_app(config, run_dir, resume=resume),
             client_app=build_client_app(run_dir),
             num_supernodes=config.federation.clients,
-            backend_config=backend_config(),  # type: ignore[arg-type]
+            backend_config=backend_config(cluster),  # type: ignore[arg-type]
         )
     except Exception as exc:  # noqa: BLE001 - reported through the exit status
         print(f"simulation failed: {type(exc).__name__}: {exc}", file=sys.stderr)

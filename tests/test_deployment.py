@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -287,6 +289,10 @@ def test_a_simulation_runs_on_an_existing_ray_cluster(
 
     ray = str(Path(sys.executable).parent / "ray")
     port = free_port()
+    # Ray writes the cluster's address to <temp-dir>/ray_current_cluster and
+    # only `ray stop` removes it; killing the head leaves it. An own, short
+    # temp folder (it holds Unix sockets) keeps that file out of /tmp/ray.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
     # --block keeps the head in the foreground: the test stops exactly this
     # cluster (its process group), never other Ray nodes on the machine.
     head = subprocess.Popen(
@@ -295,6 +301,8 @@ def test_a_simulation_runs_on_an_existing_ray_cluster(
             "start",
             "--head",
             "--block",
+            "--temp-dir",
+            str(ray_tmp),
             "--port",
             str(port),
             "--num-cpus",
@@ -338,6 +346,7 @@ def test_a_simulation_runs_on_an_existing_ray_cluster(
         assert read_metrics(run_dir / "metrics.jsonl")[1]["clients"] == 2
     finally:
         stop_process_group(head.pid)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_a_client_killed_mid_run_does_not_stop_the_round(

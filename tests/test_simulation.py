@@ -7,6 +7,8 @@ These start real processes (the engine and Ray) through the same code path as
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from cli.main import main as cli_main
 from models import load_causal_lm
 from server.config import load_config
 from simulation import launch, prepare_run, read_metrics
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -151,6 +154,30 @@ def test_a_failed_run_is_reported_as_a_failure(tmp_path: Path) -> None:
     assert "no node answered" in (result.error or "")
 
 
+@pytest.mark.timeout(300)
+def test_a_stale_ray_cluster_file_does_not_stall_a_local_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ray head killed without ``ray stop`` leaves ``ray_current_cluster``
+    naming a dead address. A local run must start its own Ray instead of
+    connecting there (it used to wait forever in ``ray.init``).
+
+    Breaks if the engine lets Ray pick up the last cluster it knew of.
+    """
+    # Ray's temp folder must be short: it holds Unix sockets (108-byte paths).
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+        monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        run_dir = _run_cli(tmp_path, "--rounds", "1", "--clients", "2")
+        rows = read_metrics(run_dir / "metrics.jsonl")
+        assert [r["clients"] for r in rows[1:]] == [2]
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 def test_fedkseed_pro_run_lowers_the_loss_with_kilobytes_per_round(
     tmp_path: Path,
 ) -> None:
@@ -190,17 +217,40 @@ def test_sfprompt_run_trains_over_the_trunk_service(tmp_path: Path) -> None:
     interfere, or split traffic is not counted.
     """
     code = cli_main(
-        ["simulate", "--method", "sfprompt", "--model", "tiny-llama", "--rounds", "2",
-         "--clients", "2", "--local-steps", "5", "--batch-size", "4", "--limit", "200",
-         "--lr", "3e-3", "--output-dir", str(tmp_path),
-         "--set", "data.eval_examples=16", "--set", "eval.max_new_tokens=4"]
+        [
+            "simulate",
+            "--method",
+            "sfprompt",
+            "--model",
+            "tiny-llama",
+            "--rounds",
+            "2",
+            "--clients",
+            "2",
+            "--local-steps",
+            "5",
+            "--batch-size",
+            "4",
+            "--limit",
+            "200",
+            "--lr",
+            "3e-3",
+            "--output-dir",
+            str(tmp_path),
+            "--set",
+            "data.eval_examples=16",
+            "--set",
+            "eval.max_new_tokens=4",
+        ]
     )
     assert code == 0
     (run_dir,) = tmp_path.iterdir()
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
     for row in rows[1:]:
-        assert row["method"] == "sfprompt" and row["clients"] == 2 and row["rejected"] == 0
+        assert (
+            row["method"] == "sfprompt" and row["clients"] == 2 and row["rejected"] == 0
+        )
         assert 0 < row["kept_examples"]
     # prompts + norm + untied head both ways, plus activations both ways
     assert rows[1]["bytes_up"] > rows[1]["bytes_down"] > 0
@@ -218,13 +268,35 @@ def test_sfprompt_trunk_runs_over_tls_with_a_dev_pki(tmp_path: Path) -> None:
     assert cli_main(["certs", str(tmp_path / "pki")]) == 0
     pki = tmp_path / "pki"
     code = cli_main(
-        ["simulate", "--method", "sfprompt", "--model", "tiny-llama", "--rounds", "1",
-         "--clients", "2", "--local-steps", "2", "--batch-size", "4", "--limit", "120",
-         "--output-dir", str(tmp_path / "runs"),
-         "--set", "data.eval_examples=8", "--set", "eval.max_new_tokens=2",
-         "--set", f'split.tls_certfile="{pki / "server.crt"}"',
-         "--set", f'split.tls_keyfile="{pki / "server.key"}"',
-         "--set", f'split.tls_ca_certfile="{pki / "ca.crt"}"']
+        [
+            "simulate",
+            "--method",
+            "sfprompt",
+            "--model",
+            "tiny-llama",
+            "--rounds",
+            "1",
+            "--clients",
+            "2",
+            "--local-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--limit",
+            "120",
+            "--output-dir",
+            str(tmp_path / "runs"),
+            "--set",
+            "data.eval_examples=8",
+            "--set",
+            "eval.max_new_tokens=2",
+            "--set",
+            f'split.tls_certfile="{pki / "server.crt"}"',
+            "--set",
+            f'split.tls_keyfile="{pki / "server.key"}"',
+            "--set",
+            f'split.tls_ca_certfile="{pki / "ca.crt"}"',
+        ]
     )
     assert code == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
