@@ -32,7 +32,7 @@ from server.deploy import (
     read_server_info,
     register_node_keys,
     start_superlink,
-    stop_process_group,
+    stop_process_tree,
     submit_run,
     write_server_info,
 )
@@ -48,6 +48,10 @@ EPILOG = """examples:
   pollinate server stop runs/<run>
   pollinate server resume runs/<run>
 """
+
+
+ENDED = ("completed", "failed", "stopped")
+"""Run states after which no ServerApp is working on the run."""
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -146,7 +150,7 @@ def _watch(info: ServerInfo, run_dir: Path, config: RunConfig, console: Console)
                     f"round {shown}/{config.run.rounds}: eval loss {rows[-1]['eval_loss']:.4f}, clients {rows[-1]['clients']}"
                 )
             state = status.get("state", "running")
-            if state in ("completed", "failed"):
+            if state in ENDED:
                 break
             if info.run_id is not None and time.monotonic() - last_check > 5.0:
                 last_check = time.monotonic()
@@ -160,7 +164,7 @@ def _watch(info: ServerInfo, run_dir: Path, config: RunConfig, console: Console)
                         if status_path.exists()
                         else {}
                     )
-                    if final.get("state") not in ("completed", "failed"):
+                    if final.get("state") not in ENDED:
                         # The ServerApp process died without a word (killed).
                         write_status(
                             run_dir, "failed", error=f"Flower reports the run {flower}"
@@ -169,7 +173,7 @@ def _watch(info: ServerInfo, run_dir: Path, config: RunConfig, console: Console)
             time.sleep(1.0)  # polling the run folder: the UI's refresh rate
     except KeyboardInterrupt:
         console.print("interrupted: stopping the server")
-    stop_process_group(info.pid)
+    stop_process_tree(info.pid)
     status = json.loads(status_path.read_text()) if status_path.exists() else {}
     result = LaunchResult(
         0 if status.get("state") == "completed" else 1,
@@ -224,13 +228,22 @@ def _stop(args: argparse.Namespace, console: Console) -> int:
     if info is None or not process_alive(info.pid):
         console.print(f"no server running for {args.run_dir}")
         return 1
-    stop_process_group(info.pid)
+    stop_process_tree(info.pid)
+    # Every server process is gone now. If the ServerApp died without saying
+    # so, record it, or the run would look alive to status and a later watch.
+    status_file = args.run_dir / "status.json"
+    state = json.loads(status_file.read_text()) if status_file.exists() else {}
+    if state.get("state") not in ENDED:
+        write_status(
+            args.run_dir, "stopped", **{k: v for k, v in state.items() if k != "state"}
+        )
     console.print(f"stopped the server of {args.run_dir} (pid {info.pid})")
     return 0
 
 
 def _status(args: argparse.Namespace, console: Console) -> int:
     run_dir: Path = args.run_dir
+    out = Console()  # the report is the command's output: stdout, pipeable
     try:
         config = load_config(run_dir / "config.toml")
     except ConfigError as exc:
@@ -243,7 +256,7 @@ def _status(args: argparse.Namespace, console: Console) -> int:
         else {}
     )
     alive = info is not None and process_alive(info.pid)
-    console.print(
+    out.print(
         f"run {run_dir.name}: {status.get('state', 'not started')}; server "
         f"{'up at ' + info.address if alive and info else 'down'}"
     )
@@ -251,12 +264,12 @@ def _status(args: argparse.Namespace, console: Console) -> int:
         try:
             nodes = connected_nodes(run_dir, info.address, _tls(info))
             online = [n for n in nodes if str(n.get("status", "")).startswith("online")]
-            console.print(f"clients connected: {len(online)}")
+            out.print(f"clients connected: {len(online)}")
         except DeployError as exc:
-            console.print(f"clients: unknown ({exc})")
+            out.print(f"clients: unknown ({exc})")
     if (run_dir / "metrics.jsonl").exists():
         rows = read_metrics(run_dir / "metrics.jsonl")
-        console.print(
+        out.print(
             summary_table(
                 rows,
                 title=f"{config.run.method}: {len(rows) - 1}/{config.run.rounds} rounds",

@@ -98,6 +98,11 @@ def run_server(
             crash_after=int(fault) if fault else None,
             min_replies=config.federation.min_replies,
         )
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # Told to stop (``server stop``, Ctrl-C, the SuperLink going away):
+        # the checkpoint holds every finished round; ``resume`` continues.
+        write_status(run_dir, "stopped", reason=f"{type(exc).__name__}: {exc}")
+        raise
     except BaseException as exc:
         write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
         raise

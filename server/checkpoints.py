@@ -167,7 +167,7 @@ def save_peft_adapter(folder: Path, model: PeftModel) -> Path:
 
 
 def write_status(run_dir: Path, state: str, **fields: Any) -> None:
-    """Record the run's state ("running", "completed", "failed") in status.json."""
+    """Record the run's state in status.json: "running", "completed", "failed", "stopped"."""
     atomic_write_bytes(
         run_dir / "status.json",
         json.dumps({"state": state, **fields}, indent=1).encode(),

@@ -12,6 +12,7 @@ the Flower run id; ``status``, ``stop`` and ``resume`` work from it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,6 +23,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import psutil
 
 from corpora import load_examples, split_holdout, write_jsonl
 from models import prepare_model
@@ -40,7 +43,7 @@ __all__ = [
     "read_server_info",
     "register_node_keys",
     "start_superlink",
-    "stop_process_group",
+    "stop_process_tree",
     "submit_run",
     "wait_for_port",
     "write_app",
@@ -327,21 +330,35 @@ def process_alive(pid: int) -> bool:
     return state != "Z"
 
 
-def stop_process_group(pid: int, grace_s: float = 10.0) -> None:
-    """SIGTERM a process group, then SIGKILL what is left after ``grace_s``."""
+def stop_process_tree(pid: int, grace_s: float = 10.0) -> None:
+    """Stop a process, its process group and all its descendants.
+
+    Flower's SuperLink starts its SuperExec in a session of its own, and that
+    starts the ServerApp, so the SuperLink's process group does not hold the
+    whole server. Every process found is sent SIGTERM; what is still alive
+    after ``grace_s`` gets SIGKILL. Returns once all of them are gone, so
+    nothing they might write (``status.json``) lands after the caller's.
+    """
     if pid <= 1:  # never signal "every process" or init's group
         return
     try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    # The group too: members whose parent died were re-parented out of the tree.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and process_alive(pid):
-        time.sleep(0.1)  # waiting for exit: no handle on a process we did not spawn
-    try:
+    for proc in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    psutil.wait_procs(alive, timeout=grace_s)
 
 
 def connected_nodes(

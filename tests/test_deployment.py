@@ -28,24 +28,27 @@ from server.certificates import make_dev_pki
 from server.deploy import (
     TlsFiles,
     connected_nodes,
+    process_alive,
+    read_server_info,
     register_node_keys,
     start_superlink,
-    stop_process_group,
+    stop_process_tree,
     wait_for_port,
 )
 from simulation import read_metrics
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 
 pytestmark = [pytest.mark.deployment, pytest.mark.integration]
 
 POLLINATE = str(Path(sys.executable).parent / "pollinate")
 
 
-def _config(tmp_path: Path, rounds: int, extra: str = "") -> Path:
+def _config(tmp_path: Path, rounds: int, extra: str = "", method: str = "lora") -> Path:
     path = tmp_path / "run.toml"
     path.write_text(
         f"""[run]
 rounds = {rounds}
+method = "{method}"
 output_dir = "{tmp_path / "runs"}"
 [model]
 name = "tiny-llama"
@@ -122,7 +125,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     c.stop()
     # A server that failed a test may have left its SuperLink: stop it too.
     for info in tmp_path.rglob("server.json"):
-        stop_process_group(int(json.loads(info.read_text())["pid"]), grace_s=2.0)
+        stop_process_tree(int(json.loads(info.read_text())["pid"]), grace_s=2.0)
 
 
 def _server(
@@ -202,7 +205,7 @@ def test_a_killed_server_resumes_and_ends_where_an_uninterrupted_one_does(
     run_dir = _run_dir(tmp_path)
     assert [r["round"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1, 2]
     info = json.loads((run_dir / "server.json").read_text())
-    stop_process_group(info["pid"], grace_s=0)  # SIGKILL whatever is left
+    stop_process_tree(info["pid"], grace_s=0)  # SIGKILL whatever is left
     resumed = _server(cluster, "resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     rows = read_metrics(run_dir / "metrics.jsonl")
@@ -223,6 +226,123 @@ def test_a_killed_server_resumes_and_ends_where_an_uninterrupted_one_does(
             if got["train_loss"] is not None
             else want["train_loss"] is None
         )
+
+
+FEDKSEED = """[zo]
+num_seeds = 32
+eps = 1e-3
+learning_rate = 1e-3
+"""
+
+
+def test_fedkseed_daemons_resume_a_killed_server_to_the_same_model_hash(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """FedKSeed in deployment: every ClientApp is a fresh process, so a node's
+    synced model lives in its ``--state-dir`` snapshots. The server dies after
+    round 2 and is resumed; the final model hash equals that of an
+    uninterrupted run, and no reply was ever out of sync.
+
+    Breaks if node snapshots are not shared across a SuperNode's processes
+    (replies would be rejected), the seed history is not checkpointed, or
+    resume rebuilds a different model.
+    """
+    cluster.join("a", "--insecure")
+    cluster.join("b", "--insecure")
+    config = _config(tmp_path, 3, extra=FEDKSEED, method="fedkseed")
+    crash = _server(
+        cluster,
+        "start",
+        str(config),
+        "--insecure",
+        "--port",
+        str(cluster.port),
+        env={"POLLINATE_FAULT_AFTER_ROUND": "2"},
+    )
+    assert crash.returncode != 0
+    run_dir = _run_dir(tmp_path)
+    before = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in before] == [0, 1, 2]
+    stop_process_tree(read_server_info(run_dir).pid, grace_s=0)
+    resumed = _server(cluster, "resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert rows[:3] == before, "resume rewrote rounds it did not redo"
+    assert [(r["round"], r["clients"], r["rejected"]) for r in rows[1:]] == [
+        (1, 2, 0),
+        (2, 2, 0),
+        (3, 2, 0),
+    ]
+    # Each node kept its synced model on its own disk, per round.
+    for label in "ab":
+        assert list((tmp_path / f"node-{label}" / "zo-state").rglob("*.safetensors"))
+
+    (tmp_path / "ref").mkdir()
+    ref_config = _config(tmp_path / "ref", 3, extra=FEDKSEED, method="fedkseed")
+    ref = _server(
+        cluster, "start", str(ref_config), "--insecure", "--port", str(cluster.port)
+    )
+    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
+    ref_rows = read_metrics(_run_dir(tmp_path / "ref") / "metrics.jsonl")
+    hashes = [r["model_hash"] for r in rows[1:]]
+    assert hashes == [r["model_hash"] for r in ref_rows[1:]]
+    assert len(set(hashes)) == 3, "a round left the model as it was"
+
+
+def test_server_status_stop_and_resume_of_a_detached_run(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """``server start --detach`` returns at once; ``server status`` shows the
+    rounds done, the connected clients and the metrics table; ``server stop``
+    stops the SuperLink and marks the run stopped; ``server resume`` finishes it.
+
+    Breaks if status misreads the run folder or the SuperLink, stop leaves the
+    server running or the run looking alive, or a stopped run cannot resume.
+    """
+    cluster.join("a", "--insecure")
+    cluster.join("b", "--insecure")
+    config = _config(tmp_path, 4)
+    started = _server(
+        cluster,
+        "start",
+        str(config),
+        "--insecure",
+        "--port",
+        str(cluster.port),
+        "--detach",
+        timeout=120,
+    )
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+    run_dir = _run_dir(tmp_path)
+    info = read_server_info(run_dir)
+    assert process_alive(info.pid)
+
+    def one_round_done() -> bool:
+        path = run_dir / "metrics.jsonl"
+        return path.exists() and len(read_metrics(path)) >= 2
+
+    wait_until(one_round_done, 300, "the detached run to finish round 1")
+    status = _server(cluster, "status", str(run_dir), timeout=60)
+    assert status.returncode == 0, status.stderr
+    text = " ".join(status.stdout.split())
+    assert f"server up at 127.0.0.1:{cluster.port}" in text
+    assert "clients connected: 2" in text
+    assert re.search(r"lora: [1-4]/4 rounds", text), text
+
+    stopped = _server(cluster, "stop", str(run_dir), timeout=60)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert not process_alive(info.pid)
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "stopped"
+    after = _server(cluster, "status", str(run_dir), timeout=60)
+    assert "stopped; server down" in " ".join(after.stdout.split())
+    again = _server(cluster, "stop", str(run_dir), timeout=60)
+    assert again.returncode == 1 and "no server running" in again.stderr
+
+    resumed = _server(cluster, "resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
 
 
 def test_unknown_nodes_and_plaintext_clients_are_refused(tmp_path: Path) -> None:
@@ -276,7 +396,7 @@ def test_unknown_nodes_and_plaintext_clients_are_refused(tmp_path: Path) -> None
         for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-        stop_process_group(superlink.pid)
+        stop_process_tree(superlink.pid)
 
 
 def test_a_simulation_runs_on_an_existing_ray_cluster(
@@ -345,7 +465,7 @@ def test_a_simulation_runs_on_an_existing_ray_cluster(
         assert f"joining the existing Ray cluster at 127.0.0.1:{port}" in log
         assert read_metrics(run_dir / "metrics.jsonl")[1]["clients"] == 2
     finally:
-        stop_process_group(head.pid)
+        stop_process_tree(head.pid)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
