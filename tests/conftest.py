@@ -33,6 +33,39 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> No
         time.sleep(0.5)
 
 
+def small_run_args(
+    out: Path,
+    *extra: str,
+    rounds: int = 1,
+    clients: int = 2,
+    local_steps: int = 2,
+    limit: int = 120,
+    eval_examples: int = 8,
+    max_new_tokens: int = 2,
+) -> list[str]:
+    """``pollinate simulate`` arguments of a small tiny-llama run under ``out``."""
+    return [
+        "simulate",
+        "--model",
+        "tiny-llama",
+        "--rounds",
+        str(rounds),
+        "--clients",
+        str(clients),
+        "--local-steps",
+        str(local_steps),
+        "--limit",
+        str(limit),
+        "--output-dir",
+        str(out),
+        "--set",
+        f"data.eval_examples={eval_examples}",
+        "--set",
+        f"eval.max_new_tokens={max_new_tokens}",
+        *extra,
+    ]
+
+
 def shared_data_dir() -> Path:
     """``shared/data`` beside the checkout (CI clones the repo next to it)."""
     return REPO_ROOT.parent / "shared" / "data"

@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,7 +37,7 @@ from server.deploy import (
     wait_for_port,
 )
 from simulation import read_metrics
-from tests.conftest import free_port, wait_until
+from tests.conftest import free_port, small_run_args, wait_until
 
 pytestmark = [pytest.mark.deployment, pytest.mark.integration]
 
@@ -179,23 +180,20 @@ def test_a_deployed_federation_runs_to_completion(
     )
 
 
-def test_a_killed_server_resumes_and_ends_where_an_uninterrupted_one_does(
-    cluster: Cluster, tmp_path: Path
-) -> None:
-    """The ServerApp dies after round 2 (like SIGKILL) and its SuperLink is
-    SIGKILLed; the daemons re-join the restarted server; ``server resume``
-    finishes with the same final metrics as an uninterrupted run.
+def _crash_after_round_2_and_resume(
+    cluster: Cluster, tmp_path: Path, **config: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Start a 3-round run whose ServerApp dies after round 2, SIGKILL what is
+    left of the server, resume it, then run the same config uninterrupted.
 
-    Breaks if the checkpoint misses state, the daemons do not reconnect, or
-    resume redoes or skips rounds.
+    Returns the resumed run's metrics rows and the reference run's.
     """
     cluster.join("a", "--insecure")
     cluster.join("b", "--insecure")
-    config = _config(tmp_path, 3)
     crash = _server(
         cluster,
         "start",
-        str(config),
+        str(_config(tmp_path, 3, **config)),
         "--insecure",
         "--port",
         str(cluster.port),
@@ -203,22 +201,40 @@ def test_a_killed_server_resumes_and_ends_where_an_uninterrupted_one_does(
     )
     assert crash.returncode != 0
     run_dir = _run_dir(tmp_path)
-    assert [r["round"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1, 2]
-    info = json.loads((run_dir / "server.json").read_text())
-    stop_process_tree(info["pid"], grace_s=0)  # SIGKILL whatever is left
+    before = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in before] == [0, 1, 2]
+    stop_process_tree(read_server_info(run_dir).pid, grace_s=0)  # SIGKILL the rest
     resumed = _server(cluster, "resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     rows = read_metrics(run_dir / "metrics.jsonl")
-    assert [r["round"] for r in rows] == [0, 1, 2, 3]
-    assert rows[3]["clients"] == 2
+    assert rows[:3] == before, "resume rewrote rounds it did not redo"
+    assert [(r["round"], r["clients"]) for r in rows] == [
+        (0, 0),
+        (1, 2),
+        (2, 2),
+        (3, 2),
+    ]
     # The uninterrupted reference, on the same machine and clients.
     (tmp_path / "ref").mkdir()
-    ref_config = _config(tmp_path / "ref", 3)
+    ref_config = _config(tmp_path / "ref", 3, **config)
     ref = _server(
         cluster, "start", str(ref_config), "--insecure", "--port", str(cluster.port)
     )
-    assert ref.returncode == 0
-    ref_rows = read_metrics(_run_dir(tmp_path / "ref") / "metrics.jsonl")
+    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
+    return rows, read_metrics(_run_dir(tmp_path / "ref") / "metrics.jsonl")
+
+
+def test_a_killed_server_resumes_and_ends_where_an_uninterrupted_one_does(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The ServerApp dies after round 2 (like SIGKILL) and its SuperLink is
+    SIGKILLed; the daemons re-join the restarted server; ``server resume``
+    finishes with the same metrics as an uninterrupted run.
+
+    Breaks if the checkpoint misses state, the daemons do not reconnect, or
+    resume redoes or skips rounds.
+    """
+    rows, ref_rows = _crash_after_round_2_and_resume(cluster, tmp_path)
     for got, want in zip(rows, ref_rows, strict=True):
         assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-4)
         assert (
@@ -240,50 +256,20 @@ def test_fedkseed_daemons_resume_a_killed_server_to_the_same_model_hash(
 ) -> None:
     """FedKSeed in deployment: every ClientApp is a fresh process, so a node's
     synced model lives in its ``--state-dir`` snapshots. The server dies after
-    round 2 and is resumed; the final model hash equals that of an
+    round 2 and is resumed; every round's model hash equals that of an
     uninterrupted run, and no reply was ever out of sync.
 
     Breaks if node snapshots are not shared across a SuperNode's processes
     (replies would be rejected), the seed history is not checkpointed, or
     resume rebuilds a different model.
     """
-    cluster.join("a", "--insecure")
-    cluster.join("b", "--insecure")
-    config = _config(tmp_path, 3, extra=FEDKSEED, method="fedkseed")
-    crash = _server(
-        cluster,
-        "start",
-        str(config),
-        "--insecure",
-        "--port",
-        str(cluster.port),
-        env={"POLLINATE_FAULT_AFTER_ROUND": "2"},
+    rows, ref_rows = _crash_after_round_2_and_resume(
+        cluster, tmp_path, extra=FEDKSEED, method="fedkseed"
     )
-    assert crash.returncode != 0
-    run_dir = _run_dir(tmp_path)
-    before = read_metrics(run_dir / "metrics.jsonl")
-    assert [r["round"] for r in before] == [0, 1, 2]
-    stop_process_tree(read_server_info(run_dir).pid, grace_s=0)
-    resumed = _server(cluster, "resume", str(run_dir))
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    assert rows[:3] == before, "resume rewrote rounds it did not redo"
-    assert [(r["round"], r["clients"], r["rejected"]) for r in rows[1:]] == [
-        (1, 2, 0),
-        (2, 2, 0),
-        (3, 2, 0),
-    ]
-    # Each node kept its synced model on its own disk, per round.
+    assert [r["rejected"] for r in rows[1:]] == [0, 0, 0]
+    # Each node kept its synced model on its own disk.
     for label in "ab":
         assert list((tmp_path / f"node-{label}" / "zo-state").rglob("*.safetensors"))
-
-    (tmp_path / "ref").mkdir()
-    ref_config = _config(tmp_path / "ref", 3, extra=FEDKSEED, method="fedkseed")
-    ref = _server(
-        cluster, "start", str(ref_config), "--insecure", "--port", str(cluster.port)
-    )
-    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
-    ref_rows = read_metrics(_run_dir(tmp_path / "ref") / "metrics.jsonl")
     hashes = [r["model_hash"] for r in rows[1:]]
     assert hashes == [r["model_hash"] for r in ref_rows[1:]]
     assert len(set(hashes)) == 3, "a round left the model as it was"
@@ -438,27 +424,7 @@ def test_a_simulation_runs_on_an_existing_ray_cluster(
     try:
         wait_for_port("127.0.0.1", port, 120.0, head)
         monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
-        code = cli_main(
-            [
-                "simulate",
-                "--model",
-                "tiny-llama",
-                "--rounds",
-                "1",
-                "--clients",
-                "2",
-                "--local-steps",
-                "2",
-                "--limit",
-                "120",
-                "--output-dir",
-                str(tmp_path),
-                "--set",
-                "data.eval_examples=8",
-                "--set",
-                "eval.max_new_tokens=2",
-            ]
-        )
+        code = cli_main(small_run_args(tmp_path))
         assert code == 0
         (run_dir,) = tmp_path.iterdir()
         log = (run_dir / "simulation.log").read_text()

@@ -19,7 +19,7 @@ from cli.main import build_parser
 from cli.overrides import collect_overrides
 from server.config import load_config
 from simulation import prepare_run
-from tests.conftest import free_port
+from tests.conftest import free_port, small_run_args
 
 pytestmark = [pytest.mark.integration, pytest.mark.long]
 
@@ -49,27 +49,7 @@ def test_flwr_run_completes_a_prepared_run(tmp_path: Path) -> None:
     Breaks if the app components in pyproject.toml are wrong, the FAB misses a
     module, or the apps race on imports when Flower loads them together.
     """
-    args = build_parser().parse_args(
-        [
-            "simulate",
-            "--model",
-            "tiny-llama",
-            "--rounds",
-            "1",
-            "--clients",
-            "2",
-            "--local-steps",
-            "2",
-            "--limit",
-            "120",
-            "--output-dir",
-            str(tmp_path / "runs"),
-            "--set",
-            "data.eval_examples=8",
-            "--set",
-            "eval.max_new_tokens=2",
-        ]
-    )
+    args = build_parser().parse_args(small_run_args(tmp_path / "runs"))
     run_dir = prepare_run(load_config(None, collect_overrides(args)))
     flwr_home = tmp_path / "flwr-home"
     bin_dir = Path(sys.executable).parent

@@ -20,7 +20,7 @@ from cli.main import main as cli_main
 from models import load_causal_lm
 from server.config import load_config
 from simulation import launch, prepare_run, read_metrics
-from tests.conftest import free_port
+from tests.conftest import free_port, small_run_args
 
 pytestmark = pytest.mark.integration
 
@@ -216,32 +216,17 @@ def test_sfprompt_run_trains_over_the_trunk_service(tmp_path: Path) -> None:
     Breaks if the trunk service is not started/stopped with the run, sessions
     interfere, or split traffic is not counted.
     """
+    args = ["--method", "sfprompt", "--batch-size", "4", "--lr", "3e-3"]
     code = cli_main(
-        [
-            "simulate",
-            "--method",
-            "sfprompt",
-            "--model",
-            "tiny-llama",
-            "--rounds",
-            "2",
-            "--clients",
-            "2",
-            "--local-steps",
-            "5",
-            "--batch-size",
-            "4",
-            "--limit",
-            "200",
-            "--lr",
-            "3e-3",
-            "--output-dir",
-            str(tmp_path),
-            "--set",
-            "data.eval_examples=16",
-            "--set",
-            "eval.max_new_tokens=4",
-        ]
+        small_run_args(
+            tmp_path,
+            *args,
+            rounds=2,
+            local_steps=5,
+            limit=200,
+            eval_examples=16,
+            max_new_tokens=4,
+        )
     )
     assert code == 0
     (run_dir,) = tmp_path.iterdir()
@@ -267,36 +252,16 @@ def test_sfprompt_trunk_runs_over_tls_with_a_dev_pki(tmp_path: Path) -> None:
     """
     assert cli_main(["certs", str(tmp_path / "pki")]) == 0
     pki = tmp_path / "pki"
+    tls = [
+        f'split.tls_certfile="{pki / "server.crt"}"',
+        f'split.tls_keyfile="{pki / "server.key"}"',
+        f'split.tls_ca_certfile="{pki / "ca.crt"}"',
+    ]
+    settings = [arg for setting in tls for arg in ("--set", setting)]
     code = cli_main(
-        [
-            "simulate",
-            "--method",
-            "sfprompt",
-            "--model",
-            "tiny-llama",
-            "--rounds",
-            "1",
-            "--clients",
-            "2",
-            "--local-steps",
-            "2",
-            "--batch-size",
-            "4",
-            "--limit",
-            "120",
-            "--output-dir",
-            str(tmp_path / "runs"),
-            "--set",
-            "data.eval_examples=8",
-            "--set",
-            "eval.max_new_tokens=2",
-            "--set",
-            f'split.tls_certfile="{pki / "server.crt"}"',
-            "--set",
-            f'split.tls_keyfile="{pki / "server.key"}"',
-            "--set",
-            f'split.tls_ca_certfile="{pki / "ca.crt"}"',
-        ]
+        small_run_args(
+            tmp_path / "runs", "--method", "sfprompt", "--batch-size", "4", *settings
+        )
     )
     assert code == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
