@@ -91,6 +91,7 @@ class SplitDriver:
         """Average the devices' prompts and tails into the global ones."""
         replies = list(replies)
         result = self.strategy.aggregate(server_round, replies)
+        self.service.end_round(server_round)  # late or vanished devices' graphs
         usage = self.service.reset_usage()
         if result.tensors is None:
             raise FederationError(

@@ -206,6 +206,30 @@ class TrunkService(trunk_pb2_grpc.SplitTrunkServicer):
         with self._lock:
             return len(self._sessions)
 
+    def end_round(self, server_round: int) -> int:
+        """Drop the sessions of ``server_round`` and earlier; return how many.
+
+        Called once a round is aggregated: a device still on it is late and
+        its reply would be discarded, while a session whose device vanished
+        between Forward and Backward holds that step's activation graph until
+        dropped. Sessions busy in a call right now are left to the idle expiry.
+        """
+        dropped = 0
+        with self._lock:
+            for sid, s in list(self._sessions.items()):
+                if s.round <= server_round and s.lock.acquire(blocking=False):
+                    try:
+                        del self._sessions[sid]
+                        s.pending = None  # free the graph
+                    finally:
+                        s.lock.release()
+                    dropped += 1
+        if dropped:
+            _log.info(
+                "round %d over: dropped %d split session(s)", server_round, dropped
+            )
+        return dropped
+
     def _account(self, s: _Session, up: int = 0, down: int = 0, steps: int = 0) -> None:
         """Add traffic to a session (caller holds its lock) and its client's total."""
         s.bytes_up += up

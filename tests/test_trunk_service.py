@@ -61,7 +61,9 @@ class ToyBody:
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         return self.linear.parameters()
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         out = torch.tanh(self.linear(hidden.float()))
         return out * attention_mask.unsqueeze(-1).float()
 
@@ -441,7 +443,9 @@ def test_bad_forward_frames_are_invalid_argument(serve, clients, case, field) ->
     train_step(s, srv.body, seed=0)
 
 
-def test_bad_gradient_is_invalid_argument_and_step_stays_pending(serve, clients) -> None:
+def test_bad_gradient_is_invalid_argument_and_step_stays_pending(
+    serve, clients
+) -> None:
     """A wrong-shape or NaN gradient is refused; a good one then completes the step."""
     srv = serve()
     s = clients(srv.address).open(srv.service.spec, "dev-0", 1)
@@ -522,6 +526,27 @@ def test_idle_sessions_expire_and_session_limit(serve, clients) -> None:
     with raises_code(grpc.StatusCode.NOT_FOUND):
         old.forward(hidden, mask, train=True)
     train_step(new, srv.body, seed=0)
+
+
+def test_end_of_round_drops_its_sessions_and_their_graphs(serve, clients) -> None:
+    """A device that vanished between Forward and Backward leaves a pending
+    graph; the end of its round frees it, and later rounds' sessions stay.
+
+    Breaks if a finished round's sessions (and activation memory) are kept
+    until some later Open happens to expire them.
+    """
+    srv = serve(session_ttl_s=3600.0)
+    client = clients(srv.address)
+    gone = client.open(srv.service.spec, "dev-0", 1)
+    hidden, mask, grad = inputs(0)
+    gone.forward(hidden, mask, train=True)  # and never calls Backward
+    later = client.open(srv.service.spec, "dev-1", 2)
+    assert srv.service.open_sessions() == 2
+    assert srv.service.end_round(1) == 1
+    assert srv.service.open_sessions() == 1
+    with raises_code(grpc.StatusCode.NOT_FOUND):
+        gone.backward(grad)
+    train_step(later, srv.body, seed=1)
 
 
 def test_body_with_trainable_parameters_is_refused() -> None:
