@@ -160,23 +160,29 @@ class Trunk(nn.Module):
 
 
 class DeviceTail(nn.Module):
-    """Final norm and LM head (an untied copy of the original).
+    """Final norm and LM head.
 
-    The norm always trains; the head trains when ``train_head`` is True.
+    The norm always trains (a copy). With ``train_head`` the head is an untied
+    copy that trains; without it the model's own frozen head is used as is,
+    so a device does not hold a second vocabulary-sized matrix (113 MB in
+    float32 for SmolLM2-135M, whose head is tied to the embedding).
     """
 
     def __init__(self, model: PreTrainedModel, *, train_head: bool = True) -> None:
         super().__init__()
         self.norm = copy.deepcopy(_decoder(model).norm)
         head = model.get_output_embeddings()
-        self.lm_head = nn.Linear(
-            head.in_features, head.out_features, bias=head.bias is not None
-        )
-        with torch.no_grad():
-            self.lm_head.weight.copy_(head.weight)
-            if head.bias is not None:
-                self.lm_head.bias.copy_(head.bias)
-        self.lm_head.to(head.weight.device, head.weight.dtype)
+        if train_head:
+            self.lm_head = nn.Linear(
+                head.in_features, head.out_features, bias=head.bias is not None
+            )
+            with torch.no_grad():
+                self.lm_head.weight.copy_(head.weight)
+                if head.bias is not None:
+                    self.lm_head.bias.copy_(head.bias)
+            self.lm_head.to(head.weight.device, head.weight.dtype)
+        else:
+            self.lm_head = head
         self.norm.requires_grad_(True)
         self.lm_head.requires_grad_(train_head)
 

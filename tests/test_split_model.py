@@ -126,3 +126,36 @@ def test_a_split_round_lowers_the_loss_on_a_tiny_model() -> None:
         assert stats.kept == 24 and stats.examples == 48
         losses.append(stats.split_loss)
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("tail_kind", ["norm", "norm+head"])
+def test_a_frozen_head_is_shared_and_a_trained_one_is_an_untied_copy(
+    tail_kind: str,
+) -> None:
+    """With ``tail = "norm"`` the device uses the model's head in place (no
+    second vocabulary-sized matrix); with ``"norm+head"`` it trains a copy,
+    leaving the (tied) embedding alone. Both give the model's logits.
+
+    Breaks if the frozen head is copied again, or the trained head still
+    shares storage with the embedding.
+    """
+    lm = load_causal_lm("tiny-llama")
+    spec = split_spec_for(
+        lm.model,
+        "tiny-llama",
+        num_prompts=2,
+        client_blocks=0,
+        max_length=32,
+        tail=tail_kind,
+    )
+    _, _, tail = build_split(lm.model, spec)
+    original = lm.model.get_output_embeddings().weight
+    shared = tail.lm_head.weight.data_ptr() == original.data_ptr()
+    assert shared == (tail_kind == "norm")
+    assert tail.lm_head.weight.requires_grad == (tail_kind == "norm+head")
+    names = {n for n, p in tail.named_parameters() if p.requires_grad}
+    assert names == ({"norm.weight"} | ({"lm_head.weight"} if not shared else set()))
+    hidden = torch.randn(2, 5, original.shape[1])
+    with torch.no_grad():
+        want = lm.model.lm_head(lm.model.model.norm(hidden))
+        assert torch.equal(tail(hidden), want)
