@@ -86,8 +86,9 @@ SIM_LIMIT = 800
 SIM_ALPHA = 0.5
 # Reduced from the requested 10 local steps, 32 eval examples and 32 new tokens
 # to keep section 4 near 20 minutes on 2 shared CPU cores (see the notes the
-# report prints): `PromptedLM.generate` re-runs the whole sequence for every
-# new token (no KV cache), so SFPrompt's evaluation alone would take > 10 min
+# report prints): when the recorded results were measured,
+# `PromptedLM.generate` re-ran the whole sequence for every new token (it has a
+# KV cache since), and SFPrompt's evaluation alone would have taken > 10 min
 # per round at 32 x 32 here. The requested setting is
 # `--sim-local-steps 10 --sim-eval 32 --sim-new-tokens 32 --sim-timeout 3600`.
 SIM_LOCAL_STEPS = 3

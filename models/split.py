@@ -115,16 +115,22 @@ class DeviceHead(nn.Module):
             else None
         )
 
+    def embed_with_prompts(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[prompts; embed(input_ids)]`` (B, P+T, D) and its (B, P+T) mask."""
+        tokens = self.embed(input_ids)  # (B, T, D)
+        batch = tokens.shape[0]
+        prompts = self.prompts.unsqueeze(0).expand(batch, -1, -1).to(tokens.dtype)
+        hidden = torch.cat([prompts, tokens], dim=1)
+        ones = attention_mask.new_ones((batch, self.spec.num_prompts))
+        return hidden, torch.cat([ones, attention_mask], dim=1)
+
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(hidden, mask)``: (B, P+T, D) activations at the cut and (B, P+T) mask."""
-        tokens = self.embed(input_ids)  # (B, T, D)
-        batch = tokens.shape[0]
-        prompts = self.prompts.unsqueeze(0).expand(batch, -1, -1).to(tokens.dtype)
-        hidden = torch.cat([prompts, tokens], dim=1)  # (B, P+T, D)
-        ones = attention_mask.new_ones((batch, self.spec.num_prompts))
-        mask = torch.cat([ones, attention_mask], dim=1)
+        hidden, mask = self.embed_with_prompts(input_ids, attention_mask)
         if self.blocks is not None:
             hidden = self.blocks(
                 inputs_embeds=hidden, attention_mask=mask, use_cache=False
@@ -255,12 +261,24 @@ class PromptedLM(nn.Module):
     def __init__(self, head: DeviceHead, trunk: Trunk, tail: DeviceTail) -> None:
         super().__init__()
         self.head, self.trunk, self.tail = head, trunk, tail
+        # Not a submodule (a tuple): state_dict and ONNX export stay as they are.
+        self._whole: tuple[nn.Module, ...] = ()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> _Output:
         """Logits (B, T, V) of the token positions."""
         hidden, mask = self.head(input_ids, attention_mask)
         logits = self.tail(self.trunk(hidden, mask))
         return _Output(logits[:, self.head.spec.num_prompts :])
+
+    def _decoder(self) -> nn.Module:
+        """All blocks, head's then trunk's, as one decoder (for a KV cache)."""
+        if not self._whole:
+            layers = list(self.head.blocks.layers) if self.head.blocks else []
+            whole = copy.copy(self.trunk.body)
+            whole._modules = dict(self.trunk.body._modules)  # type: ignore[assignment]
+            whole.layers = nn.ModuleList(layers + list(self.trunk.body.layers))
+            self._whole = (whole,)
+        return self._whole[0]
 
     @torch.no_grad()
     def generate(
@@ -272,15 +290,35 @@ class PromptedLM(nn.Module):
         eos_token_id: int,
         **_: object,
     ) -> torch.Tensor:
-        """Greedy decoding without a cache (left-padded prompts), stops at EOS."""
-        ids, mask = input_ids, attention_mask
+        """Greedy decoding of left-padded prompts with a KV cache; stops at EOS.
+
+        Positions come from the attention mask (pads take none), so a row
+        decodes the same alone or in a padded batch.
+        """
+        from transformers import DynamicCache
+
+        decoder = self._decoder()
+        hidden, mask = self.head.embed_with_prompts(input_ids, attention_mask)
+        cache = DynamicCache()
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        ids = input_ids
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for _step in range(max_new_tokens):
-            nxt = self(ids, mask).logits[:, -1].argmax(-1)
+            out = decoder(
+                inputs_embeds=hidden,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = self.tail(out.last_hidden_state[:, -1:])[:, -1]
+            nxt = logits.argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
             done |= nxt == eos_token_id
             if bool(done.all()):
                 break
+            hidden = self.head.embed(nxt[:, None]).to(hidden.dtype)
+            positions = positions[:, -1:] + 1
         return ids

@@ -159,3 +159,61 @@ def test_a_frozen_head_is_shared_and_a_trained_one_is_an_untied_copy(
     with torch.no_grad():
         want = lm.model.lm_head(lm.model.model.norm(hidden))
         assert torch.equal(tail(hidden), want)
+
+
+def _greedy_without_cache(model, ids, mask, steps: int):  # noqa: ANN001, ANN202
+    """Reference decoding: the whole sequence again for every new token."""
+    for _ in range(steps):
+        nxt = model(ids, mask).logits[:, -1].argmax(-1)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("client_blocks", [0, 1])
+def test_cached_generation_matches_full_recomputation_and_ignores_padding(
+    client_blocks: int,
+) -> None:
+    """``PromptedLM.generate`` (KV cache over the head's and trunk's blocks)
+    gives the tokens of re-running the whole sequence each step, and a
+    left-padded row decodes as it does alone.
+
+    Breaks if the cache misses the head's blocks, positions shift after the
+    prompt, or cached steps attend to the padding.
+    """
+    from models.split import PromptedLM
+
+    lm = load_causal_lm("tiny-llama")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # large random weights: an untrained tiny model
+        for param in lm.model.parameters():  # only echoes its last token
+            param.normal_(0.0, 0.3, generator=gen)
+    spec = split_spec_for(
+        lm.model,
+        "tiny-llama",
+        num_prompts=3,
+        client_blocks=client_blocks,
+        max_length=64,
+    )
+    model = PromptedLM(*build_split(lm.model, spec, init_seed=2)).eval()
+    ids = torch.randint(3, 200, (2, 6), generator=gen)
+    ones = torch.ones_like(ids)
+    eos = -1  # never produced: every row decodes all steps
+    got = model.generate(ids, ones, max_new_tokens=5, pad_token_id=0, eos_token_id=eos)
+    assert len(set(got[:, 6:].flatten().tolist())) > 2, "degenerate decoding"
+    with torch.no_grad():
+        assert torch.equal(got, _greedy_without_cache(model, ids, ones, 5))
+    # Row 1 shortened to 4 tokens and left-padded: it must decode as alone.
+    padded = ids.clone()
+    padded[1, :2] = 0
+    mask = ones.clone()
+    mask[1, :2] = 0
+    batch = model.generate(
+        padded, mask, max_new_tokens=5, pad_token_id=0, eos_token_id=eos
+    )
+    alone = model.generate(
+        ids[1:, 2:], ones[1:, 2:], max_new_tokens=5, pad_token_id=0, eos_token_id=eos
+    )
+    assert torch.equal(batch[1, 6:], alone[0, 4:])
+    assert torch.equal(batch[0], got[0])
+    assert not any(k.startswith("_whole") for k in model.state_dict())
