@@ -32,7 +32,7 @@ from protocols.zo_messages import (
     decode_zo_train_res,
     encode_zo_train_ins,
 )
-from strategies.replies import CentrallyEvaluated, NodeBook, triage
+from strategies.replies import CentrallyEvaluated, triage
 from strategies.seed_pool import ProStatistics, SeedUpdate, aggregate_seed_scalars
 
 __all__ = ["FedKSeed", "ZoAggregate"]
@@ -83,9 +83,7 @@ class FedKSeed(CentrallyEvaluated):
         self.local_steps = local_steps
         self.batch_size = batch_size
         self.seed = seed
-        self.nodes = NodeBook(
-            fraction=fraction_train, min_nodes=min_train_nodes, seed=seed
-        )
+        self._sample_nodes(fraction_train, min_train_nodes, seed)
         self.history: list[RoundDelta] = []
         self.node_rounds: dict[str, int] = {}
         self.pro = (
@@ -93,14 +91,6 @@ class FedKSeed(CentrallyEvaluated):
             if spec.sampling == "pro"
             else None
         )
-
-    def set_nodes(self, node_labels: Mapping[int, str]) -> None:
-        """Tell the strategy which nodes exist and their stable labels."""
-        self.nodes.set_nodes(node_labels)
-
-    def label(self, node_id: int) -> str:
-        """The stable label of a node."""
-        return self.nodes.label(node_id)
 
     def history_since(self, base_round: int) -> tuple[RoundDelta, ...]:
         """The round deltas a node synced at ``base_round`` still has to apply."""

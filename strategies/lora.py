@@ -37,7 +37,7 @@ from protocols import (
     encode_tensors,
 )
 from strategies.aggregation import weighted_mean
-from strategies.replies import CentrallyEvaluated, NodeBook, triage
+from strategies.replies import CentrallyEvaluated, triage
 
 __all__ = ["LoraAggregate", "LoraFedAvg", "LocalTrainSettings"]
 
@@ -121,17 +121,7 @@ class LoraFedAvg(CentrallyEvaluated):
         self.seed = seed
         self.device = torch.device(device)
         self.max_payload_bytes = max_payload_bytes
-        self.nodes = NodeBook(
-            fraction=fraction_train, min_nodes=min_train_nodes, seed=seed
-        )
-
-    def set_nodes(self, node_labels: Mapping[int, str]) -> None:
-        """Tell the strategy which nodes exist and their stable labels."""
-        self.nodes.set_nodes(node_labels)
-
-    def label(self, node_id: int) -> str:
-        """The stable label of a node (its id when it never said hello)."""
-        return self.nodes.label(node_id)
+        self._sample_nodes(fraction_train, min_train_nodes, seed)
 
     # -- typed API -----------------------------------------------------------
     def configure(

@@ -104,6 +104,21 @@ class CentrallyEvaluated(Strategy):
     abstract.
     """
 
+    nodes: NodeBook
+    """The known nodes, their labels and the per-round sampling."""
+
+    def _sample_nodes(self, fraction: float, min_nodes: int, seed: int) -> None:
+        """Set up :attr:`nodes` (subclasses call this from ``__init__``)."""
+        self.nodes = NodeBook(fraction=fraction, min_nodes=min_nodes, seed=seed)
+
+    def set_nodes(self, node_labels: Mapping[int, str]) -> None:
+        """Tell the strategy which nodes exist and their stable labels."""
+        self.nodes.set_nodes(node_labels)
+
+    def label(self, node_id: int) -> str:
+        """The stable label of a node (derived from its id if it never said hello)."""
+        return self.nodes.label(node_id)
+
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:

@@ -26,7 +26,7 @@ from protocols.split_messages import (
     encode_split_train_ins,
 )
 from strategies.aggregation import weighted_mean
-from strategies.replies import CentrallyEvaluated, NodeBook, triage
+from strategies.replies import CentrallyEvaluated, triage
 
 __all__ = ["SFPromptFedAvg", "SplitAggregate", "SplitRoundSettings"]
 
@@ -100,17 +100,7 @@ class SFPromptFedAvg(CentrallyEvaluated):
         self.seed = seed
         self.device = torch.device(device)
         self.max_payload_bytes = max_payload_bytes
-        self.nodes = NodeBook(
-            fraction=fraction_train, min_nodes=min_train_nodes, seed=seed
-        )
-
-    def set_nodes(self, node_labels: Mapping[int, str]) -> None:
-        """Tell the strategy which nodes exist and their stable labels."""
-        self.nodes.set_nodes(node_labels)
-
-    def label(self, node_id: int) -> str:
-        """The stable label of a node."""
-        return self.nodes.label(node_id)
+        self._sample_nodes(fraction_train, min_train_nodes, seed)
 
     def configure(
         self, server_round: int, tensors: Mapping[str, torch.Tensor], grid: Grid
