@@ -15,6 +15,20 @@ from models import IGNORE_INDEX, collate_train, load_causal_lm, tokenize_example
 from models.split import _decoder_slice, build_split, split_spec_for
 
 
+def _tiny_spec(
+    lm, *, num_prompts: int, client_blocks: int = 0, tail: str = "norm+head"
+):  # noqa: ANN001, ANN202
+    """The split spec of tiny-llama, 64-token sequences."""
+    return split_spec_for(
+        lm.model,
+        "tiny-llama",
+        num_prompts=num_prompts,
+        client_blocks=client_blocks,
+        max_length=64,
+        tail=tail,
+    )
+
+
 def _batch(tokenizer, n: int = 3):  # noqa: ANN001, ANN202
     examples = generate_tasks(n, seed=2)
     tok = [tokenize_example(e, tokenizer, 64) for e in examples]
@@ -30,13 +44,7 @@ def test_split_loss_and_gradients_equal_the_unsplit_model(client_blocks: int) ->
     gradient returned at the cut is wrong or cut to the wrong positions.
     """
     lm = load_causal_lm("tiny-llama")
-    spec = split_spec_for(
-        lm.model,
-        "tiny-llama",
-        num_prompts=3,
-        client_blocks=client_blocks,
-        max_length=64,
-    )
+    spec = _tiny_spec(lm, num_prompts=3, client_blocks=client_blocks)
     head, trunk, tail = build_split(lm.model, spec, init_seed=1)
     batch = _batch(lm.tokenizer)
     # Split path, exactly as the device does it.
@@ -101,9 +109,7 @@ def test_a_split_round_lowers_the_loss_on_a_tiny_model() -> None:
     Breaks if prompts or tail do not learn, or the round trains nothing.
     """
     lm = load_causal_lm("tiny-llama")
-    spec = split_spec_for(
-        lm.model, "tiny-llama", num_prompts=4, client_blocks=0, max_length=64
-    )
+    spec = _tiny_spec(lm, num_prompts=4)
     head, trunk, tail = build_split(lm.model, spec)
     examples = [
         tokenize_example(e, lm.tokenizer, 64) for e in generate_tasks(48, seed=0)
@@ -140,14 +146,7 @@ def test_a_frozen_head_is_shared_and_a_trained_one_is_an_untied_copy(
     shares storage with the embedding.
     """
     lm = load_causal_lm("tiny-llama")
-    spec = split_spec_for(
-        lm.model,
-        "tiny-llama",
-        num_prompts=2,
-        client_blocks=0,
-        max_length=32,
-        tail=tail_kind,
-    )
+    spec = _tiny_spec(lm, num_prompts=2, tail=tail_kind)
     _, _, tail = build_split(lm.model, spec)
     original = lm.model.get_output_embeddings().weight
     shared = tail.lm_head.weight.data_ptr() == original.data_ptr()
@@ -188,13 +187,7 @@ def test_cached_generation_matches_full_recomputation_and_ignores_padding(
     with torch.no_grad():  # large random weights: an untrained tiny model
         for param in lm.model.parameters():  # only echoes its last token
             param.normal_(0.0, 0.3, generator=gen)
-    spec = split_spec_for(
-        lm.model,
-        "tiny-llama",
-        num_prompts=3,
-        client_blocks=client_blocks,
-        max_length=64,
-    )
+    spec = _tiny_spec(lm, num_prompts=3, client_blocks=client_blocks)
     model = PromptedLM(*build_split(lm.model, spec, init_seed=2)).eval()
     ids = torch.randint(3, 200, (2, 6), generator=gen)
     ones = torch.ones_like(ids)
