@@ -224,6 +224,37 @@ def _crash_after_round_2_and_resume(
     return rows, read_metrics(_run_dir(tmp_path / "ref") / "metrics.jsonl")
 
 
+def test_sfprompt_devices_reach_the_trunk_of_a_deployed_server(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """SFPrompt on real SuperNodes: the devices reach the trunk service that
+    the ServerApp starts, every round has both clients and no rejected reply,
+    and the trunk's traffic is counted. (LoRA runs in the test above, FedKSeed
+    in the crash-and-resume test below.)
+
+    Breaks if the trunk's address or the split messages only work in
+    simulation.
+    """
+    cluster.join("a", "--insecure")
+    cluster.join("b", "--insecure")
+    out = _server(
+        cluster,
+        "start",
+        str(
+            _config(tmp_path, 2, extra="[split]\nnum_prompts = 4\n", method="sfprompt")
+        ),
+        "--insecure",
+        "--port",
+        str(cluster.port),
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = read_metrics(_run_dir(tmp_path) / "metrics.jsonl")
+    assert [(r["clients"], r["rejected"]) for r in rows[1:]] == [(2, 0), (2, 0)]
+    assert all(r["method"] == "sfprompt" for r in rows[1:])
+    # prompts and tail both ways, plus the activations and their gradients
+    assert rows[1]["bytes_up"] > rows[1]["bytes_down"] > 0
+
+
 def test_a_killed_server_resumes_and_ends_where_an_uninterrupted_one_does(
     cluster: Cluster, tmp_path: Path
 ) -> None:
