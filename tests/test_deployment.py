@@ -145,6 +145,22 @@ def _server(
     )
 
 
+def _start(
+    cluster: Cluster, config: Path, *extra: str, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    """``pollinate server start CONFIG`` in plaintext on the cluster's port."""
+    return _server(
+        cluster,
+        "start",
+        str(config),
+        "--insecure",
+        "--port",
+        str(cluster.port),
+        *extra,
+        **kwargs,
+    )
+
+
 def _run_dir(tmp_path: Path) -> Path:
     (run_dir,) = (tmp_path / "runs").iterdir()
     return run_dir
@@ -162,14 +178,7 @@ def test_a_deployed_federation_runs_to_completion(
     """
     cluster.join("a", "--insecure")
     cluster.join("b", "--insecure")
-    out = _server(
-        cluster,
-        "start",
-        str(_config(tmp_path, 2)),
-        "--insecure",
-        "--port",
-        str(cluster.port),
-    )
+    out = _start(cluster, _config(tmp_path, 2))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     run_dir = _run_dir(tmp_path)
     rows = read_metrics(run_dir / "metrics.jsonl")
@@ -190,13 +199,9 @@ def _crash_after_round_2_and_resume(
     """
     cluster.join("a", "--insecure")
     cluster.join("b", "--insecure")
-    crash = _server(
+    crash = _start(
         cluster,
-        "start",
-        str(_config(tmp_path, 3, **config)),
-        "--insecure",
-        "--port",
-        str(cluster.port),
+        _config(tmp_path, 3, **config),
         env={"POLLINATE_FAULT_AFTER_ROUND": "2"},
     )
     assert crash.returncode != 0
@@ -217,9 +222,7 @@ def _crash_after_round_2_and_resume(
     # The uninterrupted reference, on the same machine and clients.
     (tmp_path / "ref").mkdir()
     ref_config = _config(tmp_path / "ref", 3, **config)
-    ref = _server(
-        cluster, "start", str(ref_config), "--insecure", "--port", str(cluster.port)
-    )
+    ref = _start(cluster, ref_config)
     assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
     return rows, read_metrics(_run_dir(tmp_path / "ref") / "metrics.jsonl")
 
@@ -237,16 +240,8 @@ def test_sfprompt_devices_reach_the_trunk_of_a_deployed_server(
     """
     cluster.join("a", "--insecure")
     cluster.join("b", "--insecure")
-    out = _server(
-        cluster,
-        "start",
-        str(
-            _config(tmp_path, 2, extra="[split]\nnum_prompts = 4\n", method="sfprompt")
-        ),
-        "--insecure",
-        "--port",
-        str(cluster.port),
-    )
+    split = "[split]\nnum_prompts = 4\n"
+    out = _start(cluster, _config(tmp_path, 2, extra=split, method="sfprompt"))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     rows = read_metrics(_run_dir(tmp_path) / "metrics.jsonl")
     assert [(r["clients"], r["rejected"]) for r in rows[1:]] == [(2, 0), (2, 0)]
@@ -319,16 +314,7 @@ def test_server_status_stop_and_resume_of_a_detached_run(
     cluster.join("a", "--insecure")
     cluster.join("b", "--insecure")
     config = _config(tmp_path, 4)
-    started = _server(
-        cluster,
-        "start",
-        str(config),
-        "--insecure",
-        "--port",
-        str(cluster.port),
-        "--detach",
-        timeout=120,
-    )
+    started = _start(cluster, config, "--detach", timeout=120)
     assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
     run_dir = _run_dir(tmp_path)
     info = read_server_info(run_dir)
