@@ -64,15 +64,15 @@ from typing import Any
 import numpy as np
 import psutil
 
-from client.daemon import JoinSettings, supernode_command, supernode_env
+from client.daemon import JoinSettings, start_supernode
 from server.checkpoints import atomic_write_bytes
 from server.deploy import (
     DeployError,
+    cli_home,
     flower_run_status,
     flwr_env,
     start_superlink,
     stop_process_tree,
-    wait_for_port,
 )
 
 __all__ = [
@@ -483,12 +483,10 @@ class LoadDeployment:
         port = self._port()
         self.address = f"127.0.0.1:{port}"
         self._addresses.append(self.address)
-        if self.store == "memory":
-            self.superlink = start_superlink(
-                self.work_dir, "127.0.0.1", port, tls=None, auth=False
-            )
-        else:
-            self.superlink = self._start_sqlite_superlink(port)
+        database = self.work_dir / "state.db" if self.store == "sqlite" else None
+        self.superlink = start_superlink(
+            self.work_dir, "127.0.0.1", port, tls=None, auth=False, database=database
+        )
         for i in range(self.spec.nodes):
             settings = JoinSettings(
                 server=self.address,
@@ -499,59 +497,7 @@ class LoadDeployment:
                 local_port=self._port(),
             )
             self._addresses.append(f"127.0.0.1:{settings.local_port}")
-            settings.state_dir.mkdir(parents=True, exist_ok=True)
-            log = (settings.state_dir / "supernode.log").open("ab")
-            self.nodes.append(
-                subprocess.Popen(
-                    supernode_command(settings),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    env=supernode_env(settings),
-                    start_new_session=True,
-                )
-            )
-            log.close()
-
-    def _start_sqlite_superlink(self, port: int) -> subprocess.Popen[bytes]:
-        """``start_superlink``'s command with the SQLite store (``--database``)."""
-        cmd = [
-            str(Path(sys.executable).parent / "flower-superlink"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--disable-runtime-dependency-installation",
-            "--insecure",
-            "--database",
-            str(self.work_dir / "state.db"),
-        ]
-        log = (self.work_dir / "superlink.log").open("ab")
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=flwr_env(self.work_dir / ".flwr-superlink"),
-            start_new_session=True,
-        )
-        log.close()
-        try:
-            wait_for_port("127.0.0.1", port, 60.0, proc)
-        except DeployError:
-            stop_process_tree(proc.pid, grace_s=2.0)
-            raise
-        return proc
-
-    def _cli_home(self) -> Path:
-        home = self.work_dir / ".flwr-cli"
-        home.mkdir(parents=True, exist_ok=True)
-        text = (
-            '[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n'
-            f'address = "{self.address}"\ninsecure = true\n'
-        )
-        atomic_write_bytes(home / "config.toml", text.encode())
-        return home
+            self.nodes.append(start_supernode(settings))
 
     def submit(self) -> int:
         """Write the app and submit it with ``flwr run``; return the run id.
@@ -573,7 +519,7 @@ class LoadDeployment:
                 "--format",
                 "json",
             ],
-            env=flwr_env(self._cli_home()),
+            env=flwr_env(cli_home(self.work_dir, self.address, None)),
             capture_output=True,
             text=True,
             timeout=180,

@@ -27,6 +27,7 @@ __all__ = [
     "JoinSettings",
     "make_node_key",
     "run_daemon",
+    "start_supernode",
     "supernode_command",
     "supernode_env",
 ]
@@ -118,14 +119,29 @@ def supernode_env(s: JoinSettings) -> dict[str, str]:
     }
 
 
+def start_supernode(s: JoinSettings) -> subprocess.Popen[bytes]:
+    """Start one ``flower-supernode`` for ``s`` in its own process group.
+
+    Its output goes to ``<state_dir>/supernode.log``.
+    """
+    s.state_dir.mkdir(parents=True, exist_ok=True)
+    with (s.state_dir / "supernode.log").open("ab") as log:
+        return subprocess.Popen(
+            supernode_command(s),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=supernode_env(s),
+            start_new_session=True,
+        )
+
+
 def run_daemon(s: JoinSettings, *, say: Callable[[str], None] = print) -> int:
     """Run and supervise the SuperNode; return the exit status.
 
     0 when stopped by SIGINT/SIGTERM; the SuperNode's last status when
     ``max_restarts`` restarts are exhausted.
     """
-    s.state_dir.mkdir(parents=True, exist_ok=True)
-    cmd, env = supernode_command(s), supernode_env(s)
     stopping = False
     child: subprocess.Popen[bytes] | None = None
 
@@ -143,16 +159,7 @@ def run_daemon(s: JoinSettings, *, say: Callable[[str], None] = print) -> int:
     restarts, backoff = 0, 1.0
     try:
         while not stopping:
-            log = (s.state_dir / "supernode.log").open("ab")
-            child = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-            )
-            log.close()
+            child = start_supernode(s)
             say(f"node {s.label}: SuperNode started (pid {child.pid}) for {s.server}")
             code = child.wait()
             say(f"node {s.label}: SuperNode exited with status {code}")

@@ -34,6 +34,7 @@ from server.config import RunConfig, config_to_toml
 __all__ = [
     "DeployError",
     "ServerInfo",
+    "cli_home",
     "connected_nodes",
     "TlsFiles",
     "flower_run_status",
@@ -189,9 +190,18 @@ def wait_for_port(
 
 
 def start_superlink(
-    run_dir: Path, host: str, port: int, *, tls: TlsFiles | None, auth: bool
+    run_dir: Path,
+    host: str,
+    port: int,
+    *,
+    tls: TlsFiles | None,
+    auth: bool,
+    database: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``flower-superlink`` for ``run_dir`` in its own process group.
+
+    State lives in memory unless ``database`` names a SQLite file (used by
+    ``bench/superlink_load.py`` to compare the two stores).
 
     Raises
     ------
@@ -223,6 +233,8 @@ def start_superlink(
         ]
     if auth:
         cmd.append("--enable-supernode-auth")
+    if database is not None:
+        cmd += ["--database", str(database)]
     log = (run_dir / "superlink.log").open("ab")
     proc = subprocess.Popen(
         cmd,
@@ -237,7 +249,7 @@ def start_superlink(
     return proc
 
 
-def _cli_home(run_dir: Path, address: str, tls: TlsFiles | None) -> Path:
+def cli_home(run_dir: Path, address: str, tls: TlsFiles | None) -> Path:
     """A FLWR_HOME whose ``deploy`` connection points at our SuperLink."""
     home = run_dir / ".flwr-cli"
     home.mkdir(parents=True, exist_ok=True)
@@ -274,7 +286,7 @@ def register_node_keys(
     run_dir: Path, address: str, tls: TlsFiles, keys: list[Path]
 ) -> None:
     """Register node public keys (``*.pub``, OpenSSH EC) with the SuperLink."""
-    home = _cli_home(run_dir, address, tls)
+    home = cli_home(run_dir, address, tls)
     for key in keys:
         _flwr(home, "supernode", "register", str(key), "deploy")
 
@@ -283,7 +295,7 @@ def submit_run(
     run_dir: Path, address: str, tls: TlsFiles | None, *, resume: bool
 ) -> int:
     """Submit this run's app with ``flwr run``; return Flower's run id."""
-    home = _cli_home(run_dir, address, tls)
+    home = cli_home(run_dir, address, tls)
     app = write_app(run_dir)
     config = f'run-dir="{run_dir.resolve()}" resume={"true" if resume else "false"}'
     out = _flwr(
@@ -366,7 +378,7 @@ def connected_nodes(
 ) -> list[dict[str, str]]:
     """The SuperLink's nodes as ``flwr supernode ls`` reports them."""
     out = _flwr(
-        _cli_home(run_dir, address, tls),
+        cli_home(run_dir, address, tls),
         "supernode",
         "ls",
         "deploy",
@@ -388,7 +400,7 @@ def flower_run_status(
     """Flower's status of a run (e.g. ``running``, ``finished:failed``), or ``""``."""
     try:
         out = _flwr(
-            _cli_home(run_dir, address, tls),
+            cli_home(run_dir, address, tls),
             "ls",
             "deploy",
             "--run-id",
