@@ -10,23 +10,21 @@ This bench measures, in fresh processes (median of N):
   config; SmolLM2-135M from the converted safetensors cache, memory-mapped);
 - the same plus attaching LoRA (what a LoRA message needs before training).
 
-Run: ``python bench/message_start.py [--repeats 5]``; writes
+Run: ``python -m bench.message_start [--repeats 5]``; writes
 ``bench/results/message_start.json`` and ``.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
-REPO = Path(__file__).resolve().parents[1]
+from bench.harness import REPO, machine_info, markdown_table, write_results
+
+COLUMNS = ("per-message start (fresh process)", "median s", "min s")
 
 CASES = {
     "import client.app": "import client.app",
@@ -45,6 +43,7 @@ CASES = {
 
 
 def _time(code: str) -> float:
+    """Wall seconds of ``python -c code`` in a fresh process, from the repository."""
     t0 = time.perf_counter()
     subprocess.run(
         [sys.executable, "-c", code],
@@ -73,25 +72,19 @@ def main() -> int:
             "runs": times,
         }
     result = {
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": __import__("os").cpu_count(),
-            "platform": platform.platform(),
-        },
+        "machine": machine_info(("flwr",)),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cases": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "message_start.json").write_text(json.dumps(result, indent=1))
-    lines = [
-        "| per-message start (fresh process) | median s | min s |",
-        "|---|---:|---:|",
+    table_rows = [
+        dict(
+            zip(COLUMNS, (k, f"{v['median_s']:.2f}", f"{v['min_s']:.2f}"), strict=True)
+        )
+        for k, v in rows.items()
     ]
-    lines += [
-        f"| {k} | {v['median_s']:.2f} | {v['min_s']:.2f} |" for k, v in rows.items()
-    ]
-    table = "\n".join(lines) + "\n"
-    (RESULTS / "message_start.md").write_text(table)
+    table = "\n".join(markdown_table(table_rows, COLUMNS, align="lrr", compact=True))
+    table += "\n"
+    write_results("message_start", result, table)
     print(table)
     return 0
 

@@ -9,49 +9,55 @@ but non-reproducible reference; then the time of one MeZO perturbation
 transformer-shaped parameter set. Writes ``bench/results/seed_generator.json``
 (with machine information) and prints a markdown table.
 
-Usage: ``python bench/seed_generator.py [--numel N] [--k K] [--layers L]``.
+Usage: ``python -m bench.seed_generator [--numel N] [--k K] [--layers L]``.
 Timings are the fastest of several runs (the CPU may be shared).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from bench.harness import (
+    RESULTS_DIR,
+    best_time,
+    generation_throughput,
+    machine_info,
+    markdown_table,
+    write_json,
+)
 from protocols.seeds import (
     GENERATOR_VERSION,
     apply_seed_sum_,
     candidate_seeds,
     gaussian,
-    generation_throughput,
     perturb_,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results" / "seed_generator.json"
+RESULTS = RESULTS_DIR / "seed_generator.json"
+COLUMNS = ("what", "backend", "device", "values", "seconds", "M values/s")
+TABLE_STYLE = {"align": "lllrrr", "compact": True}
 
 
-def best_time(
-    fn: Callable[[], object], repeats: int, sync: Callable[[], None]
-) -> float:
-    """Fastest of ``repeats`` timed calls, after one untimed warm-up call."""
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def _table_row(r: dict[str, Any]) -> dict[str, str]:
+    """One measured row as table cells (values = generated values in total)."""
+    per_call = int(r["numel"])
+    seeds = int(str(r["what"]).rsplit("K=", 1)[1]) if "K=" in str(r["what"]) else 1
+    cells = (
+        r["what"],
+        r["backend"],
+        r["device"],
+        f"{per_call * seeds:,}",
+        f"{r['seconds']:.4f}",
+        f"{r['values_per_s'] / 1e6:,.1f}",
+    )
+    return {c: str(v) for c, v in zip(COLUMNS, cells, strict=True)}
 
 
 def param_set(layers: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
@@ -69,40 +75,6 @@ def param_set(layers: int, device: torch.device) -> list[tuple[str, torch.Tensor
     shapes.append(("norm.weight", (d,)))
     g = torch.Generator().manual_seed(0)
     return [(n, (torch.randn(s, generator=g) * 0.02).to(device)) for n, s in shapes]
-
-
-def machine_info() -> dict[str, object]:
-    """What the numbers were measured on."""
-    import numba
-
-    info: dict[str, object] = {
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else None,
-        "cpu_model": _cpu_model(),
-        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "numpy": np.__version__,
-        "numba": numba.__version__,
-        "numba_threads": numba.config.NUMBA_NUM_THREADS,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "generator": GENERATOR_VERSION,
-    }
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "seed_generator",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine_info(),
+        "machine": {**machine_info(), "generator": GENERATOR_VERSION},
         "args": {
             "numel": args.numel,
             "k": args.k,
@@ -230,22 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         },
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
 
     print(
         f"generator {GENERATOR_VERSION}; {result['machine']['cpu_count']} CPUs, "
-        f"torch {torch.__version__}, CUDA: {result['machine']['cuda']}"
+        f"torch {torch.__version__}, CUDA: {result['machine']['cuda_device']}"
     )
     print()
-    print("| what | backend | device | values | seconds | M values/s |")
-    print("|---|---|---|---:|---:|---:|")
-    for r in rows:
-        values = r["numel"] * (args.k if str(r["what"]).startswith("apply") else 1)
-        print(
-            f"| {r['what']} | {r['backend']} | {r['device']} | {values:,} | "
-            f"{r['seconds']:.4f} | {r['values_per_s'] / 1e6:,.1f} |"
-        )
+    print("\n".join(markdown_table(map(_table_row, rows), COLUMNS, **TABLE_STYLE)))
     print()
     print(f"wrote {args.out}")
     return 0

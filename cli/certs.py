@@ -7,8 +7,6 @@ from pathlib import Path
 
 from rich.console import Console
 
-from server.certificates import make_dev_pki
-
 __all__ = ["add_parser", "run"]
 
 EPILOG = """examples:
@@ -38,6 +36,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace, console: Console) -> int:
     """Write the PKI; exit status 2 if the folder already has one."""
+    # Here, not at import: --help stays light.
+    from server.certificates import make_dev_pki
+
     hosts = args.host or ["127.0.0.1", "localhost"]
     try:
         pki = make_dev_pki(args.folder, hosts, args.days)

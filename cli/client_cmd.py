@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from client.daemon import JoinSettings, make_node_key, run_daemon
+from protocols.methods import method_names
 
 __all__ = ["add_parser"]
 
@@ -49,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--method",
         action="append",
         default=[],
-        choices=["lora", "fedkseed", "sfprompt"],
+        choices=method_names(),
         help="accept only these methods (repeatable; default: all)",
     )
     join.add_argument("--state-dir", type=Path, default=Path(".pollinate-node"))
@@ -65,6 +65,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _join(args: argparse.Namespace, console: Console) -> int:
+    # Here, not at import: --help stays light.
+    from client.daemon import JoinSettings, run_daemon
+
     if not args.data.is_file():
         console.print(f"[red]no data file at {args.data}[/]")
         return 2
@@ -89,6 +92,9 @@ def _join(args: argparse.Namespace, console: Console) -> int:
 
 
 def _keygen(args: argparse.Namespace, console: Console) -> int:
+    # Here, not at import: --help stays light.
+    from client.daemon import make_node_key
+
     try:
         private, public = make_node_key(args.folder, args.name)
     except FileExistsError as exc:

@@ -12,9 +12,6 @@ from pathlib import Path
 
 from rich.console import Console
 
-from simulation import compare_table, plot_comparison, read_metrics
-from simulation.reports import ReportError
-
 __all__ = ["add_parser", "run"]
 
 EPILOG = """examples:
@@ -44,10 +41,15 @@ def _label(run_dir: Path, rows: list[dict[str, object]]) -> str:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     """Print the comparison table and write the plot; 2 on unreadable runs."""
+    # Here, not at import: --help stays light.
+    from protocols.run_folder import RunFolder
+    from simulation import compare_table, plot_comparison, read_metrics
+    from simulation.reports import ReportError
+
     runs: dict[str, list[dict[str, object]]] = {}
     for run_dir in args.runs:
         try:
-            rows = read_metrics(run_dir / "metrics.jsonl")
+            rows = read_metrics(RunFolder(run_dir).metrics)
         except (ReportError, FileNotFoundError) as exc:
             console.print(f"[red]cannot read[/] {run_dir}: {exc}")
             return 2

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from server.config import ConfigError
-from server.export import FORMATS, ExportError, export_run
+from protocols.methods import EXPORT_FORMATS as FORMATS
 
 __all__ = ["add_parser", "run"]
 
@@ -35,6 +34,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace, console: Console) -> int:
     """Export; exit status 2 with the reason when it cannot be done."""
+    # Here, not at import: --help stays light.
+    from server.config import ConfigError
+    from server.export import ExportError, export_run
+
     try:
         out = export_run(args.run_dir, args.out, args.fmt)
     except (ExportError, ConfigError) as exc:

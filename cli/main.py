@@ -1,4 +1,10 @@
-"""The ``pollinate`` command: one module per subcommand, wired here."""
+"""The ``pollinate`` command: one module per subcommand, wired here.
+
+Every subcommand module imports only argparse, rich and light Pollinate
+modules at module level; what a subcommand runs (torch, transformers, PEFT,
+Flower) is imported by its handler. So ``pollinate --help`` and
+``pollinate <verb> --help`` start fast (``tests/test_cli_start.py``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import argparse
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from cli import (
     certs,
@@ -17,6 +24,8 @@ from cli import (
     simulate,
     validate,
 )
+from cli.console import report_console
+from protocols.installation import InstallationError, check_installation
 
 __all__ = ["build_parser", "main"]
 
@@ -40,10 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` and run the chosen subcommand; return its exit status."""
-    args = build_parser().parse_args(argv)
-    console = Console(stderr=True)
-    return int(args.handler(args, console))
+    """Parse ``argv`` and run the chosen subcommand; return its exit status.
+
+    Exit status 2 when the installation is broken: a file or folder that
+    shadows one of Pollinate's packages (see :mod:`protocols.installation`).
+    """
+    try:
+        check_installation()
+        args = build_parser().parse_args(argv)
+        return int(args.handler(args, report_console(stderr=True)))
+    except InstallationError as exc:
+        Console(stderr=True, soft_wrap=True).print(
+            f"[red]broken installation[/]:\n{escape(str(exc))}"
+        )
+        return 2
 
 
 if __name__ == "__main__":

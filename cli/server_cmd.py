@@ -11,32 +11,18 @@ from its last checkpoint, restarting the SuperLink if it is gone.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from cli.overrides import add_config_arguments, collect_overrides
 from cli.simulate import report_run
-from server.checkpoints import write_status
-from server.config import ConfigError, RunConfig, load_config
-from server.deploy import (
-    DeployError,
-    ServerInfo,
-    TlsFiles,
-    connected_nodes,
-    flower_run_status,
-    prepare_server_run,
-    process_alive,
-    read_server_info,
-    register_node_keys,
-    start_superlink,
-    stop_process_tree,
-    submit_run,
-    write_server_info,
-)
-from simulation import LaunchResult, new_run_dir, read_metrics, summary_table
+
+if TYPE_CHECKING:
+    from server.config import RunConfig
+    from server.deploy import ServerInfo, TlsFiles
 
 __all__ = ["add_parser"]
 
@@ -48,10 +34,6 @@ EPILOG = """examples:
   pollinate server stop runs/<run>
   pollinate server resume runs/<run>
 """
-
-
-ENDED = ("completed", "failed", "stopped")
-"""Run states after which no ServerApp is working on the run."""
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -99,6 +81,8 @@ def _serving_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _tls(info: ServerInfo) -> TlsFiles | None:
+    from server.deploy import TlsFiles  # here, not at import: --help stays light
+
     return TlsFiles.in_folder(Path(info.certs)) if info.certs else None
 
 
@@ -106,6 +90,16 @@ def _serve(
     info: ServerInfo, run_dir: Path, *, resume: bool, console: Console
 ) -> ServerInfo:
     """Start the SuperLink if needed, register keys, submit the run."""
+    # Here, not at import: --help stays light.
+    from server.deploy import (
+        ServerInfo,
+        process_alive,
+        register_node_keys,
+        start_superlink,
+        submit_run,
+        write_server_info,
+    )
+
     tls = _tls(info)
     if not process_alive(info.pid):
         proc = start_superlink(
@@ -132,25 +126,24 @@ def _serve(
 
 def _watch(info: ServerInfo, run_dir: Path, config: RunConfig, console: Console) -> int:
     """Follow the run until it ends, then stop the SuperLink and report."""
-    status_path = run_dir / "status.json"
+    # Here, not at import: --help stays light.
+    from protocols.run_folder import RunFolder
+    from server.deploy import flower_run_status, process_alive, stop_process_tree
+    from simulation import LaunchResult
+
+    folder = RunFolder(run_dir)
     shown = -1
-    state = "running"
     last_check = time.monotonic()
     try:
         while process_alive(info.pid):
-            status = json.loads(status_path.read_text()) if status_path.exists() else {}
-            rows = (
-                read_metrics(run_dir / "metrics.jsonl")
-                if (run_dir / "metrics.jsonl").exists()
-                else []
-            )
+            rows = folder.read_metrics()
             if rows and rows[-1]["round"] != shown:
                 shown = int(rows[-1]["round"])
                 console.print(
-                    f"round {shown}/{config.run.rounds}: eval loss {rows[-1]['eval_loss']:.4f}, clients {rows[-1]['clients']}"
+                    f"round {shown}/{config.run.rounds}: eval loss "
+                    f"{rows[-1]['eval_loss']:.4f}, clients {rows[-1]['clients']}"
                 )
-            state = status.get("state", "running")
-            if state in ENDED:
+            if folder.read_status().ended:
                 break
             if info.run_id is not None and time.monotonic() - last_check > 5.0:
                 last_check = time.monotonic()
@@ -159,32 +152,32 @@ def _watch(info: ServerInfo, run_dir: Path, config: RunConfig, console: Console)
                 )
                 if flower.startswith("finished"):
                     # Re-read: the ServerApp may have recorded its end since.
-                    final = (
-                        json.loads(status_path.read_text())
-                        if status_path.exists()
-                        else {}
-                    )
-                    if final.get("state") not in ENDED:
+                    if not folder.read_status().ended:
                         # The ServerApp process died without a word (killed).
-                        write_status(
-                            run_dir, "failed", error=f"Flower reports the run {flower}"
+                        folder.write_status(
+                            "failed", error=f"Flower reports the run {flower}"
                         )
                     break
             time.sleep(1.0)  # polling the run folder: the UI's refresh rate
     except KeyboardInterrupt:
         console.print("interrupted: stopping the server")
     stop_process_tree(info.pid)
-    status = json.loads(status_path.read_text()) if status_path.exists() else {}
+    status = folder.read_status()
     result = LaunchResult(
-        0 if status.get("state") == "completed" else 1,
-        str(status.get("state", "not started")),
-        status.get("error"),
-        run_dir / "superlink.log",
+        0 if status.state == "completed" else 1,
+        status.state,
+        status.error,
+        folder.superlink_log,
     )
     return report_run(result, run_dir, config, console)
 
 
 def _start(args: argparse.Namespace, console: Console) -> int:
+    # Here, not at import: --help stays light.
+    from server.config import ConfigError, load_config
+    from server.deploy import DeployError, ServerInfo, prepare_server_run
+    from simulation import new_run_dir
+
     try:
         config = load_config(Path(args.config), collect_overrides(args))
         run_dir = args.run_dir or new_run_dir(config)
@@ -207,57 +200,88 @@ def _start(args: argparse.Namespace, console: Console) -> int:
 
 
 def _resume(args: argparse.Namespace, console: Console) -> int:
-    info = read_server_info(args.run_dir)
+    # Here, not at import: --help stays light.
+    from protocols.run_folder import RunFolder, RunFolderError
+    from server.config import ConfigError, load_config
+    from server.deploy import DeployError, read_server_info
+
+    folder = RunFolder(args.run_dir)
     try:
-        config = load_config(args.run_dir / "config.toml")
+        info = read_server_info(args.run_dir)
+        config = load_config(folder.config)
         if info is None:
             raise DeployError(f"{args.run_dir} was never served (no server.json)")
-        if not (args.run_dir / "checkpoint" / "state.json").exists():
+        if folder.checkpoint_round() is None:
             raise DeployError("no checkpoint yet: start the run again")
         # The crashed attempt's "failed" must not end the watch of this one.
-        write_status(args.run_dir, "resuming")
+        folder.write_status("resuming")
         info = _serve(info, args.run_dir, resume=True, console=console)
-    except (ConfigError, DeployError, OSError) as exc:
+    except (ConfigError, DeployError, RunFolderError, OSError) as exc:
         console.print(f"[red]cannot resume[/]: {exc}")
         return 2
     return 0 if args.detach else _watch(info, args.run_dir, config, console)
 
 
 def _stop(args: argparse.Namespace, console: Console) -> int:
-    info = read_server_info(args.run_dir)
+    # Here, not at import: --help stays light.
+    from protocols.run_folder import RunFolder, RunFolderError, RunStatus
+    from server.deploy import (
+        DeployError,
+        process_alive,
+        read_server_info,
+        stop_process_tree,
+    )
+
+    folder = RunFolder(args.run_dir)
+    try:
+        info = read_server_info(args.run_dir)
+    except DeployError as exc:
+        console.print(f"[red]cannot stop[/]: {exc}")
+        return 2
     if info is None or not process_alive(info.pid):
         console.print(f"no server running for {args.run_dir}")
         return 1
     stop_process_tree(info.pid)
     # Every server process is gone now. If the ServerApp died without saying
     # so, record it, or the run would look alive to status and a later watch.
-    status_file = args.run_dir / "status.json"
-    state = json.loads(status_file.read_text()) if status_file.exists() else {}
-    if state.get("state") not in ENDED:
-        write_status(
-            args.run_dir, "stopped", **{k: v for k, v in state.items() if k != "state"}
-        )
+    try:
+        status: RunStatus | None = folder.read_status()
+    except RunFolderError as exc:
+        console.print(f"[yellow]{exc}[/]: recording the run as stopped")
+        status = None
+    if status is None or not status.ended:
+        folder.write_status("stopped", **(status.fields if status else {}))
     console.print(f"stopped the server of {args.run_dir} (pid {info.pid})")
     return 0
 
 
 def _status(args: argparse.Namespace, console: Console) -> int:
-    run_dir: Path = args.run_dir
-    out = Console()  # the report is the command's output: stdout, pipeable
-    try:
-        config = load_config(run_dir / "config.toml")
-    except ConfigError as exc:
-        console.print(f"[red]not a run folder[/]: {exc}")
-        return 2
-    info = read_server_info(run_dir)
-    status = (
-        json.loads((run_dir / "status.json").read_text())
-        if (run_dir / "status.json").exists()
-        else {}
+    # Here, not at import: --help stays light.
+    from cli.console import report_console
+    from protocols.run_folder import RunFolder, RunFolderError
+    from server.config import ConfigError, load_config
+    from server.deploy import (
+        DeployError,
+        connected_nodes,
+        process_alive,
+        read_server_info,
     )
+    from simulation import summary_table
+
+    run_dir: Path = args.run_dir
+    folder = RunFolder(run_dir)
+    out = report_console()  # the report is the command's output: stdout, pipeable
+    try:
+        config = load_config(folder.config)
+        status = folder.read_status()
+        rows = folder.read_metrics()
+        info = read_server_info(run_dir)
+    except (ConfigError, RunFolderError, DeployError) as exc:
+        console.print(f"[red]not a usable run folder[/]: {exc}")
+        return 2
     alive = info is not None and process_alive(info.pid)
     out.print(
-        f"run {run_dir.name}: {status.get('state', 'not started')}; server "
+        f"run {folder.name}: {status.state}; server "
         f"{'up at ' + info.address if alive and info else 'down'}"
     )
     if alive and info is not None:
@@ -267,8 +291,7 @@ def _status(args: argparse.Namespace, console: Console) -> int:
             out.print(f"clients connected: {len(online)}")
         except DeployError as exc:
             out.print(f"clients: unknown ({exc})")
-    if (run_dir / "metrics.jsonl").exists():
-        rows = read_metrics(run_dir / "metrics.jsonl")
+    if rows:
         out.print(
             summary_table(
                 rows,

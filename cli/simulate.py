@@ -10,21 +10,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from cli.overrides import add_config_arguments, collect_overrides
 from cli.validate import check_resources
-from server.config import ConfigError, RunConfig, load_config
-from simulation import (
-    LaunchResult,
-    launch,
-    plot_run,
-    prepare_run,
-    read_metrics,
-    summary_table,
-)
-from simulation.reports import run_summary
+
+if TYPE_CHECKING:
+    from server.config import RunConfig
+    from simulation import LaunchResult
 
 __all__ = ["add_parser", "report_run", "run"]
 
@@ -61,6 +56,10 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     """Prepare, launch, report. Exit status 0 on a completed run."""
+    # Here, not at import: --help stays light.
+    from server.config import ConfigError, load_config
+    from simulation import launch, prepare_run
+
     try:
         config = load_config(
             Path(args.config) if args.config else None, collect_overrides(args)
@@ -85,6 +84,12 @@ def report_run(
     result: LaunchResult, run_dir: Path, config: RunConfig, console: Console
 ) -> int:
     """Print the outcome of a launch: the error, or the table, plot and outputs."""
+    # Here, not at import: --help stays light.
+    from protocols.methods import get_method
+    from protocols.run_folder import RunFolder
+    from simulation import plot_run, read_metrics, summary_table
+    from simulation.reports import run_summary
+
     if not result.ok:
         console.print(
             f"[red]run failed[/] (engine exit {result.returncode}, state {result.state})"
@@ -94,18 +99,17 @@ def report_run(
         console.print(f"last lines of {result.log_path}:\n{_tail(result.log_path)}")
         console.print(f"continue it with: pollinate resume {run_dir}")
         return 1
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    plot = plot_run(
-        rows, run_dir / "metrics.png", title=f"{run_dir.name} ({config.run.method})"
-    )
+    folder = RunFolder(run_dir)
+    rows = read_metrics(folder.metrics)
+    plot = plot_run(rows, folder.plot, title=f"{folder.name} ({config.run.method})")
     console.print(
         summary_table(rows, title=f"{config.run.method} on {config.model.name}")
     )
     s = run_summary(rows)
-    output = "adapter" if config.run.method == "lora" else "model"
+    artefact = folder.artefact(get_method(config.run.method).artefact)
     console.print(
         f"{s['metric_name']}: {100 * (s['first_metric'] or 0):.1f}% -> "
         f"{100 * (s['last_metric'] or 0):.1f}%  eval loss {s['first_eval_loss']:.3f} -> "
-        f"{s['last_eval_loss']:.3f}\nplot: {plot}\n{output}: {run_dir / output}"
+        f"{s['last_eval_loss']:.3f}\nplot: {plot}\ntrained: {artefact}"
     )
     return 0

@@ -1,20 +1,23 @@
 """``pollinate validate``: check a config without starting anything.
 
-Builds the whole config and the method spec, and checks that the data source
-and the model name can be resolved, then reports every problem together.
+Builds the whole config and the configured method's spec (on a weightless
+skeleton of the model, so every method's settings are checked against the
+real architecture in a moment), checks that the data source and the model
+name can be resolved, then reports every problem together.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from cli.overrides import add_config_arguments, collect_overrides
-from models import BUILTIN_MODELS
-from protocols import ProtocolError
-from server.config import ConfigError, RunConfig, load_config
+
+if TYPE_CHECKING:
+    from server.config import RunConfig
 
 __all__ = ["add_parser", "check_resources", "run"]
 
@@ -38,6 +41,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def check_resources(config: RunConfig) -> list[str]:
     """Problems with what the config points at (files, model names, spec)."""
+    # Here, not at import: --help stays light.
+    from models import BUILTIN_MODELS
+
     problems: list[str] = []
     source = config.data.source
     if not source.startswith("builtin:") and not Path(source).is_file():
@@ -54,15 +60,31 @@ def check_resources(config: RunConfig) -> list[str]:
         and not Path(name).expanduser().is_dir()
     ):
         problems.append(f"model.name: no model folder at {name}")
-    try:
-        config.lora_spec()
-    except ProtocolError as exc:
-        problems.append(f"lora: {exc}")
+    if not problems or not problems[-1].startswith("model.name"):
+        problems.extend(_check_spec(config))
     return problems
+
+
+def _check_spec(config: RunConfig) -> list[str]:
+    """Build the configured method's spec; its refusal names the bad setting."""
+    from models import ModelLoadError
+    from protocols.errors import ProtocolError
+    from server.methods import build_spec
+
+    try:
+        build_spec(config)
+    except ProtocolError as exc:
+        return [f"{config.run.method}: {exc}"]
+    except ModelLoadError as exc:
+        return [f"model.name: {exc}"]
+    return []
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
     """Validate; exit status 0 when valid, 2 otherwise."""
+    # Here, not at import: --help stays light.
+    from server.config import ConfigError, load_config
+
     try:
         config = load_config(Path(args.config), collect_overrides(args))
     except (ConfigError, ValueError) as exc:

@@ -7,8 +7,7 @@ imported only when one of their names is first used.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from protocols.lazy import lazy_exports
 
 __all__ = [
     "ClientRuntime",
@@ -30,8 +29,4 @@ _LAZY = {
     "train_lora": "client.lora_trainer",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'client' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

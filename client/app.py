@@ -1,278 +1,153 @@
-"""The Pollinate ClientApp: message handlers that run on the device.
+"""The Pollinate ClientApp: routes each message to its method's handler.
 
-Handlers decode, validate, act and reply. Anything wrong with an instruction
-(a bad spec, a malformed adapter, missing local data) becomes an error reply
-naming the problem; the node keeps serving. The handlers need no run config:
-the spec, the training settings and the global adapter all arrive in the
-message, and local settings come from the node config.
+``client.app:app`` is the ClientApp Flower loads. Every training action in the
+method registry (:mod:`protocols.methods`) is routed to the handler the
+registry names, imported on the first message that needs it, so importing
+this module stays cheap and a device imports only the method it runs.
+
+Handlers decode, validate, act and reply; they raise when something is
+wrong. This module is the one place that turns those exceptions into Flower
+error replies (:func:`error_reply`), with a code that tells the server what
+happened: a broken instruction, a node that lacks what it needs, or a node
+that lost its synced state. The node keeps serving either way.
+
+The per-process cache of models and data (:class:`client.runtime.ClientRuntime`)
+is passed to :func:`build_client_app`; the module-level ``app`` makes one on
+its first message.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from client.node import NodeConfigError, NodeSettings
-from protocols import (
-    LoraTrainRes,
-    NodeHello,
-    ProtocolError,
-    TensorLayout,
-    decode_lora_train_ins,
-    encode_hello,
-    encode_lora_train_res,
-)
+from protocols import NodeHello, ProtocolError, encode_hello
+from protocols.installation import check_installation
 from protocols.messages import (
     ACTION_HELLO,
-    ACTION_LORA,
     ERROR_BAD_INSTRUCTION,
     ERROR_NODE_SETUP,
     ERROR_OUT_OF_SYNC,
 )
-from protocols.split_messages import (
-    ACTION_SFPROMPT,
-    SplitTrainRes,
-    decode_split_train_ins,
-    encode_split_train_res,
-)
-from protocols.zo_messages import (
-    ACTION_ZO,
-    ZoTrainRes,
-    decode_zo_train_ins,
-    encode_zo_train_res,
-)
+from protocols.methods import load_plugin, train_actions
 
 if TYPE_CHECKING:
     from client.runtime import ClientRuntime
 
-__all__ = ["app", "build_client_app"]
+check_installation()  # Flower puts the app folder first: a models.py there shadows
+
+__all__ = ["Handler", "app", "build_client_app", "error_code", "error_reply"]
 
 log = logging.getLogger(__name__)
 
-app = ClientApp()
+Handler = Callable[[Message, Context, NodeSettings, "ClientRuntime"], Message]
+"""A method's device handler: it may raise; :func:`error_reply` answers."""
 
 
-class _ProcessState:
-    """The per-process runtime, created on the first message that needs it.
+def error_code(exc: BaseException) -> int | None:
+    """The error-reply code for a handler's exception (None: not ours to map).
 
-    The SuperNode (or Ray actor) process that hosts this app keeps models and
-    data between messages through it.
+    ``OutOfSyncError`` before ``ProtocolError`` (it is one): the server then
+    resends the whole history. Everything that says the node lacks something
+    (config, data, model, files, the trunk service) is a setup error.
     """
+    from client.trunk_client import TrunkError
+    from client.zo_state import OutOfSyncError
+    from corpora import DatasetError
+    from models import ModelLoadError
 
-    runtime: ClientRuntime | None = None
+    if isinstance(exc, OutOfSyncError):
+        return ERROR_OUT_OF_SYNC
+    if isinstance(exc, TrunkError | NodeConfigError | DatasetError | ModelLoadError):
+        return ERROR_NODE_SETUP
+    if isinstance(exc, ProtocolError):
+        return ERROR_BAD_INSTRUCTION
+    if isinstance(exc, OSError):
+        return ERROR_NODE_SETUP
+    return None
 
-    @classmethod
-    def get(cls) -> ClientRuntime:
-        if cls.runtime is None:
-            from client.runtime import ClientRuntime
 
-            cls.runtime = ClientRuntime()
-        return cls.runtime
-
-
-def _error_reply(msg: Message, code: int, exc: Exception) -> Message:
+def error_reply(msg: Message, code: int, exc: BaseException) -> Message:
+    """An error reply naming what went wrong, logged on the node."""
     reason = f"{type(exc).__name__}: {exc}"
     log.warning("refusing %s: %s", msg.metadata.message_type, reason)
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
-@app.query(ACTION_HELLO)
-def hello(msg: Message, context: Context, run_dir: str | None = None) -> Message:
-    """Say who this node is and how many examples it holds."""
-    from corpora import DatasetError
+class _Runtime:
+    """Holds the process's :class:`ClientRuntime`, made on first use."""
 
-    try:
-        node = NodeSettings.from_context(context, run_dir)
-        count = _ProcessState.get().count_examples(node.data_path)
-    except (NodeConfigError, DatasetError, OSError) as exc:
-        return _error_reply(msg, ERROR_NODE_SETUP, exc)
-    return Message(encode_hello(NodeHello(node.label, count)), reply_to=msg)
+    def __init__(self, runtime: ClientRuntime | None) -> None:
+        self._runtime = runtime
 
+    def get(self) -> ClientRuntime:
+        if self._runtime is None:
+            from client.runtime import ClientRuntime
 
-@app.train(ACTION_LORA)
-def train(msg: Message, context: Context, run_dir: str | None = None) -> Message:
-    """Train the received global adapter on local data and send it back."""
-    from client.lora_trainer import train_lora
-    from corpora import DatasetError
-    from models import (
-        ModelLoadError,
-        adapter_layout,
-        adapter_tensors,
-        load_adapter_tensors,
-    )
-
-    runtime = _ProcessState.get()
-    try:
-        node = NodeSettings.from_context(context, run_dir)
-        node.accept("lora")
-        ins = decode_lora_train_ins(msg.content)
-        lora = runtime.lora_model(ins.spec, node.device)
-        adapter_layout(lora.model).check(TensorLayout.of(ins.adapter))
-        data = runtime.local_data(node.data_path, ins.spec, lora.tokenizer)
-    except ProtocolError as exc:
-        return _error_reply(msg, ERROR_BAD_INSTRUCTION, exc)
-    except (NodeConfigError, DatasetError, ModelLoadError, OSError) as exc:
-        return _error_reply(msg, ERROR_NODE_SETUP, exc)
-    load_adapter_tensors(lora.model, ins.adapter)
-    stats = train_lora(
-        lora.model,
-        data.tokenized,
-        ins.config,
-        pad_id=int(lora.tokenizer.pad_token_id),
-        label=node.label,
-        device=node.device,
-    )
-    res = LoraTrainRes(
-        adapter=adapter_tensors(lora.model),
-        num_examples=len(data.examples),
-        train_loss=stats.mean_loss,
-    )
-    return Message(encode_lora_train_res(res), reply_to=msg)
+            self._runtime = ClientRuntime()
+        return self._runtime
 
 
-@app.train(ACTION_ZO)
-def train_zo(msg: Message, context: Context, run_dir: str | None = None) -> Message:
-    """FedKSeed: catch up by seed replay, run local ZO steps, send the scalars."""
-    from client.zo_state import OutOfSyncError
-    from client.zo_trainer import zo_local_steps
-    from corpora import DatasetError
-    from models import ModelLoadError
+def _guarded(
+    run: Callable[[Message, Context], Message],
+) -> Callable[[Message, Context], Message]:
+    """``run`` with its known exceptions turned into error replies."""
 
-    runtime = _ProcessState.get()
-    try:
-        node = NodeSettings.from_context(context, run_dir)
-        node.accept("fedkseed")
-        ins = decode_zo_train_ins(msg.content)
-        state = runtime.zo_state(ins.spec, node.device, context.run_id)
-        state.sync(ins)
-        data = runtime.local_data(node.data_path, ins.spec, state.tokenizer)
-    except OutOfSyncError as exc:
-        return _error_reply(msg, ERROR_OUT_OF_SYNC, exc)
-    except ProtocolError as exc:
-        return _error_reply(msg, ERROR_BAD_INSTRUCTION, exc)
-    except (NodeConfigError, DatasetError, ModelLoadError, OSError) as exc:
-        return _error_reply(msg, ERROR_NODE_SETUP, exc)
-    synced_round, synced_hash = state.round, state.hash
-    state.mark_trained()
-    try:
-        stats = zo_local_steps(
-            state.model,
-            state.perturbed(),
-            data.tokenized,
-            ins.config,
-            seeds=state.seeds,
-            eps=ins.spec.eps,
-            probabilities=ins.probabilities(),
-            pad_id=int(state.tokenizer.pad_token_id),
-            label=node.label,
-            device=node.device,
-        )
-    finally:
-        state.restore()  # back to the synced global model, whatever happened
-    res = ZoTrainRes(
-        indices=stats.indices,
-        scalars=stats.scalars,
-        num_examples=len(data.examples),
-        train_loss=stats.mean_loss,
-        synced_round=synced_round,
-        synced_hash=synced_hash,
-        skipped_steps=stats.skipped,
-    )
-    return Message(encode_zo_train_res(res), reply_to=msg)
+    def handle(msg: Message, context: Context) -> Message:
+        try:
+            return run(msg, context)
+        except Exception as exc:
+            code = error_code(exc)
+            if code is None:
+                raise  # a bug, not a refusal: Flower reports it as one
+            return error_reply(msg, code, exc)
+
+    return handle
 
 
-@app.train(ACTION_SFPROMPT)
-def train_sfprompt(
-    msg: Message, context: Context, run_dir: str | None = None
-) -> Message:
-    """SFPrompt: local-loss warm-up, EL2N pruning, split training over the trunk."""
-    from client.split_trainer import SplitSettings, split_round
-    from client.trunk_client import TrunkClient, TrunkError
-    from corpora import DatasetError
-    from models import ModelLoadError
-    from models.split import load_trainable_state, trainable_state
+def _hello(runtime: _Runtime) -> Callable[[Message, Context], Message]:
+    def hello(msg: Message, context: Context) -> Message:
+        """Say who this node is and how many examples it holds."""
+        node = NodeSettings.from_context(context)
+        count = runtime.get().count_examples(node.data_path)
+        return Message(encode_hello(NodeHello(node.label, count)), reply_to=msg)
 
-    runtime = _ProcessState.get()
-    try:
-        node = NodeSettings.from_context(context, run_dir)
-        node.accept("sfprompt")
-        ins = decode_split_train_ins(msg.content)
-        parts = runtime.split_parts(ins.spec, node.device)
-        live = trainable_state(parts.head, parts.tail)
-        TensorLayout.of(live).check(TensorLayout.of(ins.tensors))
-        data = runtime.local_data(node.data_path, ins.spec, parts.tokenizer)
-    except ProtocolError as exc:
-        return _error_reply(msg, ERROR_BAD_INSTRUCTION, exc)
-    except (NodeConfigError, DatasetError, ModelLoadError, OSError) as exc:
-        return _error_reply(msg, ERROR_NODE_SETUP, exc)
-    load_trainable_state(parts.head, parts.tail, ins.tensors)
-    c = ins.config
-    settings = SplitSettings(
-        local_steps=c.local_steps,
-        local_loss_steps=c.local_loss_steps,
-        batch_size=c.batch_size,
-        learning_rate=c.learning_rate,
-        gamma=c.gamma,
-        seed=c.seed,
-        server_round=c.server_round,
-    )
-    try:
-        root = c.trunk_root_certificate or None
-        with (
-            TrunkClient(c.trunk_address, root_certificates=root) as trunk,
-            trunk.open(ins.spec, node.label, c.server_round) as session,
-        ):
-            stats = split_round(
-                parts.head,
-                parts.tail,
-                session,
-                data.tokenized,
-                settings,
-                pad_id=int(parts.tokenizer.pad_token_id),
-                label=node.label,
-            )
-    except (TrunkError, ProtocolError) as exc:
-        return _error_reply(msg, ERROR_NODE_SETUP, exc)
-    res = SplitTrainRes(
-        tensors={
-            k: v.detach().clone()
-            for k, v in trainable_state(parts.head, parts.tail).items()
-        },
-        num_examples=len(data.examples),
-        train_loss=stats.split_loss,
-        local_loss=stats.local_loss,
-        kept=stats.kept,
-        trunk_bytes_up=session.bytes_up,
-        trunk_bytes_down=session.bytes_down,
-    )
-    return Message(encode_split_train_res(res), reply_to=msg)
+    return hello
 
 
-def build_client_app(run_dir: Path) -> ClientApp:
-    """The same handlers, bound to a simulation's run folder.
+def _train(
+    action: str, ref: str, runtime: _Runtime
+) -> Callable[[Message, Context], Message]:
+    def train(msg: Message, context: Context) -> Message:
+        """Check the node serves this method, then run the method's handler."""
+        node = NodeSettings.from_context(context)
+        node.accept(action)
+        handler: Handler = load_plugin(ref)
+        return handler(msg, context, node, runtime.get())
 
-    Simulated nodes find their partition through the run folder. Binding it
-    here (it travels with the app to every Ray worker, on this machine or on a
-    cluster) needs no environment variable on the workers.
+    return train
+
+
+def build_client_app(runtime: ClientRuntime | None = None) -> ClientApp:
+    """A ClientApp serving every registered method with one model cache.
+
+    Parameters
+    ----------
+    runtime : ClientRuntime, optional
+        The cache of models and data to use; ``None`` makes one on the first
+        message (what a SuperNode's or Ray actor's process wants).
     """
-    bound = ClientApp()
-    folder = str(run_dir)
+    holder = _Runtime(runtime)
+    client_app = ClientApp()
+    client_app.query(ACTION_HELLO)(_guarded(_hello(holder)))
+    for action, ref in train_actions().items():
+        client_app.train(action)(_guarded(_train(action, ref, holder)))
+    return client_app
 
-    def bind(
-        handler: Callable[[Message, Context], Message],
-    ) -> Callable[[Message, Context], Message]:
-        def with_run_dir(msg: Message, context: Context) -> Message:
-            return handler(msg, context, folder)
 
-        return with_run_dir
-
-    bound.query(ACTION_HELLO)(bind(hello))
-    bound.train(ACTION_LORA)(bind(train))
-    bound.train(ACTION_ZO)(bind(train_zo))
-    bound.train(ACTION_SFPROMPT)(bind(train_sfprompt))
-    return bound
+app = build_client_app()

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from protocols.installation import check_installation
+
 __all__ = [
     "JoinSettings",
     "make_node_key",
@@ -141,7 +143,14 @@ def run_daemon(s: JoinSettings, *, say: Callable[[str], None] = print) -> int:
 
     0 when stopped by SIGINT/SIGTERM; the SuperNode's last status when
     ``max_restarts`` restarts are exhausted.
+
+    Raises
+    ------
+    protocols.installation.InstallationError
+        Before anything starts, if a file on this process's path shadows a
+        Pollinate package (the SuperNode's ClientApps would import it).
     """
+    check_installation()
     stopping = False
     child: subprocess.Popen[bytes] | None = None
 

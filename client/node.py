@@ -1,26 +1,25 @@
-"""What a client node knows about itself: its data, device and cache.
+"""What a client node knows about itself: its data, device and methods.
 
-Parsed once per message from Flower's ``Context``: in deployment the
-SuperNode's ``--node-config`` gives ``data-path`` (and optionally ``label``,
-``device``); in simulation each virtual node has a ``partition-id`` and reads
-the partition file that the simulation prepared in its run folder (named by
-the run config key ``run-dir`` or the ``POLLINATE_RUN_DIR`` environment
-variable set by ``pollinate simulate``).
+Parsed once per message from Flower's ``Context``, by one channel per engine:
+in deployment the SuperNode's ``--node-config`` gives ``data-path`` (and
+optionally ``label``, ``device``, ``methods``); in simulation each virtual
+node has a ``partition-id`` and reads its partition file from the run folder
+that the run config key ``run-dir`` names
+(:data:`protocols.run_folder.RUN_DIR_KEY`).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from flwr.app import Context
 
+from protocols.methods import UnknownMethodError, get_method
+from protocols.run_folder import RUN_DIR_KEY, RunFolder
+
 __all__ = ["NodeConfigError", "NodeSettings", "partition_file"]
-
-RUN_DIR_ENV = "POLLINATE_RUN_DIR"
-
 
 class NodeConfigError(ValueError):
     """The node was started without what it needs (e.g. no data)."""
@@ -28,7 +27,7 @@ class NodeConfigError(ValueError):
 
 def partition_file(run_dir: Path, partition_id: int) -> Path:
     """Where a simulation run keeps the examples of one partition."""
-    return run_dir / "data" / f"client-{partition_id:04d}.jsonl"
+    return RunFolder(run_dir).client_data(partition_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,34 +42,45 @@ class NodeSettings:
         A stable name for the node, used to order nodes reproducibly.
     device : torch.device
         Where local training runs.
+    methods : tuple[str, ...]
+        Registered method names this node serves (empty: all).
+    state_dir : Path | None
+        Where method state that outlives a message goes (FedKSeed's seed
+        snapshots): a simulated node's run folder scratch space; ``None`` for
+        a deployed node, whose daemon sets it in the environment.
     """
 
     data_path: Path
     label: str
     device: torch.device
     methods: tuple[str, ...] = ()
+    state_dir: Path | None = None
 
-    def accept(self, method: str) -> None:
-        """Refuse a method this node was not started for.
+    def accept(self, action: str) -> None:
+        """Refuse an instruction for a method this node was not started for.
+
+        ``action`` is the instruction's training action; a node started for
+        ``fedkseed`` serves FedKSeed-Pro too, since both train the same way.
 
         Raises
         ------
         NodeConfigError
-            If the node limits its methods and ``method`` is not one of them.
+            If the node limits its methods and none of them trains as
+            ``action``.
         """
-        if self.methods and method not in self.methods:
+        if self.methods and all(
+            get_method(m).action != action for m in self.methods
+        ):
             raise NodeConfigError(
-                f"this node accepts {list(self.methods)}, not {method!r} "
-                "(pollinate client join --method ...)"
+                f"this node accepts {list(self.methods)}, not {action!r} "
+                "training (pollinate client join --method ...)"
             )
 
     @classmethod
-    def from_context(cls, context: Context, run_dir: str | None = None) -> NodeSettings:
+    def from_context(cls, context: Context) -> NodeSettings:
         """Parse ``context.node_config`` (and, in simulation, find the run folder).
 
-        A simulated node's run folder is ``run_dir`` (bound into the app by
-        the simulation), else the run config's ``run-dir``, else
-        ``$POLLINATE_RUN_DIR``.
+        A simulated node's run folder is the run config's ``run-dir``.
 
         Raises
         ------
@@ -88,20 +98,27 @@ class NodeSettings:
         if "data-path" in cfg:
             path = Path(str(cfg["data-path"]))
             methods = tuple(m for m in str(cfg.get("methods", "")).split(",") if m)
+            try:
+                for name in methods:
+                    get_method(name)
+            except UnknownMethodError as exc:
+                raise NodeConfigError(f"node config 'methods': {exc}") from None
             return cls(path, str(cfg.get("label", path.stem)), device, methods)
         if "partition-id" in cfg:
             pid = int(cfg["partition-id"])
-            run_dir = (
-                run_dir
-                or context.run_config.get("run-dir")
-                or os.environ.get(RUN_DIR_ENV)
-            )
+            run_dir = context.run_config.get(RUN_DIR_KEY)
             if not run_dir:
                 raise NodeConfigError(
                     "simulated node has a partition-id but no run folder: set run "
-                    f"config 'run-dir' or the {RUN_DIR_ENV} environment variable"
+                    f"config '{RUN_DIR_KEY}'"
                 )
-            return cls(partition_file(Path(str(run_dir)), pid), f"p{pid:04d}", device)
+            folder = RunFolder(str(run_dir))
+            return cls(
+                folder.client_data(pid),
+                f"p{pid:04d}",
+                device,
+                state_dir=folder.zo_state,
+            )
         raise NodeConfigError(
             "node config has neither 'data-path' nor 'partition-id': start the node "
             "with --node-config 'data-path=\"/path/to/data.jsonl\"'"

@@ -82,21 +82,28 @@ class ClientRuntime:
             self._models[key] = LoraModel(model=model, tokenizer=loaded.tokenizer)
         return self._models[key]
 
-    def zo_state(self, spec: ZOSpec, device: torch.device, run_id: int) -> ZoModelState:
+    def zo_state(
+        self,
+        spec: ZOSpec,
+        device: torch.device,
+        run_id: int,
+        root: Path | None = None,
+    ) -> ZoModelState:
         """The seed-synced model of a FedKSeed run, built on first use.
 
         Snapshots go to ``<root>/<run id>-<spec fingerprint>``, shared by the
         processes of this machine that serve the same run; ``<root>`` is
-        ``$POLLINATE_ZO_STATE_DIR`` (a simulation points it into its run folder
-        and removes it afterwards) or ``<cache>/zo``.
+        ``root`` (a simulated node's run-folder scratch space, removed after
+        the run), else ``$POLLINATE_ZO_STATE_DIR`` (set by the client daemon
+        to its ``--state-dir``), else ``<cache>/zo``.
         """
         key = (spec.fingerprint(), str(device), run_id)
         if key not in self._zo:
             self._zo.clear()
             self._split.clear()
             self._models.clear()  # one base model per process is the budget
-            root = os.environ.get(ZO_STATE_ENV) or default_cache_dir() / "zo"
-            folder = Path(root) / f"{run_id}-{spec.fingerprint()}"
+            base = root or os.environ.get(ZO_STATE_ENV) or default_cache_dir() / "zo"
+            folder = Path(base) / f"{run_id}-{spec.fingerprint()}"
             self._zo[key] = ZoModelState(spec, device, folder)
         return self._zo[key]
 

@@ -15,8 +15,6 @@ newest usable snapshot instead of replaying from w0.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models import load_causal_lm
 from protocols import ProtocolError, SpecMismatchError, ZOSpec, state_hash
+from protocols.durable import atomic_write
 from protocols.seeds import (
     GENERATOR_VERSION,
     ParamWalk,
@@ -87,10 +86,8 @@ class ZoModelState:
         path = self._snapshot_path(self.round, self.hash)
         if path.exists():
             return
-        fd, tmp = tempfile.mkstemp(prefix=".snap-", dir=self.snapshot_dir)
-        os.close(fd)
-        save_file({n: p.detach().to("cpu").contiguous() for n, p in self.params}, tmp)
-        os.replace(tmp, path)
+        cpu = {n: p.detach().to("cpu").contiguous() for n, p in self.params}
+        atomic_write(path, lambda tmp: save_file(cpu, tmp))
         for old in sorted(self.snapshot_dir.glob("round-*.safetensors"))[:-2]:
             old.unlink(missing_ok=True)  # keep the newest two
 

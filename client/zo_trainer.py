@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 
 from client.batches import derive_seed, index_batches
 from models import TokenizedExample, TrainBatch, collate_train
-from protocols import LocalTrainConfig
+from protocols.messages import RoundSchedule
 from protocols.seeds import perturb_
 
 __all__ = ["ZoStats", "zo_local_steps"]
@@ -56,10 +56,11 @@ def zo_local_steps(
     model: PreTrainedModel,
     params: Sequence[tuple[str, torch.Tensor]],
     examples: Sequence[TokenizedExample],
-    config: LocalTrainConfig,
+    config: RoundSchedule,
     *,
     seeds: Sequence[int],
     eps: float,
+    learning_rate: float,
     probabilities: torch.Tensor | None,
     pad_id: int,
     label: str,
@@ -75,12 +76,14 @@ def zo_local_steps(
         The perturbed parameters in walk order (:class:`protocols.seeds.ParamWalk`).
     examples : Sequence[TokenizedExample]
         The node's tokenized examples.
-    config : LocalTrainConfig
-        Steps, batch size, learning rate (eta), run seed and round.
+    config : RoundSchedule
+        Steps, batch size, run seed and round.
     seeds : Sequence[int]
         The candidate pool (K seeds).
     eps : float
         Perturbation scale.
+    learning_rate : float
+        eta of ``w -= eta * g * z`` (the spec's).
     probabilities : torch.Tensor, optional
         FedKSeed-Pro sampling probabilities over the pool; uniform when None.
     pad_id : int
@@ -125,7 +128,7 @@ def zo_local_steps(
             skipped += 1
             continue
         g = (loss_plus - loss_minus) / (2.0 * eps)
-        perturb_(params, seed, eps - config.learning_rate * g)
+        perturb_(params, seed, eps - learning_rate * g)
         kept_idx.append(j)
         kept_g.append(g)
         losses.append(0.5 * (loss_plus + loss_minus))

@@ -6,29 +6,37 @@ Shared by client and server. :mod:`corpora.examples` owns the
 Alpaca, generic, classification) and the ``builtin:tasks`` source,
 :mod:`corpora.tasks` generates the built-in checkable tasks and
 :mod:`corpora.scoring` computes exact match, accuracy and ROUGE-L.
+
+Importing this package is cheap: each public name is imported from its module
+on first use.
 """
 
 from __future__ import annotations
 
-from corpora.examples import (
-    DatasetError,
-    Example,
-    open_text,
-    read_jsonl,
-    split_holdout,
-    write_jsonl,
-)
-from corpora.readers import detect_schema, load_examples, read_records
-from corpora.scoring import (
-    METRICS,
-    ScoringError,
-    exact_match,
-    normalize_answer,
-    rouge_l,
-    rouge_tokens,
-    score,
-)
-from corpora.tasks import BUILTIN_TASKS, generate_tasks
+from typing import TYPE_CHECKING
+
+from protocols.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from corpora.examples import (
+        DatasetError,
+        Example,
+        open_text,
+        read_jsonl,
+        split_holdout,
+        write_jsonl,
+    )
+    from corpora.readers import detect_schema, load_examples, read_records
+    from corpora.scoring import (
+        METRICS,
+        ScoringError,
+        exact_match,
+        normalize_answer,
+        rouge_l,
+        rouge_tokens,
+        score,
+    )
+    from corpora.tasks import BUILTIN_TASKS, generate_tasks
 
 __all__ = [
     "BUILTIN_TASKS",
@@ -50,3 +58,26 @@ __all__ = [
     "split_holdout",
     "write_jsonl",
 ]
+
+_LAZY = {
+    "BUILTIN_TASKS": "corpora.tasks",
+    "DatasetError": "corpora.examples",
+    "Example": "corpora.examples",
+    "METRICS": "corpora.scoring",
+    "ScoringError": "corpora.scoring",
+    "detect_schema": "corpora.readers",
+    "exact_match": "corpora.scoring",
+    "generate_tasks": "corpora.tasks",
+    "load_examples": "corpora.readers",
+    "normalize_answer": "corpora.scoring",
+    "open_text": "corpora.examples",
+    "read_jsonl": "corpora.examples",
+    "read_records": "corpora.readers",
+    "rouge_l": "corpora.scoring",
+    "rouge_tokens": "corpora.scoring",
+    "score": "corpora.scoring",
+    "split_holdout": "corpora.examples",
+    "write_jsonl": "corpora.examples",
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -18,12 +18,13 @@ import io
 import json
 import os
 import random
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
+
+from protocols.durable import atomic_write_bytes
 
 CANONICAL_FIELDS: tuple[str, ...] = ("prompt", "response", "group")
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -139,9 +140,8 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Example]:
 def write_jsonl(examples: Iterable[Example], path: str | os.PathLike[str]) -> None:
     """Write examples in the canonical JSONL format, atomically.
 
-    The data goes to a temporary file in the destination directory which then
-    replaces ``path`` with :func:`os.replace`, so readers never see a partial
-    file. A path ending in ``.gz`` is written gzip-compressed (with a zero
+    The file is replaced whole (:func:`protocols.durable.atomic_write_bytes`),
+    so readers never see a partial file. A path ending in ``.gz`` is written gzip-compressed (with a zero
     timestamp, so equal input gives equal bytes). Parent directories are
     created when missing.
 
@@ -175,18 +175,7 @@ def write_jsonl(examples: Iterable[Example], path: str | os.PathLike[str]) -> No
     payload = "".join(lines).encode("utf-8")
     if target.name.endswith(".gz"):
         payload = gzip.compress(payload, mtime=0)
-    fd, tmp_name = tempfile.mkstemp(
-        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(target, payload)
 
 
 def _stratified_quotas(

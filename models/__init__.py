@@ -3,33 +3,43 @@
 Client and server construct the same model from the same name and spec; this
 package is where that construction lives, since neither side may import the
 other. Loading only: no training loops.
+
+Importing this package is cheap: each public name is imported from its module
+(torch, transformers, PEFT) on first use.
 """
 
-from models.batching import (
-    IGNORE_INDEX,
-    PROMPT_TEMPLATE,
-    TokenizedExample,
-    TrainBatch,
-    collate_prompts,
-    collate_train,
-    format_prompt,
-    tokenize_example,
-)
-from models.loading import (
-    BUILTIN_MODELS,
-    LoadedModel,
-    ModelLoadError,
-    default_cache_dir,
-    load_causal_lm,
-    prepare_model,
-)
-from models.lora import (
-    adapter_layout,
-    adapter_tensors,
-    attach_lora,
-    load_adapter_tensors,
-    peft_config,
-)
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from protocols.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from models.batching import (
+        IGNORE_INDEX,
+        PROMPT_TEMPLATE,
+        TokenizedExample,
+        TrainBatch,
+        collate_prompts,
+        collate_train,
+        format_prompt,
+        tokenize_example,
+    )
+    from models.loading import (
+        BUILTIN_MODELS,
+        LoadedModel,
+        ModelLoadError,
+        default_cache_dir,
+        load_causal_lm,
+        prepare_model,
+    )
+    from models.lora import (
+        adapter_layout,
+        adapter_tensors,
+        attach_lora,
+        load_adapter_tensors,
+        peft_config,
+    )
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -52,3 +62,27 @@ __all__ = [
     "prepare_model",
     "tokenize_example",
 ]
+
+_LAZY = {
+    "BUILTIN_MODELS": "models.loading",
+    "IGNORE_INDEX": "models.batching",
+    "PROMPT_TEMPLATE": "models.batching",
+    "LoadedModel": "models.loading",
+    "ModelLoadError": "models.loading",
+    "TokenizedExample": "models.batching",
+    "TrainBatch": "models.batching",
+    "adapter_layout": "models.lora",
+    "adapter_tensors": "models.lora",
+    "attach_lora": "models.lora",
+    "collate_prompts": "models.batching",
+    "collate_train": "models.batching",
+    "default_cache_dir": "models.loading",
+    "format_prompt": "models.batching",
+    "load_adapter_tensors": "models.lora",
+    "load_causal_lm": "models.loading",
+    "peft_config": "models.lora",
+    "prepare_model": "models.loading",
+    "tokenize_example": "models.batching",
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -46,6 +47,7 @@ __all__ = [
     "ModelLoadError",
     "default_cache_dir",
     "load_causal_lm",
+    "model_skeleton",
     "prepare_model",
 ]
 
@@ -205,3 +207,36 @@ def load_causal_lm(
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(name=name, model=model, tokenizer=tokenizer)
+
+
+def model_skeleton(name: str, *, cache_dir: Path | None = None) -> PreTrainedModel:
+    """The model ``name`` names, built on the ``meta`` device: no weights.
+
+    Parameter names, shapes, dtypes and the config are those of
+    :func:`load_causal_lm`'s model, so specs that depend on the architecture
+    (the parameter walk, the split point, LoRA targets) can be built and
+    checked in a moment and without memory, as ``pollinate validate`` does.
+
+    Raises
+    ------
+    ModelLoadError
+        If the name resolves to nothing whose config can be read.
+    """
+    cache_dir = cache_dir or default_cache_dir()
+    try:
+        if name == "tiny-llama":
+            with torch.device("meta"):
+                model, _ = _tiny_llama(cache_dir)
+            return model
+        folder: str | Path = prepare_model(name, cache_dir) or name
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"cannot read the config of model {name!r}: {exc}. Built-in names: "
+            f"{sorted(BUILTIN_MODELS)}; otherwise give a Hugging Face id or a "
+            "local model folder."
+        ) from exc
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.requires_grad_(False)
+    return model

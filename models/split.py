@@ -16,6 +16,7 @@ rotary positions) on a slice of its layers, so any Llama-style
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 from torch import nn
@@ -293,13 +294,21 @@ class PromptedLM(nn.Module):
         """Greedy decoding of left-padded prompts with a KV cache; stops at EOS.
 
         Positions come from the attention mask (pads take none), so a row
-        decodes the same alone or in a padded batch.
+        decodes the same alone or in a padded batch. The KV cache is a
+        :class:`transformers.DynamicCache`, passed as ``cache`` (transformers 5.24
+        renamed the decoders' ``past_key_values`` argument and warns on the old
+        name; a decoder without ``cache`` still gets ``past_key_values``).
         """
         from transformers import DynamicCache
 
         decoder = self._decoder()
         hidden, mask = self.head.embed_with_prompts(input_ids, attention_mask)
         cache = DynamicCache()
+        cache_arg = (
+            "cache"
+            if "cache" in inspect.signature(decoder.forward).parameters
+            else "past_key_values"
+        )
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         ids = input_ids
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
@@ -308,8 +317,8 @@ class PromptedLM(nn.Module):
                 inputs_embeds=hidden,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_arg: cache},
             )
             logits = self.tail(out.last_hidden_state[:, -1:])[:, -1]
             nxt = logits.argmax(-1)

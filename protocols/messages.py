@@ -33,6 +33,7 @@ from protocols.codecs import (
     encode_tensors,
 )
 from protocols.errors import ProtocolError
+from protocols.methods import LORA
 from protocols.specs import LoraSpec
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "MESSAGE_HELLO",
     "MESSAGE_TRAIN_LORA",
     "NodeHello",
+    "RoundSchedule",
     "decode_hello",
     "decode_lora_train_ins",
     "decode_lora_train_res",
@@ -63,7 +65,7 @@ ERROR_OUT_OF_SYNC = (
 )
 
 ACTION_HELLO = "hello"
-ACTION_LORA = "lora"
+ACTION_LORA = LORA.action
 MESSAGE_HELLO = f"query.{ACTION_HELLO}"
 MESSAGE_TRAIN_LORA = f"train.{ACTION_LORA}"
 
@@ -77,47 +79,39 @@ TRAIN_LOSS = "train-loss"
 
 
 @dataclass(frozen=True, slots=True)
-class LocalTrainConfig:
-    """Settings of one round of local training, sent by the server.
+class RoundSchedule:
+    """What every method's round instruction says about local work.
 
     Attributes
     ----------
     server_round : int
         The round this training belongs to (>= 1).
     local_steps : int
-        Optimizer steps to take (>= 1).
+        Steps to take (>= 1).
     batch_size : int
         Examples per step (>= 1).
-    learning_rate : float
-        AdamW learning rate (> 0).
-    weight_decay : float
-        AdamW decoupled weight decay (>= 0).
     seed : int
-        Run seed; the client derives its batch order and dropout from
-        (seed, round, its partition label).
+        Run seed; the client derives its batch order (and dropout, seed
+        draws) from (seed, round, its partition label).
+
+    Method settings that a spec already carries (FedKSeed's learning rate)
+    are not repeated here: every setting travels once per message.
     """
 
     server_round: int
     local_steps: int
     batch_size: int
-    learning_rate: float
-    weight_decay: float
     seed: int
 
     def __post_init__(self) -> None:
-        checks = {
-            "server_round": self.server_round >= 1,
-            "local_steps": self.local_steps >= 1,
-            "batch_size": self.batch_size >= 1,
-            "learning_rate": self.learning_rate > 0
-            and math.isfinite(self.learning_rate),
-            "weight_decay": self.weight_decay >= 0 and math.isfinite(self.weight_decay),
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ProtocolError(
-                    f"train config field '{name}' is out of range: {getattr(self, name)!r}"
-                )
+        _check_fields(
+            self,
+            {
+                "server_round": self.server_round >= 1,
+                "local_steps": self.local_steps >= 1,
+                "batch_size": self.batch_size >= 1,
+            },
+        )
 
     def to_config_record(self) -> ConfigRecord:
         """Encode for the wire."""
@@ -126,22 +120,75 @@ class LocalTrainConfig:
                 "server-round": self.server_round,
                 "local-steps": self.local_steps,
                 "batch-size": self.batch_size,
-                "learning-rate": self.learning_rate,
-                "weight-decay": self.weight_decay,
                 "seed": self.seed,
             }
         )
 
     @classmethod
+    def from_config_record(cls, record: ConfigRecord) -> RoundSchedule:
+        """Decode and validate; raises :class:`ProtocolError` naming the key."""
+        return RoundSchedule(**_schedule_fields(record))
+
+
+def _schedule_fields(record: ConfigRecord) -> dict[str, int]:
+    return {
+        "server_round": _get(record, "server-round", int),
+        "local_steps": _get(record, "local-steps", int),
+        "batch_size": _get(record, "batch-size", int),
+        "seed": _get(record, "seed", int),
+    }
+
+
+def _check_fields(config: object, checks: Mapping[str, bool]) -> None:
+    for name, ok in checks.items():
+        if not ok:
+            raise ProtocolError(
+                f"train config field '{name}' is out of range: "
+                f"{getattr(config, name)!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class LocalTrainConfig(RoundSchedule):
+    """A round of gradient training: the schedule plus the optimiser settings.
+
+    Attributes
+    ----------
+    learning_rate : float
+        AdamW learning rate (> 0).
+    weight_decay : float
+        AdamW decoupled weight decay (>= 0).
+    """
+
+    learning_rate: float
+    weight_decay: float
+
+    def __post_init__(self) -> None:
+        RoundSchedule.__post_init__(self)
+        _check_fields(
+            self,
+            {
+                "learning_rate": self.learning_rate > 0
+                and math.isfinite(self.learning_rate),
+                "weight_decay": self.weight_decay >= 0
+                and math.isfinite(self.weight_decay),
+            },
+        )
+
+    def to_config_record(self) -> ConfigRecord:
+        """Encode for the wire."""
+        record = RoundSchedule.to_config_record(self)
+        record["learning-rate"] = self.learning_rate
+        record["weight-decay"] = self.weight_decay
+        return record
+
+    @classmethod
     def from_config_record(cls, record: ConfigRecord) -> LocalTrainConfig:
         """Decode and validate; raises :class:`ProtocolError` naming the key."""
-        return cls(
-            server_round=_get(record, "server-round", int),
-            local_steps=_get(record, "local-steps", int),
-            batch_size=_get(record, "batch-size", int),
+        return LocalTrainConfig(
+            **_schedule_fields(record),
             learning_rate=_get(record, "learning-rate", float),
             weight_decay=_get(record, "weight-decay", float),
-            seed=_get(record, "seed", int),
         )
 
 
@@ -156,7 +203,7 @@ def _get(record: Mapping[str, Any], key: str, kind: type) -> Any:
         raise ProtocolError(
             f"key '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}"
         )
-    if kind is float and not math.isfinite(value):
+    if kind is float and isinstance(value, float) and not math.isfinite(value):
         raise ProtocolError(f"key '{key}' must be finite, got {value!r}")
     return value
 

@@ -23,5 +23,5 @@ def state_hash(params: Sequence[tuple[str, torch.Tensor]]) -> str:
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         # A view of the bytes, not a copy: this runs on every parameter each round.
-        digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()[:16]

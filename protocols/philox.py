@@ -5,7 +5,8 @@ This module owns the pure-numpy reference of the seed -> perturbation map
 imports only the standard library, numpy and :mod:`protocols.errors` (numba
 is imported on first use, if present), so an edge device without torch can
 copy this file, ``errors.py``, ``make_gaussian_lut.py`` and
-``gaussian_lut.f32`` and produce the same bits as the server. The full
+``gaussian_lut.f32`` (plus ``philox_numba.py`` for the compiled kernels) and
+produce the same bits as the server. The full
 protocol, including how the values are applied to model weights, is written
 out in :mod:`protocols.seeds`; the generator part is:
 
@@ -20,10 +21,11 @@ out in :mod:`protocols.seeds`; the generator part is:
   65,536-entry float32 table in ``gaussian_lut.f32`` (built by
   :mod:`protocols.make_gaussian_lut`, pinned by :data:`LUT_SHA256`).
 
-The numba kernels are compiled on their first call (never at import), with
-``fastmath`` off, and multiply-add as two rounded float32 operations
-(``t = z * c``, then ``acc + t``), exactly what numpy and torch do. They are
-serial, GIL-free kernels over a block range; large calls are split into
+The numba kernels (their source is :mod:`protocols.philox_numba`) are
+compiled on their first call (never at import), with ``fastmath`` off, and
+multiply-add as two rounded float32 operations (``t = z * c``, then
+``acc + t``), exactly what numpy and torch do. They are serial, GIL-free
+kernels over a block range; large calls are split into
 contiguous block ranges run on the calling thread plus a per-process pool of
 helper threads. (``numba.prange`` was measured and dropped: its OpenMP
 workers spin-wait, and interleaved with torch's own OpenMP pool on a 2-core
@@ -39,12 +41,16 @@ import operator
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVarTuple
 
 import numpy as np
+import numpy.typing as npt
 
 from protocols.errors import ProtocolError
+
+if TYPE_CHECKING:
+    from protocols.philox_numba import NumbaKernels
 
 __all__ = [
     "CANDIDATE_POOL_NAME",
@@ -57,6 +63,8 @@ __all__ = [
     "PHILOX_ROUNDS",
     "PHILOX_W0",
     "PHILOX_W1",
+    "Float32Array",
+    "UInt32Array",
     "accumulate_numba",
     "candidate_seeds",
     "check_numel",
@@ -72,6 +80,11 @@ __all__ = [
 ]
 
 GENERATOR_VERSION = "philox4x32-10+gauss-lut16/1"
+
+Float32Array = npt.NDArray[np.float32]
+"""A float32 array: Gaussian values, the table, perturbed weights."""
+UInt32Array = npt.NDArray[np.uint32]
+"""A uint32 array: Philox counter and output words, key words."""
 
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
@@ -97,6 +110,9 @@ _NUMPY_CHUNK_BLOCKS = 1 << 14
 _NUMBA_CHUNK_BLOCKS = 512
 _THREAD_MIN_WORK = 1 << 15
 _MAX_THREADS = 32
+
+# The arguments a kernel takes before its block range (b_lo, b_hi).
+_KernelArgs = TypeVarTuple("_KernelArgs")
 
 
 # --------------------------------------------------------------------- checks
@@ -211,7 +227,7 @@ def _philox_words(
     return c0, c1, c2, c3
 
 
-def philox4x32(key: int, counters: np.ndarray) -> np.ndarray:
+def philox4x32(key: int, counters: np.ndarray) -> UInt32Array:
     """Philox4x32-10 of each counter under a 64-bit key (numpy reference).
 
     Parameters
@@ -254,7 +270,7 @@ def philox4x32(key: int, counters: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=1)
-def gaussian_lut() -> np.ndarray:
+def gaussian_lut() -> Float32Array:
     """The 65,536-entry float32 table, loaded once and checked against its hash.
 
     Reads ``gaussian_lut.f32`` next to this file; if the file is absent (for
@@ -289,7 +305,7 @@ def gaussian_lut() -> np.ndarray:
     return lut
 
 
-def _block_words_numpy(key: int, h: int, start: int, stop: int) -> np.ndarray:
+def _block_words_numpy(key: int, h: int, start: int, stop: int) -> UInt32Array:
     """Output words of blocks ``start .. stop-1`` of one stream, flat uint32."""
     b = np.arange(start, stop, dtype=np.uint64)
     c0 = b & np.uint64(_MASK32)
@@ -300,7 +316,7 @@ def _block_words_numpy(key: int, h: int, start: int, stop: int) -> np.ndarray:
     return np.stack(words, axis=1).reshape(-1).astype(np.uint32)
 
 
-def gaussian_numpy(seed: int, name: str, numel: int) -> np.ndarray:
+def gaussian_numpy(seed: int, name: str, numel: int) -> Float32Array:
     """``numel`` values of the stream ``(seed, name)``, pure numpy.
 
     Returns
@@ -328,138 +344,19 @@ def gaussian_numpy(seed: int, name: str, numel: int) -> np.ndarray:
     return out
 
 
-# ---------------------------------------------------------------------- numba
-
-
-@dataclass(frozen=True)
-class _NumbaKernels:
-    """The compiled-on-first-call kernels; each works on a block range."""
-
-    fill: Callable[..., None]
-    axpy: Callable[..., None]
-
-
-def _build_numba_kernels() -> _NumbaKernels | None:
-    """Define the numba kernels; ``None`` when numba cannot be imported.
-
-    Definitions only: numba compiles each dispatcher on its first call. The
-    kernels process blocks ``[b_lo, b_hi)`` in chunks of
-    :data:`_NUMBA_CHUNK_BLOCKS` blocks held as four uint32 arrays (one per
-    counter word), so LLVM vectorises the rounds (32x32->64-bit multiplies);
-    they release the GIL so :func:`_run_split` can run block ranges on
-    several threads. Every element's arithmetic is the same however the range
-    is split.
-    """
-    try:
-        from numba import njit
-    except ImportError:
-        return None
-
-    m0, m1 = np.uint64(PHILOX_M0), np.uint64(PHILOX_M1)
-    w0, w1 = np.uint32(PHILOX_W0), np.uint32(PHILOX_W1)
-    mask64, s32, s16 = np.uint64(_MASK32), np.uint64(32), np.uint32(16)
-    zero32 = np.uint32(0)
-    rounds = PHILOX_ROUNDS
-    chunk = _NUMBA_CHUNK_BLOCKS
-    options = {"cache": False, "fastmath": False, "nogil": True, "parallel": False}
-
-    @njit(**options)
-    def philox_chunk(w, h, k0, k1, b0, n):  # pragma: no cover - compiled
-        # w: (4, chunk) uint32 scratch; on return w[q, i] = word q of block b0 + i.
-        c0, c1, c2, c3 = w[0], w[1], w[2], w[3]
-        for i in range(n):
-            b = np.uint64(b0 + i)
-            c0[i] = np.uint32(b & mask64)
-            c1[i] = np.uint32(b >> s32)
-            c2[i] = h
-            c3[i] = zero32
-        for _ in range(rounds):
-            for i in range(n):
-                p0 = np.uint64(c0[i]) * m0
-                p1 = np.uint64(c2[i]) * m1
-                x1 = c1[i]
-                x3 = c3[i]
-                c0[i] = np.uint32(p1 >> s32) ^ x1 ^ k0
-                c1[i] = np.uint32(p1 & mask64)
-                c2[i] = np.uint32(p0 >> s32) ^ x3 ^ k1
-                c3[i] = np.uint32(p0 & mask64)
-            k0 = np.uint32(k0 + w0)
-            k1 = np.uint32(k1 + w1)
-
-    @njit(**options)
-    def fill(out, lut, h, k0, k1, b_lo, b_hi):  # pragma: no cover - compiled
-        # out[e] = z[e] for the elements of blocks [b_lo, b_hi).
-        total = out.shape[0]
-        w = np.empty((4, chunk), dtype=np.uint32)
-        for b0 in range(b_lo, b_hi, chunk):
-            b1 = min(b_hi, b0 + chunk)
-            n = b1 - b0
-            philox_chunk(w, h, k0, k1, b0, n)
-            nfull = min(b1, total // 4) - b0
-            for i in range(nfull):
-                j = 4 * (b0 + i)
-                out[j] = lut[w[0, i] >> s16]
-                out[j + 1] = lut[w[1, i] >> s16]
-                out[j + 2] = lut[w[2, i] >> s16]
-                out[j + 3] = lut[w[3, i] >> s16]
-            if nfull < n:
-                j = 4 * (b0 + nfull)
-                for q in range(total - j):
-                    out[j + q] = lut[w[q, nfull] >> s16]
-
-    @njit(**options)
-    def axpy(out, lut, h, k0s, k1s, cs, direct, b_lo, b_hi):  # pragma: no cover
-        # direct: out[e] = out[e] + c*z (one stream, no accumulator).
-        # else:   a = +0.0; a = a + c_j*z_j for j in order; out[e] = out[e] + a.
-        total = out.shape[0]
-        w = np.empty((4, chunk), dtype=np.uint32)
-        a = np.empty((4, chunk), dtype=np.float32)
-        a0, a1, a2, a3 = a[0], a[1], a[2], a[3]
-        for b0 in range(b_lo, b_hi, chunk):
-            b1 = min(b_hi, b0 + chunk)
-            n = b1 - b0
-            nfull = min(b1, total // 4) - b0
-            a[:, :] = np.float32(0.0)
-            for s in range(cs.shape[0]):
-                philox_chunk(w, h, k0s[s], k1s[s], b0, n)
-                c = cs[s]
-                if direct:
-                    for i in range(nfull):
-                        j = 4 * (b0 + i)
-                        out[j] = out[j] + lut[w[0, i] >> s16] * c
-                        out[j + 1] = out[j + 1] + lut[w[1, i] >> s16] * c
-                        out[j + 2] = out[j + 2] + lut[w[2, i] >> s16] * c
-                        out[j + 3] = out[j + 3] + lut[w[3, i] >> s16] * c
-                    if nfull < n:
-                        j = 4 * (b0 + nfull)
-                        for q in range(total - j):
-                            out[j + q] = out[j + q] + lut[w[q, nfull] >> s16] * c
-                else:
-                    w0_, w1_, w2_, w3_ = w[0], w[1], w[2], w[3]
-                    for i in range(n):
-                        a0[i] = a0[i] + lut[w0_[i] >> s16] * c
-                        a1[i] = a1[i] + lut[w1_[i] >> s16] * c
-                        a2[i] = a2[i] + lut[w2_[i] >> s16] * c
-                        a3[i] = a3[i] + lut[w3_[i] >> s16] * c
-            if not direct:
-                for i in range(nfull):
-                    j = 4 * (b0 + i)
-                    out[j] = out[j] + a0[i]
-                    out[j + 1] = out[j + 1] + a1[i]
-                    out[j + 2] = out[j + 2] + a2[i]
-                    out[j + 3] = out[j + 3] + a3[i]
-                if nfull < n:
-                    j = 4 * (b0 + nfull)
-                    for q in range(total - j):
-                        out[j + q] = out[j + q] + a[q, nfull]
-
-    return _NumbaKernels(fill=fill, axpy=axpy)
+# -------------- numba: dispatch and threads (kernels: protocols.philox_numba)
 
 
 @functools.lru_cache(maxsize=1)
-def _numba_kernels() -> _NumbaKernels | None:
-    """The kernels, defined once on first use (``None`` without numba)."""
-    return _build_numba_kernels()
+def _numba_kernels() -> NumbaKernels | None:
+    """The kernels of :mod:`protocols.philox_numba`, defined once on first use.
+
+    ``None`` without numba. Imported here rather than at the top because that
+    module imports this one (for the Philox constants).
+    """
+    from protocols.philox_numba import build_kernels
+
+    return build_kernels(_NUMBA_CHUNK_BLOCKS)
 
 
 def numba_available() -> bool:
@@ -467,7 +364,7 @@ def numba_available() -> bool:
     return _numba_kernels() is not None
 
 
-def _require_numba() -> _NumbaKernels:
+def _require_numba() -> NumbaKernels:
     kernels = _numba_kernels()
     if kernels is None:
         raise ProtocolError("backend 'numba' requested but numba is not importable")
@@ -497,7 +394,10 @@ def _thread_pool(pid: int, workers: int) -> ThreadPoolExecutor:
 
 
 def _run_split(
-    kernel: Callable[..., None], args: tuple, nblocks: int, streams: int
+    kernel: Callable[[*_KernelArgs, int, int], None],
+    args: tuple[*_KernelArgs],
+    nblocks: int,
+    streams: int,
 ) -> None:
     """Run ``kernel(*args, b_lo, b_hi)`` over blocks ``[0, nblocks)``, threaded.
 
@@ -527,7 +427,7 @@ def _run_split(
             future.result()
 
 
-def gaussian_numba(seed: int, name: str, numel: int) -> np.ndarray:
+def gaussian_numba(seed: int, name: str, numel: int) -> Float32Array:
     """Same values as :func:`gaussian_numpy`, from the compiled kernel.
 
     Raises
@@ -551,7 +451,7 @@ def gaussian_numba(seed: int, name: str, numel: int) -> np.ndarray:
 
 
 def accumulate_numba(
-    out: np.ndarray,
+    out: Float32Array,
     name: str,
     seeds: Sequence[int],
     coefficients: Sequence[np.float32],

@@ -70,19 +70,14 @@ copied to the parameter's device before the arithmetic of rules 4-6.
 
 from __future__ import annotations
 
-import fnmatch
 import functools
-import hashlib
-import json
-import math
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from protocols.errors import ProtocolError
+from protocols.param_walk import ParamWalk
 from protocols.philox import (
     GENERATOR_VERSION,
     PHILOX_M0,
@@ -109,7 +104,6 @@ __all__ = [
     "candidate_seeds",
     "gaussian",
     "gaussian_numpy",
-    "generation_throughput",
     "name_hash32",
     "perturb_",
     "philox4x32",
@@ -315,198 +309,6 @@ def gaussian(
     return torch.from_numpy(values).to(dev)
 
 
-def generation_throughput(
-    numel: int,
-    backend: str,
-    device: torch.device | str = "cpu",
-    *,
-    min_time: float = 0.5,
-) -> float:
-    """Measured generation speed of one backend, in values per second.
-
-    One untimed call first (compiles numba, loads the table), then repeated
-    calls of :func:`gaussian` for at least ``min_time`` seconds (and at least
-    three); the fastest call is reported, which is the most stable figure on a
-    shared machine.
-
-    Raises
-    ------
-    ProtocolError
-        On the same bad arguments as :func:`gaussian`, or ``numel < 1``.
-    """
-    numel = check_numel(numel)
-    if numel < 1:
-        raise ProtocolError(f"numel must be >= 1 to time generation, got {numel}")
-    dev = _as_device(device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    gaussian(0, "bench", numel, device=dev, backend=backend)
-    sync()
-    times: list[float] = []
-    started = time.perf_counter()
-    seed = 1
-    while len(times) < 3 or time.perf_counter() - started < min_time:
-        t0 = time.perf_counter()
-        gaussian(seed, "bench", numel, device=dev, backend=backend)
-        sync()
-        times.append(time.perf_counter() - t0)
-        seed += 1
-    return numel / min(times)
-
-
-# ---------------------------------------------------------------- param walk
-
-
-@dataclass(frozen=True, slots=True)
-class ParamWalk:
-    """The fixed, ordered set of parameters a seed perturbs.
-
-    Attributes
-    ----------
-    names
-        Parameter names in walk order (unique).
-    shapes
-        The shape of each parameter, aligned with ``names``.
-    """
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-
-    def __post_init__(self) -> None:
-        if len(self.names) != len(self.shapes):
-            raise ProtocolError(
-                f"ParamWalk has {len(self.names)} names but {len(self.shapes)} shapes"
-            )
-        seen: set[str] = set()
-        for name, shape in zip(self.names, self.shapes, strict=True):
-            if not isinstance(name, str):
-                raise ProtocolError(f"ParamWalk name {name!r} is not a str")
-            if name in seen:
-                raise ProtocolError(f"ParamWalk lists '{name}' twice")
-            seen.add(name)
-            if not isinstance(shape, tuple) or not all(
-                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-            ):
-                raise ProtocolError(
-                    f"ParamWalk shape of '{name}' must be a tuple of ints >= 0, "
-                    f"got {shape!r}"
-                )
-
-    @classmethod
-    def from_model(
-        cls,
-        model: torch.nn.Module,
-        include: Sequence[str] | None = None,
-        *,
-        trainable_only: bool = False,
-    ) -> ParamWalk:
-        """The walk of ``model``'s floating-point parameters.
-
-        Parameters
-        ----------
-        model
-            Any module; its ``named_parameters()`` order is the walk order.
-        include
-            ``fnmatch`` globs (case-sensitive) on parameter names; a tensor is
-            kept if any of its names (tied weights have several) matches any
-            glob. ``None`` keeps every floating-point parameter.
-        trainable_only
-            Keep only parameters with ``requires_grad``.
-
-        Raises
-        ------
-        ProtocolError
-            If ``include`` is a bare string, a glob matches no parameter name,
-            or nothing is left to perturb.
-        """
-        if isinstance(include, str):
-            raise ProtocolError(
-                f"include must be a sequence of globs, got the string {include!r}"
-            )
-        patterns = None if include is None else list(include)
-        first_name: dict[int, str] = {}
-        all_names: dict[int, list[str]] = {}
-        tensors: dict[int, torch.Tensor] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            key = id(p)
-            if key not in first_name:
-                first_name[key] = name
-                all_names[key] = []
-                tensors[key] = p
-            all_names[key].append(name)
-        if patterns is not None:
-            every = [n for names in all_names.values() for n in names]
-            for pattern in patterns:
-                if not any(fnmatch.fnmatchcase(n, pattern) for n in every):
-                    raise ProtocolError(
-                        f"include pattern {pattern!r} matches no parameter of "
-                        f"{type(model).__name__}"
-                    )
-        names: list[str] = []
-        shapes: list[tuple[int, ...]] = []
-        for key, name in first_name.items():
-            p = tensors[key]
-            if not p.is_floating_point() or (trainable_only and not p.requires_grad):
-                continue
-            if patterns is not None and not any(
-                fnmatch.fnmatchcase(n, pat) for n in all_names[key] for pat in patterns
-            ):
-                continue
-            names.append(name)
-            shapes.append(tuple(int(d) for d in p.shape))
-        if not names:
-            raise ProtocolError(
-                f"no floating-point parameter of {type(model).__name__} to perturb "
-                f"(include={patterns!r}, trainable_only={trainable_only})"
-            )
-        return cls(tuple(names), tuple(shapes))
-
-    def params(self, model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-        """The live parameter tensors of ``model`` in walk order.
-
-        Raises
-        ------
-        ProtocolError
-            If ``model`` has no parameter of a walk name, its shape differs, or
-            it is not floating point.
-        """
-        live = dict(model.named_parameters(remove_duplicate=False))
-        out: list[tuple[str, torch.Tensor]] = []
-        for name, shape in zip(self.names, self.shapes, strict=True):
-            p = live.get(name)
-            if p is None:
-                raise ProtocolError(
-                    f"model {type(model).__name__} has no parameter '{name}' "
-                    f"(walk {self.fingerprint()})"
-                )
-            if tuple(p.shape) != shape:
-                raise ProtocolError(
-                    f"parameter '{name}' has shape {tuple(p.shape)}, the walk "
-                    f"expects {shape}"
-                )
-            if not p.is_floating_point():
-                raise ProtocolError(
-                    f"parameter '{name}' has dtype {p.dtype}, not floating"
-                )
-            out.append((name, p))
-        return out
-
-    def fingerprint(self) -> str:
-        """16 hex digits of SHA-256 over the names and shapes, in order."""
-        text = json.dumps(
-            [[n, list(s)] for n, s in zip(self.names, self.shapes, strict=True)],
-            separators=(",", ":"),
-        )
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-    @property
-    def numel(self) -> int:
-        """Total number of perturbed values."""
-        return sum(math.prod(s) for s in self.shapes)
-
-
-# ---------------------------------------------------------------- application
-
-
 def _check_param(name: str, p: torch.Tensor) -> None:
     name_hash32(name)
     if not isinstance(p, torch.Tensor) or not p.is_floating_point():
@@ -637,8 +439,8 @@ def apply_seed_sum_(
                 acc = torch.from_numpy(buf).to(p.device)
             elif chosen == "numpy":
                 buf = np.zeros(n, dtype=np.float32)
-                for s, c in zip(active_seeds, active_cs, strict=True):
-                    buf += gaussian_numpy(s, name, n) * c
+                for seed_j, c_j in zip(active_seeds, active_cs, strict=True):
+                    buf += gaussian_numpy(seed_j, name, n) * c_j
                 acc = torch.from_numpy(buf).to(p.device)
             else:
                 acc = _seed_sum_torch(active_seeds, active_cs, name, n, p.device)

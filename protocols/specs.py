@@ -63,11 +63,14 @@ class _Spec:
 
     SCHEMA_VERSION: ClassVar[int]
     KIND: ClassVar[str]
+    # Declared, not set: @dataclass sets it on each spec. Declaring it makes a
+    # spec a typeshed ``DataclassInstance``, which dataclasses.fields() takes.
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def _fields(self) -> dict[str, Any]:
         return {
             f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            for f in dataclasses.fields(self)
         }
 
     def fingerprint(self) -> str:
@@ -105,7 +108,7 @@ class _Spec:
             )
         fingerprint = data.pop(_FINGERPRINT_KEY, None)
         hints = typing.get_type_hints(cls)
-        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        names = [f.name for f in dataclasses.fields(cls)]
         unknown = set(data) - set(names)
         if unknown:
             raise ProtocolError(f"{cls.KIND} spec has unknown keys {sorted(unknown)}")

@@ -27,6 +27,7 @@ from protocols.codecs import (
 )
 from protocols.errors import ProtocolError
 from protocols.messages import _get, _record
+from protocols.methods import SFPROMPT
 from protocols.specs import SplitSpec
 
 __all__ = [
@@ -41,7 +42,7 @@ __all__ = [
     "encode_split_train_res",
 ]
 
-ACTION_SFPROMPT = "sfprompt"
+ACTION_SFPROMPT = SFPROMPT.action
 MESSAGE_TRAIN_SFPROMPT = f"train.{ACTION_SFPROMPT}"
 
 _SPEC, _ROUND, _TENSORS, _METRICS = "spec", "round", "tensors", "metrics"

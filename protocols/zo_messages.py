@@ -21,11 +21,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    MetricRecord,
+    MetricRecordValues,
+    RecordDict,
+)
 
 from protocols.codecs import decode_tensors, encode_tensors
 from protocols.errors import ProtocolError
-from protocols.messages import LocalTrainConfig, _get, _record
+from protocols.messages import RoundSchedule, _get, _record
+from protocols.methods import FEDKSEED
 from protocols.specs import ZOSpec
 
 __all__ = [
@@ -40,7 +47,7 @@ __all__ = [
     "encode_zo_train_res",
 ]
 
-ACTION_ZO = "zo"
+ACTION_ZO = FEDKSEED.action  # FedKSeed and FedKSeed-Pro share it
 MESSAGE_TRAIN_ZO = f"train.{ACTION_ZO}"
 MAX_ZO_PAYLOAD_BYTES = 64 * 1024 * 1024
 
@@ -72,7 +79,7 @@ class ZoTrainIns:
     """Server -> client instruction of one FedKSeed round."""
 
     spec: ZOSpec
-    config: LocalTrainConfig
+    config: RoundSchedule
     base_round: int
     target_round: int
     target_hash: str
@@ -183,7 +190,7 @@ def decode_zo_train_ins(content: RecordDict) -> ZoTrainIns:
         On a bad spec, train config, history or probabilities.
     """
     spec = ZOSpec.from_config_record(_record(content, _SPEC, ConfigRecord))
-    config = LocalTrainConfig.from_config_record(_record(content, _TRAIN, ConfigRecord))
+    config = RoundSchedule.from_config_record(_record(content, _TRAIN, ConfigRecord))
     sync = _record(content, _SYNC, ConfigRecord)
     arrays = decode_tensors(
         _record(content, _HISTORY, ArrayRecord), max_bytes=MAX_ZO_PAYLOAD_BYTES
@@ -216,7 +223,7 @@ def decode_zo_train_ins(content: RecordDict) -> ZoTrainIns:
 
 def encode_zo_train_res(res: ZoTrainRes) -> RecordDict:
     """Build the content of a ``train.zo`` reply."""
-    metrics = {
+    metrics: dict[str, MetricRecordValues] = {
         "num-examples": res.num_examples,
         "train-loss": res.train_loss,
         "skipped-steps": res.skipped_steps,

@@ -15,9 +15,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from protocols import LoraSpec
+from protocols.methods import LORA, get_method
 
 __all__ = [
     "ConfigError",
@@ -50,14 +57,20 @@ class RunSection(_Section):
     name: str = Field(
         "pollinate", min_length=1, description="Run name, used in the run folder."
     )
-    method: Literal["lora", "fedkseed", "fedkseed-pro", "sfprompt"] = Field(
-        "lora", description="Fine-tuning method."
+    method: str = Field(
+        LORA.name, description="Fine-tuning method (see protocols.methods)."
     )
     rounds: int = Field(5, ge=1, le=100_000, description="Federated rounds.")
     seed: int = Field(0, ge=0, description="Seed of every random draw of the run.")
     output_dir: Path = Field(
         Path("runs"), description="Folder that receives run folders."
     )
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        get_method(name)  # raises, listing the registered names
+        return name
 
 
 class ModelSection(_Section):
@@ -208,18 +221,6 @@ class RunConfig(_Section):
                 f"federation.clients ({self.federation.clients})"
             )
         return self
-
-    def lora_spec(self) -> LoraSpec:
-        """The spec every LoRA client must honour."""
-        return LoraSpec(
-            model=self.model.name,
-            model_dtype=self.model.dtype,
-            rank=self.lora.rank,
-            alpha=self.lora.alpha,
-            dropout=self.lora.dropout,
-            target_modules=self.lora.target_modules,
-            max_length=self.model.max_length,
-        )
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +29,8 @@ import psutil
 
 from corpora import load_examples, split_holdout, write_jsonl
 from models import prepare_model
-from server.checkpoints import atomic_write_bytes
+from protocols.durable import atomic_write_bytes
+from protocols.run_folder import RUN_DIR_KEY, RunFolder, RunFolderError
 from server.config import RunConfig, config_to_toml
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "register_node_keys",
     "start_superlink",
     "stop_process_tree",
+    "stream_run_log",
     "submit_run",
     "wait_for_port",
     "write_app",
@@ -118,6 +121,17 @@ class ServerInfo:
     run_id: int | None = None
 
 
+_SERVER_INFO_TYPES: dict[str, type | tuple[type, ...]] = {
+    "pid": int,
+    "host": str,
+    "port": int,
+    "address": str,
+    "certs": (str, type(None)),
+    "auth_keys": (str, type(None)),
+    "run_id": (int, type(None)),
+}
+
+
 def prepare_server_run(config: RunConfig, run_dir: Path) -> Path:
     """A run folder for a deployed server: config and the held-out set only.
 
@@ -129,15 +143,16 @@ def prepare_server_run(config: RunConfig, run_dir: Path) -> Path:
     )
     _, held_out = split_holdout(examples, config.data.eval_examples, config.run.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(held_out, run_dir / "data" / "eval.jsonl")
-    atomic_write_bytes(run_dir / "config.toml", config_to_toml(config).encode())
+    folder = RunFolder(run_dir)
+    write_jsonl(held_out, folder.eval_data)
+    atomic_write_bytes(folder.config, config_to_toml(config).encode())
     prepare_model(config.model.name)
     return run_dir
 
 
 def write_app(run_dir: Path) -> Path:
     """The Flower app folder that ``flwr run`` submits for this run."""
-    app = run_dir / "app"
+    app = RunFolder(run_dir).app_dir
     app.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(app / "pyproject.toml", APP_PYPROJECT.encode())
     return app
@@ -197,17 +212,26 @@ def start_superlink(
     tls: TlsFiles | None,
     auth: bool,
     database: Path | None = None,
+    simulation: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``flower-superlink`` for ``run_dir`` in its own process group.
 
     State lives in memory unless ``database`` names a SQLite file (used by
-    ``bench/superlink_load.py`` to compare the two stores).
+    ``bench/superlink_load.py`` to compare the two stores). With
+    ``simulation`` the SuperLink runs Flower's simulation runtime (no Fleet
+    API, no SuperNodes: its SuperExec starts one ``flwr-simulation`` process
+    per run, with Ray inside). ``env`` adds variables to the SuperLink's
+    environment, which its SuperExec, the ServerApp and (in simulation) Ray's
+    workers inherit. Its output goes to the run's SuperLink log; the apps'
+    output reaches the SuperLink, not this log (see :func:`stream_run_log`).
 
     Raises
     ------
     DeployError
         If node authentication is asked without TLS, or it does not come up.
     """
+    folder = RunFolder(run_dir)
     if auth and tls is None:
         raise DeployError(
             "node authentication needs TLS (Flower refuses it with --insecure)"
@@ -235,13 +259,15 @@ def start_superlink(
         cmd.append("--enable-supernode-auth")
     if database is not None:
         cmd += ["--database", str(database)]
-    log = (run_dir / "superlink.log").open("ab")
+    if simulation:
+        cmd += ["--simulation", "--isolation", "subprocess"]
+    log = folder.superlink_log.open("ab")
     proc = subprocess.Popen(
         cmd,
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
-        env=flwr_env(run_dir / ".flwr-superlink"),
+        env={**flwr_env(folder.superlink_home), **(env or {})},
         start_new_session=True,
     )
     log.close()
@@ -251,7 +277,7 @@ def start_superlink(
 
 def cli_home(run_dir: Path, address: str, tls: TlsFiles | None) -> Path:
     """A FLWR_HOME whose ``deploy`` connection points at our SuperLink."""
-    home = run_dir / ".flwr-cli"
+    home = RunFolder(run_dir).cli_home
     home.mkdir(parents=True, exist_ok=True)
     security = (
         f'root-certificates = "{tls.ca_cert.resolve()}"' if tls else "insecure = true"
@@ -291,16 +317,55 @@ def register_node_keys(
         _flwr(home, "supernode", "register", str(key), "deploy")
 
 
+def _toml_pairs(values: Mapping[str, bool | int | float | str]) -> str:
+    """``k1=v1 k2=v2`` with TOML values, as ``flwr run`` parses its overrides.
+
+    Raises
+    ------
+    DeployError
+        If a string holds a double quote: Flower's parser of these pairs
+        ends a quoted value at the first one, escaped or not.
+    """
+
+    def value(v: bool | int | float | str) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            if '"' in v:
+                raise DeployError(f"flwr cannot pass a value with a '\"': {v!r}")
+            return json.dumps(v)  # a TOML basic string (backslashes escaped)
+        return repr(v)
+
+    return " ".join(f"{key}={value(v)}" for key, v in values.items())
+
+
 def submit_run(
-    run_dir: Path, address: str, tls: TlsFiles | None, *, resume: bool
+    run_dir: Path,
+    address: str,
+    tls: TlsFiles | None,
+    *,
+    resume: bool,
+    federation_config: Mapping[str, bool | int | float | str] | None = None,
 ) -> int:
-    """Submit this run's app with ``flwr run``; return Flower's run id."""
+    """Submit this run's app with ``flwr run``; return Flower's run id.
+
+    The run folder reaches the apps as the run config key ``run-dir``
+    (:data:`~protocols.run_folder.RUN_DIR_KEY`). ``federation_config`` is
+    passed as ``--federation-config`` (a simulation's ``SimulationConfig``:
+    ``num-supernodes``, ``client-resources-num-cpus``, ...).
+
+    Raises
+    ------
+    DeployError
+        If ``flwr run`` fails or names no run.
+    """
     home = cli_home(run_dir, address, tls)
     app = write_app(run_dir)
-    config = f'run-dir="{run_dir.resolve()}" resume={"true" if resume else "false"}'
-    out = _flwr(
-        home, "run", str(app), "deploy", "--run-config", config, "--format", "json"
-    )
+    config = _toml_pairs({RUN_DIR_KEY: str(run_dir.resolve()), "resume": resume})
+    args = ["run", str(app), "deploy", "--run-config", config, "--format", "json"]
+    if federation_config:
+        args += ["--federation-config", _toml_pairs(federation_config)]
+    out = _flwr(home, *args)
     text = out.stdout
     start = text.find("{")
     try:
@@ -312,19 +377,61 @@ def submit_run(
     raise DeployError(f"flwr run gave no run id: {out.stdout[-500:]}")
 
 
+def stream_run_log(
+    run_dir: Path, address: str, tls: TlsFiles | None, run_id: int, log: Path
+) -> subprocess.Popen[bytes]:
+    """Copy a run's log into ``log`` with ``flwr log RUN_ID --stream``.
+
+    The SuperExec starts the ServerApp (or ``flwr-simulation``) with its
+    output discarded; the app uploads its log to the SuperLink, and this is
+    how it reaches the run folder. The returned process (its own process
+    group) ends by itself once Flower has marked the run finished and sent
+    the whole log; stop it with :func:`stop_process_tree` otherwise.
+    """
+    out = log.open("ab")
+    try:
+        return subprocess.Popen(
+            [_tool("flwr"), "log", str(run_id), "deploy", "--stream"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=flwr_env(cli_home(run_dir, address, tls)),
+            start_new_session=True,
+        )
+    finally:
+        out.close()
+
+
 def write_server_info(run_dir: Path, info: ServerInfo) -> None:
-    """Record the running server in ``server.json``."""
-    atomic_write_bytes(
-        run_dir / "server.json", json.dumps(asdict(info), indent=1).encode()
-    )
+    """Record the running server in the run folder (``server.json``)."""
+    folder = RunFolder(run_dir)
+    folder.write_record(folder.server_info, asdict(info))
 
 
 def read_server_info(run_dir: Path) -> ServerInfo | None:
-    """The recorded server, or None if this run was never served."""
-    path = run_dir / "server.json"
-    if not path.exists():
+    """The recorded server, or None if this run was never served.
+
+    Raises
+    ------
+    DeployError
+        If the record is damaged (a field missing or of the wrong type).
+    """
+    folder = RunFolder(run_dir)
+    try:
+        record = folder.read_record(folder.server_info)
+    except RunFolderError as exc:
+        raise DeployError(str(exc)) from None
+    if record is None:
         return None
-    return ServerInfo(**json.loads(path.read_text()))
+    try:
+        info = ServerInfo(**record)
+    except TypeError as exc:
+        raise DeployError(f"{folder.server_info} is damaged: {exc}") from None
+    for name, value in asdict(info).items():
+        expected = _SERVER_INFO_TYPES[name]
+        if not isinstance(value, expected) or isinstance(value, bool):
+            raise DeployError(f"{folder.server_info} is damaged: {name} is {value!r}")
+    return info
 
 
 def process_alive(pid: int) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -23,7 +24,18 @@ from models import (
     tokenize_example,
 )
 
-__all__ = ["CentralEvaluator", "EvalResult", "pick_device", "pick_metric"]
+if TYPE_CHECKING:
+    from torch import nn
+
+    from server.config import RunConfig
+
+__all__ = [
+    "CentralEvaluator",
+    "EvalResult",
+    "build_evaluator",
+    "pick_device",
+    "pick_metric",
+]
 
 
 def pick_device(name: str) -> torch.device:
@@ -155,3 +167,23 @@ class CentralEvaluator:
                 text = self.tokenizer.decode(row, skip_special_tokens=True)
                 answers.append(text.strip().split("\n")[0].strip())
         return answers
+
+
+def build_evaluator(
+    config: RunConfig,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    device: torch.device,
+) -> CentralEvaluator:
+    """The evaluator a run's ``[eval]`` and ``[model]`` settings describe."""
+    return CentralEvaluator(
+        model,  # type: ignore[arg-type]
+        tokenizer,
+        examples,
+        metric=pick_metric(config.eval.metric, examples),
+        max_length=config.model.max_length,
+        max_new_tokens=config.eval.max_new_tokens,
+        batch_size=config.eval.batch_size,
+        device=device,
+    )

@@ -24,12 +24,15 @@ import torch
 from torch import nn
 
 from models import LoadedModel, load_causal_lm
-from server.checkpoints import atomic_write_bytes
+from protocols.durable import atomic_write_text
+from protocols.methods import EXPORT_FORMATS, Method, get_method
+from protocols.run_folder import RunFolder
 from server.config import RunConfig, load_config
+from server.methods import server_method
 
 __all__ = ["FORMATS", "ExportError", "export_run", "tuned_model"]
 
-FORMATS = ("adapter", "merged", "onnx")
+FORMATS = EXPORT_FORMATS
 ONNX_TOLERANCE = 1e-3
 
 
@@ -37,17 +40,12 @@ class ExportError(RuntimeError):
     """The run cannot be exported as asked."""
 
 
-def _final(run_dir: Path, config: RunConfig) -> Path:
-    path = {
-        "lora": run_dir / "adapter",
-        "fedkseed": run_dir / "model" / "perturbed.safetensors",
-        "fedkseed-pro": run_dir / "model" / "perturbed.safetensors",
-        "sfprompt": run_dir / "model" / "prompts_and_tail.safetensors",
-    }[config.run.method]
+def _final(folder: RunFolder, method: Method) -> Path:
+    path = folder.artefact(method.artefact)
     if not path.exists():
         raise ExportError(
-            f"{run_dir} has no final {path.name}: the run did not complete "
-            f"(continue it with: pollinate resume {run_dir})"
+            f"{folder.path} has no final {path.name}: the run did not complete "
+            f"(continue it with: pollinate resume {folder.path})"
         )
     return path
 
@@ -74,46 +72,11 @@ def tuned_model(run_dir: Path) -> tuple[nn.Module, LoadedModel, RunConfig]:
     ExportError
         If the run folder has no final artefact.
     """
-    config = load_config(run_dir / "config.toml")
-    final = _final(run_dir, config)
+    folder = RunFolder(run_dir)
+    config = load_config(folder.config)
+    final = _final(folder, get_method(config.run.method))
     loaded = load_causal_lm(config.model.name, dtype="float32", device="cpu")
-    method = config.run.method
-    if method == "lora":
-        from peft import PeftModel
-
-        model: nn.Module = PeftModel.from_pretrained(
-            loaded.model, final
-        ).merge_and_unload()
-    elif method in ("fedkseed", "fedkseed-pro"):
-        from safetensors.torch import load_file
-
-        params = dict(loaded.model.named_parameters())
-        with torch.no_grad():
-            for name, value in load_file(final).items():
-                params[name].copy_(value)
-        model = loaded.model
-    else:
-        from safetensors.torch import load_file
-
-        from models.split import (
-            PromptedLM,
-            build_split,
-            load_trainable_state,
-            split_spec_for,
-        )
-
-        split = config.split
-        spec = split_spec_for(
-            loaded.model,
-            config.model.name,
-            num_prompts=split.num_prompts,
-            client_blocks=split.client_blocks,
-            max_length=config.model.max_length,
-            tail=split.tail,
-        )
-        head, trunk, tail = build_split(loaded.model, spec)
-        load_trainable_state(head, tail, load_file(final))
-        model = PromptedLM(head, trunk, tail)
+    model = server_method(config.run.method).tuned_model(config, final, loaded)
     return model.eval(), loaded, config
 
 
@@ -180,20 +143,22 @@ def export_run(run_dir: Path, out: Path, fmt: str) -> Path:
         raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
     if out.exists():
         raise ExportError(f"{out} exists: export into a new folder")
-    config = load_config(run_dir / "config.toml")
-    final = _final(run_dir, config)
+    folder = RunFolder(run_dir)
+    config = load_config(folder.config)
+    method = get_method(config.run.method)
+    if fmt not in method.exports:
+        raise ExportError(
+            f"method {method.name} exports {list(method.exports)}, not {fmt!r}"
+        )
+    final = _final(folder, method)
     if fmt == "adapter":
         if final.is_dir():
             shutil.copytree(final, out)
         else:
             out.mkdir(parents=True)
             shutil.copy2(final, out / final.name)
-        shutil.copy2(run_dir / "config.toml", out / "config.toml")
+        shutil.copy2(folder.config, out / folder.config.name)
         return out
-    if fmt == "merged" and config.run.method == "sfprompt":
-        raise ExportError(
-            "SFPrompt's soft prompts need their own forward: export --format onnx"
-        )
     model, loaded, _ = tuned_model(run_dir)
     out.mkdir(parents=True)
     info: dict[str, object] = {
@@ -207,5 +172,5 @@ def export_run(run_dir: Path, out: Path, fmt: str) -> Path:
     else:
         info["max_abs_logit_diff"] = _export_onnx(model, out)
         loaded.tokenizer.save_pretrained(out)
-    atomic_write_bytes(out / "export.json", json.dumps(info, indent=1).encode())
+    atomic_write_text(out / "export.json", json.dumps(info, indent=1))
     return out

@@ -18,10 +18,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
@@ -33,18 +32,22 @@ from protocols import (
     decode_hello,
     payload_bytes,
 )
-from server.checkpoints import MetricsLog
+from protocols.run_folder import RunFolder
 from server.evaluation import EvalResult
+from strategies import Aggregate, LabelledReply, NodeBook, Nodes, Strategy
 
 __all__ = [
     "FederationError",
     "RoundDriver",
     "RoundResult",
     "discover_nodes",
+    "require_update",
     "run_rounds",
 ]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class FederationError(RuntimeError):
@@ -63,38 +66,60 @@ class RoundResult:
 
 
 class RoundDriver(Protocol):
-    """A method's server side: instruct, aggregate-and-apply, evaluate, save."""
+    """A method's server side: instruct, aggregate-and-apply, evaluate, save.
+
+    The driver holds the global state and its method's strategy; the round
+    loop owns the nodes (a :class:`~strategies.NodeBook`), the clock, the
+    ledger and the run folder, and hands the driver the round's sampled nodes
+    and their labelled replies.
+    """
 
     method: str
+    strategy: Strategy[Any, Any]
 
-    def set_nodes(self, node_labels: dict[int, str]) -> None:
-        """Learn the federation's nodes and their stable labels."""
+    def configure(self, server_round: int, nodes: Nodes) -> list[Message]:
+        """Build the round's instructions for ``nodes``."""
 
-    def label(self, node_id: int) -> str:
-        """A node's stable label."""
+    def apply(self, server_round: int, replies: Sequence[LabelledReply]) -> RoundResult:
+        """Validate replies and update the global state.
 
-    def configure(self, server_round: int, grid: Grid) -> list[Message]:
-        """Build the round's instructions."""
-
-    def apply(self, server_round: int, replies: Iterable[Message]) -> RoundResult:
-        """Validate replies and update the global state; raise FederationError if none usable."""
+        Raises FederationError when no reply is usable (the state is kept).
+        """
 
     def evaluate(self) -> EvalResult:
         """Central evaluation of the current global model."""
 
     def checkpoint(
-        self, run_dir: Path, server_round: int, extra: dict[str, Any]
+        self, folder: RunFolder, server_round: int, extra: dict[str, Any]
     ) -> None:
         """Persist everything needed to continue after ``server_round``."""
 
-    def finish(self, run_dir: Path) -> None:
+    def finish(self, folder: RunFolder) -> None:
         """Write the final artefacts (adapter, model)."""
 
     def close(self) -> None:
         """Release what the driver started (services), finished or not."""
 
-    def restore(self, run_dir: Path) -> int:
-        """Load the last checkpoint of ``run_dir``; return its round."""
+    def restore(self, folder: RunFolder) -> int:
+        """Load the last checkpoint of ``folder``; return its round."""
+
+
+def require_update(server_round: int, result: Aggregate, new_state: T | None) -> T:
+    """The round's new global state, or an error if no reply was usable.
+
+    Raises
+    ------
+    FederationError
+        If ``new_state`` is None: no reply survived validation (the caller
+        keeps its previous state).
+    """
+    if new_state is None:
+        total = len(result.accepted) + len(result.rejected)
+        raise FederationError(
+            f"round {server_round}: no usable update ({total} replies; "
+            f"rejected: {result.rejected})"
+        )
+    return new_state
 
 
 def discover_nodes(
@@ -170,9 +195,10 @@ def _row(
 def run_rounds(
     grid: Grid,
     driver: RoundDriver,
+    nodes: NodeBook,
     *,
     rounds: int,
-    run_dir: Path,
+    folder: RunFolder,
     timeout_s: float,
     ledger: ByteLedger,
     start_round: int = 0,
@@ -180,6 +206,8 @@ def run_rounds(
     min_replies: int = 1,
 ) -> None:
     """Run rounds ``start_round + 1 .. rounds`` of ``driver``'s method.
+
+    ``nodes`` knows the federation's nodes and samples each round's.
 
     A fresh run (``start_round == 0``) first records round 0, the initial
     model. Each round's checkpoint is written before its ``metrics.jsonl``
@@ -193,7 +221,7 @@ def run_rounds(
     FederationError
         If a round has no usable update.
     """
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = folder.metrics_log()
     if start_round == 0:
         metrics.truncate_after(-1)
         t0 = time.monotonic()
@@ -211,14 +239,16 @@ def run_rounds(
         metrics.truncate_after(start_round)
     for server_round in range(start_round + 1, rounds + 1):
         t0 = time.monotonic()
-        messages = driver.configure(server_round, grid)
+        messages = driver.configure(server_round, nodes.sample(server_round))
         for m in messages:
-            who = driver.label(m.metadata.dst_node_id)
+            who = nodes.label(m.metadata.dst_node_id)
             ledger.record(server_round, who, "down", payload_bytes(m.content))
-        replies = list(grid.send_and_receive(messages, timeout=timeout_s))
-        for r in replies:
+        replies = [
+            (nodes.label(r.metadata.src_node_id), r)
+            for r in grid.send_and_receive(messages, timeout=timeout_s)
+        ]
+        for who, r in replies:
             if r.has_content():
-                who = driver.label(r.metadata.src_node_id)
                 ledger.record(server_round, who, "up", payload_bytes(r.content))
         result = driver.apply(server_round, replies)
         if result.clients < min_replies:
@@ -236,7 +266,7 @@ def run_rounds(
             server_round, result, ev, ledger, time.monotonic() - t0, driver.method
         )
         driver.checkpoint(
-            run_dir, server_round, {"metrics": row, "ledger": ledger.to_json()}
+            folder, server_round, {"metrics": row, "ledger": ledger.to_json()}
         )
         metrics.append(row)
         log.info("round %d/%d: %s", server_round, rounds, row)
@@ -245,4 +275,4 @@ def run_rounds(
                 "fault injection: killing the server after round %d", server_round
             )
             os._exit(137)
-    driver.finish(run_dir)
+    driver.finish(folder)

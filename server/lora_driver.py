@@ -1,29 +1,39 @@
-"""The server side of federated LoRA: global adapter, FedAvg, evaluation."""
+"""The server side of federated LoRA: global adapter, FedAvg, evaluation.
+
+:class:`LoraMethod` is the method's server plug-in (named in
+:mod:`protocols.methods`): it builds the spec, the driver and the model that
+export writes. :class:`LoraDriver` holds the global adapter during a run.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Message
-from flwr.serverapp import Grid
 from peft import PeftModel
+from torch import nn
 
-from models import adapter_tensors, load_adapter_tensors
-from protocols import TensorLayout
-from server.checkpoints import (
-    read_checkpoint,
-    read_checkpoint_tensors,
-    save_checkpoint,
-    save_peft_adapter,
+from corpora import Example
+from models import (
+    LoadedModel,
+    adapter_layout,
+    adapter_tensors,
+    attach_lora,
+    load_adapter_tensors,
+    load_causal_lm,
 )
-from server.evaluation import CentralEvaluator, EvalResult
-from server.federation import FederationError, RoundResult
-from strategies import LoraFedAvg
+from protocols import LoraSpec, ProtocolError
+from protocols.methods import Method
+from protocols.run_folder import RunFolder
+from server.checkpoints import restore_tensors, save_peft_adapter
+from server.config import RunConfig
+from server.evaluation import CentralEvaluator, EvalResult, build_evaluator
+from server.federation import RoundResult, require_update
+from strategies import LabelledReply, LocalTrainSettings, LoraFedAvg, Nodes
 
-__all__ = ["LoraDriver"]
+__all__ = ["LoraDriver", "LoraMethod"]
 
 
 class LoraDriver:
@@ -38,42 +48,34 @@ class LoraDriver:
         Builds instructions and aggregates replies.
     evaluator : CentralEvaluator
         Scores the global adapter.
+    method : Method
+        The registry entry the driver serves.
     """
 
-    method = "lora"
-
     def __init__(
-        self, model: PeftModel, strategy: LoraFedAvg, evaluator: CentralEvaluator
+        self,
+        model: PeftModel,
+        strategy: LoraFedAvg,
+        evaluator: CentralEvaluator,
+        method: Method,
     ) -> None:
+        self.method = method.name
+        self.entry = method
         self.model = model
         self.strategy = strategy
         self.evaluator = evaluator
         self.adapter = {
-            k: v.to(strategy.device) for k, v in adapter_tensors(model).items()
+            k: v.to(strategy.fedavg.device) for k, v in adapter_tensors(model).items()
         }
 
-    def set_nodes(self, node_labels: dict[int, str]) -> None:
-        """Pass the federation's labels to the strategy."""
-        self.strategy.set_nodes(node_labels)
-
-    def label(self, node_id: int) -> str:
-        """A node's stable label."""
-        return self.strategy.label(node_id)
-
-    def configure(self, server_round: int, grid: Grid) -> list[Message]:
+    def configure(self, server_round: int, nodes: Nodes) -> list[Any]:
         """Send the global adapter to the sampled nodes."""
-        return self.strategy.configure(server_round, self.adapter, grid)
+        return self.strategy.configure(server_round, nodes, self.adapter)
 
-    def apply(self, server_round: int, replies: Iterable[Message]) -> RoundResult:
+    def apply(self, server_round: int, replies: Sequence[LabelledReply]) -> RoundResult:
         """FedAvg of the valid adapters becomes the global adapter."""
-        replies = list(replies)
-        result = self.strategy.aggregate(server_round, replies)
-        if result.adapter is None:
-            raise FederationError(
-                f"round {server_round}: no usable update ({len(replies)} replies; "
-                f"rejected: {result.rejected})"
-            )
-        self.adapter = result.adapter
+        result = self.strategy.aggregate(server_round, replies, self.adapter)
+        self.adapter = require_update(server_round, result, result.adapter)
         return RoundResult(
             len(result.accepted), len(result.rejected), result.train_loss
         )
@@ -83,24 +85,96 @@ class LoraDriver:
         return self.evaluator.evaluate(self.adapter)
 
     def checkpoint(
-        self, run_dir: Path, server_round: int, extra: dict[str, Any]
+        self, folder: RunFolder, server_round: int, extra: dict[str, Any]
     ) -> None:
         """Save the global adapter and state atomically."""
-        save_checkpoint(run_dir, server_round, self.adapter, self.strategy.spec, extra)
+        folder.write_checkpoint(
+            server_round, self.strategy.spec.fingerprint(), extra, self.adapter
+        )
 
-    def finish(self, run_dir: Path) -> None:
+    def finish(self, folder: RunFolder) -> None:
         """Write the final adapter as a PEFT folder."""
         with torch.no_grad():
             load_adapter_tensors(self.model, self.adapter)
-        save_peft_adapter(run_dir / "adapter", self.model)
+        save_peft_adapter(folder.artefact(self.entry.artefact), self.model)
 
     def close(self) -> None:
         """Nothing to release."""
 
-    def restore(self, run_dir: Path) -> int:
+    def restore(self, folder: RunFolder) -> int:
         """Load the last checkpointed global adapter; return its round."""
-        state = read_checkpoint(run_dir, self.strategy.spec.fingerprint())
-        tensors = read_checkpoint_tensors(run_dir, state)
-        self.strategy.layout.check(TensorLayout.of(tensors))
-        self.adapter = {k: v.to(self.strategy.device) for k, v in tensors.items()}
-        return int(state["round"])
+        done, self.adapter = restore_tensors(
+            folder,
+            self.strategy.spec.fingerprint(),
+            self.strategy.fedavg.layout,
+            self.strategy.fedavg.device,
+        )
+        return done
+
+
+def _check_targets(spec: LoraSpec, model: nn.Module) -> None:
+    """Refuse target modules the model does not have (PEFT would, later)."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in spec.target_modules if t not in names]
+    if missing:
+        raise ProtocolError(
+            f"lora.target_modules {missing} name no module of model {spec.model!r}"
+        )
+
+
+class LoraMethod:
+    """LoRA's server plug-in (see :class:`server.methods.ServerMethod`)."""
+
+    def __init__(self, method: Method) -> None:
+        self.method = method
+
+    def spec(self, config: RunConfig, model: nn.Module) -> LoraSpec:
+        """The spec every LoRA client must honour, checked against ``model``."""
+        spec = LoraSpec(
+            model=config.model.name,
+            model_dtype=config.model.dtype,
+            rank=config.lora.rank,
+            alpha=config.lora.alpha,
+            dropout=config.lora.dropout,
+            target_modules=config.lora.target_modules,
+            max_length=config.model.max_length,
+        )
+        _check_targets(spec, model)
+        return spec
+
+    def driver(
+        self, config: RunConfig, eval_examples: list[Example], device: torch.device
+    ) -> LoraDriver:
+        """Load the model, attach the initial adapter, wire FedAvg."""
+        loaded = load_causal_lm(
+            config.model.name, dtype=config.model.dtype, device=device
+        )
+        spec = self.spec(config, loaded.model)
+        model = attach_lora(loaded.model, spec, init_seed=config.run.seed)
+        strategy = LoraFedAvg(
+            spec=spec,
+            layout=adapter_layout(model),
+            train=LocalTrainSettings(
+                local_steps=config.train.local_steps,
+                batch_size=config.train.batch_size,
+                learning_rate=config.train.learning_rate,
+                weight_decay=config.train.weight_decay,
+            ),
+            seed=config.run.seed,
+            device=device,
+            max_payload_bytes=int(config.federation.max_payload_mb * 1e6),
+        )
+        evaluator = build_evaluator(
+            config, model, loaded.tokenizer, eval_examples, device
+        )
+        return LoraDriver(model, strategy, evaluator, self.method)
+
+    def tuned_model(
+        self, config: RunConfig, artefact: Path, loaded: LoadedModel
+    ) -> nn.Module:
+        """The base model with the trained adapter merged in."""
+        del config
+        merged: nn.Module = PeftModel.from_pretrained(
+            loaded.model, artefact
+        ).merge_and_unload()
+        return merged

@@ -6,32 +6,47 @@ holds the global soft prompts and tail. Each round the devices train against
 the service; their prompts and tails are averaged; the server evaluates the
 whole split model locally. Activation traffic measured by the service is
 reported per client for the byte ledger. The service stops with the run.
+:class:`SplitMethod` is SFPrompt's server plug-in (named in
+:mod:`protocols.methods`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
+import torch
 from flwr.app import Message
-from flwr.serverapp import Grid
+from safetensors.torch import load_file
+from torch import nn
 
-from models.split import DeviceHead, DeviceTail, load_trainable_state, trainable_state
-from protocols import TensorLayout
-from server.checkpoints import (
-    read_checkpoint,
-    read_checkpoint_tensors,
-    save_checkpoint_tensors,
-    write_tensors,
+from corpora import Example
+from models import LoadedModel, load_causal_lm
+from models.split import (
+    DeviceHead,
+    DeviceTail,
+    PromptedLM,
+    build_split,
+    load_trainable_state,
+    split_spec_for,
+    trainable_state,
 )
-from server.evaluation import CentralEvaluator, EvalResult
-from server.federation import FederationError, RoundResult
-from server.trunk_service import TrunkService
-from strategies import SFPromptFedAvg
+from protocols import SplitSpec, TensorLayout
+from protocols.methods import Method
+from protocols.run_folder import RunFolder
+from server.checkpoints import restore_tensors
+from server.config import RunConfig
+from server.evaluation import CentralEvaluator, EvalResult, build_evaluator
+from server.federation import RoundResult, require_update
+from server.trunk_service import TrunkService, start_trunk_server
+from strategies import LabelledReply, Nodes, SFPromptFedAvg, SplitRoundSettings
 
-__all__ = ["SplitDriver"]
+__all__ = ["SplitDriver", "SplitMethod"]
+
+log = logging.getLogger(__name__)
 
 
 class SplitDriver:
@@ -50,9 +65,9 @@ class SplitDriver:
         The body's servicer (for traffic accounting).
     server : grpc.Server
         The running gRPC server, stopped by :meth:`close`.
+    method : Method
+        The registry entry the driver serves.
     """
-
-    method = "sfprompt"
 
     def __init__(
         self,
@@ -62,7 +77,10 @@ class SplitDriver:
         evaluator: CentralEvaluator,
         service: TrunkService,
         server: grpc.Server,
+        method: Method,
     ) -> None:
+        self.method = method.name
+        self.entry = method
         self.head = head
         self.tail = tail
         self.strategy = strategy
@@ -70,35 +88,21 @@ class SplitDriver:
         self.service = service
         self.server = server
         self.tensors = {
-            k: v.detach().clone().to(strategy.device)
+            k: v.detach().clone().to(strategy.fedavg.device)
             for k, v in trainable_state(head, tail).items()
         }
 
-    def set_nodes(self, node_labels: dict[int, str]) -> None:
-        """Pass the federation's labels to the strategy."""
-        self.strategy.set_nodes(node_labels)
-
-    def label(self, node_id: int) -> str:
-        """A node's stable label."""
-        return self.strategy.label(node_id)
-
-    def configure(self, server_round: int, grid: Grid) -> list[Message]:
+    def configure(self, server_round: int, nodes: Nodes) -> list[Message]:
         """Send the global prompts and tail, and the trunk's address."""
         self.service.reset_usage()
-        return self.strategy.configure(server_round, self.tensors, grid)
+        return self.strategy.configure(server_round, nodes, self.tensors)
 
-    def apply(self, server_round: int, replies: Iterable[Message]) -> RoundResult:
+    def apply(self, server_round: int, replies: Sequence[LabelledReply]) -> RoundResult:
         """Average the devices' prompts and tails into the global ones."""
-        replies = list(replies)
-        result = self.strategy.aggregate(server_round, replies)
+        result = self.strategy.aggregate(server_round, replies, self.tensors)
         self.service.end_round(server_round)  # late or vanished devices' graphs
         usage = self.service.reset_usage()
-        if result.tensors is None:
-            raise FederationError(
-                f"round {server_round}: no usable update ({len(replies)} replies; "
-                f"rejected: {result.rejected})"
-            )
-        self.tensors = result.tensors
+        self.tensors = require_update(server_round, result, result.tensors)
         return RoundResult(
             len(result.accepted),
             len(result.rejected),
@@ -113,22 +117,21 @@ class SplitDriver:
         return self.evaluator.evaluate()
 
     def checkpoint(
-        self, run_dir: Path, server_round: int, extra: dict[str, Any]
+        self, folder: RunFolder, server_round: int, extra: dict[str, Any]
     ) -> None:
         """Save the global prompts and tail and the round state atomically."""
-        save_checkpoint_tensors(
-            run_dir,
+        folder.write_checkpoint(
             server_round,
-            self.tensors,
             self.strategy.spec.fingerprint(),
             extra,
+            self.tensors,
             filename="prompts_and_tail.safetensors",
         )
 
-    def finish(self, run_dir: Path) -> None:
+    def finish(self, folder: RunFolder) -> None:
         """Write the trained prompts and tail as safetensors."""
-        write_tensors(
-            run_dir / "model" / "prompts_and_tail.safetensors",
+        folder.write_tensors(
+            self.entry.artefact,
             self.tensors,
             {"spec": self.strategy.spec.fingerprint()},
         )
@@ -137,10 +140,88 @@ class SplitDriver:
         """Stop the trunk service (idempotent)."""
         self.server.stop(grace=1.0).wait()
 
-    def restore(self, run_dir: Path) -> int:
+    def restore(self, folder: RunFolder) -> int:
         """Load the last checkpointed prompts and tail; return their round."""
-        state = read_checkpoint(run_dir, self.strategy.spec.fingerprint())
-        tensors = read_checkpoint_tensors(run_dir, state)
-        self.strategy.layout.check(TensorLayout.of(tensors))
-        self.tensors = {k: v.to(self.strategy.device) for k, v in tensors.items()}
-        return int(state["round"])
+        done, self.tensors = restore_tensors(
+            folder,
+            self.strategy.spec.fingerprint(),
+            self.strategy.fedavg.layout,
+            self.strategy.fedavg.device,
+        )
+        return done
+
+
+class SplitMethod:
+    """SFPrompt's server plug-in (see :class:`server.methods.ServerMethod`)."""
+
+    def __init__(self, method: Method) -> None:
+        self.method = method
+
+    def spec(self, config: RunConfig, model: nn.Module) -> SplitSpec:
+        """Where the model is cut and what the device trains."""
+        split = config.split
+        return split_spec_for(
+            model,  # type: ignore[arg-type]
+            config.model.name,
+            num_prompts=split.num_prompts,
+            client_blocks=split.client_blocks,
+            max_length=config.model.max_length,
+            tail=split.tail,
+        )
+
+    def driver(
+        self, config: RunConfig, eval_examples: list[Example], device: torch.device
+    ) -> SplitDriver:
+        """Cut the model, start the trunk service, wire SFPrompt's strategy."""
+        loaded = load_causal_lm(config.model.name, dtype="float32", device=device)
+        split = config.split
+        spec = self.spec(config, loaded.model)
+        head, trunk, tail = build_split(loaded.model, spec, init_seed=config.run.seed)
+        service = TrunkService(
+            trunk, spec, max_message_bytes=int(split.max_message_mb * 1e6)
+        )
+        tls, root = None, b""
+        if split.tls_certfile and split.tls_keyfile and split.tls_ca_certfile:
+            tls = (split.tls_certfile.read_bytes(), split.tls_keyfile.read_bytes())
+            root = split.tls_ca_certfile.read_bytes()
+        server, port = start_trunk_server(service, split.host, split.port, tls=tls)
+        strategy = SFPromptFedAvg(
+            spec=spec,
+            layout=TensorLayout.of(trainable_state(head, tail)),
+            settings=SplitRoundSettings(
+                local_steps=config.train.local_steps,
+                local_loss_steps=split.local_loss_steps,
+                batch_size=config.train.batch_size,
+                learning_rate=config.train.learning_rate,
+                gamma=split.gamma,
+            ),
+            trunk_address=f"{split.host}:{port}",
+            trunk_root_certificate=root,
+            max_payload_bytes=int(config.federation.max_payload_mb * 1e6),
+            seed=config.run.seed,
+            device=device,
+        )
+        log.info(
+            "SFPrompt trunk service on %s:%d (%s)",
+            split.host,
+            port,
+            "TLS" if tls else "plaintext",
+        )
+        evaluator = build_evaluator(
+            config,
+            PromptedLM(head, trunk, tail),
+            loaded.tokenizer,
+            eval_examples,
+            device,
+        )
+        return SplitDriver(
+            head, tail, strategy, evaluator, service, server, self.method
+        )
+
+    def tuned_model(
+        self, config: RunConfig, artefact: Path, loaded: LoadedModel
+    ) -> nn.Module:
+        """The split model with the trained prompts and tail."""
+        head, trunk, tail = build_split(loaded.model, self.spec(config, loaded.model))
+        load_trainable_state(head, tail, load_file(artefact))
+        return PromptedLM(head, trunk, tail)

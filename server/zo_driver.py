@@ -4,35 +4,40 @@ The global model is w0 plus, round after round, the aggregated seed deltas,
 applied with :func:`protocols.seeds.apply_seed_sum_` on the server's device in
 the canonical order; its hash is what every client must reproduce. Replay
 time is recorded per round (``replay_seconds``) with the number of distinct
-seeds, the quantity that bounds it.
+seeds, the quantity that bounds it. :class:`ZoMethod` is the server plug-in of
+FedKSeed and FedKSeed-Pro (named in :mod:`protocols.methods`).
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import Message
-from flwr.serverapp import Grid
+from safetensors.torch import load_file
+from torch import nn
 from transformers import PreTrainedModel
 
+from corpora import Example
+from models import LoadedModel, load_causal_lm
 from protocols import ZOSpec, state_hash
-from protocols.seeds import apply_seed_sum_
-from server.checkpoints import (
-    CheckpointError,
-    atomic_write_bytes,
-    read_checkpoint,
-    write_tensors,
+from protocols.methods import Method
+from protocols.run_folder import CheckpointError, RunFolder
+from protocols.seeds import (
+    GENERATOR_VERSION,
+    ParamWalk,
+    apply_seed_sum_,
+    candidate_seeds,
 )
-from server.evaluation import CentralEvaluator, EvalResult
-from server.federation import FederationError, RoundResult
-from strategies import FedKSeed
+from server.config import RunConfig
+from server.evaluation import CentralEvaluator, EvalResult, build_evaluator
+from server.federation import RoundResult, require_update
+from strategies import FedKSeed, LabelledReply, Nodes, ZoGlobal
 
-__all__ = ["ZoDriver"]
+__all__ = ["ZoDriver", "ZoMethod"]
 
 
 class ZoDriver:
@@ -50,6 +55,8 @@ class ZoDriver:
         Builds instructions and aggregates replies.
     evaluator : CentralEvaluator
         Scores ``model``.
+    method : Method
+        The registry entry the driver serves.
     """
 
     def __init__(
@@ -59,8 +66,10 @@ class ZoDriver:
         seeds: list[int],
         strategy: FedKSeed,
         evaluator: CentralEvaluator,
+        method: Method,
     ) -> None:
-        self.method = "fedkseed-pro" if strategy.spec.sampling == "pro" else "fedkseed"
+        self.method = method.name
+        self.entry = method
         self.model = model
         self.params = params
         self.seeds = seeds
@@ -78,34 +87,22 @@ class ZoDriver:
         """The run's spec."""
         return self.strategy.spec
 
-    def set_nodes(self, node_labels: dict[int, str]) -> None:
-        """Pass the federation's labels to the strategy."""
-        self.strategy.set_nodes(node_labels)
+    @property
+    def current(self) -> ZoGlobal:
+        """The global model as the strategy sees it."""
+        return ZoGlobal(self.round, self.hash)
 
-    def label(self, node_id: int) -> str:
-        """A node's stable label."""
-        return self.strategy.label(node_id)
-
-    def configure(self, server_round: int, grid: Grid) -> list[Message]:
+    def configure(self, server_round: int, nodes: Nodes) -> list[Message]:
         """Seeds, catch-up history and the target hash for the sampled nodes."""
-        return self.strategy.configure(
-            server_round, grid, global_round=self.round, global_hash=self.hash
-        )
+        return self.strategy.configure(server_round, nodes, self.current)
 
-    def apply(self, server_round: int, replies: Iterable[Message]) -> RoundResult:
+    def apply(self, server_round: int, replies: Sequence[LabelledReply]) -> RoundResult:
         """Aggregate the scalars and replay the round delta on the global model."""
-        replies = list(replies)
-        result = self.strategy.aggregate(
-            server_round, replies, global_round=self.round, global_hash=self.hash
-        )
-        if result.delta is None:
-            raise FederationError(
-                f"round {server_round}: no usable update ({len(replies)} replies; "
-                f"rejected: {result.rejected})"
-            )
+        result = self.strategy.aggregate(server_round, replies, self.current)
+        delta = require_update(server_round, result, result.delta)
         t0 = time.perf_counter()
-        seeds = [self.seeds[i] for i in result.delta.indices.tolist()]
-        apply_seed_sum_(self.params, seeds, result.delta.coefficients.tolist())
+        seeds = [self.seeds[i] for i in delta.indices.tolist()]
+        apply_seed_sum_(self.params, seeds, delta.coefficients.tolist())
         if self.params and self.params[0][1].is_cuda:
             torch.cuda.synchronize()  # time the replay, not its launch
         replay = time.perf_counter() - t0
@@ -128,24 +125,19 @@ class ZoDriver:
         return self.evaluator.evaluate()
 
     def checkpoint(
-        self, run_dir: Path, server_round: int, extra: dict[str, Any]
+        self, folder: RunFolder, server_round: int, extra: dict[str, Any]
     ) -> None:
         """Save the seed history and state: the model is rebuilt from them."""
-        state = {
-            "round": server_round,
-            "model_hash": self.hash,
-            "spec_fingerprint": self.spec.fingerprint(),
-            "strategy": self.strategy.state(),
-            **extra,
-        }
-        atomic_write_bytes(
-            run_dir / "checkpoint" / "state.json", json.dumps(state).encode()
+        folder.write_checkpoint(
+            server_round,
+            self.spec.fingerprint(),
+            {"model_hash": self.hash, "strategy": self.strategy.state(), **extra},
         )
 
-    def finish(self, run_dir: Path) -> None:
+    def finish(self, folder: RunFolder) -> None:
         """Write the tuned perturbed parameters as safetensors."""
-        write_tensors(
-            run_dir / "model" / "perturbed.safetensors",
+        folder.write_tensors(
+            self.entry.artefact,
             dict(self.params),
             {"round": str(self.round), "hash": self.hash},
         )
@@ -153,7 +145,7 @@ class ZoDriver:
     def close(self) -> None:
         """Nothing to release."""
 
-    def restore(self, run_dir: Path) -> int:
+    def restore(self, folder: RunFolder) -> int:
         """Rebuild the global model from the checkpointed seed history.
 
         The model is w0 plus every recorded round delta, applied in order with
@@ -165,7 +157,7 @@ class ZoDriver:
         CheckpointError
             If the rebuilt model's hash differs from the checkpoint's.
         """
-        state = read_checkpoint(run_dir, self.spec.fingerprint())
+        state = folder.read_checkpoint(self.spec.fingerprint())
         self.strategy.load_state(state["strategy"])
         for delta in self.strategy.history:
             seeds = [self.seeds[i] for i in delta.indices.tolist()]
@@ -178,3 +170,66 @@ class ZoDriver:
                 f"{self.hash}, the checkpoint recorded {state['model_hash']}"
             )
         return self.round
+
+
+class ZoMethod:
+    """FedKSeed's server plug-in (see :class:`server.methods.ServerMethod`).
+
+    The registry entry's ``sampling`` option tells FedKSeed (``uniform``)
+    from FedKSeed-Pro (``pro``).
+    """
+
+    def __init__(self, method: Method) -> None:
+        self.method = method
+
+    def spec(self, config: RunConfig, model: nn.Module) -> ZOSpec:
+        """The FedKSeed spec of a run, for ``model``'s parameter walk."""
+        walk = ParamWalk.from_model(model, config.zo.include or None)
+        return ZOSpec(
+            model=config.model.name,
+            walk_fingerprint=walk.fingerprint(),
+            generator=GENERATOR_VERSION,
+            include=config.zo.include,
+            num_seeds=config.zo.num_seeds,
+            master_seed=config.run.seed,
+            eps=config.zo.eps,
+            learning_rate=config.zo.learning_rate,
+            sampling=self.method.option("sampling", "uniform") or "uniform",
+            grad_clip=config.zo.grad_clip,
+            max_length=config.model.max_length,
+        )
+
+    def driver(
+        self, config: RunConfig, eval_examples: list[Example], device: torch.device
+    ) -> ZoDriver:
+        """Load w0 in float32 on ``device``, wire FedKSeed(-Pro)."""
+        loaded = load_causal_lm(config.model.name, dtype="float32", device=device)
+        spec = self.spec(config, loaded.model)
+        walk = ParamWalk.from_model(loaded.model, config.zo.include or None)
+        strategy = FedKSeed(
+            spec=spec,
+            local_steps=config.train.local_steps,
+            batch_size=config.train.batch_size,
+            seed=config.run.seed,
+        )
+        return ZoDriver(
+            loaded.model,
+            walk.params(loaded.model),
+            candidate_seeds(spec.master_seed, spec.num_seeds),
+            strategy,
+            build_evaluator(
+                config, loaded.model, loaded.tokenizer, eval_examples, device
+            ),
+            self.method,
+        )
+
+    def tuned_model(
+        self, config: RunConfig, artefact: Path, loaded: LoadedModel
+    ) -> nn.Module:
+        """The base model with the tuned parameters written over it."""
+        del config
+        params = dict(loaded.model.named_parameters())
+        with torch.no_grad():
+            for name, value in load_file(artefact).items():
+                params[name].copy_(value)
+        return loaded.model

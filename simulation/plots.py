@@ -12,8 +12,6 @@ writes files atomically. Parsing and numeric helpers come from
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from protocols.durable import atomic_write
 from simulation.reports import ReportError, cumulative_mb, metric_name
 
 __all__ = ["plot_comparison", "plot_run"]
@@ -78,7 +77,7 @@ def _new_figure() -> Figure:
 
 
 def _save_atomic(fig: Figure, out_path: Path) -> Path:
-    """Save ``fig`` as PNG to ``out_path`` via a temp file and ``os.replace``.
+    """Save ``fig`` as PNG to ``out_path`` atomically (:mod:`protocols.durable`).
 
     Parameters
     ----------
@@ -93,17 +92,7 @@ def _save_atomic(fig: Figure, out_path: Path) -> Path:
         ``out_path``.
     """
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent
-    )
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=_DPI)
-        os.replace(tmp_name, out_path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write(out_path, lambda tmp: fig.savefig(tmp, format="png", dpi=_DPI))
     return out_path
 
 

@@ -14,11 +14,10 @@ import json
 import time
 from pathlib import Path
 
-from client.node import partition_file
 from corpora import load_examples, split_holdout, write_jsonl
 from models import prepare_model
-from server.app import EVAL_FILE
-from server.checkpoints import atomic_write_bytes
+from protocols.durable import atomic_write_text
+from protocols.run_folder import RunFolder
 from server.config import RunConfig, config_to_toml
 from simulation.partitioning import describe, partition
 
@@ -65,17 +64,16 @@ def prepare_run(config: RunConfig, run_dir: Path | None = None) -> Path:
     )
     run_dir = run_dir or new_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(run_dir)
     for pid, indices in enumerate(parts):
-        write_jsonl([train[i] for i in indices], partition_file(run_dir, pid))
-    write_jsonl(held_out, run_dir / EVAL_FILE)
+        write_jsonl([train[i] for i in indices], folder.client_data(pid))
+    write_jsonl(held_out, folder.eval_data)
     summary = {
         "scheme": config.data.partitioning,
         "sizes": [len(p) for p in parts],
         "groups": describe(parts, [e.group for e in train]),
     }
-    atomic_write_bytes(
-        run_dir / "partitions.json", json.dumps(summary, indent=1).encode()
-    )
-    atomic_write_bytes(run_dir / "config.toml", config_to_toml(config).encode())
+    atomic_write_text(folder.partitions, json.dumps(summary, indent=1))
+    atomic_write_text(folder.config, config_to_toml(config))
     prepare_model(config.model.name)
     return run_dir

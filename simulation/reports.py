@@ -1,11 +1,17 @@
 """Reading and tabulating per-round federated metrics (``metrics.jsonl``).
 
-This module owns the on-disk format of a run's ``metrics.jsonl`` as seen by
-reporting code: parsing it (:func:`read_metrics`), the numeric summaries
+The run folder (:mod:`protocols.run_folder`) owns ``metrics.jsonl``'s format
+and its reader (:func:`read_metrics`, re-exported here); this module owns
+what reports make of it: the numeric summaries
 derived from it (:func:`run_summary`, :func:`cumulative_mb`,
-:func:`metric_name`) and the ``rich`` tables shown to users
+:func:`metric_name`), the ``rich`` tables shown to users
 (:func:`summary_table`, :func:`compare_table`). Plotting lives in
 :mod:`simulation.plots`, which builds on the helpers here.
+
+Tables never cut a value: a cell too narrow for its value wraps it onto the
+next line instead of ending it in ``…``. The ``pollinate`` command prints
+them off a terminal (CI logs, ``| tee``) on a console wide enough for their
+natural width, one line per row.
 
 Each line of ``metrics.jsonl`` is one JSON object per round with at least
 ``round``, ``clients``, ``train_loss``, ``eval_loss``, ``eval_metric``,
@@ -17,14 +23,13 @@ Sizes are reported in decimal megabytes (1 MB = 1,000,000 bytes).
 
 from __future__ import annotations
 
-import json
 import math
-import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rich.table import Table
+
+from protocols.run_folder import MetricsError, read_metrics
 
 __all__ = [
     "MB",
@@ -45,75 +50,8 @@ _MISSING = "-"
 Row = Mapping[str, Any]
 
 
-class ReportError(ValueError):
-    """Raised when a metrics file or its rows cannot be interpreted."""
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Read a run's ``metrics.jsonl`` into a list of per-round dicts.
-
-    Parameters
-    ----------
-    path : Path
-        The ``metrics.jsonl`` file to read.
-
-    Returns
-    -------
-    list of dict
-        One dict per non-blank line, in file order.
-
-    Raises
-    ------
-    FileNotFoundError
-        If ``path`` does not exist; the message names the path.
-    ReportError
-        If a line is not valid JSON, is not a JSON object, or lacks an
-        integer ``round``; the message names the file and the 1-based line.
-
-    Warns
-    -----
-    UserWarning
-        If the final line is incomplete JSON with no trailing newline (the
-        writer crashed mid-write); that line is ignored.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"metrics file not found: {path}") from None
-    lines = text.split("\n")
-    # A file ending in "\n" yields a trailing "" element; otherwise the last
-    # element is an unterminated (possibly truncated) line.
-    unterminated_last = len(lines) - 1 if lines[-1].strip() else None
-    rows: list[dict[str, Any]] = []
-    for index, line in enumerate(lines):
-        if not line.strip():
-            continue
-        lineno = index + 1
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if index == unterminated_last:
-                warnings.warn(
-                    f"{path}:{lineno}: ignoring truncated final line ({exc.msg})",
-                    stacklevel=2,
-                )
-                break
-            raise ReportError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from exc
-        _check_row(row, path, lineno)
-        rows.append(row)
-    return rows
-
-
-def _check_row(row: Any, path: Path, lineno: int) -> None:
-    """Raise :class:`ReportError` unless ``row`` is an object with an int round."""
-    if not isinstance(row, dict):
-        raise ReportError(
-            f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
-        )
-    rnd = row.get("round")
-    if not isinstance(rnd, int) or isinstance(rnd, bool):
-        raise ReportError(f"{path}:{lineno}: missing or non-integer 'round': {rnd!r}")
+ReportError = MetricsError
+"""Raised when a metrics file or its rows cannot be interpreted."""
 
 
 def _num(value: Any) -> float | None:
@@ -204,6 +142,13 @@ def cumulative_mb(rows: Sequence[Row]) -> list[tuple[float, float, float]]:
     return totals
 
 
+def _column(
+    table: Table, header: str, justify: Literal["left", "right"] = "right"
+) -> None:
+    """Add a column whose values wrap, never end in ``…``, when space is short."""
+    table.add_column(header, justify=justify, overflow="fold")
+
+
 def summary_table(rows: Sequence[Row], title: str) -> Table:
     """Build a per-round table of a single run.
 
@@ -222,15 +167,18 @@ def summary_table(rows: Sequence[Row], title: str) -> Table:
         cumulative MB (up + down) and seconds. Missing values are ``"-"``.
     """
     table = Table(title=title)
-    table.add_column("Round", justify="right")
-    table.add_column("Clients", justify="right")
-    table.add_column("Train loss", justify="right")
-    table.add_column("Eval loss", justify="right")
-    table.add_column(metric_name(rows), justify="right")
-    table.add_column("Up MB", justify="right")
-    table.add_column("Down MB", justify="right")
-    table.add_column("Cum. MB", justify="right")
-    table.add_column("Seconds", justify="right")
+    for header in (
+        "Round",
+        "Clients",
+        "Train loss",
+        "Eval loss",
+        metric_name(rows),
+        "Up MB",
+        "Down MB",
+        "Cum. MB",
+        "Seconds",
+    ):
+        _column(table, header)
     for row, (_, _, cum_total) in zip(rows, cumulative_mb(rows), strict=True):
         table.add_row(
             _fmt(row.get("round"), ".0f"),
@@ -334,14 +282,17 @@ def compare_table(
         no client replied). Missing values are ``"-"``.
     """
     table = Table(title=title)
-    table.add_column("Run")
-    table.add_column("Metric")
-    table.add_column("Final", justify="right")
-    table.add_column("Best", justify="right")
-    table.add_column("Final eval loss", justify="right")
-    table.add_column("Rounds", justify="right")
-    table.add_column("Total MB", justify="right")
-    table.add_column("MB / client-round", justify="right")
+    _column(table, "Run", justify="left")
+    _column(table, "Metric", justify="left")
+    for header in (
+        "Final",
+        "Best",
+        "Final eval loss",
+        "Rounds",
+        "Total MB",
+        "MB / client-round",
+    ):
+        _column(table, header)
     for label, rows in runs.items():
         summary = run_summary(rows)
         total_mb = summary["total_bytes"] / MB

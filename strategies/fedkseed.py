@@ -14,16 +14,15 @@ differs from the global model's): nothing of it reaches the aggregate.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
-from flwr.serverapp import Grid
+from flwr.app import Error, Message
 
-from protocols import LocalTrainConfig, ProtocolError, ZOSpec
-from protocols.messages import ERROR_OUT_OF_SYNC
+from protocols import ProtocolError, ZOSpec
+from protocols.messages import ERROR_OUT_OF_SYNC, RoundSchedule
 from protocols.zo_messages import (
     MESSAGE_TRAIN_ZO,
     RoundDelta,
@@ -32,27 +31,32 @@ from protocols.zo_messages import (
     decode_zo_train_res,
     encode_zo_train_ins,
 )
-from strategies.replies import CentrallyEvaluated, triage
+from strategies.replies import triage, weighted_loss
 from strategies.seed_pool import ProStatistics, SeedUpdate, aggregate_seed_scalars
+from strategies.strategy import Aggregate, LabelledReply, Nodes
 
-__all__ = ["FedKSeed", "ZoAggregate"]
+__all__ = ["FedKSeed", "ZoAggregate", "ZoGlobal"]
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class ZoGlobal:
+    """The global model as FedKSeed's strategy sees it: a round and a hash."""
+
+    round: int
+    hash: str
+
+
 @dataclass
-class ZoAggregate:
+class ZoAggregate(Aggregate):
     """Outcome of one FedKSeed round (``delta`` is None when nothing was usable)."""
 
-    delta: RoundDelta | None
-    accepted: list[str] = field(default_factory=list)
-    rejected: dict[str, str] = field(default_factory=dict)
-    train_loss: float | None = None
-    num_examples: int = 0
+    delta: RoundDelta | None = None
     steps: int = 0
 
 
-class FedKSeed(CentrallyEvaluated):
+class FedKSeed:
     """Seed-pool zeroth-order federated tuning (uniform or Pro sampling).
 
     Parameters
@@ -61,12 +65,8 @@ class FedKSeed(CentrallyEvaluated):
         Sent with every instruction; ``spec.sampling`` picks FedKSeed or -Pro.
     local_steps, batch_size : int
         Local ZO steps per round and examples per step.
-    fraction_train : float
-        Share of the known nodes sampled each round.
-    min_train_nodes : int
-        Fewest nodes a round samples.
     seed : int
-        Run seed (node sampling, clients' batch and seed draws).
+        Run seed (the clients' batch and seed draws).
     """
 
     def __init__(
@@ -75,15 +75,12 @@ class FedKSeed(CentrallyEvaluated):
         spec: ZOSpec,
         local_steps: int,
         batch_size: int,
-        fraction_train: float = 1.0,
-        min_train_nodes: int = 1,
         seed: int = 0,
     ) -> None:
         self.spec = spec
         self.local_steps = local_steps
         self.batch_size = batch_size
         self.seed = seed
-        self._sample_nodes(fraction_train, min_train_nodes, seed)
         self.history: list[RoundDelta] = []
         self.node_rounds: dict[str, int] = {}
         self.pro = (
@@ -97,28 +94,26 @@ class FedKSeed(CentrallyEvaluated):
         return tuple(d for d in self.history if d.round > base_round)
 
     def configure(
-        self, server_round: int, grid: Grid, *, global_round: int, global_hash: str
+        self, server_round: int, nodes: Nodes, current: ZoGlobal
     ) -> list[Message]:
-        """Build the round's ``train.zo`` messages, each with its node's catch-up."""
-        nodes = self.nodes.sample(server_round, grid)
-        config = LocalTrainConfig(
+        """The round's ``train.zo`` messages, each with its node's catch-up."""
+        # The learning rate travels in the spec only.
+        config = RoundSchedule(
             server_round=server_round,
             local_steps=self.local_steps,
             batch_size=self.batch_size,
-            learning_rate=self.spec.learning_rate,
-            weight_decay=0.0,
             seed=self.seed,
         )
         importance = self.pro.quantized() if self.pro is not None else None
         messages = []
-        for node in nodes:
-            base = self.node_rounds.get(self.nodes.label(node), 0)
+        for node, label in nodes.items():
+            base = self.node_rounds.get(label, 0)
             ins = ZoTrainIns(
                 spec=self.spec,
                 config=config,
                 base_round=base,
-                target_round=global_round,
-                target_hash=global_hash,
+                target_round=current.round,
+                target_hash=current.hash,
                 history=self.history_since(base),
                 importance=importance,
             )
@@ -132,12 +127,7 @@ class FedKSeed(CentrallyEvaluated):
         return messages
 
     def aggregate(
-        self,
-        server_round: int,
-        replies: Iterable[Message],
-        *,
-        global_round: int,
-        global_hash: str,
+        self, server_round: int, replies: Sequence[LabelledReply], current: ZoGlobal
     ) -> ZoAggregate:
         """Validate replies, then build and record the round delta."""
 
@@ -145,10 +135,11 @@ class FedKSeed(CentrallyEvaluated):
             res = decode_zo_train_res(
                 reply.content, num_seeds=self.spec.num_seeds, max_steps=self.local_steps
             )
-            if (res.synced_round, res.synced_hash) != (global_round, global_hash):
+            if (res.synced_round, res.synced_hash) != (current.round, current.hash):
                 raise ProtocolError(
                     f"out of sync: trained from round {res.synced_round} hash "
-                    f"{res.synced_hash}, global is round {global_round} hash {global_hash}"
+                    f"{res.synced_hash}, global is round {current.round} hash "
+                    f"{current.hash}"
                 )
             return res
 
@@ -156,11 +147,11 @@ class FedKSeed(CentrallyEvaluated):
             if error.code == ERROR_OUT_OF_SYNC:
                 self.node_rounds[who] = 0  # it lost its state: full history next time
 
-        good, rejected = triage(server_round, replies, self.nodes, decode, on_error)
+        good, rejected = triage(server_round, replies, decode, on_error)
         if not good:
-            return ZoAggregate(delta=None, rejected=rejected)
+            return ZoAggregate(rejected=rejected)
         for who, _ in good:
-            self.node_rounds[who] = global_round
+            self.node_rounds[who] = current.round
         updates = [SeedUpdate(r.indices, r.scalars, r.num_examples) for _, r in good]
         indices, coefficients = aggregate_seed_scalars(
             updates,
@@ -172,14 +163,12 @@ class FedKSeed(CentrallyEvaluated):
                 self.pro.update(u.indices, u.scalars)
         delta = RoundDelta(server_round, indices, coefficients)
         self.history.append(delta)
-        total = sum(u.num_examples for u in updates)
-        loss = sum(r.train_loss * r.num_examples for _, r in good) / total
         return ZoAggregate(
             delta=delta,
             accepted=[who for who, _ in good],
             rejected=rejected,
-            train_loss=loss,
-            num_examples=total,
+            train_loss=weighted_loss([(r.train_loss, r.num_examples) for _, r in good]),
+            num_examples=sum(u.num_examples for u in updates),
             steps=sum(int(u.indices.numel()) for u in updates),
         )
 
@@ -221,36 +210,10 @@ class FedKSeed(CentrallyEvaluated):
                 {k: torch.tensor(v, dtype=torch.float64) for k, v in pro.items()}
             )
 
-    # -- Flower Strategy API (the round loop in server/ drives the typed API) ---
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Flower entry point: ``config`` carries ``global-round`` and ``global-hash``."""
-        del arrays
-        return self.configure(
-            server_round,
-            grid,
-            global_round=int(config["global-round"]),  # type: ignore[arg-type]
-            global_hash=str(config["global-hash"]),
-        )
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Not used: FedKSeed's aggregate depends on the global hash (see :meth:`aggregate`)."""
-        raise NotImplementedError(
-            "FedKSeed is driven through aggregate(); see server/zo_driver.py (ZoDriver.apply)"
-        )
-
-    def summary(self) -> None:
-        """Log the strategy's settings."""
-        log.info(
-            "FedKSeed%s: K=%d eps=%g lr=%g steps=%d batch=%d fraction=%.2f",
-            "-Pro" if self.pro else "",
-            self.spec.num_seeds,
-            self.spec.eps,
-            self.spec.learning_rate,
-            self.local_steps,
-            self.batch_size,
-            self.nodes.fraction,
+    def summary(self) -> str:
+        """The strategy's settings in one line."""
+        return (
+            f"FedKSeed{'-Pro' if self.pro else ''}: K={self.spec.num_seeds} "
+            f"eps={self.spec.eps:g} lr={self.spec.learning_rate:g} "
+            f"steps={self.local_steps} batch={self.batch_size}"
         )

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["SamplingError", "sample_nodes"]
+__all__ = ["NodeBook", "SamplingError", "sample_nodes"]
 
 
 class SamplingError(ValueError):
@@ -66,3 +66,51 @@ def sample_nodes(
     rng = np.random.default_rng([seed, server_round])
     picked = rng.choice(len(ordered), size=count, replace=False)
     return [ordered[i] for i in sorted(picked)]
+
+
+class NodeBook:
+    """The federation's nodes by stable label, and who trains each round.
+
+    The round loop owns one: it learns the labels when the federation
+    assembles and asks for each round's sample.
+
+    Parameters
+    ----------
+    labels : Mapping[int, str]
+        Node id to its stable label.
+    fraction, min_nodes, seed : see :func:`sample_nodes`.
+    """
+
+    def __init__(
+        self,
+        labels: Mapping[int, str],
+        *,
+        fraction: float = 1.0,
+        min_nodes: int = 1,
+        seed: int = 0,
+    ) -> None:
+        self.labels = dict(labels)
+        self.fraction = fraction
+        self.min_nodes = min_nodes
+        self.seed = seed
+
+    def label(self, node_id: int) -> str:
+        """The stable label of a node (derived from its id if it never said hello)."""
+        return self.labels.get(node_id, f"node-{node_id}")
+
+    def sample(self, server_round: int) -> dict[int, str]:
+        """The round's nodes, id to label, ordered by label.
+
+        Raises
+        ------
+        SamplingError
+            If fewer than ``min_nodes`` nodes are known.
+        """
+        chosen = sample_nodes(
+            self.labels,
+            fraction=self.fraction,
+            min_nodes=self.min_nodes,
+            seed=self.seed,
+            server_round=server_round,
+        )
+        return {node: self.labels[node] for node in chosen}

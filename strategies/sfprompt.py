@@ -8,12 +8,11 @@ wrong layout, NaN/Inf dropped with a reason) before the average.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
+from flwr.app import Message
 
 from protocols import DEFAULT_MAX_PAYLOAD_BYTES, TensorLayout
 from protocols.specs import SplitSpec
@@ -21,14 +20,16 @@ from protocols.split_messages import (
     MESSAGE_TRAIN_SFPROMPT,
     SplitRoundConfig,
     SplitTrainIns,
-    SplitTrainRes,
     decode_split_train_res,
     encode_split_train_ins,
 )
-from strategies.aggregation import weighted_mean
-from strategies.replies import CentrallyEvaluated, triage
+from strategies.fedavg import TensorFedAvg
+from strategies.strategy import Aggregate, LabelledReply, Nodes
 
 __all__ = ["SFPromptFedAvg", "SplitAggregate", "SplitRoundSettings"]
+
+Tensors = Mapping[str, torch.Tensor]
+"""The device-side trainable tensors (soft prompts, tail) by name."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,19 +44,16 @@ class SplitRoundSettings:
 
 
 @dataclass
-class SplitAggregate:
+class SplitAggregate(Aggregate):
     """Outcome of one round (``tensors`` is None when nothing was usable)."""
 
-    tensors: dict[str, torch.Tensor] | None
-    accepted: list[str] = field(default_factory=list)
-    rejected: dict[str, str] = field(default_factory=dict)
-    train_loss: float | None = None
+    tensors: dict[str, torch.Tensor] | None = None
     local_loss: float | None = None
     kept: int = 0
     trunk_bytes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
-class SFPromptFedAvg(CentrallyEvaluated):
+class SFPromptFedAvg:
     """FedAvg of SFPrompt's device-side trainable tensors.
 
     Parameters
@@ -70,8 +68,8 @@ class SFPromptFedAvg(CentrallyEvaluated):
         ``host:port`` of the trunk service the devices must use.
     trunk_root_certificate : bytes
         PEM of the CA behind the trunk's TLS certificate (empty: plaintext).
-    fraction_train, min_train_nodes, seed :
-        Node sampling (see :class:`strategies.replies.NodeBook`).
+    seed : int
+        Run seed: the devices derive their batch order from it.
     device : torch.device or str
         Where aggregation runs.
     max_payload_bytes : int
@@ -86,24 +84,21 @@ class SFPromptFedAvg(CentrallyEvaluated):
         settings: SplitRoundSettings,
         trunk_address: str,
         trunk_root_certificate: bytes = b"",
-        fraction_train: float = 1.0,
-        min_train_nodes: int = 1,
         seed: int = 0,
         device: torch.device | str = "cpu",
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     ) -> None:
         self.spec = spec
-        self.layout = layout
         self.settings = settings
         self.trunk_address = trunk_address
         self.trunk_root_certificate = trunk_root_certificate
         self.seed = seed
-        self.device = torch.device(device)
-        self.max_payload_bytes = max_payload_bytes
-        self._sample_nodes(fraction_train, min_train_nodes, seed)
+        self.fedavg = TensorFedAvg(
+            layout, device=device, max_payload_bytes=max_payload_bytes
+        )
 
     def configure(
-        self, server_round: int, tensors: Mapping[str, torch.Tensor], grid: Grid
+        self, server_round: int, nodes: Nodes, current: Tensors
     ) -> list[Message]:
         """Send the global prompts and tail to this round's nodes."""
         s = self.settings
@@ -119,70 +114,44 @@ class SFPromptFedAvg(CentrallyEvaluated):
             trunk_root_certificate=self.trunk_root_certificate,
         )
         content = encode_split_train_ins(
-            SplitTrainIns(self.spec, config, dict(tensors))
+            SplitTrainIns(self.spec, config, dict(current))
         )
         return [
             Message(content=content, dst_node_id=n, message_type=MESSAGE_TRAIN_SFPROMPT)
-            for n in self.nodes.sample(server_round, grid)
+            for n in nodes
         ]
 
     def aggregate(
-        self, server_round: int, replies: Iterable[Message]
+        self,
+        server_round: int,
+        replies: Sequence[LabelledReply],
+        current: Tensors | None = None,
     ) -> SplitAggregate:
         """Validate replies, then average the accepted prompts and tails."""
-
-        def decode(reply: Message) -> SplitTrainRes:
-            return decode_split_train_res(
-                reply.content,
-                expected=self.layout,
-                max_bytes=self.max_payload_bytes,
-                device=self.device,
-            )
-
-        good, rejected = triage(server_round, replies, self.nodes, decode)
-        if not good:
-            return SplitAggregate(tensors=None, rejected=rejected)
-        weights = [float(r.num_examples) for _, r in good]
-        tensors = weighted_mean(
-            [r.tensors for _, r in good], weights, device=self.device
+        del current  # FedAvg replaces the prompts and tail whole
+        r = self.fedavg.round(
+            server_round, replies, decode_split_train_res, lambda res: res.tensors
         )
-        total = sum(weights)
         return SplitAggregate(
-            tensors=tensors,
-            accepted=[who for who, _ in good],
-            rejected=rejected,
-            train_loss=sum(r.train_loss * r.num_examples for _, r in good) / total,
-            local_loss=sum(r.local_loss * r.num_examples for _, r in good) / total,
-            kept=sum(r.kept for _, r in good),
+            tensors=r.mean,
+            accepted=r.accepted,
+            rejected=r.rejected,
+            train_loss=r.weighted(lambda res: res.train_loss),
+            local_loss=r.weighted(lambda res: res.local_loss),
+            num_examples=r.num_examples,
+            kept=sum(res.kept for _, res in r.good),
             trunk_bytes={
-                who: (r.trunk_bytes_up, r.trunk_bytes_down) for who, r in good
+                who: (res.trunk_bytes_up, res.trunk_bytes_down) for who, res in r.good
             },
         )
 
-    # -- Flower Strategy API (the round loop in server/ drives the typed API) ---
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Flower entry point: ``arrays`` holds the encoded prompts and tail."""
-        from protocols import decode_tensors
-
-        return self.configure(
-            server_round, decode_tensors(arrays, expected=self.layout), grid
+    def summary(self) -> str:
+        """The strategy's settings in one line."""
+        st = self.settings
+        return (
+            f"SFPromptFedAvg: prompts={self.spec.num_prompts} "
+            f"client_blocks={self.spec.client_blocks} tail={self.spec.tail} "
+            f"steps={st.local_steps} local_loss_steps={st.local_loss_steps} "
+            f"batch={st.batch_size} lr={st.learning_rate:g} gamma={st.gamma:g} "
+            f"trunk={self.trunk_address}"
         )
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Flower entry point: the averaged tensors, encoded, and metrics."""
-        from protocols import encode_tensors
-
-        result = self.aggregate(server_round, replies)
-        if result.tensors is None:
-            return None, MetricRecord({"accepted": 0, "rejected": len(result.rejected)})
-        metrics = MetricRecord(
-            {"accepted": len(result.accepted), "rejected": len(result.rejected)}
-        )
-        return encode_tensors(result.tensors), metrics
-
-    def summary(self) -> None:
-        """Nothing beyond the run config to report."""

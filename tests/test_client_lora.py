@@ -18,7 +18,7 @@ import torch
 from flwr.app import Context, Message, RecordDict
 
 import models
-from client.app import hello, train
+from client.app import build_client_app
 from client.batches import derive_seed
 from client.lora_trainer import train_lora
 from corpora import Example, generate_tasks, write_jsonl
@@ -36,6 +36,16 @@ from protocols.messages import ERROR_BAD_INSTRUCTION, ERROR_NODE_SETUP
 
 SPEC = LoraSpec(model="tiny-llama", max_length=64)
 CPU = torch.device("cpu")
+
+_APP = build_client_app()
+
+
+def hello(msg: Message, context: Context) -> Message:
+    """The ClientApp's answer to ``query.hello`` (routed by the app)."""
+    return _APP(msg, context)
+
+
+train = hello  # the app routes ``train.lora`` the same way
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -334,7 +344,6 @@ def test_hello_simulated_partition(
     """A simulated node (partition-id + run-dir) reads run_dir/data/client-NNNN.jsonl
     and is labelled pNNNN; without a run folder it answers with an error naming
     'run-dir'."""
-    monkeypatch.delenv("POLLINATE_RUN_DIR", raising=False)
     write_jsonl(generate_tasks(5, seed=8), tmp_path / "data" / "client-0003.jsonl")
     msg = Message(RecordDict(), dst_node_id=5, message_type=MESSAGE_HELLO)
     ctx = Context(

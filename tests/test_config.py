@@ -17,6 +17,7 @@ from cli.main import build_parser, main
 from cli.overrides import collect_overrides
 from protocols import LoraSpec
 from server.config import ConfigError, RunConfig, config_to_toml, load_config
+from server.methods import build_spec
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +37,7 @@ def test_defaults_valid() -> None:
     config = load_config()
     assert config == RunConfig()
     assert config.federation.min_clients <= config.federation.clients
-    spec = config.lora_spec()
+    spec = build_spec(config)
     assert isinstance(spec, LoraSpec)
     assert spec.rank == config.lora.rank and spec.max_length == config.model.max_length
 

@@ -1,4 +1,4 @@
-"""Tests for server.evaluation (central evaluation) and server.checkpoints.
+"""Tests for server.evaluation (central evaluation) and the run folder's files.
 
 The evaluation loss is the run's main learning curve, so it is checked
 against a loss computed independently here, example by example, from the
@@ -23,13 +23,9 @@ from safetensors.torch import load_file
 import models
 from corpora import Example, generate_tasks
 from protocols import LoraSpec
-from server.checkpoints import (
-    MetricsLog,
-    atomic_write_bytes,
-    save_checkpoint,
-    save_peft_adapter,
-    write_status,
-)
+from protocols.durable import atomic_write_bytes
+from protocols.run_folder import MetricsLog, RunFolder
+from server.checkpoints import save_peft_adapter
 from server.evaluation import CentralEvaluator, EvalResult, pick_device, pick_metric
 
 MAX_LENGTH = 256  # the built-in task prompts (< 120 bytes) are never truncated
@@ -232,7 +228,10 @@ def test_save_checkpoint_round_trip(tmp_path: Path) -> None:
         "a.lora_A.weight": torch.randn(4, 8, generator=g),
         "a.lora_B.weight": torch.randn(8, 4, generator=g).to(torch.bfloat16),
     }
-    folder = save_checkpoint(tmp_path, 3, adapter, spec, {"ledger": "[]", "best": 0.5})
+    run = RunFolder(tmp_path)
+    folder = run.write_checkpoint(
+        3, spec.fingerprint(), {"ledger": "[]", "best": 0.5}, adapter
+    )
     assert folder == tmp_path / "checkpoint"
     loaded = load_file(folder / "adapter.safetensors")
     assert set(loaded) == set(adapter)
@@ -250,7 +249,7 @@ def test_save_checkpoint_round_trip(tmp_path: Path) -> None:
         "best": 0.5,
     }
     newer = {k: v + 1 for k, v in adapter.items()}
-    save_checkpoint(tmp_path, 4, newer, spec, {})
+    run.write_checkpoint(4, spec.fingerprint(), {}, newer)
     assert json.loads((folder / "state.json").read_text())["round"] == 4
     assert torch.equal(
         load_file(folder / "adapter.safetensors")["a.lora_A.weight"],
@@ -287,7 +286,7 @@ def test_atomic_write_bytes(tmp_path: Path) -> None:
         atomic_write_bytes(target, "not bytes")  # type: ignore[arg-type]
     assert target.read_bytes() == b"second version"
     assert sorted(os.listdir(target.parent)) == ["file.bin"]
-    write_status(tmp_path, "running", round=2)
+    RunFolder(tmp_path).write_status("running", round=2)
     assert json.loads((tmp_path / "status.json").read_text()) == {
         "state": "running",
         "round": 2,

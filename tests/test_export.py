@@ -14,10 +14,12 @@ from transformers import AutoModelForCausalLM
 from cli.main import main
 from models import attach_lora, load_causal_lm
 from models.split import build_split, split_spec_for, trainable_state
+from protocols.run_folder import write_tensors_file as write_tensors
 from protocols.seeds import ParamWalk, perturb_
-from server.checkpoints import save_peft_adapter, write_tensors
+from server.checkpoints import save_peft_adapter
 from server.config import config_to_toml, load_config
 from server.export import ExportError, export_run, tuned_model
+from server.methods import build_spec
 
 IDS = torch.tensor([[5, 6, 7, 8, 9], [1, 2, 3, 4, 5]])
 MASK = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
@@ -30,7 +32,7 @@ def _run_dir(tmp_path: Path, method: str) -> Path:
     (run_dir / "config.toml").write_text(config_to_toml(config))
     lm = load_causal_lm("tiny-llama")
     if method == "lora":
-        model = attach_lora(lm.model, config.lora_spec())
+        model = attach_lora(lm.model, build_spec(config))
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_B" in name:

@@ -1,7 +1,7 @@
 """FedKSeed end to end without the engine: server driver and client handlers.
 
 The server's :class:`~server.zo_driver.ZoDriver` and the real ClientApp
-handler ``client.app.train_zo`` exchange real Flower messages in-process, so
+(``client.app.build_client_app``) exchange real Flower messages in-process, so
 the bit-exactness of seed replay is checked on the very code paths a
 deployment uses.
 """
@@ -14,7 +14,8 @@ import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
 
-import client.app as client_app
+from client.app import build_client_app
+from client.runtime import ClientRuntime
 from corpora import generate_tasks, write_jsonl
 from protocols import ZOSpec, state_hash
 from protocols.seeds import ParamWalk, gaussian, perturb_
@@ -26,19 +27,32 @@ from server.federation import FederationError
 K = 32
 
 
-class _Grid:
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
+class _Client:
+    """One device process: a ClientApp with its own model cache."""
 
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
+    def __init__(self) -> None:
+        self.runtime = ClientRuntime()
+        self.app = build_client_app(self.runtime)
+
+    def train_zo(self, message: Message, context: Context) -> Message:
+        return self.app(message, context)
+
+    def zo_state(self):  # noqa: ANN201
+        return next(iter(self.runtime._zo.values()))
+
+
+def _nodes(ids: list[int]) -> dict[int, str]:
+    return {n: f"n{n}" for n in ids}
+
+
+def _labelled(replies: list[Message]) -> list[tuple[str, Message]]:
+    return [(f"n{r.metadata.src_node_id}", r) for r in replies]
 
 
 @pytest.fixture()
 def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flower_identity: None):
     """A FedKSeed server driver, three client contexts, a fresh client cache."""
     monkeypatch.setenv("POLLINATE_CACHE_DIR", str(tmp_path / "cache-a"))
-    monkeypatch.setattr(client_app._ProcessState, "runtime", None)
     config = load_config(
         None,
         {
@@ -66,18 +80,17 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flower_identity: No
             state=RecordDict(),
             run_config={},
         )
-    driver.set_nodes({n: f"n{n}" for n in contexts})
-    return driver, contexts
+    return driver, contexts, _Client()
 
 
-def _round(driver, contexts, server_round: int, alive: set[int]):  # noqa: ANN001, ANN202
-    messages = driver.configure(server_round, _Grid(sorted(contexts)))
+def _round(driver, contexts, client, server_round: int, alive: set[int]):  # noqa: ANN001, ANN202
+    messages = driver.configure(server_round, _nodes(sorted(contexts)))
     replies = [
-        client_app.train_zo(m, contexts[m.metadata.dst_node_id])
+        client.train_zo(m, contexts[m.metadata.dst_node_id])
         for m in messages
         if m.metadata.dst_node_id in alive
     ]
-    return replies, driver.apply(server_round, replies)
+    return replies, driver.apply(server_round, _labelled(replies))
 
 
 def test_clients_and_server_stay_bit_identical_through_dropouts(cluster) -> None:  # noqa: ANN001
@@ -87,10 +100,10 @@ def test_clients_and_server_stay_bit_identical_through_dropouts(cluster) -> None
     Breaks if replay is not bit-exact, a node's catch-up history is wrong, or
     the server's own update differs from what clients apply.
     """
-    driver, contexts = cluster
+    driver, contexts, client = cluster
     hashes = [driver.hash]
     for server_round, alive in enumerate([{1, 2}, {2}, {1, 2}, {1}], start=1):
-        replies, result = _round(driver, contexts, server_round, alive)
+        replies, result = _round(driver, contexts, client, server_round, alive)
         assert result.rejected == 0, [r.error.reason for r in replies if r.has_error()]
         assert result.clients == len(alive)
         assert result.extra["distinct_seeds"] > 0
@@ -108,22 +121,20 @@ def test_a_late_joiner_replays_the_history_to_the_exact_global_model(
 
     Breaks if the catch-up history is incomplete or replayed in another order.
     """
-    driver, contexts = cluster
+    driver, contexts, client = cluster
     for server_round in (1, 2, 3):
-        _, result = _round(driver, contexts, server_round, {1, 2})
+        _, result = _round(driver, contexts, client, server_round, {1, 2})
         assert result.rejected == 0
     monkeypatch.setenv("POLLINATE_CACHE_DIR", str(tmp_path / "cache-fresh"))
-    monkeypatch.setattr(client_app._ProcessState, "runtime", None)
+    fresh = _Client()  # a fresh device process
     (message,) = [
-        m for m in driver.configure(4, _Grid([3])) if m.metadata.dst_node_id == 3
+        m for m in driver.configure(4, _nodes([3])) if m.metadata.dst_node_id == 3
     ]
-    reply = client_app.train_zo(message, contexts[3])
+    reply = fresh.train_zo(message, contexts[3])
     assert not reply.has_error(), reply.error.reason
     res = decode_zo_train_res(reply.content, num_seeds=K, max_steps=4)
     assert (res.synced_round, res.synced_hash) == (3, driver.hash)
-    state = client_app._ProcessState.get()._zo[
-        next(iter(client_app._ProcessState.get()._zo))
-    ]
+    state = fresh.zo_state()
     assert all(
         torch.equal(a, b)
         for (_, a), (_, b) in zip(state.params, driver.params, strict=True)
@@ -133,11 +144,11 @@ def test_a_late_joiner_replays_the_history_to_the_exact_global_model(
 def test_spec_mismatches_are_refused_and_change_nothing(cluster) -> None:  # noqa: ANN001
     """A tampered spec, another parameter walk or another generator version
     gets an error reply naming the problem, and the node's state is untouched."""
-    driver, contexts = cluster
-    message = driver.configure(1, _Grid([1]))[0]
+    driver, contexts, client = cluster
+    message = driver.configure(1, _nodes([1]))[0]
     content = message.content
     content["spec"]["eps"] = 0.5  # fingerprint no longer matches
-    reply = client_app.train_zo(message, contexts[1])
+    reply = client.train_zo(message, contexts[1])
     assert reply.has_error() and "fingerprint" in reply.error.reason
 
     for field, value, expect in (
@@ -145,12 +156,12 @@ def test_spec_mismatches_are_refused_and_change_nothing(cluster) -> None:  # noq
         ("generator", "xorshift/9", "generator"),
     ):
         spec = ZOSpec(**{**_spec_fields(driver.spec), field: value})
-        fresh = driver.configure(1, _Grid([1]))[0]
+        fresh = driver.configure(1, _nodes([1]))[0]
         fresh.content["spec"] = spec.to_config_record()
-        monkey_runtime = client_app._ProcessState.runtime
-        reply = client_app.train_zo(fresh, contexts[1])
+        cached = dict(client.runtime._zo)
+        reply = client.train_zo(fresh, contexts[1])
         assert reply.has_error() and expect in reply.error.reason, reply.error.reason
-        assert client_app._ProcessState.runtime is monkey_runtime
+        assert client.runtime._zo == cached
 
 
 def _spec_fields(spec: ZOSpec) -> dict[str, object]:
@@ -189,9 +200,9 @@ def test_bad_scalars_are_rejected_without_touching_the_global_model(cluster) -> 
     """An out-of-pool seed index or a NaN scalar gets the reply dropped with a
     reason; with no good reply the round fails and the model, its hash and
     the seed history are unchanged."""
-    driver, contexts = cluster
-    messages = driver.configure(1, _Grid([1, 2]))
-    good = [client_app.train_zo(m, contexts[m.metadata.dst_node_id]) for m in messages]
+    driver, contexts, client = cluster
+    messages = driver.configure(1, _nodes([1, 2]))
+    good = [client.train_zo(m, contexts[m.metadata.dst_node_id]) for m in messages]
     before = (
         driver.hash,
         [p.clone() for _, p in driver.params],
@@ -199,14 +210,14 @@ def test_bad_scalars_are_rejected_without_touching_the_global_model(cluster) -> 
     )
     bad = [_forged(good[0], index=K), _forged(good[1], scalar=float("nan"))]
     with pytest.raises(FederationError) as info:
-        driver.apply(1, bad)
+        driver.apply(1, _labelled(bad))
     assert "outside the pool" in str(info.value) and "NaN" in str(info.value)
     assert driver.hash == before[0] == state_hash(driver.params)
     assert all(
         torch.equal(a, b) for (_, a), b in zip(driver.params, before[1], strict=True)
     )
     assert len(driver.strategy.history) == before[2]
-    result = driver.apply(1, [good[0], _forged(good[1], index=-1)])
+    result = driver.apply(1, _labelled([good[0], _forged(good[1], index=-1)]))
     assert result.clients == 1 and result.rejected == 1
 
 
@@ -254,16 +265,26 @@ def test_a_history_with_an_out_of_pool_seed_is_refused_by_the_client(cluster) ->
     and the node's model is left exactly as it was."""
     from protocols import decode_tensors, encode_tensors
 
-    driver, contexts = cluster
-    _, result = _round(driver, contexts, 1, {1})
+    driver, contexts, client = cluster
+    _, result = _round(driver, contexts, client, 1, {1})
     assert result.rejected == 0
-    runtime = client_app._ProcessState.get()
-    state = next(iter(runtime._zo.values()))
+    state = client.zo_state()
     before = state_hash(state.params)
-    (message,) = [m for m in driver.configure(2, _Grid([2])) if m.metadata.dst_node_id == 2]
+    (message,) = [m for m in driver.configure(2, _nodes([2])) if m.metadata.dst_node_id == 2]
     history = decode_tensors(message.content["history"])
     history["indices"][0] = K
     message.content["history"] = encode_tensors(history)
-    reply = client_app.train_zo(message, contexts[2])
+    reply = client.train_zo(message, contexts[2])
     assert reply.has_error() and "outside the pool" in reply.error.reason
     assert state_hash(state.params) == before
+
+
+def test_every_setting_travels_once(cluster) -> None:  # noqa: ANN001
+    """The learning rate of a train.zo instruction is in its spec only: the
+    round schedule carries steps, batch, seed and round, so the two can never
+    disagree."""
+    driver, _, _ = cluster
+    (message,) = driver.configure(1, _nodes([1]))
+    schedule = dict(message.content["train"])
+    assert set(schedule) == {"server-round", "local-steps", "batch-size", "seed"}
+    assert message.content["spec"]["learning_rate"] == driver.spec.learning_rate

@@ -14,7 +14,7 @@ import random
 
 import pytest
 import torch
-from flwr.app import Array, ConfigRecord, Error, Message, RecordDict
+from flwr.app import Array, Error, Message, RecordDict
 
 import models
 from protocols import (
@@ -23,12 +23,10 @@ from protocols import (
     LoraTrainRes,
     TensorLayout,
     decode_lora_train_ins,
-    decode_tensors,
     encode_lora_train_res,
-    encode_tensors,
 )
 from protocols.codecs import MANIFEST_KEY, MANIFEST_STYPE
-from strategies import LocalTrainSettings, LoraFedAvg
+from strategies import LocalTrainSettings, LoraFedAvg, NodeBook
 
 SPEC = LoraSpec(model="tiny-llama", rank=4, alpha=8.0)
 LABELS = {11: "p0000", 22: "p0001", 33: "p0002", 44: "p0003", 55: "p0004"}
@@ -50,8 +48,13 @@ def _strategy(layout: TensorLayout, **kwargs: object) -> LoraFedAvg:
         seed=7,
         **kwargs,  # type: ignore[arg-type]
     )
-    strategy.set_nodes(LABELS)
     return strategy
+
+
+def _lab(replies: list[Message]) -> list[tuple[str, Message]]:
+    """Label replies as the round loop does (unknown nodes by their id)."""
+    book = NodeBook(LABELS)
+    return [(book.label(r.metadata.src_node_id), r) for r in replies]
 
 
 def _random_adapter(layout: TensorLayout, seed: int) -> dict[str, torch.Tensor]:
@@ -98,7 +101,7 @@ def test_aggregate_is_example_weighted_mean(tiny, flower_identity) -> None:
     example-weighted train loss (2*10 + 1*30 + 4*5) / 45."""
     _, layout = tiny
     replies, adapters, counts, _ = _good(layout)
-    result = _strategy(layout).aggregate(1, replies)
+    result = _strategy(layout).aggregate(1, _lab(replies))
     ref = _hand_mean(adapters, counts)
     assert result.adapter is not None
     assert list(result.adapter) == list(layout.names)
@@ -118,12 +121,12 @@ def test_aggregate_order_independent_bitwise(tiny, flower_identity) -> None:
     _, layout = tiny
     replies, _, _, _ = _good(layout)
     strategy = _strategy(layout)
-    base = strategy.aggregate(1, replies)
+    base = strategy.aggregate(1, _lab(replies))
     rng = random.Random(0)
     for _ in range(4):
         shuffled = list(replies)
         rng.shuffle(shuffled)
-        other = strategy.aggregate(1, shuffled)
+        other = strategy.aggregate(1, _lab(shuffled))
         assert other.accepted == base.accepted
         assert other.train_loss == base.train_loss
         for name in base.adapter:
@@ -150,7 +153,7 @@ def test_bad_replies_rejected_with_reasons(tiny, flower_identity) -> None:
         Message(Error(code=1, reason="boom"), reply_to=_ins(66)),
     ]
     mixed = [replies[0], bad[0], replies[1], bad[1], bad[2], replies[2]]
-    result = _strategy(layout).aggregate(2, mixed)
+    result = _strategy(layout).aggregate(2, _lab(mixed))
     assert set(result.rejected) == {"p0003", "p0004", "node-66"}
     assert first in result.rejected["p0003"]
     assert "NaN" in result.rejected["p0004"] and second in result.rejected["p0004"]
@@ -174,7 +177,7 @@ def test_all_bad_gives_no_adapter(tiny, flower_identity) -> None:
         Message(Error(code=3, reason="out of memory"), reply_to=_ins(11)),
         _reply(22, nan_adapter, 5, 1.0),
     ]
-    result = _strategy(layout).aggregate(3, replies)
+    result = _strategy(layout).aggregate(3, _lab(replies))
     assert result.adapter is None
     assert result.accepted == []
     assert set(result.rejected) == {"p0000", "p0001"}
@@ -186,9 +189,9 @@ def test_zero_examples_and_oversized_rejected(tiny, flower_identity) -> None:
     _, layout = tiny
     replies, adapters, _, _ = _good(layout)
     zero = _reply(44, adapters[0], 0, 1.0)
-    result = _strategy(layout).aggregate(1, [*replies, zero])
+    result = _strategy(layout).aggregate(1, _lab([*replies, zero]))
     assert "num-examples" in result.rejected["p0003"]
-    small = _strategy(layout, max_payload_bytes=64).aggregate(1, replies)
+    small = _strategy(layout, max_payload_bytes=64).aggregate(1, _lab(replies))
     assert small.adapter is None and len(small.rejected) == 3
 
 
@@ -203,7 +206,7 @@ def test_malformed_manifest_reply_rejected_not_crash(tiny, flower_identity) -> N
     evil.content["adapter"][MANIFEST_KEY] = Array(
         dtype="uint8", shape=(len(blob),), stype=MANIFEST_STYPE, data=blob
     )
-    result = _strategy(layout).aggregate(1, [*replies, evil])
+    result = _strategy(layout).aggregate(1, _lab([*replies, evil]))
     assert "p0003" in result.rejected
     assert result.accepted == ["p0000", "p0001", "p0002"]
 
@@ -215,10 +218,10 @@ def test_strategy_never_mutates_inputs(tiny, flower_identity) -> None:
     global_adapter = _random_adapter(layout, 42)
     keep = {k: v.clone() for k, v in global_adapter.items()}
     strategy = _strategy(layout)
-    strategy.configure(1, global_adapter, _FakeGrid([11, 22]))
+    strategy.configure(1, {11: "p0000", 22: "p0001"}, global_adapter)
     replies, adapters, _, _ = _good(layout)
     kept_replies = [{k: v.clone() for k, v in a.items()} for a in adapters]
-    result = strategy.aggregate(1, replies)
+    result = strategy.aggregate(1, _lab(replies))
     for name in keep:
         assert torch.equal(global_adapter[name], keep[name])
     for a, k in zip(adapters, kept_replies, strict=True):
@@ -230,16 +233,6 @@ def test_strategy_never_mutates_inputs(tiny, flower_identity) -> None:
     )
 
 
-class _FakeGrid:
-    """The only Grid method configure() needs."""
-
-    def __init__(self, ids: list[int]) -> None:
-        self.ids = ids
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.ids)
-
-
 def test_configure_builds_instructions(tiny, flower_identity) -> None:
     """configure() must address train.lora messages to the sampled known nodes
     with content that decodes to the strategy's spec, the round's settings and
@@ -247,7 +240,7 @@ def test_configure_builds_instructions(tiny, flower_identity) -> None:
     _, layout = tiny
     strategy = _strategy(layout)
     global_adapter = _random_adapter(layout, 5)
-    messages = strategy.configure(4, global_adapter, _FakeGrid(list(LABELS)))
+    messages = strategy.configure(4, LABELS, global_adapter)
     assert sorted(m.metadata.dst_node_id for m in messages) == sorted(LABELS)
     for m in messages:
         assert m.metadata.message_type == MESSAGE_TRAIN_LORA
@@ -262,60 +255,14 @@ def test_configure_builds_instructions(tiny, flower_identity) -> None:
         layout.check(TensorLayout.of(ins.adapter))
 
 
-def test_configure_samples_fraction_and_uses_grid_without_hello(
-    tiny, flower_identity
-) -> None:
-    """With fraction 0.4 of 5 known nodes, 2 distinct known nodes are picked,
-    reproducibly for the round; without set_nodes the grid's ids are used."""
+def test_configure_samples_fraction_reproducibly(tiny, flower_identity) -> None:
+    """With fraction 0.4 of 5 known nodes, the round loop's node book picks 2
+    distinct known nodes, reproducibly for the round, and the strategy
+    instructs exactly those."""
     adapter, layout = tiny
-    strategy = _strategy(layout, fraction_train=0.4)
-    a = strategy.configure(1, adapter, _FakeGrid([]))
-    b = strategy.configure(1, adapter, _FakeGrid([]))
+    book = NodeBook(LABELS, fraction=0.4, seed=7)
+    a = _strategy(layout).configure(1, book.sample(1), adapter)
+    b = _strategy(layout).configure(1, book.sample(1), adapter)
     ids_a = [m.metadata.dst_node_id for m in a]
     assert len(ids_a) == 2 and set(ids_a) <= set(LABELS)
     assert ids_a == [m.metadata.dst_node_id for m in b]
-    bare = LoraFedAvg(
-        spec=SPEC,
-        layout=layout,
-        train=LocalTrainSettings(1, 1, 1e-3),
-        min_train_nodes=2,
-    )
-    msgs = bare.configure(1, adapter, _FakeGrid([7, 8, 9]))
-    assert sorted(m.metadata.dst_node_id for m in msgs) == [7, 8, 9]
-
-
-def test_flower_api_wrappers(tiny, flower_identity) -> None:
-    """configure_train() takes the codec-encoded adapter; aggregate_train()
-    returns an ArrayRecord decoding to the same adapter as aggregate() plus
-    round metrics; with no good reply it returns (None, metrics)."""
-    _, layout = tiny
-    strategy = _strategy(layout)
-    global_adapter = _random_adapter(layout, 6)
-    messages = list(
-        strategy.configure_train(
-            2, encode_tensors(global_adapter), ConfigRecord(), _FakeGrid([])
-        )
-    )
-    assert len(messages) == len(LABELS)
-    ins = decode_lora_train_ins(messages[0].content)
-    for name, t in global_adapter.items():
-        assert torch.equal(ins.adapter[name], t)
-    replies, _, _, _ = _good(layout)
-    typed = strategy.aggregate(2, replies)
-    arrays, metrics = strategy.aggregate_train(2, replies)
-    assert arrays is not None
-    decoded = decode_tensors(arrays, expected=layout)
-    for name, t in typed.adapter.items():
-        assert torch.equal(decoded[name], t)
-    assert metrics["num-examples"] == 45
-    assert metrics["accepted"] == 3 and metrics["rejected"] == 0
-    assert metrics["train-loss"] == pytest.approx(typed.train_loss)
-    err = Message(Error(code=1, reason="boom"), reply_to=_ins(11))
-    none_arrays, none_metrics = strategy.aggregate_train(2, [err])
-    assert none_arrays is None
-    assert none_metrics["accepted"] == 0 and none_metrics["rejected"] == 1
-    assert (
-        list(strategy.configure_evaluate(1, arrays, ConfigRecord(), _FakeGrid([])))
-        == []
-    )
-    assert strategy.aggregate_evaluate(1, []) is None

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 import matplotlib.image
 import pytest
+from rich.console import Console
 
+from cli.console import report_console
 from simulation.plots import plot_comparison, plot_run
 from simulation.reports import (
     ReportError,
@@ -221,6 +225,61 @@ def test_compare_table_keeps_tiny_sizes_visible() -> None:
     headers = [str(c.header) for c in table.columns]
     assert _cells(table, headers.index("Total MB")) == ["0.0075"]
     assert _cells(table, headers.index("MB / client-round")) == ["0.0015"]
+
+
+def _wide_rows() -> list[dict[str, Any]]:
+    """Two rounds of long numbers: wider than 80 columns once tabulated."""
+    return [
+        {
+            "round": r,
+            "clients": 1000 + r,
+            "train_loss": 123456.789012,
+            "eval_loss": 0.5,
+            "eval_metric": 0.56789,
+            "eval_metric_name": "exact_match",
+            "bytes_up": 123456789012,
+            "bytes_down": 98765432109,
+            "seconds": 123456.7,
+        }
+        for r in (1, 2)
+    ]
+
+
+def test_tables_off_a_terminal_print_every_header_and_digit() -> None:
+    """Off a terminal (CI log, ``| tee``) each table row prints whole on one line.
+
+    Breaks if the CLI's report console falls back to rich's 80 columns off a
+    terminal, which cut cells to 'Clien…' and '12345…'.
+    """
+    stream = io.StringIO()
+    console = report_console(file=stream)
+    assert not console.is_terminal
+    label = "lora: pollinate-20261125-124107-a-long-run-folder-name"
+    console.print(summary_table(_wide_rows(), title="lora on smollm2-135m"))
+    console.print(compare_table({label: _wide_rows()}, title="Pollinate runs"))
+    text = stream.getvalue()
+    assert "…" not in text
+    lines = text.splitlines()
+    header = ["Round", "Clients", "Train loss", "Eval loss", "exact_match", "Up MB"]
+    header += ["Down MB", "Cum. MB", "Seconds"]
+    row = ["2", "1002", "123456.7890", "0.5000", "56.8%", "123456.79", "98765.43"]
+    row += ["444444.44", "123456.7"]
+    compared = [label, "exact_match", "56.8%", "56.8%", "0.5000", "444444.44"]
+    compared += ["221.889"]  # 444444.44 MB over 1001 + 1002 client-rounds
+    for cells in (header, row, compared):
+        # All cells of the row on one line, in order.
+        assert any(re.search(r".*?".join(map(re.escape, cells)), ln) for ln in lines)
+
+
+def test_tables_on_a_narrow_console_wrap_instead_of_cutting() -> None:
+    """A console narrower than the table wraps long values; none ends in '…'.
+
+    Breaks if the table columns go back to rich's default overflow, which
+    replaces the end of a value that does not fit by an ellipsis.
+    """
+    stream = io.StringIO()
+    Console(file=stream, width=60).print(summary_table(_wide_rows(), title="run"))
+    assert "…" not in stream.getvalue()
 
 
 def test_plot_run_writes_png(tmp_path: Path) -> None:

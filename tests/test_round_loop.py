@@ -7,9 +7,13 @@ from pathlib import Path
 import pytest
 
 from protocols import ByteLedger
+from protocols.run_folder import RunFolder
 from server.evaluation import EvalResult
 from server.federation import FederationError, RoundResult, run_rounds
 from simulation import read_metrics
+from strategies import NodeBook
+
+NODES = NodeBook({1: "n1", 2: "n2"})
 
 
 class _Driver:
@@ -20,12 +24,7 @@ class _Driver:
         self.checkpoints: list[int] = []
         self.finished = False
 
-    def set_nodes(self, node_labels: dict[int, str]) -> None: ...
-
-    def label(self, node_id: int) -> str:
-        return f"n{node_id}"
-
-    def configure(self, server_round: int, grid: object) -> list:
+    def configure(self, server_round: int, nodes: object) -> list:
         return []
 
     def apply(self, server_round: int, replies: object) -> RoundResult:
@@ -34,15 +33,15 @@ class _Driver:
     def evaluate(self) -> EvalResult:
         return EvalResult(1.0, 0.5, "exact_match", 4)
 
-    def checkpoint(self, run_dir: Path, server_round: int, extra: dict) -> None:
+    def checkpoint(self, folder: RunFolder, server_round: int, extra: dict) -> None:
         self.checkpoints.append(server_round)
 
-    def finish(self, run_dir: Path) -> None:
+    def finish(self, folder: RunFolder) -> None:
         self.finished = True
 
     def close(self) -> None: ...
 
-    def restore(self, run_dir: Path) -> int:
+    def restore(self, folder: RunFolder) -> int:
         return 0
 
 
@@ -60,8 +59,9 @@ def test_too_few_replies_fail_the_run_with_the_setting_named(tmp_path: Path) -> 
         run_rounds(
             _Grid(),
             driver,
+            NODES,
             rounds=3,
-            run_dir=tmp_path,
+            folder=RunFolder(tmp_path),
             timeout_s=1.0,
             ledger=ByteLedger(),
             min_replies=2,
@@ -76,8 +76,9 @@ def test_enough_replies_complete_every_round(tmp_path: Path) -> None:
     run_rounds(
         _Grid(),
         driver,
+        NODES,
         rounds=3,
-        run_dir=tmp_path,
+        folder=RunFolder(tmp_path),
         timeout_s=1.0,
         ledger=ByteLedger(),
         min_replies=1,

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.harness import generation_throughput
 from protocols import philox
 from protocols.errors import ProtocolError
 from protocols.make_gaussian_lut import build_table
@@ -29,7 +30,6 @@ from protocols.seeds import (
     candidate_seeds,
     gaussian,
     gaussian_numpy,
-    generation_throughput,
     name_hash32,
     perturb_,
     philox4x32,

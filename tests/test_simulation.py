@@ -1,6 +1,7 @@
-"""End-to-end simulation runs on Flower's engine with a tiny model.
+"""End-to-end simulation runs on Flower's simulation runtime with a tiny model.
 
-These start real processes (the engine and Ray) through the same code path as
+These start real processes (a SuperLink in simulation mode, Flower's
+simulation process and Ray) through the same code path as
 ``pollinate simulate``; each run takes about half a minute.
 """
 
@@ -162,7 +163,7 @@ def test_a_stale_ray_cluster_file_does_not_stall_a_local_run(
     naming a dead address. A local run must start its own Ray instead of
     connecting there (it used to wait forever in ``ray.init``).
 
-    Breaks if the engine lets Ray pick up the last cluster it knew of.
+    Breaks if the simulation lets Ray pick up the last cluster it knew of.
     """
     # Ray's temp folder must be short: it holds Unix sockets (108-byte paths).
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))

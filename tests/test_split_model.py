@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -210,3 +211,25 @@ def test_cached_generation_matches_full_recomputation_and_ignores_padding(
     assert torch.equal(batch[1, 6:], alone[0, 4:])
     assert torch.equal(batch[0], got[0])
     assert not any(k.startswith("_whole") for k in model.state_dict())
+
+
+def test_cached_generation_uses_the_supported_cache_api() -> None:
+    """``PromptedLM.generate`` hands its ``DynamicCache`` to the decoder the way
+    transformers 5.24 supports: no deprecation or future warning (the pytest
+    config hides those, so this test turns them into errors).
+
+    Breaks if generation goes back to the ``past_key_values`` argument, which
+    transformers deprecated (removal announced for 5.40).
+    """
+    from models.split import PromptedLM
+
+    lm = load_causal_lm("tiny-llama")
+    spec = _tiny_spec(lm, num_prompts=2, client_blocks=1)
+    model = PromptedLM(*build_split(lm.model, spec, init_seed=0)).eval()
+    ids = torch.randint(3, 200, (1, 5), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        warnings.simplefilter("error", FutureWarning)
+        model.generate(
+            ids, torch.ones_like(ids), max_new_tokens=2, pad_token_id=0, eos_token_id=-1
+        )
