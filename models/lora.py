@@ -8,7 +8,10 @@ the same spec and base model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -22,8 +25,27 @@ __all__ = [
     "adapter_tensors",
     "attach_lora",
     "load_adapter_tensors",
+    "merge_adapter_folder",
     "peft_config",
 ]
+
+
+@contextmanager
+def _peft_probe_quiet() -> Iterator[None]:
+    """Silence one FutureWarning that PEFT 0.21 triggers in transformers 5.
+
+    ``PeftModel.__init__`` reads ``model.is_gradient_checkpointing``, which
+    transformers 5 deprecated in favour of ``is_activation_checkpointing``.
+    The call is PEFT's, not ours, so only that exact warning is filtered, only
+    around PEFT's constructor; any other warning still shows.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message="`is_gradient_checkpointing` is deprecated",
+            category=FutureWarning,
+        )
+        yield
 
 
 def peft_config(spec: LoraSpec) -> LoraConfig:
@@ -52,7 +74,7 @@ def attach_lora(
     ValueError
         If none of ``spec.target_modules`` exists in the model (from PEFT).
     """
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _peft_probe_quiet():
         torch.manual_seed(init_seed)
         peft_model = get_peft_model(model, peft_config(spec))
     dtype = next(model.parameters()).dtype
@@ -60,6 +82,14 @@ def attach_lora(
         if "lora_" in name:
             p.data = p.data.to(dtype)
     return peft_model
+
+
+def merge_adapter_folder(model: PreTrainedModel, folder: Path) -> PreTrainedModel:
+    """``model`` with the PEFT adapter saved in ``folder`` merged into it."""
+    with _peft_probe_quiet():
+        peft_model = PeftModel.from_pretrained(model, folder)
+    merged: PreTrainedModel = peft_model.merge_and_unload()
+    return merged
 
 
 def adapter_tensors(model: PeftModel) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from models import (
     load_adapter_tensors,
     load_causal_lm,
 )
+from models.lora import merge_adapter_folder
 from protocols import LoraSpec, ProtocolError
 from protocols.methods import Method
 from protocols.run_folder import RunFolder
@@ -174,7 +175,4 @@ class LoraMethod:
     ) -> nn.Module:
         """The base model with the trained adapter merged in."""
         del config
-        merged: nn.Module = PeftModel.from_pretrained(
-            loaded.model, artefact
-        ).merge_and_unload()
-        return merged
+        return merge_adapter_folder(loaded.model, artefact)

@@ -371,3 +371,17 @@ def test_hello_counts_fresh_file(flower_identity: None, tmp_path: Path) -> None:
         ).num_examples
         == 3
     )
+
+
+def test_attaching_lora_raises_no_deprecation_warning() -> None:
+    """A default run attaches LoRA on every node: PEFT's constructor must not
+    surface transformers' deprecation of ``is_gradient_checkpointing`` (or any
+    other deprecation) into the run's log."""
+    import warnings
+
+    lm = models.load_causal_lm("tiny-llama")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        models.attach_lora(lm.model, LoraSpec(model="tiny-llama", rank=2))
+    bad = [w for w in caught if issubclass(w.category, DeprecationWarning | FutureWarning)]
+    assert bad == [], [str(w.message) for w in bad]
