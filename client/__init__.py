@@ -15,7 +15,6 @@ __all__ = [
     "NodeSettings",
     "TrainStats",
     "derive_seed",
-    "partition_file",
     "train_lora",
 ]
 
@@ -25,7 +24,6 @@ _LAZY = {
     "NodeSettings": "client.node",
     "TrainStats": "client.lora_trainer",
     "derive_seed": "client.batches",
-    "partition_file": "client.node",
     "train_lora": "client.lora_trainer",
 }
 

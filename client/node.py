@@ -19,15 +19,11 @@ from flwr.app import Context
 from protocols.methods import UnknownMethodError, get_method
 from protocols.run_folder import RUN_DIR_KEY, RunFolder
 
-__all__ = ["NodeConfigError", "NodeSettings", "partition_file"]
+__all__ = ["NodeConfigError", "NodeSettings"]
+
 
 class NodeConfigError(ValueError):
     """The node was started without what it needs (e.g. no data)."""
-
-
-def partition_file(run_dir: Path, partition_id: int) -> Path:
-    """Where a simulation run keeps the examples of one partition."""
-    return RunFolder(run_dir).client_data(partition_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +64,7 @@ class NodeSettings:
             If the node limits its methods and none of them trains as
             ``action``.
         """
-        if self.methods and all(
-            get_method(m).action != action for m in self.methods
-        ):
+        if self.methods and all(get_method(m).action != action for m in self.methods):
             raise NodeConfigError(
                 f"this node accepts {list(self.methods)}, not {action!r} "
                 "training (pollinate client join --method ...)"

@@ -168,6 +168,14 @@ def prepare_model(name: str, cache_dir: Path | None = None) -> Path | None:
     return target
 
 
+def _unresolved(what: str, exc: Exception) -> ModelLoadError:
+    """The error for a model name that resolved to nothing loadable."""
+    return ModelLoadError(
+        f"{what}: {exc}. Built-in names: {sorted(BUILTIN_MODELS)}; otherwise "
+        "give a Hugging Face id or a local model folder."
+    )
+
+
 def load_causal_lm(
     name: str,
     *,
@@ -196,11 +204,7 @@ def load_causal_lm(
             model = AutoModelForCausalLM.from_pretrained(name, dtype=_DTYPES[dtype])
             tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"cannot load model {name!r}: {exc}. Built-in names: "
-            f"{sorted(BUILTIN_MODELS)}; otherwise give a Hugging Face id or a "
-            "local model folder."
-        ) from exc
+        raise _unresolved(f"cannot load model {name!r}", exc) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = model.to(device=device, dtype=_DTYPES[dtype])
@@ -231,11 +235,7 @@ def model_skeleton(name: str, *, cache_dir: Path | None = None) -> PreTrainedMod
         folder: str | Path = prepare_model(name, cache_dir) or name
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"cannot read the config of model {name!r}: {exc}. Built-in names: "
-            f"{sorted(BUILTIN_MODELS)}; otherwise give a Hugging Face id or a "
-            "local model folder."
-        ) from exc
+        raise _unresolved(f"cannot read the config of model {name!r}", exc) from exc
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.requires_grad_(False)

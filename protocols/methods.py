@@ -118,7 +118,7 @@ class Method:
             raise ValueError("bad method entry: " + "; ".join(problems))
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
 
-    def option(self, key: str, default: str | None = None) -> str | None:
+    def option(self, key: str, default: str) -> str:
         """A fixed option of this variant, or ``default``."""
         return self.options.get(key, default)
 

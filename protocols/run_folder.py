@@ -55,7 +55,6 @@ __all__ = [
     "RunFolderError",
     "RunStatus",
     "read_metrics",
-    "write_tensors_file",
 ]
 
 RUN_DIR_KEY = "run-dir"
@@ -223,9 +222,6 @@ class RunFolder:
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
 
-    def __fspath__(self) -> str:
-        return str(self.path)
-
     @property
     def name(self) -> str:
         """The folder's name (the run's name and start time)."""
@@ -291,10 +287,13 @@ class RunFolder:
         RunFolderError
             If ``relative`` would leave the run folder.
         """
-        target = (self.path / relative).resolve()
-        if not target.is_relative_to(self.path.resolve()):
-            raise RunFolderError(f"artefact path {relative!r} leaves the run folder")
-        return self.path / relative
+        return self._inside(self.path / relative)
+
+    def _inside(self, path: Path) -> Path:
+        """``path``, refused if it resolves outside the run folder."""
+        if not Path(path).resolve().is_relative_to(self.path.resolve()):
+            raise RunFolderError(f"{path} leaves the run folder {self.path}")
+        return Path(path)
 
     @property
     def simulation_log(self) -> Path:
@@ -340,18 +339,14 @@ class RunFolder:
         RunFolderError
             If the file is damaged, too large, or outside the run folder.
         """
-        if not Path(path).resolve().is_relative_to(self.path.resolve()):
-            raise RunFolderError(f"{path} is not in the run folder {self.path}")
         try:
-            return _read_json_object(Path(path))
+            return _read_json_object(self._inside(path))
         except FileNotFoundError:
             return None
 
     def write_record(self, path: Path, record: Mapping[str, Any]) -> None:
         """Write a JSON object file of this run atomically."""
-        if not Path(path).resolve().is_relative_to(self.path.resolve()):
-            raise RunFolderError(f"{path} is not in the run folder {self.path}")
-        atomic_write_text(Path(path), json.dumps(dict(record), indent=1))
+        atomic_write_text(self._inside(path), json.dumps(dict(record), indent=1))
 
     # -- status ---------------------------------------------------------------
     def read_status(self) -> RunStatus:
@@ -542,10 +537,3 @@ def _round_of(state: Mapping[str, Any], path: Path) -> int:
     if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 0:
         raise CheckpointError(f"{path} is damaged: 'round' is {rnd!r}")
     return rnd
-
-
-def write_tensors_file(
-    path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]
-) -> None:
-    """Write tensors as one safetensors file at ``path``, atomically."""
-    atomic_write_bytes(path, _safetensors_bytes(tensors, meta))

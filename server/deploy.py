@@ -24,6 +24,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import get_type_hints
 
 import psutil
 
@@ -119,17 +120,6 @@ class ServerInfo:
     certs: str | None
     auth_keys: str | None
     run_id: int | None = None
-
-
-_SERVER_INFO_TYPES: dict[str, type | tuple[type, ...]] = {
-    "pid": int,
-    "host": str,
-    "port": int,
-    "address": str,
-    "certs": (str, type(None)),
-    "auth_keys": (str, type(None)),
-    "run_id": (int, type(None)),
-}
 
 
 def prepare_server_run(config: RunConfig, run_dir: Path) -> Path:
@@ -427,9 +417,9 @@ def read_server_info(run_dir: Path) -> ServerInfo | None:
         info = ServerInfo(**record)
     except TypeError as exc:
         raise DeployError(f"{folder.server_info} is damaged: {exc}") from None
+    types = get_type_hints(ServerInfo)  # e.g. ``int | None``: isinstance-able
     for name, value in asdict(info).items():
-        expected = _SERVER_INFO_TYPES[name]
-        if not isinstance(value, expected) or isinstance(value, bool):
+        if not isinstance(value, types[name]) or isinstance(value, bool):
             raise DeployError(f"{folder.server_info} is damaged: {name} is {value!r}")
     return info
 

@@ -172,6 +172,11 @@ class ZoDriver:
         return self.round
 
 
+def _walk(config: RunConfig, model: nn.Module) -> ParamWalk:
+    """The parameters the run's ``zo.include`` globs select, in walk order."""
+    return ParamWalk.from_model(model, config.zo.include or None)
+
+
 class ZoMethod:
     """FedKSeed's server plug-in (see :class:`server.methods.ServerMethod`).
 
@@ -184,7 +189,9 @@ class ZoMethod:
 
     def spec(self, config: RunConfig, model: nn.Module) -> ZOSpec:
         """The FedKSeed spec of a run, for ``model``'s parameter walk."""
-        walk = ParamWalk.from_model(model, config.zo.include or None)
+        return self._spec(config, _walk(config, model))
+
+    def _spec(self, config: RunConfig, walk: ParamWalk) -> ZOSpec:
         return ZOSpec(
             model=config.model.name,
             walk_fingerprint=walk.fingerprint(),
@@ -194,7 +201,7 @@ class ZoMethod:
             master_seed=config.run.seed,
             eps=config.zo.eps,
             learning_rate=config.zo.learning_rate,
-            sampling=self.method.option("sampling", "uniform") or "uniform",
+            sampling=self.method.option("sampling", "uniform"),
             grad_clip=config.zo.grad_clip,
             max_length=config.model.max_length,
         )
@@ -204,8 +211,8 @@ class ZoMethod:
     ) -> ZoDriver:
         """Load w0 in float32 on ``device``, wire FedKSeed(-Pro)."""
         loaded = load_causal_lm(config.model.name, dtype="float32", device=device)
-        spec = self.spec(config, loaded.model)
-        walk = ParamWalk.from_model(loaded.model, config.zo.include or None)
+        walk = _walk(config, loaded.model)
+        spec = self._spec(config, walk)
         strategy = FedKSeed(
             spec=spec,
             local_steps=config.train.local_steps,

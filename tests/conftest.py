@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +20,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def clean_env(pythonpath: Path | None = None) -> dict[str, str]:
+    """This environment with ``PYTHONPATH`` dropped (or set to ``pythonpath``)."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    return env
+
+
+def run_python(
+    code: str,
+    cwd: Path,
+    *,
+    pythonpath: Path | None = None,
+    timeout: float = 300,
+    check: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """``python -c code`` in a fresh interpreter run from ``cwd``, output captured."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env=clean_env(pythonpath),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+    )
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:

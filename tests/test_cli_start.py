@@ -14,9 +14,6 @@ import argparse
 import ast
 import importlib
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +21,7 @@ import pytest
 
 from cli.main import build_parser
 from protocols.installation import PACKAGES
+from tests.conftest import run_python
 
 HEAVY = ("torch", "transformers", "peft")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -43,19 +41,6 @@ def _commands(
 COMMANDS = list(_commands(build_parser()))
 
 
-def _run(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def _loaded_after(statements: str, cwd: Path) -> tuple[list[str], str]:
     """Heavy top-level modules in ``sys.modules`` after ``statements``, and stdout."""
     code = (
@@ -64,7 +49,7 @@ def _loaded_after(statements: str, cwd: Path) -> tuple[list[str], str]:
         f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})\n"
         "print(json.dumps(heavy))\n"
     )
-    out = _run(code, cwd)
+    out = run_python(code, cwd, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     return json.loads(lines[-1]), "\n".join(lines[:-1])

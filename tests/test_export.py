@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from cli.main import main
 from models import attach_lora, load_causal_lm
 from models.split import build_split, split_spec_for, trainable_state
-from protocols.run_folder import write_tensors_file as write_tensors
+from protocols.run_folder import RunFolder
 from protocols.seeds import ParamWalk, perturb_
 from server.checkpoints import save_peft_adapter
 from server.config import config_to_toml, load_config
@@ -42,7 +42,9 @@ def _run_dir(tmp_path: Path, method: str) -> Path:
         walk = ParamWalk.from_model(lm.model, ["model.layers.1.*"])
         params = walk.params(lm.model)
         perturb_(params, seed=5, scale=0.05)
-        write_tensors(run_dir / "model" / "perturbed.safetensors", dict(params), {})
+        RunFolder(run_dir).write_tensors(
+            "model/perturbed.safetensors", dict(params), {}
+        )
     else:
         spec = split_spec_for(
             lm.model,
@@ -55,7 +57,9 @@ def _run_dir(tmp_path: Path, method: str) -> Path:
         with torch.no_grad():
             head.prompts.add_(0.3)
         state = {k: v.detach() for k, v in trainable_state(head, tail).items()}
-        write_tensors(run_dir / "model" / "prompts_and_tail.safetensors", state, {})
+        RunFolder(run_dir).write_tensors(
+            "model/prompts_and_tail.safetensors", state, {}
+        )
     return run_dir
 
 

@@ -11,34 +11,15 @@ interpreter with the planted folder first on ``PYTHONPATH``.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from protocols.installation import PACKAGES, find_shadows, installation_root
+from tests.conftest import run_python
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _python(
-    code: str, cwd: Path, path: Path | None
-) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
-    if path is not None:
-        env["PYTHONPATH"] = str(path)
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def _plant(folder: Path, name: str) -> Path:
@@ -67,10 +48,9 @@ def test_a_clean_installation_passes(tmp_path: Path) -> None:
     """
     assert find_shadows() == []
     assert all((installation_root() / name).is_dir() for name in PACKAGES)
-    out = _python(
+    out = run_python(
         "import sys\nfrom cli.main import main\nsys.exit(main(['--help']))",
         tmp_path,
-        None,
     )
     assert out.returncode == 0, out.stderr
     assert "usage: pollinate" in out.stdout
@@ -83,10 +63,10 @@ def test_the_cli_names_a_planted_module(tmp_path: Path) -> None:
     fails without saying which file is to blame.
     """
     planted = _plant(tmp_path / "app", "models")
-    out = _python(
+    out = run_python(
         "import sys\nfrom cli.main import main\nsys.exit(main(['--help']))",
         tmp_path,
-        tmp_path / "app",
+        pythonpath=tmp_path / "app",
     )
     assert out.returncode == 2
     assert f"{planted} shadows Pollinate's package 'models'" in out.stderr
@@ -107,11 +87,11 @@ def test_packages_and_folders_are_named_but_plain_folders_are_not(
     (app / "strategies").mkdir()
     (app / "strategies" / "__init__.py").write_text("")
     (app / "corpora").mkdir()  # a namespace folder: ours still wins
-    out = _python(
+    out = run_python(
         "import json\nfrom protocols.installation import find_shadows\n"
         "print(json.dumps({s.package: str(s.found) for s in find_shadows()}))",
         tmp_path,
-        app,
+        pythonpath=app,
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {
@@ -140,7 +120,7 @@ def test_the_flower_apps_name_a_planted_module(
     when Flower imports it.
     """
     planted = _plant(tmp_path / "app", planted_name)
-    out = _python(f"import {entry}", tmp_path, tmp_path / "app")
+    out = run_python(f"import {entry}", tmp_path, pythonpath=tmp_path / "app")
     assert out.returncode != 0
     assert "InstallationError" in out.stderr
     assert f"{planted} shadows Pollinate's package '{planted_name}'" in out.stderr

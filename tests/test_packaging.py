@@ -8,29 +8,15 @@ in a clean interpreter and check that each resolves to this checkout.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from protocols.installation import PACKAGES
+from tests.conftest import clean_env, run_python
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = [
-    "protocols",
-    "models",
-    "corpora",
-    "strategies",
-    "client",
-    "server",
-    "simulation",
-    "cli",
-]
-
-
-def _clean_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
-    return env
 
 
 def test_every_package_imports_from_outside_the_repository(tmp_path: Path) -> None:
@@ -44,14 +30,7 @@ def test_every_package_imports_from_outside_the_repository(tmp_path: Path) -> No
         f"names = {PACKAGES!r}\n"
         "print(json.dumps({n: importlib.import_module(n).__file__ for n in names}))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        env=_clean_env(),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = run_python(code, tmp_path, check=True)
     files = json.loads(out.stdout.strip().splitlines()[-1])
     for name in PACKAGES:
         path = Path(files[name]).resolve()
@@ -68,14 +47,7 @@ def test_importing_the_client_loads_no_model_and_no_flower_simulation(
     Breaks if a module loads weights, starts Ray or configures logging at import.
     """
     code = "import sys, client, client.app; print(int('ray' in sys.modules))"
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        env=_clean_env(),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = run_python(code, tmp_path, check=True)
     assert out.stdout.strip().splitlines()[-1] == "0"
 
 
@@ -90,7 +62,7 @@ def test_console_script_runs(tmp_path: Path) -> None:
         out = subprocess.run(
             argv,
             cwd=tmp_path,
-            env=_clean_env(),
+            env=clean_env(),
             capture_output=True,
             text=True,
             check=True,
