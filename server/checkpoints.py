@@ -19,17 +19,15 @@ from peft import PeftModel
 
 from protocols import ProtocolError, TensorLayout
 from protocols.run_folder import CheckpointError, RunFolder
+from strategies import TensorFedAvg
 
 __all__ = ["restore_tensors", "save_peft_adapter"]
 
 
 def restore_tensors(
-    folder: RunFolder,
-    spec_fingerprint: str,
-    layout: TensorLayout,
-    device: torch.device,
+    folder: RunFolder, spec_fingerprint: str, fedavg: TensorFedAvg
 ) -> tuple[int, dict[str, torch.Tensor]]:
-    """The last checkpoint's round and tensors, checked against ``layout``.
+    """The last checkpoint's round and tensors, on ``fedavg``'s layout and device.
 
     Raises
     ------
@@ -40,10 +38,10 @@ def restore_tensors(
     state = folder.read_checkpoint(spec_fingerprint)
     tensors = folder.read_checkpoint_tensors(state)
     try:
-        layout.check(TensorLayout.of(tensors))
+        fedavg.layout.check(TensorLayout.of(tensors))
     except ProtocolError as exc:
         raise CheckpointError(f"{folder.checkpoint_dir}: {exc}") from None
-    return int(state["round"]), {k: v.to(device) for k, v in tensors.items()}
+    return int(state["round"]), {k: v.to(fedavg.device) for k, v in tensors.items()}
 
 
 def save_peft_adapter(folder: Path, model: PeftModel) -> Path:

@@ -107,8 +107,7 @@ class LoraDriver:
         done, self.adapter = restore_tensors(
             folder,
             self.strategy.spec.fingerprint(),
-            self.strategy.fedavg.layout,
-            self.strategy.fedavg.device,
+            self.strategy.fedavg,
         )
         return done
 

@@ -145,8 +145,7 @@ class SplitDriver:
         done, self.tensors = restore_tensors(
             folder,
             self.strategy.spec.fingerprint(),
-            self.strategy.fedavg.layout,
-            self.strategy.fedavg.device,
+            self.strategy.fedavg,
         )
         return done
 
