@@ -7,6 +7,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from cli.errors import CommandError
+
 __all__ = ["add_parser", "run"]
 
 EPILOG = """examples:
@@ -35,16 +37,30 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    """Write the PKI; exit status 2 if the folder already has one."""
+    """Write the PKI.
+
+    Raises
+    ------
+    cli.errors.CommandError
+        If ``--days`` is below 1, the folder already has a PKI or cannot be
+        written (exit status 2 through ``main``).
+    """
     # Here, not at import: --help stays light.
     from server.certificates import make_dev_pki
 
     hosts = args.host or ["127.0.0.1", "localhost"]
+    if args.days < 1:
+        raise CommandError(f"--days must be at least 1, got {args.days}")
+    if args.folder.exists() and not args.folder.is_dir():
+        raise CommandError(f"{args.folder} is a file, not a folder for the PKI")
     try:
         pki = make_dev_pki(args.folder, hosts, args.days)
-    except (FileExistsError, ValueError) as exc:
-        console.print(f"[red]{exc}[/]")
-        return 2
+    except FileExistsError as exc:
+        raise CommandError(str(exc)) from None
+    except OSError as exc:
+        raise CommandError(
+            f"{args.folder}: cannot write the PKI: {exc.strerror or exc}"
+        ) from None
     console.print(
         f"CA: {pki.ca_cert}\nserver certificate: {pki.server_cert} (hosts: {', '.join(hosts)})\n"
         f"keys: {pki.ca_key}, {pki.server_key} (keep them private)"

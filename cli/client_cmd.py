@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from cli.errors import CommandError
 from protocols.methods import method_names
 
 __all__ = ["add_parser"]
@@ -67,10 +68,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def _join(args: argparse.Namespace, console: Console) -> int:
     # Here, not at import: --help stays light.
     from client.daemon import JoinSettings, run_daemon
+    from corpora import load_examples
 
-    if not args.data.is_file():
-        console.print(f"[red]no data file at {args.data}[/]")
-        return 2
+    # Read once here, so a bad file is one line now, not an error per round.
+    load_examples(str(args.data))
+    for flag, path in (("--root-cert", args.root_cert), ("--auth-key", args.auth_key)):
+        if path is not None and not path.is_file():
+            raise CommandError(f"{flag}: no file at {path}")
     settings = JoinSettings(
         server=args.server,
         data=args.data,
@@ -95,11 +99,16 @@ def _keygen(args: argparse.Namespace, console: Console) -> int:
     # Here, not at import: --help stays light.
     from client.daemon import make_node_key
 
+    if args.folder.exists() and not args.folder.is_dir():
+        raise CommandError(f"{args.folder} is a file, not a folder for the keys")
     try:
         private, public = make_node_key(args.folder, args.name)
     except FileExistsError as exc:
-        console.print(f"[red]{exc}[/]")
-        return 2
+        raise CommandError(f"{exc}: keep it, or remove it for a new key") from None
+    except OSError as exc:
+        raise CommandError(
+            f"{args.folder}: cannot write the key pair: {exc.strerror or exc}"
+        ) from None
     console.print(
         f"private key: {private} (keep it on this node)\npublic key: {public} (give it to the server)"
     )

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from cli.errors import CommandError
+
 __all__ = ["add_parser", "run"]
 
 EPILOG = """examples:
@@ -40,7 +42,14 @@ def _label(run_dir: Path, rows: list[dict[str, object]]) -> str:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    """Print the comparison table and write the plot; 2 on unreadable runs."""
+    """Print the comparison table and write the plot.
+
+    Raises
+    ------
+    cli.errors.CommandError
+        If a run folder's metrics cannot be read or the plot cannot be
+        written (exit status 2 through ``main``).
+    """
     # Here, not at import: --help stays light.
     from protocols.run_folder import RunFolder
     from simulation import compare_table, plot_comparison, read_metrics
@@ -51,10 +60,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
         try:
             rows = read_metrics(RunFolder(run_dir).metrics)
         except (ReportError, FileNotFoundError) as exc:
-            console.print(f"[red]cannot read[/] {run_dir}: {exc}")
-            return 2
+            raise CommandError(f"cannot read {run_dir}: {exc}") from None
         runs[_label(run_dir, rows)] = rows
     console.print(compare_table(runs, title="Pollinate runs"))
-    plot = plot_comparison(runs, args.out, title="Metric per round and per MB")
+    try:
+        plot = plot_comparison(runs, args.out, title="Metric per round and per MB")
+    except OSError as exc:
+        raise CommandError(
+            f"--out {args.out}: cannot write the plot: {exc.strerror or exc}"
+        ) from None
     console.print(f"plot: {plot}")
     return 0

@@ -33,15 +33,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    """Export; exit status 2 with the reason when it cannot be done."""
+    """Export; a run that cannot be exported raises a user-facing error."""
     # Here, not at import: --help stays light.
-    from server.config import ConfigError
-    from server.export import ExportError, export_run
+    from server.export import export_run
 
-    try:
-        out = export_run(args.run_dir, args.out, args.fmt)
-    except (ExportError, ConfigError) as exc:
-        console.print(f"[red]cannot export[/]: {exc}")
-        return 2
+    # ExportError, ConfigError, RunFolderError: one line and exit 2 (cli.main).
+    out = export_run(args.run_dir, args.out, args.fmt)
     console.print(f"exported {args.run_dir} as {args.fmt}: {out}")
     return 0

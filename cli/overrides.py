@@ -72,10 +72,12 @@ def collect_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
     Raises
     ------
-    SystemExit
-        Via ``argparse`` conventions is not used here; a malformed ``--set``
-        raises :class:`ValueError` naming it.
+    server.config.ConfigError
+        If a ``--set`` is not ``section.field=value``; the message names it.
     """
+    # Here, not at import: --help stays light.
+    from server.config import ConfigError
+
     overrides: dict[str, Any] = {}
     for flag, (field, _, _) in FLAG_FIELDS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
@@ -84,6 +86,6 @@ def collect_overrides(args: argparse.Namespace) -> dict[str, Any]:
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--set {item!r} must look like section.field=value")
+            raise ConfigError(f"--set {item!r} must look like section.field=value")
         overrides[key.strip()] = _parse_value(value.strip())
     return overrides

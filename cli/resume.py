@@ -4,6 +4,10 @@ The run folder holds everything: the resolved config, the data partitions,
 ``metrics.jsonl`` and the checkpoint of the last completed round. Rounds
 already recorded are not redone; the result equals an uninterrupted run with
 the same seed (bit for bit for FedKSeed and, on one machine, for LoRA).
+
+Before anything starts, the folder must be free (no live engine owns it) and
+its checkpoint whole: every file hashed against the checkpoint's manifest. A
+damaged file is refused with one line naming it, and nothing is written.
 """
 
 from __future__ import annotations
@@ -38,29 +42,27 @@ def run(args: argparse.Namespace, console: Console) -> int:
     """Resume; 2 when the folder cannot be resumed, 1 if the run fails again."""
     # Here, not at import: --help stays light.
     from protocols.run_folder import RunFolder, RunFolderError
-    from server.config import ConfigError, load_config
+    from server.config import load_config
     from simulation import launch
 
     run_dir: Path = args.run_dir
     folder = RunFolder(run_dir)
-    try:
-        config = load_config(folder.config)
-        status = folder.read_status()
-        done = folder.checkpoint_round()
-    except (ConfigError, RunFolderError) as exc:
-        console.print(f"[red]cannot resume {run_dir}[/]: {exc}")
-        return 2
+    # A user-facing error (ConfigError, RunFolderError) becomes one line in
+    # cli.main; nothing has been written when it is raised here.
+    folder.check_free()
+    config = load_config(folder.config)
+    status = folder.read_status()
+    folder.read_metrics()
+    done = folder.verify_checkpoint()
     if status.state == "completed":
-        console.print(
+        raise RunFolderError(
             f"{run_dir} already completed {status.fields.get('rounds')} rounds"
         )
-        return 2
     if done is None:
-        console.print(
-            f"[red]no checkpoint in {run_dir}[/]: it stopped before round 1 "
-            "completed; start it again with pollinate simulate"
+        raise RunFolderError(
+            f"no checkpoint in {run_dir}: it stopped before round 1 completed; "
+            "start it again with pollinate simulate"
         )
-        return 2
     console.print(f"resuming {run_dir} after round {done} of {config.run.rounds}")
     result = launch(run_dir, rounds=config.run.rounds, console=console, resume=True)
     return report_run(result, run_dir, config, console)

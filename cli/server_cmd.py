@@ -1,11 +1,13 @@
 """``pollinate server start|status|stop|resume``: a real federation server.
 
-``start`` prepares a run folder, starts the SuperLink (TLS by default) and
-submits the run; by default it then watches the run, shows progress and stops
-the SuperLink when the run ends (``--detach`` returns at once). ``status``
-reads the run folder (and asks the SuperLink which nodes are connected);
-``stop`` stops the SuperLink; ``resume`` continues a stopped or crashed run
-from its last checkpoint, restarting the SuperLink if it is gone.
+``start`` prepares a run folder, starts the SuperLink (TLS by default) on
+127.0.0.1 behind the fleet gateway on ``--host/--port`` (Fleet API only:
+keys, runs and logs are reachable from this machine alone) and submits the
+run; by default it then watches the run, shows progress and stops the server
+when the run ends (``--detach`` returns at once). ``status`` reads the run
+folder (and asks the SuperLink which nodes are connected); ``stop`` stops the
+gateway and the SuperLink; ``resume`` continues a stopped or crashed run from
+its last checkpoint, restarting the server if it is gone.
 """
 
 from __future__ import annotations
@@ -65,7 +67,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _serving_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface the fleet gateway listens on (the SuperLink: 127.0.0.1)",
+    )
     parser.add_argument(
         "--port", type=int, default=9092, help="port clients connect to"
     )
@@ -89,46 +95,42 @@ def _tls(info: ServerInfo) -> TlsFiles | None:
 def _serve(
     info: ServerInfo, run_dir: Path, *, resume: bool, console: Console
 ) -> ServerInfo:
-    """Start the SuperLink if needed, register keys, submit the run."""
+    """Start the server if needed, register keys, submit the run."""
     # Here, not at import: --help stays light.
+    from dataclasses import replace
+
     from server.deploy import (
-        ServerInfo,
         process_alive,
         register_node_keys,
-        start_superlink,
+        start_server,
         submit_run,
         write_server_info,
     )
 
     tls = _tls(info)
     if not process_alive(info.pid):
-        proc = start_superlink(
-            run_dir, info.host, info.port, tls=tls, auth=bool(info.auth_keys)
-        )
-        info = ServerInfo(
-            proc.pid, info.host, info.port, info.address, info.certs, info.auth_keys
-        )
+        info = start_server(run_dir, info, auth=bool(info.auth_keys))
         write_server_info(run_dir, info)
         if info.auth_keys and tls is not None:
             keys = sorted(Path(info.auth_keys).glob("*.pub"))
-            register_node_keys(run_dir, info.address, tls, keys)
+            register_node_keys(run_dir, info.control_address, tls, keys)
             console.print(f"registered {len(keys)} node key(s)")
-    run_id = submit_run(run_dir, info.address, tls, resume=resume)
-    info = ServerInfo(
-        info.pid, info.host, info.port, info.address, info.certs, info.auth_keys, run_id
-    )
+    run_id = submit_run(run_dir, info.control_address, tls, resume=resume)
+    info = replace(info, run_id=run_id)
     write_server_info(run_dir, info)
     console.print(
-        f"server listening on {info.host}:{info.port} ({'TLS' if tls else 'plaintext'}), run {run_id}"
+        f"server listening on {info.host}:{info.port} "
+        f"({'TLS' if tls else 'plaintext'}, Fleet API only), run {run_id}; "
+        f"SuperLink on {info.control_address} (this machine only)"
     )
     return info
 
 
 def _watch(info: ServerInfo, run_dir: Path, config: RunConfig, console: Console) -> int:
-    """Follow the run until it ends, then stop the SuperLink and report."""
+    """Follow the run until it ends, then stop the server and report."""
     # Here, not at import: --help stays light.
     from protocols.run_folder import RunFolder
-    from server.deploy import flower_run_status, process_alive, stop_process_tree
+    from server.deploy import flower_run_status, process_alive, stop_server
     from simulation import LaunchResult
 
     folder = RunFolder(run_dir)
@@ -148,7 +150,7 @@ def _watch(info: ServerInfo, run_dir: Path, config: RunConfig, console: Console)
             if info.run_id is not None and time.monotonic() - last_check > 5.0:
                 last_check = time.monotonic()
                 flower = flower_run_status(
-                    run_dir, info.address, _tls(info), info.run_id
+                    run_dir, info.control_address, _tls(info), info.run_id
                 )
                 if flower.startswith("finished"):
                     # Re-read: the ServerApp may have recorded its end since.
@@ -161,7 +163,7 @@ def _watch(info: ServerInfo, run_dir: Path, config: RunConfig, console: Console)
             time.sleep(1.0)  # polling the run folder: the UI's refresh rate
     except KeyboardInterrupt:
         console.print("interrupted: stopping the server")
-    stop_process_tree(info.pid)
+    stop_server(info)
     status = folder.read_status()
     result = LaunchResult(
         0 if status.state == "completed" else 1,
@@ -229,7 +231,7 @@ def _stop(args: argparse.Namespace, console: Console) -> int:
         DeployError,
         process_alive,
         read_server_info,
-        stop_process_tree,
+        stop_server,
     )
 
     folder = RunFolder(args.run_dir)
@@ -241,7 +243,7 @@ def _stop(args: argparse.Namespace, console: Console) -> int:
     if info is None or not process_alive(info.pid):
         console.print(f"no server running for {args.run_dir}")
         return 1
-    stop_process_tree(info.pid)
+    stop_server(info)
     # Every server process is gone now. If the ServerApp died without saying
     # so, record it, or the run would look alive to status and a later watch.
     try:
@@ -286,7 +288,7 @@ def _status(args: argparse.Namespace, console: Console) -> int:
     )
     if alive and info is not None:
         try:
-            nodes = connected_nodes(run_dir, info.address, _tls(info))
+            nodes = connected_nodes(run_dir, info.control_address, _tls(info))
             online = [n for n in nodes if str(n.get("status", "")).startswith("online")]
             out.print(f"clients connected: {len(online)}")
         except DeployError as exc:

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 
-from cli.overrides import add_config_arguments, collect_overrides
-from cli.validate import check_resources
+from cli.overrides import add_config_arguments
+from cli.validate import load_checked_config
 
 if TYPE_CHECKING:
     from server.config import RunConfig
@@ -57,25 +58,16 @@ def _tail(path: Path, lines: int = 25) -> str:
 def run(args: argparse.Namespace, console: Console) -> int:
     """Prepare, launch, report. Exit status 0 on a completed run."""
     # Here, not at import: --help stays light.
-    from server.config import ConfigError, load_config
     from simulation import launch, prepare_run
 
-    try:
-        config = load_config(
-            Path(args.config) if args.config else None, collect_overrides(args)
-        )
-    except (ConfigError, ValueError) as exc:
-        console.print(f"[red]invalid config[/]: {exc}")
-        return 2
-    problems = check_resources(config)
-    if problems:
-        console.print("[red]invalid config[/]:\n  - " + "\n  - ".join(problems))
-        return 2
+    # A bad config or data file raises a user-facing error: one line, exit 2.
+    config = load_checked_config(Path(args.config) if args.config else None, args)
     with console.status("preparing run folder (data partitions, model cache)"):
         run_dir = prepare_run(config)
     console.print(f"run folder: [bold]{run_dir}[/]")
     if args.prepare_only:
         return 0
+    # Another engine owning the folder is a RunFolderError: one line, exit 2.
     result = launch(run_dir, rounds=config.run.rounds, console=console)
     return report_run(result, run_dir, config, console)
 
@@ -86,8 +78,8 @@ def report_run(
     """Print the outcome of a launch: the error, or the table, plot and outputs."""
     # Here, not at import: --help stays light.
     from protocols.methods import get_method
-    from protocols.run_folder import RunFolder
-    from simulation import plot_run, read_metrics, summary_table
+    from protocols.run_folder import RunFolder, RunFolderError
+    from simulation import plot_run, summary_table
     from simulation.reports import run_summary
 
     if not result.ok:
@@ -100,7 +92,11 @@ def report_run(
         console.print(f"continue it with: pollinate resume {run_dir}")
         return 1
     folder = RunFolder(run_dir)
-    rows = read_metrics(folder.metrics)
+    try:
+        rows = folder.read_metrics()
+    except RunFolderError as exc:  # damaged since the run wrote it
+        console.print(f"[red]cannot report the run[/]: {escape(str(exc))}")
+        return 1
     plot = plot_run(rows, folder.plot, title=f"{folder.name} ({config.run.method})")
     console.print(
         summary_table(rows, title=f"{config.run.method} on {config.model.name}")

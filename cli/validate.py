@@ -1,25 +1,30 @@
 """``pollinate validate``: check a config without starting anything.
 
-Builds the whole config and the configured method's spec (on a weightless
-skeleton of the model, so every method's settings are checked against the
-real architecture in a moment), checks that the data source and the model
-name can be resolved, then reports every problem together.
+Builds the whole config, reads the data the way a run will (every record,
+gzip integrity, schema) and splits it as configured (held-out set, one
+partition per client, each at least ``data.min_partition_size`` examples),
+checks where run folders go, and builds the configured method's spec on a
+weightless skeleton of the model, so every method's settings are checked
+against the real architecture in a moment. Every problem is reported
+together, on one line, with exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 
+from cli.errors import one_line
 from cli.overrides import add_config_arguments, collect_overrides
 
 if TYPE_CHECKING:
     from server.config import RunConfig
 
-__all__ = ["add_parser", "check_resources", "run"]
+__all__ = ["add_parser", "check_resources", "load_checked_config", "run"]
 
 EPILOG = """examples:
   pollinate validate run.toml
@@ -31,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     """Register the subcommand."""
     parser = sub.add_parser(
         "validate",
-        help="check a run config and name every offending field",
+        help="check a run config and its data, and name every offending field",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -40,29 +45,104 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def check_resources(config: RunConfig) -> list[str]:
-    """Problems with what the config points at (files, model names, spec)."""
+    """Problems with what the config points at: output folder, data, model, spec.
+
+    Each problem is one line that starts with the field it is about.
+    """
+    problems = _check_output_dir(config.run.output_dir)
+    problems += _check_data(config)
+    model_problems = _check_model(config)
+    problems += model_problems or _check_spec(config)
+    problems += _check_device(config)
+    return [one_line(p) for p in problems]
+
+
+def _check_output_dir(output_dir: Path) -> list[str]:
+    """Run folders are made under ``output_dir``: it must be (or become) a folder."""
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return [f"run.output_dir: {existing} is a file, not a folder"]
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        return [f"run.output_dir: cannot create folders in {existing}"]
+    return []
+
+
+def _check_data(config: RunConfig) -> list[str]:
+    """Read the data and split it exactly as ``prepare_run`` will."""
+    # Here, not at import: --help stays light.
+    from corpora import DatasetError, load_examples, split_holdout
+    from simulation.partitioning import PartitionError, partition
+
+    data, clients = config.data, config.federation.clients
+    try:
+        examples = load_examples(data.source, limit=data.limit, seed=config.run.seed)
+    except DatasetError as exc:
+        return [f"data.source: {exc}"]
+    where = f"the {len(examples)} examples of {data.source}"
+    if data.eval_examples >= len(examples):
+        return [
+            f"data.eval_examples ({data.eval_examples}) must be smaller than {where}"
+        ]
+    train, _ = split_holdout(examples, data.eval_examples, config.run.seed)
+    where = (
+        f"the {len(train)} training examples of {data.source} "
+        f"(after data.eval_examples={data.eval_examples} held out)"
+    )
+    groups = len({e.group for e in train})
+    if clients > len(train):
+        return [f"federation.clients ({clients}) exceeds {where}"]
+    if clients * data.min_partition_size > len(train):
+        return [
+            f"data.min_partition_size ({data.min_partition_size}) x federation.clients "
+            f"({clients}) = {clients * data.min_partition_size} exceeds {where}"
+        ]
+    if data.partitioning == "task" and clients > groups:
+        return [
+            f"data.partitioning 'task' gives every client whole groups, but "
+            f"federation.clients ({clients}) exceeds the {groups} groups of {data.source}"
+        ]
+    try:
+        partition(
+            [e.group for e in train],
+            clients,
+            data.partitioning,
+            alpha=data.alpha,
+            seed=config.run.seed,
+            min_partition_size=data.min_partition_size,
+        )
+    except PartitionError as exc:
+        return [f"data.partitioning: {exc}"]
+    return []
+
+
+def _check_model(config: RunConfig) -> list[str]:
+    """A local model name must be a folder."""
     # Here, not at import: --help stays light.
     from models import BUILTIN_MODELS
 
     problems: list[str] = []
-    source = config.data.source
-    if not source.startswith("builtin:") and not Path(source).is_file():
-        problems.append(f"data.source: file not found: {source}")
-    elif source.startswith("builtin:") and source != "builtin:tasks":
-        problems.append(
-            f"data.source: unknown built-in {source!r} (known: builtin:tasks)"
-        )
     name = config.model.name
     looks_local = name.startswith((".", "/", "~"))
-    if (
-        name not in BUILTIN_MODELS
-        and looks_local
-        and not Path(name).expanduser().is_dir()
-    ):
-        problems.append(f"model.name: no model folder at {name}")
-    if not problems or not problems[-1].startswith("model.name"):
-        problems.extend(_check_spec(config))
+    if name not in BUILTIN_MODELS and looks_local:
+        folder = Path(name).expanduser()
+        if folder.is_file():
+            problems.append(f"model.name: {name} is a file, not a model folder")
+        elif not folder.is_dir():
+            problems.append(f"model.name: no model folder at {name}")
     return problems
+
+
+def _check_device(config: RunConfig) -> list[str]:
+    """``eval.device = "cuda"`` fails at the first evaluation without CUDA."""
+    if config.eval.device != "cuda":
+        return []
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    return ["eval.device: 'cuda', but this machine has no CUDA device"]
 
 
 def _check_spec(config: RunConfig) -> list[str]:
@@ -80,22 +160,30 @@ def _check_spec(config: RunConfig) -> list[str]:
     return []
 
 
-def run(args: argparse.Namespace, console: Console) -> int:
-    """Validate; exit status 0 when valid, 2 otherwise."""
+def load_checked_config(path: Path | None, args: argparse.Namespace) -> RunConfig:
+    """The config of ``path`` plus the overrides in ``args``, fully checked.
+
+    Raises
+    ------
+    server.config.ConfigError
+        Naming every bad field or resource on one line.
+    """
     # Here, not at import: --help stays light.
     from server.config import ConfigError, load_config
 
-    try:
-        config = load_config(Path(args.config), collect_overrides(args))
-    except (ConfigError, ValueError) as exc:
-        console.print(f"[red]invalid[/]: {exc}")
-        return 2
+    config = load_config(path, collect_overrides(args))
     problems = check_resources(config)
     if problems:
-        console.print(f"[red]invalid[/]: {args.config}")
-        for p in problems:
-            console.print(f"  - {p}")
-        return 2
+        origin = str(path) if path is not None else "the command line"
+        raise ConfigError(
+            f"{origin}: {len(problems)} problem(s): " + "; ".join(problems)
+        )
+    return config
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    """Validate; exit status 0 when valid (2, through ``main``, otherwise)."""
+    config = load_checked_config(Path(args.config), args)
     console.print(
         f"[green]valid[/]: {args.config}: method {config.run.method}, "
         f"{config.federation.clients} clients, {config.run.rounds} rounds, "

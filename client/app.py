@@ -27,12 +27,14 @@ from flwr.clientapp import ClientApp
 
 from client.node import NodeConfigError, NodeSettings
 from protocols import NodeHello, ProtocolError, encode_hello
+from protocols.identity import IdentityError, sign_hello
 from protocols.installation import check_installation
 from protocols.messages import (
     ACTION_HELLO,
     ERROR_BAD_INSTRUCTION,
     ERROR_NODE_SETUP,
     ERROR_OUT_OF_SYNC,
+    decode_hello_ins,
 )
 from protocols.methods import load_plugin, train_actions
 
@@ -112,10 +114,24 @@ def _guarded(
 
 def _hello(runtime: _Runtime) -> Callable[[Message, Context], Message]:
     def hello(msg: Message, context: Context) -> Message:
-        """Say who this node is and how many examples it holds."""
+        """Say who this node is and how many examples it holds.
+
+        With a node key (``auth-key``) and a nonce in the instruction, the
+        node signs (nonce, label, node id): a server that authenticates
+        nodes accepts the label only with that proof.
+        """
         node = NodeSettings.from_context(context)
         count = runtime.get().count_examples(node.data_path)
-        return Message(encode_hello(NodeHello(node.label, count)), reply_to=msg)
+        nonce = decode_hello_ins(msg.content)
+        key = node.read_auth_key() if nonce is not None else None
+        signature = b""
+        if nonce is not None and key is not None:
+            try:
+                signature = sign_hello(key, nonce, node.label, context.node_id)
+            except IdentityError as exc:
+                raise NodeConfigError(f"node config 'auth-key': {exc}") from None
+        hello = NodeHello(node.label, count, signature)
+        return Message(encode_hello(hello), reply_to=msg)
 
     return hello
 

@@ -53,7 +53,9 @@ class JoinSettings:
         Plaintext (tests and local experiments only).
     auth_key : Path | None
         Private key (OpenSSH EC) registered with the server, when it
-        authenticates nodes.
+        authenticates nodes: the SuperNode authenticates with it, and the
+        ClientApp signs its hello with it (node config ``auth-key``), which
+        binds ``label`` to the key registered as ``<label>.pub``.
     state_dir : Path
         The SuperNode's FLWR_HOME and local API port file live here.
     local_port : int
@@ -90,6 +92,9 @@ def supernode_command(s: JoinSettings) -> list[str]:
     node_config = f'data-path="{s.data.resolve()}" label="{s.label}"'
     if s.methods:
         node_config += f' methods="{",".join(s.methods)}"'
+    if s.auth_key is not None:
+        # The ClientApp signs its hello with the same key (label <-> key).
+        node_config += f' auth-key="{s.auth_key.resolve()}"'
     cmd = [
         str(tool),
         "--superlink",
@@ -199,7 +204,9 @@ def make_node_key(folder: Path, name: str = "node") -> tuple[Path, Path]:
     """Write an OpenSSH EC (P-384) key pair for node authentication.
 
     Returns ``(private key, public key)``; register the public key on the
-    server (``pollinate server start --auth-keys DIR``).
+    server (``pollinate server start --auth-keys DIR``) as ``DIR/<label>.pub``,
+    named for the label the node joins with: the server accepts a node's
+    label only with a hello signed by the key registered under it.
 
     Raises
     ------

@@ -2,7 +2,9 @@
 
 Parsed once per message from Flower's ``Context``, by one channel per engine:
 in deployment the SuperNode's ``--node-config`` gives ``data-path`` (and
-optionally ``label``, ``device``, ``methods``); in simulation each virtual
+optionally ``label``, ``device``, ``methods``, and ``auth-key``: the private
+key the SuperNode authenticates with, which signs the node's hello); in
+simulation each virtual
 node has a ``partition-id`` and reads its partition file from the run folder
 that the run config key ``run-dir`` names
 (:data:`protocols.run_folder.RUN_DIR_KEY`).
@@ -44,6 +46,10 @@ class NodeSettings:
         Where method state that outlives a message goes (FedKSeed's seed
         snapshots): a simulated node's run folder scratch space; ``None`` for
         a deployed node, whose daemon sets it in the environment.
+    auth_key : Path | None
+        The node's OpenSSH EC private key (node config ``auth-key``), which
+        signs its hello so that the server binds its label to its key;
+        ``None`` where nodes do not authenticate.
     """
 
     data_path: Path
@@ -51,6 +57,25 @@ class NodeSettings:
     device: torch.device
     methods: tuple[str, ...] = ()
     state_dir: Path | None = None
+    auth_key: Path | None = None
+
+    def read_auth_key(self) -> bytes | None:
+        """The private key's bytes, or None without ``auth-key``.
+
+        Raises
+        ------
+        NodeConfigError
+            If the key file cannot be read.
+        """
+        if self.auth_key is None:
+            return None
+        try:
+            return self.auth_key.read_bytes()
+        except OSError as exc:
+            raise NodeConfigError(
+                f"node config 'auth-key': cannot read {self.auth_key}: "
+                f"{exc.strerror or exc}"
+            ) from None
 
     def accept(self, action: str) -> None:
         """Refuse an instruction for a method this node was not started for.
@@ -89,6 +114,8 @@ class NodeSettings:
                 "node config asks for device 'cuda' but CUDA is absent"
             )
         device = torch.device(device_name)
+        key = str(cfg.get("auth-key", ""))
+        auth_key = Path(key) if key else None
         if "data-path" in cfg:
             path = Path(str(cfg["data-path"]))
             methods = tuple(m for m in str(cfg.get("methods", "")).split(",") if m)
@@ -97,7 +124,8 @@ class NodeSettings:
                     get_method(name)
             except UnknownMethodError as exc:
                 raise NodeConfigError(f"node config 'methods': {exc}") from None
-            return cls(path, str(cfg.get("label", path.stem)), device, methods)
+            label = str(cfg.get("label", path.stem))
+            return cls(path, label, device, methods, auth_key=auth_key)
         if "partition-id" in cfg:
             pid = int(cfg["partition-id"])
             run_dir = context.run_config.get(RUN_DIR_KEY)
@@ -112,6 +140,7 @@ class NodeSettings:
                 f"p{pid:04d}",
                 device,
                 state_dir=folder.zo_state,
+                auth_key=auth_key,
             )
         raise NodeConfigError(
             "node config has neither 'data-path' nor 'partition-id': start the node "

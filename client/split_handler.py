@@ -51,7 +51,7 @@ def handle(
         root = c.trunk_root_certificate or None
         with (
             TrunkClient(c.trunk_address, root_certificates=root) as trunk,
-            trunk.open(ins.spec, node.label, c.server_round) as session,
+            trunk.open(ins.spec, node.label, c.trunk_grant) as session,
         ):
             stats = split_round(
                 parts.head,

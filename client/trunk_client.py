@@ -10,7 +10,7 @@ a refused call leaves the session where it was, so the caller may retry.
 
 Typical use (k == 0: only the prompt positions get a gradient back)::
 
-    with TrunkClient(address) as trunk, trunk.open(spec, "dev-3", rnd) as s:
+    with TrunkClient(address) as trunk, trunk.open(spec, "dev-3", grant) as s:
         h_cut = head(input_ids)  # (B, P + T, D), requires grad through the prompts
         out = s.forward(h_cut, mask, train=True).to(dev).requires_grad_()
         tail_loss(out, labels).backward()
@@ -104,20 +104,24 @@ class TrunkClient:
             self._channel = grpc.secure_channel(address, creds, options=options)
         self._stub = trunk_pb2_grpc.SplitTrunkStub(self._channel)
 
-    def open(self, spec: SplitSpec, client: str, round: int) -> TrunkSession:
-        """Start a session for ``client`` in server round ``round``.
+    def open(self, spec: SplitSpec, client: str, grant: bytes) -> TrunkSession:
+        """Start a session for node ``client`` with this round's ``grant``.
+
+        The grant (from the round's instruction) decides the round; the
+        server refuses a session without the node's current grant.
 
         Raises
         ------
         TrunkError
-            FAILED_PRECONDITION if the server's spec differs (both fingerprints
-            are named), RESOURCE_EXHAUSTED if it has too many sessions,
-            UNAVAILABLE if it cannot be reached.
+            UNAUTHENTICATED without a valid grant for ``client``,
+            FAILED_PRECONDITION if the server's spec differs,
+            RESOURCE_EXHAUSTED past a session quota, UNAVAILABLE if the server
+            cannot be reached.
         ProtocolError
             If the server's reply names another fingerprint than ``spec``'s.
         """
         request = trunk_pb2.OpenRequest(
-            client=client, spec_json=split_spec_to_json(spec), round=round
+            client=client, spec_json=split_spec_to_json(spec), grant=grant
         )
         reply = self._call(self._stub.Open, request)
         if reply.server_spec_fingerprint != spec.fingerprint():

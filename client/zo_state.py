@@ -11,6 +11,11 @@ after training. Snapshots live in a folder per spec fingerprint that every
 process on the machine shares, named by round and hash; a process that starts
 fresh (a new Ray actor, or a SuperNode's per-message process) resumes from the
 newest usable snapshot instead of replaying from w0.
+
+A snapshot is trusted only after its content hashes to the model hash in its
+name: a damaged one (truncated, flipped bytes, foreign tensors) is removed and
+refused with an :class:`OutOfSyncError` naming the file, so the node replays
+from w0 or asks for a resend instead of training on the wrong model.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -91,17 +96,36 @@ class ZoModelState:
         for old in sorted(self.snapshot_dir.glob("round-*.safetensors"))[:-2]:
             old.unlink(missing_ok=True)  # keep the newest two
 
-    def _read_snapshot(self, path: Path) -> None:
-        with torch.no_grad(), safe_open(str(path), framework="pt") as f:
-            for name, p in self.params:
-                p.copy_(f.get_tensor(name))  # one tensor in memory at a time
+    def _read_snapshot(self, path: Path, hash_: str) -> None:
+        """Load ``path`` into the parameters and check it hashes to ``hash_``.
+
+        Raises
+        ------
+        OutOfSyncError
+            If the file is damaged (it is removed; the weights are then reset
+            to w0, so they never hold half a snapshot).
+        """
+        try:
+            with torch.no_grad(), safe_open(str(path), framework="pt") as f:
+                for name, p in self.params:
+                    p.copy_(f.get_tensor(name))  # one tensor in memory at a time
+            problem = "" if state_hash(self.params) == hash_ else "hash differs"
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            problem = " ".join(str(exc).split())
+        if problem:
+            path.unlink(missing_ok=True)
+            self._reset_to_w0()
+            raise OutOfSyncError(f"{path} is damaged ({problem}): removed it")
 
     def _best_snapshot(self, base: int, target: int) -> tuple[int, str, Path] | None:
         best = None
         for path in self.snapshot_dir.glob("round-*.safetensors"):
-            _, r, h = path.stem.split("-")
-            if base <= int(r) <= target and (best is None or int(r) > best[0]):
-                best = (int(r), h, path)
+            parts = path.stem.split("-")
+            if len(parts) != 3 or not parts[1].isdigit():
+                continue  # not a snapshot of ours
+            r, h = int(parts[1]), parts[2]
+            if base <= r <= target and (best is None or r > best[0]):
+                best = (r, h, path)
         return best
 
     # -- sync -----------------------------------------------------------------
@@ -116,8 +140,8 @@ class ZoModelState:
     def restore(self) -> None:
         """Return the weights to the synced global model after local training."""
         if self.dirty:
-            self._read_snapshot(self._snapshot_path(self.round, self.hash))
             self.dirty = False
+            self._read_snapshot(self._snapshot_path(self.round, self.hash), self.hash)
 
     def sync(self, ins: ZoTrainIns) -> None:
         """Bring the model to ``ins.target_round`` and check its hash.
@@ -132,7 +156,7 @@ class ZoModelState:
         if not ins.base_round <= self.round <= ins.target_round:
             best = self._best_snapshot(ins.base_round, ins.target_round)
             if best is not None:
-                self._read_snapshot(best[2])
+                self._read_snapshot(best[2], best[1])
                 self.round, self.hash = best[0], best[1]
             elif ins.base_round == 0:
                 self._reset_to_w0()

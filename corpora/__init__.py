@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         Example,
         open_text,
         read_jsonl,
+        read_text,
         split_holdout,
         write_jsonl,
     )
@@ -52,6 +53,7 @@ __all__ = [
     "open_text",
     "read_jsonl",
     "read_records",
+    "read_text",
     "rouge_l",
     "rouge_tokens",
     "score",
@@ -73,6 +75,7 @@ _LAZY = {
     "open_text": "corpora.examples",
     "read_jsonl": "corpora.examples",
     "read_records": "corpora.readers",
+    "read_text": "corpora.examples",
     "rouge_l": "corpora.scoring",
     "rouge_tokens": "corpora.scoring",
     "score": "corpora.scoring",

@@ -2,7 +2,7 @@
 
 This module owns the unit of text data shared by clients and server
 (:class:`Example`), the package's error type (:class:`DatasetError`),
-gzip-transparent text opening (:func:`open_text`), reading and atomically
+gzip-transparent text reading (:func:`read_text`, :func:`open_text`), reading and atomically
 writing the canonical JSONL format (:func:`read_jsonl`, :func:`write_jsonl`),
 and the seeded, group-stratified train/eval split (:func:`split_holdout`).
 
@@ -18,6 +18,7 @@ import io
 import json
 import os
 import random
+import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,63 @@ class Example:
     group: str
 
 
+def _check_file(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path, if it names a regular file."""
+    file = Path(path)
+    if file.is_dir():
+        raise DatasetError(f"{os.fspath(path)}: is a folder, not a data file")
+    if not file.is_file():
+        raise DatasetError(f"dataset file not found: {str(file)!r}")
+    return file
+
+
+def read_text(path: str | os.PathLike[str]) -> str:
+    """The whole text of a UTF-8 data file, decompressing gzip.
+
+    Gzip data is recognised by its magic bytes, whatever the file name; a
+    UTF-8 byte-order mark is dropped. Reading whole is what lets every way a
+    file can be broken become a :class:`DatasetError` that names it (and the
+    line, for bad UTF-8) instead of an ``EOFError`` or ``zlib.error``
+    surfacing mid-parse.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        File to read.
+
+    Returns
+    -------
+    str
+        Its text, line endings untouched.
+
+    Raises
+    ------
+    DatasetError
+        If the path is missing or a folder, cannot be read (permissions, I/O),
+        is a damaged or truncated gzip stream, or is not UTF-8 text.
+    """
+    file = _check_file(path)
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{file}: cannot read: {exc.strerror or exc}") from None
+    if data[:2] == _GZIP_MAGIC:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DatasetError(
+                f"{file}: damaged or truncated gzip data ({exc})"
+            ) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DatasetError(
+            f"{file} line {line}: not UTF-8 text (byte {data[exc.start]:#04x}); "
+            "data files must be UTF-8"
+        ) from None
+
+
 def open_text(path: str | os.PathLike[str]) -> TextIO:
     """Open a UTF-8 text file for reading, decompressing gzip transparently.
 
@@ -71,16 +129,19 @@ def open_text(path: str | os.PathLike[str]) -> TextIO:
     Raises
     ------
     DatasetError
-        If the path does not exist or is not a regular file.
+        If the path does not exist, is not a regular file or cannot be opened.
+        (Decoding errors surface while reading; :func:`read_text` reports
+        those too.)
     """
-    file = Path(path)
-    if not file.is_file():
-        raise DatasetError(f"dataset file not found: {str(file)!r}")
-    with file.open("rb") as handle:
-        magic = handle.read(2)
-    if magic == _GZIP_MAGIC:
-        return io.TextIOWrapper(gzip.open(file, "rb"), encoding="utf-8", newline="")
-    return file.open("r", encoding="utf-8", newline="")
+    file = _check_file(path)
+    try:
+        with file.open("rb") as handle:
+            magic = handle.read(2)
+        if magic == _GZIP_MAGIC:
+            return io.TextIOWrapper(gzip.open(file, "rb"), encoding="utf-8", newline="")
+        return file.open("r", encoding="utf-8", newline="")
+    except OSError as exc:
+        raise DatasetError(f"{file}: cannot read: {exc.strerror or exc}") from None
 
 
 def _parse_canonical(line: str, where: str) -> Example:
@@ -124,16 +185,16 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Example]:
     Raises
     ------
     DatasetError
-        If the file is missing, a line is not valid JSON, or a line lacks one
-        of the string fields ``prompt``, ``response``, ``group``; the message
+        If the file is missing or unreadable (see :func:`read_text`), a line
+        is not valid JSON, or a line lacks one of the string fields ``prompt``, ``response``, ``group``; the message
         names the file and line number.
     """
     examples: list[Example] = []
-    with open_text(path) as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if line.strip():
-                where = f"{os.fspath(path)} line {line_number}"
-                examples.append(_parse_canonical(line, where))
+    lines = io.StringIO(read_text(path), newline="")
+    for line_number, line in enumerate(lines, start=1):
+        if line.strip():
+            where = f"{os.fspath(path)} line {line_number}"
+            examples.append(_parse_canonical(line, where))
     return examples
 
 

@@ -28,6 +28,7 @@ classification records.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -36,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from corpora.examples import DatasetError, Example, open_text
+from corpora.examples import DatasetError, Example, read_text
 from corpora.tasks import generate_tasks
 
 BUILTIN_SOURCES: tuple[str, ...] = ("builtin:tasks",)
@@ -224,27 +225,29 @@ def _file_format(path: Path) -> str:
 def _jsonl_records(path: Path) -> list[tuple[str, Any]]:
     """Read a JSONL file into ``(location, record)`` pairs."""
     records = []
-    with open_text(path) as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {line_number}"
-            try:
-                records.append((where, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{where}: invalid JSON ({exc.msg})") from exc
+    lines = io.StringIO(read_text(path), newline="")
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {line_number}"
+        try:
+            records.append((where, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{where}: invalid JSON ({exc.msg})") from None
     return records
 
 
 def _json_records(path: Path) -> list[tuple[str, Any]]:
     """Read a JSON file (list, or object holding a list) into records."""
-    with open_text(path) as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(
-                f"{path}: invalid JSON ({exc.msg}, line {exc.lineno})"
-            ) from exc
+    text = read_text(path)
+    if not text.strip():
+        return []
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(
+            f"{path} line {exc.lineno}: invalid JSON ({exc.msg})"
+        ) from None
     if isinstance(data, dict):
         lists = [key for key, value in data.items() if isinstance(value, list)]
         key = next((k for k in ("data", "train") if k in lists), None)
@@ -269,8 +272,8 @@ def _json_records(path: Path) -> list[tuple[str, Any]]:
 def _csv_records(path: Path) -> list[tuple[str, Any]]:
     """Read a CSV file with a header row into records."""
     records = []
-    with open_text(path) as handle:
-        reader = csv.DictReader(handle)
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    try:
         for row in reader:
             where = f"{path} line {reader.line_num}"
             if None in row or any(value is None for value in row.values()):
@@ -281,6 +284,10 @@ def _csv_records(path: Path) -> list[tuple[str, Any]]:
                     f"{reader.fieldnames} has {len(reader.fieldnames or [])}"
                 )
             records.append((where, row))
+    except csv.Error as exc:
+        # line_num counts the lines read before the one that failed
+        line = reader.line_num + 1
+        raise DatasetError(f"{path} line {line}: bad CSV ({exc})") from None
     return records
 
 
@@ -309,11 +316,13 @@ def read_records(path: str | os.PathLike[str]) -> list[Example]:
     Raises
     ------
     DatasetError
-        If the file is missing, of an unsupported type, empty, of an unknown
-        schema, or a record lacks a field (the message names its line).
+        If the file is missing, a folder, unreadable, damaged gzip, not UTF-8
+        (see :func:`corpora.examples.read_text`), of an unsupported type,
+        empty, not valid JSON/CSV, of an unknown schema, or a record lacks a
+        field (the message names the file and, where known, the line).
     """
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise DatasetError(f"dataset file not found: {str(file)!r}")
     readers = {".json": _json_records, ".jsonl": _jsonl_records, ".csv": _csv_records}
     raw_records = readers[_file_format(file)](file)

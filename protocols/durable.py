@@ -4,18 +4,29 @@ The one implementation every layer uses (run folders, data partitions, client
 snapshots). A write goes to a temporary file beside the target, is flushed and
 fsync'ed, then renamed over the target with :func:`os.replace`, which is atomic
 on POSIX; the folder is fsync'ed too, so the rename itself survives a power
-loss. :func:`append_line` is the one exception to whole-file replacement: an
+loss. A folder written as a whole (a checkpoint, an adapter folder) is built
+beside its target and swapped in with :func:`replace_dir`; a crash between the
+swap's two renames leaves the previous folder, which :func:`committed_dir`
+finds. :func:`append_line` is the one exception to whole-file replacement: an
 fsync'ed append, for logs whose torn last line readers tolerate.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["append_line", "atomic_write", "atomic_write_bytes", "atomic_write_text"]
+__all__ = [
+    "append_line",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "committed_dir",
+    "replace_dir",
+]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -95,3 +106,39 @@ def append_line(path: Path, line: str) -> None:
         handle.write(line + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def _previous(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def committed_dir(target: Path) -> Path:
+    """``target``, or its previous version if a crash interrupted :func:`replace_dir`.
+
+    Read-only: the next :func:`replace_dir` of ``target`` puts things right.
+    """
+    target = Path(target)
+    previous = _previous(target)
+    if not target.exists() and previous.is_dir():
+        return previous
+    return target
+
+
+def replace_dir(staged: Path, target: Path) -> None:
+    """Swap the complete folder ``staged`` in as ``target`` (same parent folder).
+
+    The old ``target`` is renamed aside, ``staged`` renamed into place, then
+    the old one removed; at every instant either ``target`` or its previous
+    version (:func:`committed_dir`) is a whole folder. Write and fsync the
+    files of ``staged`` (with :func:`atomic_write`) before calling this.
+    """
+    staged, target = Path(staged), Path(target)
+    previous = _previous(target)
+    if not target.exists() and previous.is_dir():
+        os.replace(previous, target)  # a crash came between the two renames
+    shutil.rmtree(previous, ignore_errors=True)
+    if target.exists():
+        os.replace(target, previous)
+    os.replace(staged, target)
+    _fsync_dir(target.parent)
+    shutil.rmtree(previous, ignore_errors=True)

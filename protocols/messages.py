@@ -7,9 +7,11 @@ so no other module spells a record key. Decoders validate and raise
 Exchanges
 ---------
 ``query.hello``
-    Server -> client: empty. Client -> server: :class:`NodeHello` (its
-    partition label and example count), used to order nodes
-    deterministically and to wait for the federation to assemble.
+    Server -> client: a fresh random nonce (:func:`encode_hello_ins`).
+    Client -> server: :class:`NodeHello` (its label, example count and, when
+    it has a node key, its signature of the nonce, label and node id; see
+    :mod:`protocols.identity`), used to order nodes deterministically, to
+    bind labels to keys and to wait for the federation to assemble.
 ``train.lora``
     Server -> client: :class:`LoraTrainIns` (spec, local training settings,
     the global adapter). Client -> server: :class:`LoraTrainRes` (its trained
@@ -42,6 +44,8 @@ __all__ = [
     "ERROR_NODE_SETUP",
     "ERROR_OUT_OF_SYNC",
     "ACTION_LORA",
+    "MAX_LABEL_CHARS",
+    "MAX_WIRE_FLOAT",
     "LocalTrainConfig",
     "LoraTrainIns",
     "LoraTrainRes",
@@ -50,9 +54,11 @@ __all__ = [
     "NodeHello",
     "RoundSchedule",
     "decode_hello",
+    "decode_hello_ins",
     "decode_lora_train_ins",
     "decode_lora_train_res",
     "encode_hello",
+    "encode_hello_ins",
     "encode_lora_train_ins",
     "encode_lora_train_res",
 ]
@@ -74,8 +80,19 @@ _TRAIN = "train"
 _ADAPTER = "adapter"
 _METRICS = "metrics"
 _HELLO = "hello"
+_HELLO_INS = "hello-ins"
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
+
+MAX_WIRE_FLOAT = 1e30
+"""Largest magnitude of any float read from the wire (metrics, settings).
+
+A loss or rate beyond it is nonsense, and the bound keeps every aggregate
+finite: an example-weighted mean of values within it cannot overflow float64,
+where ``1e308`` alone overflows once weighted by two examples.
+"""
+
+MAX_LABEL_CHARS = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,8 +220,13 @@ def _get(record: Mapping[str, Any], key: str, kind: type) -> Any:
         raise ProtocolError(
             f"key '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}"
         )
-    if kind is float and isinstance(value, float) and not math.isfinite(value):
-        raise ProtocolError(f"key '{key}' must be finite, got {value!r}")
+    if isinstance(value, float) and not (
+        math.isfinite(value) and abs(value) <= MAX_WIRE_FLOAT
+    ):
+        raise ProtocolError(
+            f"key '{key}' must be finite with magnitude <= {MAX_WIRE_FLOAT:g}, "
+            f"got {value!r}"
+        )
     return value
 
 
@@ -217,26 +239,75 @@ def _record(content: RecordDict, key: str, kind: type) -> Any:
     return rec
 
 
+def encode_hello_ins(nonce: bytes) -> RecordDict:
+    """Server -> client ``query.hello``: the nonce the node signs."""
+    return RecordDict({_HELLO_INS: ConfigRecord({"nonce": nonce})})
+
+
+def decode_hello_ins(content: RecordDict) -> bytes | None:
+    """The nonce of a ``query.hello``; None for an empty hello (nothing to sign).
+
+    Raises
+    ------
+    ProtocolError
+        If the record is there but its nonce is not 16-64 bytes.
+    """
+    if _HELLO_INS not in content:
+        return None
+    nonce: bytes = _get(_record(content, _HELLO_INS, ConfigRecord), "nonce", bytes)
+    if not 16 <= len(nonce) <= 64:
+        raise ProtocolError(f"hello nonce must be 16-64 bytes, got {len(nonce)}")
+    return nonce
+
+
 @dataclass(frozen=True, slots=True)
 class NodeHello:
-    """A node's self-description: a stable label and how much data it holds."""
+    """A node's self-description: a stable label and how much data it holds.
+
+    ``signature`` is the node's signature of (nonce, label, node id)
+    (:func:`protocols.identity.sign_hello`), empty when it has no key.
+    """
 
     label: str
     num_examples: int
+    signature: bytes = b""
 
 
 def encode_hello(hello: NodeHello) -> RecordDict:
     """Client -> server reply to ``query.hello``."""
     return RecordDict(
-        {_HELLO: ConfigRecord({"label": hello.label, NUM_EXAMPLES: hello.num_examples})}
+        {
+            _HELLO: ConfigRecord(
+                {
+                    "label": hello.label,
+                    NUM_EXAMPLES: hello.num_examples,
+                    "signature": hello.signature,
+                }
+            )
+        }
     )
 
 
 def decode_hello(content: RecordDict) -> NodeHello:
-    """Read a ``query.hello`` reply."""
+    """Read a ``query.hello`` reply.
+
+    Raises
+    ------
+    ProtocolError
+        On a missing key, or a label that is empty, longer than
+        :data:`MAX_LABEL_CHARS` or not printable (labels go into logs).
+    """
     rec = _record(content, _HELLO, ConfigRecord)
+    label: str = _get(rec, "label", str)
+    if not (0 < len(label) <= MAX_LABEL_CHARS and label.isprintable()):
+        raise ProtocolError(
+            f"'label' must be 1-{MAX_LABEL_CHARS} printable characters, "
+            f"got {label[:MAX_LABEL_CHARS]!r}"
+        )
     return NodeHello(
-        label=_get(rec, "label", str), num_examples=_get(rec, NUM_EXAMPLES, int)
+        label=label,
+        num_examples=_get(rec, NUM_EXAMPLES, int),
+        signature=_get(rec, "signature", bytes),
     )
 
 
@@ -314,7 +385,8 @@ def decode_lora_train_res(
     ------
     ProtocolError
         On a missing record, a layout other than ``expected``, NaN/Inf values,
-        a non-positive example count or a non-finite loss.
+        a non-positive example count, or a loss that is not finite or exceeds
+        :data:`MAX_WIRE_FLOAT` in magnitude (the reason names the metric).
     """
     metrics = _record(content, _METRICS, MetricRecord)
     num_examples = _get(metrics, NUM_EXAMPLES, int)

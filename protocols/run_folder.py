@@ -13,7 +13,9 @@ clients, the simulation launcher, the server CLI, export) asks a
     data/client-NNNN.jsonl   one simulated client's examples
     checkpoint/state.json    the last completed round's server state
     checkpoint/<tensors>     its tensors (none for FedKSeed: seeds rebuild it)
-    adapter/ or model/   the final artefacts of the method
+    checkpoint/manifest.json the sha256 of both and the round, written last
+    adapter/ or model/   the final artefacts of the method, each with a manifest
+    .lock                the pid of the process that owns the run (flock'ed)
     simulation.log, superlink.log, server.json   engine and server bookkeeping
     app/                 the two-line Flower app that ``flwr run`` submits
     .flwr-superlink/, .flwr-cli/   Flower homes of the run's processes
@@ -21,8 +23,14 @@ clients, the simulation launcher, the server CLI, export) asks a
 
 Every write is atomic (:mod:`protocols.durable`); every read validates what it
 parses and raises a :class:`RunFolderError` that names the file, so a damaged
-file is never taken at its word. A checkpoint's ``state.json`` is written after
-its tensors and names them, so it never points at tensors that are not there.
+file is never taken at its word. A checkpoint is built in a staging folder
+(tensors, then ``state.json``, then its manifest of content hashes,
+:mod:`protocols.manifest`) and swapped in whole; a checkpoint or final artefact
+whose manifest is missing or disagrees with its files is refused.
+
+One process owns a run at a time: :meth:`RunFolder.lock` holds an exclusive
+``flock`` on ``.lock`` (which records the owner's pid) for as long as the owner
+lives; the kernel drops it when the owner dies, however it dies.
 
 How a client finds the run folder is one channel per engine: in simulation the
 run config key ``run-dir`` (:data:`RUN_DIR_KEY`); a deployed client has no run
@@ -31,18 +39,43 @@ folder, its node config names its data file.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import warnings
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
-from protocols.durable import append_line, atomic_write_bytes, atomic_write_text
+from protocols.durable import (
+    atomic_write_bytes,
+    atomic_write_text,
+    committed_dir,
+    replace_dir,
+)
+from protocols.manifest import (
+    Manifest,
+    ManifestError,
+    manifest_path,
+    read_manifest,
+    seal,
+    verified_bytes,
+    verify,
+)
+from protocols.metrics_log import MetricsLog, read_metrics
+from protocols.owner_lock import OwnerLockHeld, hold_lock, lock_holder
+from protocols.run_errors import (
+    CheckpointError,
+    MetricsError,
+    RunFolderError,
+    RunFolderLocked,
+    one_line,
+    wrong_type,
+)
 
 __all__ = [
     "RUN_DIR_KEY",
@@ -53,6 +86,7 @@ __all__ = [
     "MetricsLog",
     "RunFolder",
     "RunFolderError",
+    "RunFolderLocked",
     "RunStatus",
     "read_metrics",
 ]
@@ -68,16 +102,14 @@ ENDED_STATES = ("completed", "failed", "stopped")
 _MAX_JSON_BYTES = 64 * 1024 * 1024  # a status or checkpoint state is kilobytes
 
 
-class RunFolderError(ValueError):
-    """A run folder's file is missing, damaged or of another run; names the file."""
-
-
-class MetricsError(RunFolderError):
-    """``metrics.jsonl`` cannot be interpreted (names the file and line)."""
-
-
-class CheckpointError(RunFolderError):
-    """A run folder has no usable checkpoint, or one of another spec."""
+_STATE_FILE = "state.json"
+# The types of the fields other code reads from status.json.
+_STATUS_TYPES: dict[str, tuple[type, ...]] = {
+    "error": (str,),
+    "reason": (str,),
+    "rounds": (int,),
+    "rounds_planned": (int,),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,91 +145,27 @@ def _read_json_object(path: Path) -> dict[str, Any]:
     if size > _MAX_JSON_BYTES:
         raise RunFolderError(f"{path}: {size} bytes, more than a run file can hold")
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise RunFolderError(f"{path} is a folder, not a file") from None
+    return _parse_json_object(data, path)
+
+
+def _parse_json_object(data: bytes, path: Path) -> dict[str, Any]:
+    """The JSON object ``data`` (read from ``path``, which errors name)."""
+    try:
+        value = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunFolderError(f"{path} is damaged: not valid JSON ({exc})") from None
+        raise RunFolderError(
+            f"{path} is damaged: not valid JSON ({one_line(exc)})"
+        ) from None
+    except RecursionError:
+        raise RunFolderError(f"{path} is damaged: nested too deeply") from None
     if not isinstance(value, dict):
         raise RunFolderError(
             f"{path} is damaged: expected a JSON object, got {type(value).__name__}"
         )
     return value
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Read a ``metrics.jsonl`` into a list of per-round dicts, in file order.
-
-    Blank lines are skipped. A final line without its newline that is not
-    valid JSON (the writer died mid-write) is ignored with a warning.
-
-    Raises
-    ------
-    FileNotFoundError
-        If ``path`` does not exist; the message names the path.
-    MetricsError
-        If a line is not valid JSON, not an object, or lacks an integer
-        ``round``; the message names the file and the 1-based line.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"metrics file not found: {path}") from None
-    lines = text.split("\n")
-    # "a\n" splits into ["a", ""]; a last element with text is unterminated.
-    unterminated_last = len(lines) - 1 if lines[-1].strip() else None
-    rows: list[dict[str, Any]] = []
-    for index, line in enumerate(lines):
-        if not line.strip():
-            continue
-        lineno = index + 1
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if index == unterminated_last:
-                warnings.warn(
-                    f"{path}:{lineno}: ignoring truncated final line ({exc.msg})",
-                    stacklevel=2,
-                )
-                break
-            raise MetricsError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from exc
-        if not isinstance(row, dict):
-            raise MetricsError(
-                f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
-            )
-        rnd = row.get("round")
-        if not isinstance(rnd, int) or isinstance(rnd, bool):
-            raise MetricsError(
-                f"{path}:{lineno}: missing or non-integer 'round': {rnd!r}"
-            )
-        rows.append(row)
-    return rows
-
-
-class MetricsLog:
-    """Appends one JSON object per round to ``metrics.jsonl``, durably."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def truncate_after(self, server_round: int) -> None:
-        """Drop rows past ``server_round`` (and torn lines), atomically."""
-        if not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a crash
-            rnd = row.get("round") if isinstance(row, dict) else None
-            if isinstance(rnd, int) and rnd <= server_round:
-                kept.append(line)
-        atomic_write_text(self.path, "".join(f"{k}\n" for k in kept))
-
-    def append(self, row: Mapping[str, Any]) -> None:
-        """Append ``row`` as one line and fsync it (NaN/Inf are refused)."""
-        append_line(self.path, json.dumps(dict(row), allow_nan=False))
 
 
 def _safetensors_bytes(
@@ -330,6 +298,75 @@ class RunFolder:
         """Simulated FedKSeed clients' snapshots (scratch, removed after a run)."""
         return self.path / ".zo-state"
 
+    @property
+    def lock_file(self) -> Path:
+        """``.lock``: flock'ed by the run's owner, holding its pid."""
+        return self.path / ".lock"
+
+    # -- ownership ------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[int]:
+        """Own the run folder for the ``with`` block; yield the lock's descriptor.
+
+        An owner lock (:mod:`protocols.owner_lock`) on :attr:`lock_file`,
+        which records this process's pid: it dies with its owner (SIGKILL
+        included), so a resume after a crash finds the folder free. A child
+        started with the yielded descriptor in ``pass_fds`` shares the lock
+        and keeps it after the owner dies, until the child exits too.
+
+        Raises
+        ------
+        RunFolderLocked
+            If another live process owns the folder (the message names its pid).
+        RunFolderError
+            If the lock file cannot be opened (no such folder, no permission).
+        """
+        held = contextlib.ExitStack()
+        try:  # only taking the lock: the block's own errors pass through
+            fd = held.enter_context(hold_lock(self.lock_file))
+        except OwnerLockHeld as exc:
+            raise RunFolderLocked(self._in_use(exc.pid)) from None
+        except OSError as exc:
+            raise RunFolderError(f"cannot lock {self.path}: {one_line(exc)}") from None
+        with held:
+            yield fd
+
+    def locked_by(self) -> int | None:
+        """The pid owning the folder, or None when no live process does.
+
+        Returns 0 when it is owned but the pid is not (yet) readable.
+
+        Raises
+        ------
+        RunFolderError
+            If the lock file exists but cannot be opened.
+        """
+        try:
+            return lock_holder(self.lock_file)
+        except OSError as exc:
+            raise RunFolderError(
+                f"cannot read {self.lock_file}: {one_line(exc)}"
+            ) from None
+
+    def _in_use(self, owner: int | None) -> str:
+        who = f"pid {owner}" if owner else "another process"
+        return (
+            f"run folder {self.path} is in use by {who}: one engine per run "
+            f"(its lock is {self.lock_file})"
+        )
+
+    def check_free(self) -> None:
+        """Refuse a run folder another live process owns.
+
+        Raises
+        ------
+        RunFolderLocked
+            If one does (the message names its pid).
+        """
+        owner = self.locked_by()
+        if owner is not None:
+            raise RunFolderLocked(self._in_use(owner))
+
     # -- records --------------------------------------------------------------
     def read_record(self, path: Path) -> dict[str, Any] | None:
         """A JSON object file of this run (None when it does not exist).
@@ -365,8 +402,11 @@ class RunFolder:
         if state not in RUN_STATES:
             raise RunFolderError(
                 f"{self.status_file} is damaged: state {state!r} is not one of "
-                f"{list(RUN_STATES)}"
+                f"{', '.join(RUN_STATES)}"
             )
+        wrong = wrong_type(raw, _STATUS_TYPES)
+        if wrong:
+            raise RunFolderError(f"{self.status_file} is damaged: {wrong}")
         return RunStatus(str(state), raw)
 
     def write_status(self, state: str, **fields: Any) -> None:
@@ -395,21 +435,62 @@ class RunFolder:
         return MetricsLog(self.metrics)
 
     # -- checkpoint -----------------------------------------------------------
+    def _checkpoint_manifest(self) -> Manifest | None:
+        """The committed checkpoint's manifest; None when there is no checkpoint.
+
+        Raises
+        ------
+        CheckpointError
+            If a checkpoint folder exists without a valid manifest.
+        """
+        live = committed_dir(self.checkpoint_dir)
+        if not live.is_dir():
+            return None
+        if not (live / _STATE_FILE).exists() and not manifest_path(live).exists():
+            return None
+        try:
+            return read_manifest(live)
+        except ManifestError as exc:
+            raise CheckpointError(f"not a usable checkpoint: {exc}") from None
+
+    def _checkpoint_bytes(self, manifest: Manifest, name: str) -> bytes:
+        try:
+            return verified_bytes(manifest, name)
+        except ManifestError as exc:
+            raise CheckpointError(str(exc)) from None
+
     def checkpoint_round(self) -> int | None:
         """The round of the last checkpoint, or None when there is none.
 
         Raises
         ------
         CheckpointError
-            If ``state.json`` is damaged.
+            If ``state.json`` or the manifest is damaged.
         """
-        try:
-            state = _read_json_object(self.checkpoint_state)
-        except FileNotFoundError:
+        if self._checkpoint_manifest() is None:
             return None
-        except RunFolderError as exc:
+        return int(self.checkpoint_record()["round"])
+
+    def verify_checkpoint(self) -> int | None:
+        """Hash every file of the checkpoint; return its round (None: no checkpoint).
+
+        What ``resume`` calls before starting anything.
+
+        Raises
+        ------
+        CheckpointError
+            If a file is missing, changed, unlisted or damaged (named).
+        """
+        if self._checkpoint_manifest() is None:
+            return None
+        try:
+            verify(committed_dir(self.checkpoint_dir))
+        except ManifestError as exc:
             raise CheckpointError(str(exc)) from None
-        return _round_of(state, self.checkpoint_state)
+        state = self.checkpoint_record()
+        if state["tensors"] is not None:
+            self.read_checkpoint_tensors(state)
+        return int(state["round"])
 
     def write_checkpoint(
         self,
@@ -420,11 +501,14 @@ class RunFolder:
         *,
         filename: str = "adapter.safetensors",
     ) -> Path:
-        """Write the round's server state (and its tensors) to ``checkpoint/``.
+        """Write the round's server state (and its tensors) as ``checkpoint/``.
 
-        The tensors are replaced first, then ``state.json``, which names the
-        round, the spec fingerprint and the tensor file (``None`` when the
-        method's state needs no tensors, as FedKSeed's seed history).
+        The new checkpoint is built beside the old one: the tensors, then
+        ``state.json`` (the round, the spec fingerprint and the tensor file,
+        ``None`` when the method's state needs no tensors, as FedKSeed's seed
+        history), then the manifest of their sha256 and the round; then it is
+        swapped in whole (:func:`protocols.durable.replace_dir`). A crash
+        leaves the previous checkpoint or this one, never a mix.
 
         Raises
         ------
@@ -434,12 +518,8 @@ class RunFolder:
         reserved = {"round", "spec_fingerprint", "tensors"} & set(state)
         if reserved:
             raise CheckpointError(f"checkpoint state may not set {sorted(reserved)}")
-        if "/" in filename or filename.startswith("."):
+        if "/" in filename or filename.startswith(".") or filename == _STATE_FILE:
             raise CheckpointError(f"bad checkpoint tensor file name {filename!r}")
-        folder = self.checkpoint_dir
-        if tensors is not None:
-            meta = {"round": str(server_round), "spec": spec_fingerprint}
-            atomic_write_bytes(folder / filename, _safetensors_bytes(tensors, meta))
         record = {
             "round": server_round,
             "spec_fingerprint": spec_fingerprint,
@@ -450,27 +530,49 @@ class RunFolder:
             text = json.dumps(record, indent=1, allow_nan=False)
         except ValueError as exc:
             raise CheckpointError(f"checkpoint state is not finite: {exc}") from None
-        atomic_write_text(self.checkpoint_state, text)
-        return folder
+        stage = self.path / ".checkpoint.new"
+        shutil.rmtree(stage, ignore_errors=True)  # a crash's leftover
+        stage.mkdir(parents=True)
+        if tensors is not None:
+            meta = {"round": str(server_round), "spec": spec_fingerprint}
+            atomic_write_bytes(stage / filename, _safetensors_bytes(tensors, meta))
+        atomic_write_text(stage / _STATE_FILE, text)
+        seal(stage, {"round": server_round, "spec_fingerprint": spec_fingerprint})
+        replace_dir(stage, self.checkpoint_dir)
+        return self.checkpoint_dir
 
     def checkpoint_record(self) -> dict[str, Any]:
-        """The checkpoint's ``state.json`` as written (the round checked).
+        """The checkpoint's ``state.json`` as written, checked against its manifest.
 
         Raises
         ------
         CheckpointError
-            If there is none or it is damaged.
+            If there is none, or it is damaged (the message names the file).
         """
-        path = self.checkpoint_state
-        try:
-            state = _read_json_object(path)
-        except FileNotFoundError:
+        manifest = self._checkpoint_manifest()
+        if manifest is None:
             raise CheckpointError(
-                f"no checkpoint in {self.path} (looked for {path})"
-            ) from None
+                f"no checkpoint in {self.path} (looked for {self.checkpoint_state})"
+            )
+        path = manifest.root / _STATE_FILE
+        data = self._checkpoint_bytes(manifest, _STATE_FILE)
+        try:
+            state = _parse_json_object(data, path)
         except RunFolderError as exc:
             raise CheckpointError(str(exc)) from None
-        _round_of(state, path)
+        rnd = _round_of(state, path)
+        if manifest.meta.get("round") != rnd:
+            raise CheckpointError(
+                f"{path} is damaged: round {rnd}, its manifest says "
+                f"{manifest.meta.get('round')!r}"
+            )
+        if not isinstance(state.get("spec_fingerprint"), str):
+            raise CheckpointError(f"{path} is damaged: no spec fingerprint")
+        name = state.get("tensors")
+        if name is not None and (
+            not isinstance(name, str) or "/" in name or name.startswith(".")
+        ):
+            raise CheckpointError(f"{path} is damaged: tensors is {name!r}")
         return state
 
     def read_checkpoint(self, spec_fingerprint: str) -> dict[str, Any]:
@@ -481,39 +583,40 @@ class RunFolder:
         CheckpointError
             If there is none, it is damaged, or it belongs to another spec.
         """
-        path = self.checkpoint_state
         state = self.checkpoint_record()
         if state.get("spec_fingerprint") != spec_fingerprint:
             raise CheckpointError(
-                f"{path} was written for spec {state.get('spec_fingerprint')}, this "
-                f"run's spec is {spec_fingerprint}: the config changed since the "
-                "checkpoint"
+                f"{self.checkpoint_state} was written for spec "
+                f"{state.get('spec_fingerprint')}, this run's spec is "
+                f"{spec_fingerprint}: the config changed since the checkpoint"
             )
         return state
 
     def read_checkpoint_tensors(
         self, state: Mapping[str, Any]
     ) -> dict[str, torch.Tensor]:
-        """The tensors a checkpoint's ``state`` names, every one finite.
+        """The tensors a checkpoint's ``state`` names, verified and finite.
 
         Raises
         ------
         CheckpointError
-            If the state names no tensors, the file is unreadable, or a tensor
-            holds NaN/Inf.
+            If the state names no tensors, the file differs from the manifest
+            or is unreadable, or a tensor holds NaN/Inf.
         """
         name = state.get("tensors")
         if not isinstance(name, str) or "/" in name or name.startswith("."):
             raise CheckpointError(
                 f"{self.checkpoint_state} names no tensor file (tensors={name!r})"
             )
-        path = self.checkpoint_dir / name
+        manifest = self._checkpoint_manifest()
+        if manifest is None:
+            raise CheckpointError(f"no checkpoint in {self.path}")
+        path = manifest.root / name
+        data = self._checkpoint_bytes(manifest, name)
         try:
-            tensors = load_file(path)
-        except (FileNotFoundError, OSError, SafetensorError) as exc:
-            raise CheckpointError(
-                f"checkpoint tensors unreadable: {path}: {exc}"
-            ) from None
+            tensors = _load_in_file_order(data)
+        except (SafetensorError, ValueError, KeyError, OSError) as exc:
+            raise CheckpointError(f"{path} is damaged: {one_line(exc)}") from None
         for key, value in tensors.items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise CheckpointError(f"{path}: tensor {key!r} holds NaN or Inf")
@@ -526,10 +629,41 @@ class RunFolder:
         tensors: Mapping[str, torch.Tensor],
         meta: Mapping[str, str],
     ) -> Path:
-        """Write a final artefact as one safetensors file, atomically."""
+        """Write a final artefact as one safetensors file, then its manifest."""
         path = self.artefact(relative)
+        manifest_path(path).unlink(missing_ok=True)  # unsealed while rewritten
         atomic_write_bytes(path, _safetensors_bytes(tensors, meta))
+        seal(path)
         return path
+
+    def verify_artefact(self, relative: str) -> Path:
+        """A final artefact (file or folder), checked against its manifest.
+
+        Raises
+        ------
+        RunFolderError
+            If it leaves the folder, has no valid manifest, or a file of it is
+            missing, changed or unlisted (the message names it).
+        """
+        path = self.artefact(relative)
+        try:
+            verify(path)
+        except ManifestError as exc:
+            raise RunFolderError(str(exc)) from None
+        return path
+
+
+def _load_in_file_order(data: bytes) -> dict[str, torch.Tensor]:
+    """Safetensors ``data`` as tensors in the file's order, as ``load_file`` gives.
+
+    ``safetensors.torch.load`` orders by name; the tensor layout a checkpoint
+    is checked against is the order the tensors were written in (by offset).
+    """
+    tensors = load(data)
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    offset = {k: v["data_offsets"][0] for k, v in header.items() if k in tensors}
+    return {k: tensors[k] for k in sorted(tensors, key=lambda k: (offset[k], k))}
 
 
 def _round_of(state: Mapping[str, Any], path: Path) -> int:

@@ -14,7 +14,8 @@ bytes the device moved over the trunk service.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -32,6 +33,7 @@ from protocols.specs import SplitSpec
 
 __all__ = [
     "ACTION_SFPROMPT",
+    "GRANT_BYTES",
     "MESSAGE_TRAIN_SFPROMPT",
     "SplitRoundConfig",
     "SplitTrainIns",
@@ -39,11 +41,15 @@ __all__ = [
     "decode_split_train_ins",
     "decode_split_train_res",
     "encode_split_train_ins",
+    "encode_split_train_ins_per_node",
     "encode_split_train_res",
 ]
 
 ACTION_SFPROMPT = SFPROMPT.action
 MESSAGE_TRAIN_SFPROMPT = f"train.{ACTION_SFPROMPT}"
+
+GRANT_BYTES = 32
+"""Length of a trunk grant (``secrets.token_bytes(32)``)."""
 
 _SPEC, _ROUND, _TENSORS, _METRICS = "spec", "round", "tensors", "metrics"
 
@@ -52,10 +58,12 @@ _SPEC, _ROUND, _TENSORS, _METRICS = "spec", "round", "tensors", "metrics"
 class SplitRoundConfig:
     """One round's device settings and how to reach the trunk service.
 
-    ``trunk_root_certificate`` is the PEM of the CA that signed the trunk
-    service's certificate (empty: plaintext). It travels over the Flower
-    connection, which the device already trusts, so a device needs no extra
-    set-up to reach the trunk over TLS.
+    ``trunk_grant`` is this node's secret for this round (:data:`GRANT_BYTES`
+    random bytes, a different one per node): the trunk opens a session only
+    for it, and forgets it when the round ends. ``trunk_root_certificate`` is
+    the PEM of the CA that signed the trunk service's certificate (empty:
+    plaintext). Both travel over the Flower connection, which the device
+    already trusts, so a device needs no extra set-up to reach the trunk.
     """
 
     server_round: int
@@ -66,6 +74,7 @@ class SplitRoundConfig:
     gamma: float
     seed: int
     trunk_address: str
+    trunk_grant: bytes = field(repr=False)
     trunk_root_certificate: bytes = b""
 
     def __post_init__(self) -> None:
@@ -78,11 +87,13 @@ class SplitRoundConfig:
             and self.learning_rate > 0,
             "gamma": 0.0 < self.gamma <= 1.0,
             "trunk_address": ":" in self.trunk_address,
+            "trunk_grant": len(self.trunk_grant) == GRANT_BYTES,
         }
         for name, ok in checks.items():
             if not ok:
+                shown = "<secret>" if name == "trunk_grant" else getattr(self, name)
                 raise ProtocolError(
-                    f"split round field '{name}' is out of range: {getattr(self, name)!r}"
+                    f"split round field '{name}' is out of range: {shown!r}"
                 )
 
     def to_config_record(self) -> ConfigRecord:
@@ -97,6 +108,7 @@ class SplitRoundConfig:
                 "gamma": self.gamma,
                 "seed": self.seed,
                 "trunk-address": self.trunk_address,
+                "trunk-grant": self.trunk_grant,
                 "trunk-root-certificate": self.trunk_root_certificate,
             }
         )
@@ -113,6 +125,7 @@ class SplitRoundConfig:
             gamma=_get(record, "gamma", float),
             seed=_get(record, "seed", int),
             trunk_address=_get(record, "trunk-address", str),
+            trunk_grant=_get(record, "trunk-grant", bytes),
             trunk_root_certificate=_get(record, "trunk-root-certificate", bytes),
         )
 
@@ -148,6 +161,22 @@ def encode_split_train_ins(ins: SplitTrainIns) -> RecordDict:
             _TENSORS: encode_tensors(ins.tensors),
         }
     )
+
+
+def encode_split_train_ins_per_node(
+    ins: SplitTrainIns, configs: Sequence[SplitRoundConfig]
+) -> list[RecordDict]:
+    """One instruction per round config (per node), sharing the encoded tensors.
+
+    The spec and tensors are encoded once; only the round record (which holds
+    each node's grant) differs. ``ins.config`` is not used.
+    """
+    spec = ins.spec.to_config_record()
+    tensors = encode_tensors(ins.tensors)
+    return [
+        RecordDict({_SPEC: spec, _ROUND: c.to_config_record(), _TENSORS: tensors})
+        for c in configs
+    ]
 
 
 def decode_split_train_ins(

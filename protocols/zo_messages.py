@@ -31,7 +31,7 @@ from flwr.app import (
 
 from protocols.codecs import decode_tensors, encode_tensors
 from protocols.errors import ProtocolError
-from protocols.messages import RoundSchedule, _get, _record
+from protocols.messages import MAX_WIRE_FLOAT, RoundSchedule, _get, _record
 from protocols.methods import FEDKSEED
 from protocols.specs import ZOSpec
 
@@ -253,8 +253,10 @@ def decode_zo_train_res(
     Raises
     ------
     ProtocolError
-        On an out-of-pool seed index, a NaN/Inf scalar, more pairs than
-        ``max_steps``, mismatched lengths, or a missing record.
+        On an out-of-pool seed index, a NaN/Inf scalar or one beyond
+        :data:`~protocols.messages.MAX_WIRE_FLOAT` in magnitude, more pairs
+        than ``max_steps``, mismatched lengths, a missing record, or a
+        metric that is not finite or beyond that bound.
     """
     steps = decode_tensors(
         _record(content, _STEPS, ArrayRecord), max_bytes=16 * max_steps + 4096
@@ -278,6 +280,13 @@ def decode_zo_train_res(
             f"reply holds {idx.numel()} steps, at most {max_steps} were asked for"
         )
     _check_indices(idx, num_seeds, "reply")
+    # Finite (decode_tensors checked) but also bounded, so that the per-seed
+    # sums and their float32 coefficients stay finite.
+    if g.numel() and float(g.abs().max()) > MAX_WIRE_FLOAT:
+        raise ProtocolError(
+            f"step scalars must have magnitude <= {MAX_WIRE_FLOAT:g}, got "
+            f"{float(g.abs().max())!r}"
+        )
     sync = _record(content, _SYNC, ConfigRecord)
     metrics = _record(content, _METRICS, MetricRecord)
     n = _get(metrics, "num-examples", int)

@@ -11,20 +11,33 @@ state; the method's behaviour comes from its server plug-in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from corpora import Example, read_jsonl
+from corpora import DatasetError, Example, read_jsonl
 from protocols import ByteLedger
 from protocols.installation import check_installation
-from protocols.run_folder import RUN_DIR_KEY, RunFolder
+from protocols.run_folder import (
+    RUN_DIR_KEY,
+    CheckpointError,
+    RunFolder,
+    RunFolderError,
+)
 from server.config import RunConfig, load_config
 from server.evaluation import pick_device
-from server.federation import RoundDriver, discover_nodes, run_rounds
+from server.federation import (
+    RoundDriver,
+    discover_nodes,
+    node_auth_keys,
+    run_rounds,
+)
 from server.methods import server_method
 from strategies import NodeBook
 
@@ -46,21 +59,75 @@ def run_server(
     (rounds already recorded are not redone). ``$POLLINATE_FAULT_AFTER_ROUND``
     (tests only) kills the server right after that round is recorded.
 
+    The run folder is this process's while it runs (:func:`owned`): a second
+    ServerApp on it is refused before it writes anything.
+
     Raises
     ------
+    RunFolderLocked
+        If another live process owns the run folder.
     Exception
         Whatever stopped the run, after ``status.json`` says ``failed``.
     """
     folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
+    with owned(folder):
+        _run_owned(grid, config, folder, resume=resume)
+
+
+@contextlib.contextmanager
+def owned(folder: RunFolder) -> Iterator[None]:
+    """Hold ``folder``'s lock for the block, unless an ancestor already holds it.
+
+    In simulation the launcher that started this process's SuperLink owns
+    the folder (and its watchdog keeps it locked until this process is gone);
+    in deployment nobody does, and the ServerApp's own lock dies with it.
+
+    Raises
+    ------
+    RunFolderLocked
+        If a process that is not an ancestor of this one owns the folder.
+    """
+    owner = folder.locked_by()
+    if owner and owner in {p.pid for p in psutil.Process().parents()}:
+        yield
+        return
+    with folder.lock():
+        yield
+
+
+def _eval_examples(folder: RunFolder) -> list[Example]:
+    """The held-out set; a damaged file is a :class:`RunFolderError` naming it."""
+    try:
+        return read_jsonl(folder.eval_data)
+    except (DatasetError, UnicodeDecodeError, OSError) as exc:
+        raise RunFolderError(
+            f"{folder.eval_data} is damaged: {' '.join(str(exc).split())}"
+        ) from None
+
+
+def _checkpoint_ledger(folder: RunFolder) -> ByteLedger:
+    """The byte ledger the checkpoint recorded."""
+    try:
+        return ByteLedger.from_json(folder.checkpoint_record()["ledger"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(
+            f"{folder.checkpoint_state} is damaged: bad ledger ({exc!r})"
+        ) from None
+
+
+def _run_owned(
+    grid: Grid, config: RunConfig, folder: RunFolder, *, resume: bool
+) -> None:
+    """:func:`run_server` once the run folder is this process's."""
     folder.write_status("running", rounds_planned=config.run.rounds)
     driver: RoundDriver | None = None
     fault = os.environ.get(FAULT_ENV)
     try:
-        driver = build_driver(config, read_jsonl(folder.eval_data))
+        driver = build_driver(config, _eval_examples(folder), folder.path)
         start, ledger = 0, ByteLedger()
         if resume:
             start = driver.restore(folder)
-            ledger = ByteLedger.from_json(folder.checkpoint_record()["ledger"])
+            ledger = _checkpoint_ledger(folder)
             log.info("resuming %s after round %d", folder.path, start)
         # On resume the hello goes to a scratch ledger: round 0 is already counted.
         hello_ledger = ByteLedger() if resume else ledger
@@ -69,6 +136,7 @@ def run_server(
             expected=config.federation.clients,
             timeout_s=config.federation.round_timeout_s,
             ledger=hello_ledger,
+            auth_keys=node_auth_keys(folder),  # labels are key names then
         )
         nodes = NodeBook(
             labels,
@@ -102,10 +170,17 @@ def run_server(
     folder.write_status("completed", rounds=config.run.rounds)
 
 
-def build_driver(config: RunConfig, eval_examples: list[Example]) -> RoundDriver:
-    """The configured method's server side, with its model on the server's device."""
+def build_driver(
+    config: RunConfig, eval_examples: list[Example], run_dir: Path | None = None
+) -> RoundDriver:
+    """The configured method's server side, with its model on the server's device.
+
+    ``run_dir`` is the run folder (its ``server.json`` tells a method's
+    services whether the deployment uses TLS).
+    """
     method = server_method(config.run.method)
-    driver = method.driver(config, eval_examples, pick_device(config.eval.device))
+    device = pick_device(config.eval.device)
+    driver = method.driver(config, eval_examples, device, run_dir=run_dir)
     log.info("%s", driver.strategy.summary())
     return driver
 

@@ -9,8 +9,6 @@ dependency the bottom layer does not take).
 
 from __future__ import annotations
 
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,6 +16,8 @@ import torch
 from peft import PeftModel
 
 from protocols import ProtocolError, TensorLayout
+from protocols.durable import replace_dir
+from protocols.manifest import seal
 from protocols.run_folder import CheckpointError, RunFolder
 from strategies import TensorFedAvg
 
@@ -45,20 +45,15 @@ def restore_tensors(
 
 
 def save_peft_adapter(folder: Path, model: PeftModel) -> Path:
-    """Write ``model``'s adapter as a PEFT folder, replacing ``folder`` whole.
+    """Write ``model``'s adapter as a sealed PEFT folder, replacing ``folder`` whole.
 
     ``PeftModel.from_pretrained(base, folder)`` loads the result. The folder
-    is built beside the target and renamed into place.
+    is built beside the target, sealed with a manifest of its files' sha256
+    (:mod:`protocols.manifest`, which export verifies), and swapped into place.
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     model.save_pretrained(tmp)
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, folder)
+    seal(tmp)
+    replace_dir(tmp, folder)
     return folder

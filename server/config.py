@@ -10,6 +10,7 @@ field, the value given and what is allowed.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,6 +41,7 @@ __all__ = [
     "ZOSection",
     "config_to_toml",
     "load_config",
+    "sampled_per_round",
 ]
 
 
@@ -55,7 +57,10 @@ class RunSection(_Section):
     """Identity and length of the run."""
 
     name: str = Field(
-        "pollinate", min_length=1, description="Run name, used in the run folder."
+        "pollinate",
+        min_length=1,
+        max_length=200,
+        description="Run name, the prefix of the run folder's name (one path part).",
     )
     method: str = Field(
         LORA.name, description="Fine-tuning method (see protocols.methods)."
@@ -70,6 +75,28 @@ class RunSection(_Section):
     @classmethod
     def _registered(cls, name: str) -> str:
         get_method(name)  # raises, listing the registered names
+        return name
+
+    @field_validator("name")
+    @classmethod
+    def _one_path_part(cls, name: str) -> str:
+        """A run folder is ``<output_dir>/<name>-<time>``: it must stay inside.
+
+        So a name is one ordinary path part on every platform: not blank, not
+        ``.`` or ``..``, no slash or backslash (which also rules out absolute
+        names), no NUL or other control character, at most 200 characters.
+        """
+        if not name.strip():
+            raise ValueError("must not be blank")
+        if name in (".", ".."):
+            raise ValueError("must not be '.' or '..'")
+        if "/" in name or "\\" in name:
+            raise ValueError(
+                "must not hold '/' or '\\': the run folder is created inside "
+                "run.output_dir, named <name>-<time>"
+            )
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+            raise ValueError("must not hold NUL or other control characters")
         return name
 
 
@@ -175,6 +202,33 @@ class SplitSection(_Section):
     tls_ca_certfile: Path | None = Field(
         None, description="CA that signed the certificate, sent to devices (PEM)."
     )
+    # Trunk quotas (defaults = server.trunk_sessions.TrunkLimits, where the
+    # table explains each) and its gRPC pool (server.trunk_service).
+    max_sessions: int = Field(64, ge=1, description="Open trunk sessions in all.")
+    sessions_per_node: int = Field(2, ge=1, description="Open sessions per node.")
+    pending_per_node: int = Field(
+        1, ge=1, description="Graphs per node awaiting their Backward."
+    )
+    calls_per_node: int = Field(2, ge=1, description="Calls per node served at once.")
+    node_memory_mb: float = Field(
+        2048.0, gt=0, description="Activation memory one node may hold, MiB."
+    )
+    memory_budget_mb: float = Field(
+        6144.0, gt=0, description="Activation memory of all sessions, MiB."
+    )
+    idle_timeout_s: float = Field(
+        120.0, gt=0, description="Close a session unused this long, seconds."
+    )
+    pending_timeout_s: float = Field(
+        60.0, gt=0, description="Free a graph whose Backward is this late, seconds."
+    )
+    workers: int = Field(32, ge=1, description="Trunk threads (= concurrent calls).")
+    max_concurrent_streams: int = Field(
+        4, ge=1, description="Calls one connection may have open at once."
+    )
+    max_connection_age_s: float = Field(
+        600.0, gt=0, description="Connections are recycled after this, seconds."
+    )
 
     @model_validator(mode="after")
     def _tls_all_or_nothing(self) -> SplitSection:
@@ -183,6 +237,16 @@ class SplitSection(_Section):
             raise ValueError(
                 "split.tls_certfile, split.tls_keyfile and split.tls_ca_certfile "
                 "go together: give all three or none"
+            )
+        if self.node_memory_mb > self.memory_budget_mb:
+            raise ValueError(
+                f"split.node_memory_mb ({self.node_memory_mb:g}) exceeds "
+                f"split.memory_budget_mb ({self.memory_budget_mb:g})"
+            )
+        if self.max_concurrent_streams > self.workers:
+            raise ValueError(
+                f"split.max_concurrent_streams ({self.max_concurrent_streams}) "
+                f"exceeds split.workers ({self.workers})"
             )
         return self
 
@@ -215,12 +279,62 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
-        if self.federation.min_clients > self.federation.clients:
-            raise ValueError(
-                f"federation.min_clients ({self.federation.min_clients}) exceeds "
-                f"federation.clients ({self.federation.clients})"
-            )
+        """Settings that are each valid but cannot work together, all at once."""
+        problems = _federation_problems(self.federation)
+        problems += _data_problems(self.data, self.federation)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+
+def sampled_per_round(federation: FederationSection) -> int:
+    """How many clients a round samples from a full federation.
+
+    ``min(clients, max(min_clients, ceil(fraction x clients)))``, the count
+    :func:`strategies.sampling.sample_nodes` draws (a test pins the two
+    together).
+    """
+    wanted = math.ceil(round(federation.fraction * federation.clients, 9))
+    return min(federation.clients, max(federation.min_clients, wanted))
+
+
+def _federation_problems(fed: FederationSection) -> list[str]:
+    """Federation settings that no round can satisfy."""
+    if fed.min_clients > fed.clients:
+        return [
+            f"federation.min_clients ({fed.min_clients}) exceeds "
+            f"federation.clients ({fed.clients})"
+        ]
+    sampled = sampled_per_round(fed)
+    if fed.min_replies > sampled:
+        return [
+            f"federation.min_replies ({fed.min_replies}) exceeds the {sampled} "
+            f"clients a round samples (federation.clients {fed.clients}, "
+            f"federation.fraction {fed.fraction}, federation.min_clients "
+            f"{fed.min_clients}): every round would fail"
+        ]
+    return []
+
+
+def _data_problems(data: DataSection, fed: FederationSection) -> list[str]:
+    """Data sizes that cannot be split as configured (``data.limit`` known)."""
+    if data.limit is None:
+        return []  # the data's own size is checked by ``pollinate validate``
+    if data.eval_examples >= data.limit:
+        return [
+            f"data.eval_examples ({data.eval_examples}) must be smaller than "
+            f"data.limit ({data.limit}): the held-out set is taken from them"
+        ]
+    train = data.limit - data.eval_examples
+    need = fed.clients * data.min_partition_size
+    if train < need:
+        return [
+            f"data.limit ({data.limit}) minus data.eval_examples "
+            f"({data.eval_examples}) leaves {train} training examples, fewer than "
+            f"data.min_partition_size ({data.min_partition_size}) x "
+            f"federation.clients ({fed.clients}) = {need}"
+        ]
+    return []
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -235,13 +349,34 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def _format_errors(exc: ValidationError, origin: str) -> str:
-    lines = [f"{origin}: {exc.error_count()} invalid setting(s)"]
+    """Every problem on one line: ``origin: N invalid setting(s): a: ...; b: ...``."""
+    problems = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(config)"
+        loc = ".".join(str(p) for p in err["loc"])
         given = err.get("input")
         shown = "" if isinstance(given, dict) else f" (got {given!r})"
-        lines.append(f"  - {loc}: {err['msg']}{shown}")
-    return "\n".join(lines)
+        msg = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{loc}: {msg}{shown}" if loc else msg)
+    return f"{origin}: {exc.error_count()} invalid setting(s): " + "; ".join(problems)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The TOML file's tables; every way it cannot be read is a ConfigError."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a TOML config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+            f"{exc.start}); a TOML file is UTF-8"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
 def load_config(
@@ -266,12 +401,7 @@ def load_config(
     origin = "defaults"
     if path is not None:
         origin = str(path)
-        try:
-            tree = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file not found: {path}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        tree = _read_toml(Path(path))
     for key, value in (overrides or {}).items():
         _set_dotted(tree, key, value)
     try:

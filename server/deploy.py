@@ -6,8 +6,14 @@ unless told ``--insecure``, optional node authentication), and submits the
 run with ``flwr run``. The app it submits is a two-line Flower app
 (``<run>/app/pyproject.toml``) naming this installation's ``server.app:app``
 and ``client.app:app``, so the same apps run in simulation and deployment.
-``server.json`` in the run folder records the SuperLink's PID, address and
-the Flower run id; ``status``, ``stop`` and ``resume`` work from it.
+
+Flower serves Fleet, Control and Runtime on one port, so a served run
+(:func:`start_server`) binds the SuperLink to 127.0.0.1 only and puts the
+fleet gateway (:mod:`server.gateway`, Fleet API only) on the public address:
+registering node keys, submitting, listing and stopping runs are possible
+from the server machine alone. ``server.json`` in the run folder records
+both PIDs, both addresses and the Flower run id; ``status``, ``stop`` and
+``resume`` work from it.
 """
 
 from __future__ import annotations
@@ -22,11 +28,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import get_type_hints
 
 import psutil
+from cryptography import x509
 
 from corpora import load_examples, split_holdout, write_jsonl
 from models import prepare_model
@@ -37,17 +44,21 @@ from server.config import RunConfig, config_to_toml
 __all__ = [
     "DeployError",
     "ServerInfo",
+    "TlsFiles",
     "cli_home",
     "connected_nodes",
-    "TlsFiles",
     "flower_run_status",
     "flwr_env",
+    "free_loopback_port",
     "prepare_server_run",
     "process_alive",
     "read_server_info",
     "register_node_keys",
     "start_superlink",
+    "start_gateway",
+    "start_server",
     "stop_process_tree",
+    "stop_server",
     "stream_run_log",
     "submit_run",
     "wait_for_port",
@@ -77,6 +88,14 @@ clientapp = "client.app:app"
 run-dir = ""
 resume = false
 """
+
+
+# Flower 1.42 still has gRPC Control and Fleet servers (default 0.0.0.0:9093
+# and :9092) that these variables switch on: never let the environment do so.
+_NO_LEGACY_GRPC = {
+    "FLWR_INTERNAL_GRPC_CONTROL_API": "0",
+    "FLWR_INTERNAL_GRPC_FLEET_API": "0",
+}
 
 
 class DeployError(RuntimeError):
@@ -111,7 +130,26 @@ class TlsFiles:
 
 @dataclass(frozen=True, slots=True)
 class ServerInfo:
-    """What ``server.json`` records about a running federation server."""
+    """What ``server.json`` records about a running federation server.
+
+    Attributes
+    ----------
+    pid : int
+        The SuperLink's PID (-1 before it is started).
+    host, port : str, int
+        The public address: the fleet gateway listens here.
+    address : str
+        ``HOST:PORT`` clients connect to (``host``, or 127.0.0.1 for 0.0.0.0).
+    certs, auth_keys : str | None
+        Folders of ``pollinate certs`` and of the node public keys.
+    run_id : int | None
+        Flower's id of the submitted run.
+    superlink_port : int | None
+        The SuperLink's port on 127.0.0.1 (Fleet, Control, Runtime APIs).
+        ``None`` in records written before the gateway existed.
+    gateway_pid : int | None
+        The fleet gateway's PID.
+    """
 
     pid: int
     host: str
@@ -120,6 +158,15 @@ class ServerInfo:
     certs: str | None
     auth_keys: str | None
     run_id: int | None = None
+    superlink_port: int | None = None
+    gateway_pid: int | None = None
+
+    @property
+    def control_address(self) -> str:
+        """Where the operator's ``flwr`` reaches the SuperLink (loopback only)."""
+        if self.superlink_port is None:
+            return self.address
+        return f"127.0.0.1:{self.superlink_port}"
 
 
 def prepare_server_run(config: RunConfig, run_dir: Path) -> Path:
@@ -257,12 +304,167 @@ def start_superlink(
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
-        env={**flwr_env(folder.superlink_home), **(env or {})},
+        env={**flwr_env(folder.superlink_home), **(env or {}), **_NO_LEGACY_GRPC},
         start_new_session=True,
     )
     log.close()
-    wait_for_port("127.0.0.1" if host in ("0.0.0.0", "::") else host, port, 60.0, proc)
+    wait_for_port(_connect_host(host), port, 60.0, proc)
     return proc
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for the SuperLink behind the gateway)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _check_loopback_certificate(tls: TlsFiles) -> None:
+    """Refuse a server certificate that does not name 127.0.0.1.
+
+    The SuperLink listens on 127.0.0.1; the gateway, the SuperLink's own
+    SuperExec and the operator's ``flwr`` verify it under that name.
+
+    Raises
+    ------
+    DeployError
+        If the certificate cannot be read or does not cover 127.0.0.1.
+    """
+    import ipaddress
+
+    try:
+        cert = x509.load_pem_x509_certificate(tls.server_cert.read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except (OSError, ValueError, x509.ExtensionNotFound) as exc:
+        raise DeployError(f"cannot read {tls.server_cert}: {exc}") from None
+    if ipaddress.ip_address("127.0.0.1") not in san.value.get_values_for_type(
+        x509.IPAddress
+    ):
+        raise DeployError(
+            f"{tls.server_cert} does not cover 127.0.0.1, where the SuperLink "
+            "listens: make certificates with pollinate certs DIR --host 127.0.0.1 "
+            "--host <public name or IP>"
+        )
+
+
+def start_gateway(
+    run_dir: Path,
+    host: str,
+    port: int,
+    *,
+    upstream_port: int,
+    tls: TlsFiles | None,
+    watch_pid: int,
+) -> subprocess.Popen[bytes]:
+    """Start the fleet gateway (:mod:`server.gateway`) in its own process group.
+
+    It listens on ``host:port``, forwards the Fleet API only to the SuperLink
+    on ``127.0.0.1:upstream_port`` and exits once ``watch_pid`` (the
+    SuperLink) is gone. Its log is appended to the run's SuperLink log.
+
+    Raises
+    ------
+    DeployError
+        If it does not come up (the port is taken, say).
+    """
+    cmd = [
+        sys.executable,
+        "-P",  # the installed ``server``, never one in the working directory
+        "-m",
+        "server.gateway",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--upstream-port",
+        str(upstream_port),
+        "--watch-pid",
+        str(watch_pid),
+    ]
+    if tls is not None:
+        cmd += ["--certfile", str(tls.server_cert), "--keyfile", str(tls.server_key)]
+        cmd += ["--cafile", str(tls.ca_cert)]
+    # Whoever holds the port would pass the readiness check below.
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise DeployError(f"cannot listen on {host}:{port}: {exc}") from None
+    log = RunFolder(run_dir).superlink_log.open("ab")
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    finally:
+        log.close()
+    try:
+        wait_for_port(_connect_host(host), port, 30.0, proc)
+    except DeployError as exc:
+        stop_process_tree(proc.pid, grace_s=2.0)
+        raise DeployError(f"the fleet gateway on {host}:{port}: {exc}") from None
+    return proc
+
+
+def _connect_host(host: str) -> str:
+    """Where to reach a server bound to ``host`` from this machine."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+
+def _is_gateway(pid: int) -> bool:
+    """Whether ``pid`` is (still) a fleet gateway, not a reused PID."""
+    try:
+        return "server.gateway" in psutil.Process(pid).cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
+def start_server(run_dir: Path, info: ServerInfo, *, auth: bool) -> ServerInfo:
+    """Start the SuperLink on a free loopback port and the gateway before it.
+
+    A gateway left from an earlier start of this run is stopped first (it
+    holds the public port). Returns ``info`` with the new PIDs and SuperLink
+    port; nothing is left running if either process fails to start.
+
+    Raises
+    ------
+    DeployError
+        If the certificate does not cover 127.0.0.1, or a process does not
+        come up.
+    """
+    tls = TlsFiles.in_folder(Path(info.certs)) if info.certs else None
+    if tls is not None:
+        _check_loopback_certificate(tls)
+    if info.gateway_pid is not None and _is_gateway(info.gateway_pid):
+        stop_process_tree(info.gateway_pid, grace_s=5.0)
+    local_port = free_loopback_port()
+    superlink = start_superlink(run_dir, "127.0.0.1", local_port, tls=tls, auth=auth)
+    try:
+        gateway = start_gateway(
+            run_dir,
+            info.host,
+            info.port,
+            upstream_port=local_port,
+            tls=tls,
+            watch_pid=superlink.pid,
+        )
+    except DeployError:
+        stop_process_tree(superlink.pid, grace_s=2.0)
+        raise
+    return replace(
+        info, pid=superlink.pid, superlink_port=local_port, gateway_pid=gateway.pid
+    )
+
+
+def stop_server(info: ServerInfo, grace_s: float = 10.0) -> None:
+    """Stop a served run's gateway, then its SuperLink and all it started."""
+    if info.gateway_pid is not None and _is_gateway(info.gateway_pid):
+        stop_process_tree(info.gateway_pid, grace_s=grace_s)
+    stop_process_tree(info.pid, grace_s=grace_s)
 
 
 def cli_home(run_dir: Path, address: str, tls: TlsFiles | None) -> Path:

@@ -12,15 +12,26 @@
     ``model.onnx`` mapping ``(input_ids, attention_mask)`` to logits with
     dynamic batch and length, checked against PyTorch with ONNX Runtime on a
     probe batch; the largest difference is recorded in ``export.json``.
+
+Nothing is exported from a damaged run: the final artefact must match its
+manifest of content hashes (:meth:`RunFolder.verify_artefact`, the message
+names the file), every tensor of it and of the tuned model must be finite
+(the message names the parameter), and an ONNX check that sees NaN or Inf
+fails like one that sees a large difference.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from models import LoadedModel, load_causal_lm
@@ -41,13 +52,47 @@ class ExportError(RuntimeError):
 
 
 def _final(folder: RunFolder, method: Method) -> Path:
+    """The run's final artefact, verified against its manifest and finite.
+
+    Raises
+    ------
+    ExportError
+        If there is none (the run did not complete) or a tensor in it holds
+        NaN or Inf.
+    RunFolderError
+        If it differs from its manifest (the message names the file).
+    """
     path = folder.artefact(method.artefact)
     if not path.exists():
         raise ExportError(
             f"{folder.path} has no final {path.name}: the run did not complete "
             f"(continue it with: pollinate resume {folder.path})"
         )
+    folder.verify_artefact(method.artefact)
+    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
+    for file in files:
+        try:
+            tensors = load_file(file)
+        except (SafetensorError, OSError) as exc:
+            raise ExportError(f"{file} is damaged: {exc}") from None
+        _check_finite(tensors.items(), str(file))
     return path
+
+
+def _check_finite(named: Iterable[tuple[str, torch.Tensor]], where: str) -> None:
+    """Refuse a model with a NaN or Inf weight, naming the first one.
+
+    Raises
+    ------
+    ExportError
+        Naming ``where`` and the parameter.
+    """
+    for name, value in named:
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ExportError(
+                f"{where}: parameter {name!r} holds NaN or Inf: refusing to "
+                "export a broken model"
+            )
 
 
 class _LogitsOnly(nn.Module):
@@ -77,6 +122,7 @@ def tuned_model(run_dir: Path) -> tuple[nn.Module, LoadedModel, RunConfig]:
     final = _final(folder, get_method(config.run.method))
     loaded = load_causal_lm(config.model.name, dtype="float32", device="cpu")
     model = server_method(config.run.method).tuned_model(config, final, loaded)
+    _check_finite(model.named_parameters(), f"the tuned model of {folder.path}")
     return model.eval(), loaded, config
 
 
@@ -122,12 +168,37 @@ def _export_onnx(model: nn.Module, out: Path) -> float:
     with torch.no_grad():
         want = wrapped(probe_ids, probe_mask).numpy()
     keep = probe_mask.numpy().astype(bool)  # padded positions carry no meaning
-    diff = float(abs(got - want)[keep].max())
-    if diff > ONNX_TOLERANCE:
+    return max_logit_diff(got, want, keep)
+
+
+def max_logit_diff(
+    got: npt.NDArray[np.floating],
+    want: npt.NDArray[np.floating],
+    keep: npt.NDArray[np.bool_],
+) -> float:
+    """The largest |ONNX - PyTorch| logit over the kept positions, checked.
+
+    ``got`` and ``want`` are ``(B, T, V)``, ``keep`` is ``(B, T)``. A NaN or
+    Inf on either side fails the check: ``NaN > tolerance`` is false, so a
+    plain comparison would pass it.
+
+    Raises
+    ------
+    ExportError
+        If a difference is not finite or exceeds :data:`ONNX_TOLERANCE`.
+    """
+    diff = np.abs(got - want)[keep]
+    if not bool(np.isfinite(diff).all()):
         raise ExportError(
-            f"ONNX logits differ from PyTorch by {diff:.2e} > {ONNX_TOLERANCE}"
+            f"ONNX logits differ from PyTorch's by NaN or Inf at "
+            f"{int((~np.isfinite(diff)).sum())} values: the export is broken"
         )
-    return diff
+    worst = float(diff.max()) if diff.size else 0.0
+    if not worst <= ONNX_TOLERANCE:
+        raise ExportError(
+            f"ONNX logits differ from PyTorch by {worst:.2e} > {ONNX_TOLERANCE}"
+        )
+    return worst
 
 
 def export_run(run_dir: Path, out: Path, fmt: str) -> Path:

@@ -2,7 +2,9 @@
 
 One place owns the order of events:
 
-1. wait for the federation to assemble and learn each node's stable label;
+1. wait for the federation to assemble and learn each node's stable label,
+   one node per label, proven by the node's key when nodes authenticate
+   (:func:`discover_nodes`);
 2. evaluate the initial model (round 0);
 3. per round: the method's driver instructs the sampled nodes, the replies
    are collected, the driver validates and applies them to the global state,
@@ -16,31 +18,46 @@ A method plugs in through the :class:`RoundDriver` protocol.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from flwr.app import Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
 
 from protocols import (
     MESSAGE_HELLO,
     ByteLedger,
+    NodeHello,
     ProtocolError,
     decode_hello,
     payload_bytes,
 )
+from protocols.identity import (
+    NONCE_BYTES,
+    IdentityError,
+    check_key_name,
+    verify_hello,
+)
+from protocols.messages import encode_hello_ins
 from protocols.run_folder import RunFolder
 from server.evaluation import EvalResult
 from strategies import Aggregate, LabelledReply, NodeBook, Nodes, Strategy
+from strategies.sampling import settle_label_claims
 
 __all__ = [
     "FederationError",
     "RoundDriver",
     "RoundResult",
+    "check_hello_identity",
     "discover_nodes",
+    "node_auth_keys",
     "require_update",
     "run_rounds",
 ]
@@ -122,13 +139,84 @@ def require_update(server_round: int, result: Aggregate, new_state: T | None) ->
     return new_state
 
 
+def node_auth_keys(folder: RunFolder) -> Path | None:
+    """The folder of registered node keys if this run's server authenticates nodes.
+
+    Read from the run folder's ``server.json`` (written by ``pollinate server
+    start --auth-keys DIR`` before the run is submitted); None in simulation
+    and for a server without node authentication.
+
+    Raises
+    ------
+    server.deploy.DeployError
+        If ``server.json`` is damaged (the run must not start unauthenticated).
+    """
+    from server.deploy import read_server_info
+
+    info = read_server_info(folder.path)
+    return Path(info.auth_keys) if info is not None and info.auth_keys else None
+
+
+def check_hello_identity(
+    auth_keys: Path, node_id: int, nonce: bytes, hello: NodeHello
+) -> None:
+    """Check that ``hello`` proves its label: signed with ``auth_keys/<label>.pub``'s key.
+
+    Raises
+    ------
+    protocols.identity.IdentityError
+        If the label cannot name a key, no key is registered under it, or the
+        signature of (nonce, label, node id) does not verify with it.
+    """
+    key = auth_keys / f"{check_key_name(hello.label)}.pub"
+    try:
+        public = key.read_bytes()
+    except OSError:
+        raise IdentityError(f"no key is registered for this label ({key})") from None
+    verify_hello(public, nonce, hello.label, node_id, hello.signature)
+
+
+def _hello_label(
+    node: int, reply: Message, nonce: bytes, auth_keys: Path | None
+) -> str | None:
+    """The label ``node``'s hello reply claims, or None (logged) if it is refused."""
+    if reply.has_error():
+        log.warning("node %d left out: %s", node, reply.error.reason)
+        return None
+    try:
+        hello = decode_hello(reply.content)
+    except ProtocolError as exc:
+        log.warning("node %d left out: bad hello: %s", node, exc)
+        return None
+    if auth_keys is not None:
+        try:
+            check_hello_identity(auth_keys, node, nonce, hello)
+        except IdentityError as exc:
+            log.warning("node %d left out: claims label %r: %s", node, hello.label, exc)
+            return None
+    return hello.label
+
+
 def discover_nodes(
-    grid: Grid, *, expected: int, timeout_s: float, ledger: ByteLedger
+    grid: Grid,
+    *,
+    expected: int,
+    timeout_s: float,
+    ledger: ByteLedger,
+    auth_keys: Path | None = None,
 ) -> dict[int, str]:
     """Wait for ``expected`` nodes, then ask each for its label.
 
-    Nodes that reply with an error (e.g. no local data) are left out with a
-    warning. Returns node id to label.
+    Each hello carries a fresh nonce per node. With ``auth_keys`` (the
+    server authenticates nodes) a label is a key name: a hello is accepted
+    only if signed with the key registered as ``auth_keys/<label>.pub``
+    (:func:`check_hello_identity`). A label claimed by several nodes goes to
+    the lowest node id among the accepted claims
+    (:func:`strategies.sampling.settle_label_claims`); the others are left
+    out for the run, so the holder's updates are never rejected as
+    duplicates. Nodes that reply with an error (e.g. no local data), a bad
+    hello or a refused claim are left out with a one-line warning naming
+    node id and label. Returns node id to label, every label once.
 
     Raises
     ------
@@ -144,27 +232,59 @@ def discover_nodes(
                 f"within {timeout_s:.0f} s"
             )
         time.sleep(0.2)  # polling the grid: Flower offers no wait-for-nodes call
-    nodes = sorted(grid.get_node_ids())
+    nonces = {n: secrets.token_bytes(NONCE_BYTES) for n in sorted(grid.get_node_ids())}
     msgs = [
-        Message(RecordDict(), dst_node_id=n, message_type=MESSAGE_HELLO) for n in nodes
+        Message(encode_hello_ins(nonce), dst_node_id=n, message_type=MESSAGE_HELLO)
+        for n, nonce in nonces.items()
     ]
     down = {m.metadata.dst_node_id: payload_bytes(m.content) for m in msgs}
-    labels: dict[int, str] = {}
+    claims: dict[int, str] = {}
+    up: dict[int, int] = {}
+    answered: set[int] = set()
     for reply in grid.send_and_receive(msgs, timeout=timeout_s):
         node = reply.metadata.src_node_id
-        if reply.has_error():
-            log.warning("node %d left out: %s", node, reply.error.reason)
+        if node not in nonces or node in answered:
+            log.warning("node %d left out: it answered a hello twice or unasked", node)
+            claims.pop(node, None)
+            answered.add(node)
             continue
-        try:
-            labels[node] = decode_hello(reply.content).label
-        except ProtocolError as exc:
-            log.warning("node %d left out: bad hello: %s", node, exc)
-            continue
-        ledger.record(0, labels[node], "down", down[node])
-        ledger.record(0, labels[node], "up", payload_bytes(reply.content))
+        answered.add(node)
+        label = _hello_label(node, reply, nonces[node], auth_keys)
+        if label is not None:
+            claims[node] = label
+            up[node] = payload_bytes(reply.content)
+    labels, refused = settle_label_claims(claims)
+    for node, reason in sorted(refused.items()):
+        log.warning("node %d left out: claims label %r: %s", node, claims[node], reason)
     if not labels:
         raise FederationError("no node answered the hello with usable data")
+    for node, label in labels.items():
+        ledger.record(0, label, "down", down[node])
+        ledger.record(0, label, "up", up[node])
     return labels
+
+
+def _json_safe(value: Any, where: str, fixed: list[str]) -> Any:
+    """``value`` with every non-finite float made None and every non-JSON value a string.
+
+    ``fixed`` collects the dotted paths of what was changed.
+    """
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        if math.isfinite(number):
+            return number
+        fixed.append(f"{where}={number!r}")
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v, f"{where}.{k}", fixed) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v, f"{where}[{i}]", fixed) for i, v in enumerate(value)]
+    fixed.append(f"{where}={type(value).__name__}")
+    return str(value)
 
 
 def _row(
@@ -175,8 +295,17 @@ def _row(
     seconds: float,
     method: str,
 ) -> dict[str, Any]:
+    """The round's ``metrics.jsonl`` row, always JSON-able (strict, no NaN).
+
+    Sanitized rather than validated: the row records what happened, and a
+    value JSON cannot hold (an evaluation that diverged to NaN, an infinite
+    loss a driver computed) must neither kill the run nor lose the row, whose
+    checkpoint holds a copy. Such a value becomes ``null`` and is logged;
+    replies' metrics never get here unchecked (decoders refuse non-finite or
+    out-of-bound ones).
+    """
     up, down = ledger.round_totals(server_round)
-    return {
+    row = {
         "round": server_round,
         "clients": result.clients,
         "train_loss": result.train_loss,
@@ -190,6 +319,15 @@ def _row(
         "method": method,
         **result.extra,
     }
+    fixed: list[str] = []
+    safe: dict[str, Any] = _json_safe(row, "row", fixed)
+    if fixed:
+        log.warning(
+            "round %d: metrics not JSON-able, recorded as null/text: %s",
+            server_round,
+            ", ".join(fixed),
+        )
+    return safe
 
 
 def run_rounds(
@@ -211,7 +349,7 @@ def run_rounds(
 
     A fresh run (``start_round == 0``) first records round 0, the initial
     model. Each round's checkpoint is written before its ``metrics.jsonl``
-    row, so after a crash every recorded row has a checkpoint at or past it;
+    row, both from one row that :func:`_row` made JSON-able, so after a crash every recorded row has a checkpoint at or past it;
     a resumed run drops rows past its checkpoint and redoes them.
     ``crash_after`` (fault injection for tests) kills the process like a
     SIGKILL right after that round is recorded.

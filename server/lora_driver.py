@@ -143,9 +143,15 @@ class LoraMethod:
         return spec
 
     def driver(
-        self, config: RunConfig, eval_examples: list[Example], device: torch.device
+        self,
+        config: RunConfig,
+        eval_examples: list[Example],
+        device: torch.device,
+        *,
+        run_dir: Path | None = None,
     ) -> LoraDriver:
         """Load the model, attach the initial adapter, wire FedAvg."""
+        del run_dir  # LoRA starts no service
         loaded = load_causal_lm(
             config.model.name, dtype=config.model.dtype, device=device
         )

@@ -50,9 +50,18 @@ class ServerMethod(Protocol):
         """The spec every client must honour; raises ``ProtocolError`` if bad."""
 
     def driver(
-        self, config: RunConfig, eval_examples: list[Example], device: torch.device
+        self,
+        config: RunConfig,
+        eval_examples: list[Example],
+        device: torch.device,
+        *,
+        run_dir: Path | None = None,
     ) -> RoundDriver:
-        """The round driver, with the global state on ``device``."""
+        """The round driver, with the global state on ``device``.
+
+        ``run_dir`` (the run folder, None outside a run) lets a method find
+        what the deployment recorded there, such as its TLS certificates.
+        """
 
     def tuned_model(
         self, config: RunConfig, artefact: Path, loaded: LoadedModel

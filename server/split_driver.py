@@ -38,13 +38,15 @@ from protocols import SplitSpec, TensorLayout
 from protocols.methods import Method
 from protocols.run_folder import RunFolder
 from server.checkpoints import restore_tensors
-from server.config import RunConfig
+from server.config import RunConfig, SplitSection
 from server.evaluation import CentralEvaluator, EvalResult, build_evaluator
 from server.federation import RoundResult, require_update
 from server.trunk_service import TrunkService, start_trunk_server
+from server.trunk_sessions import TrunkLimits
+from server.trunk_transport import TrunkTransport
 from strategies import LabelledReply, Nodes, SFPromptFedAvg, SplitRoundSettings
 
-__all__ = ["SplitDriver", "SplitMethod"]
+__all__ = ["SplitDriver", "SplitMethod", "trunk_limits", "trunk_tls", "trunk_transport"]
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +95,13 @@ class SplitDriver:
         }
 
     def configure(self, server_round: int, nodes: Nodes) -> list[Message]:
-        """Send the global prompts and tail, and the trunk's address."""
+        """Send the prompts, tail, trunk address and each node's round grant.
+
+        Issuing this round's grants revokes every older round's.
+        """
         self.service.reset_usage()
-        return self.strategy.configure(server_round, nodes, self.tensors)
+        grants = self.service.grant_round(server_round, nodes.values())
+        return self.strategy.configure(server_round, nodes, self.tensors, grants=grants)
 
     def apply(self, server_round: int, replies: Sequence[LabelledReply]) -> RoundResult:
         """Average the devices' prompts and tails into the global ones."""
@@ -150,6 +156,63 @@ class SplitDriver:
         return done
 
 
+def trunk_tls(
+    split: SplitSection, run_dir: Path | None
+) -> tuple[tuple[bytes, bytes] | None, bytes]:
+    """The trunk's ``(certificate chain, key)`` and the root sent to devices.
+
+    ``[split] tls_*`` files win; otherwise the certificates folder the
+    deployment recorded in ``run_dir/server.json`` (the SuperLink's own
+    ``server.crt``/``server.key``/``ca.crt``); otherwise plaintext
+    ``(None, b"")``.
+
+    Raises
+    ------
+    server.deploy.DeployError
+        If ``server.json`` is damaged or names a folder without the files.
+    """
+    from server.deploy import TlsFiles, read_server_info  # deployment only
+
+    if split.tls_certfile and split.tls_keyfile and split.tls_ca_certfile:
+        return (
+            (split.tls_certfile.read_bytes(), split.tls_keyfile.read_bytes()),
+            split.tls_ca_certfile.read_bytes(),
+        )
+    info = read_server_info(run_dir) if run_dir is not None else None
+    if info is None or not info.certs:
+        return None, b""
+    files = TlsFiles.in_folder(Path(info.certs))
+    return (
+        (files.server_cert.read_bytes(), files.server_key.read_bytes()),
+        files.ca_cert.read_bytes(),
+    )
+
+
+def trunk_limits(split: SplitSection) -> TrunkLimits:
+    """The trunk's quotas and deadlines from the ``[split]`` config."""
+    mib = 1 << 20
+    return TrunkLimits(
+        max_sessions=split.max_sessions,
+        sessions_per_node=split.sessions_per_node,
+        pending_per_node=split.pending_per_node,
+        calls_per_node=split.calls_per_node,
+        node_memory_bytes=int(split.node_memory_mb * mib),
+        memory_budget_bytes=int(split.memory_budget_mb * mib),
+        idle_timeout_s=split.idle_timeout_s,
+        pending_timeout_s=split.pending_timeout_s,
+    )
+
+
+def trunk_transport(split: SplitSection) -> TrunkTransport:
+    """The trunk's worker pool and connection limits from the ``[split]`` config."""
+    return TrunkTransport(
+        workers=split.workers,
+        max_concurrent_rpcs=split.workers,
+        max_concurrent_streams=split.max_concurrent_streams,
+        max_connection_age_s=split.max_connection_age_s,
+    )
+
+
 class SplitMethod:
     """SFPrompt's server plug-in (see :class:`server.methods.ServerMethod`)."""
 
@@ -169,21 +232,33 @@ class SplitMethod:
         )
 
     def driver(
-        self, config: RunConfig, eval_examples: list[Example], device: torch.device
+        self,
+        config: RunConfig,
+        eval_examples: list[Example],
+        device: torch.device,
+        *,
+        run_dir: Path | None = None,
     ) -> SplitDriver:
-        """Cut the model, start the trunk service, wire SFPrompt's strategy."""
+        """Cut the model, start the trunk service, wire SFPrompt's strategy.
+
+        ``run_dir`` is the run folder: when its ``server.json`` names a
+        certificates folder (``pollinate server start --certs``), the trunk
+        serves TLS with the same certificates.
+        """
         loaded = load_causal_lm(config.model.name, dtype="float32", device=device)
         split = config.split
         spec = self.spec(config, loaded.model)
         head, trunk, tail = build_split(loaded.model, spec, init_seed=config.run.seed)
         service = TrunkService(
-            trunk, spec, max_message_bytes=int(split.max_message_mb * 1e6)
+            trunk,
+            spec,
+            max_message_bytes=int(split.max_message_mb * 1e6),
+            limits=trunk_limits(split),
         )
-        tls, root = None, b""
-        if split.tls_certfile and split.tls_keyfile and split.tls_ca_certfile:
-            tls = (split.tls_certfile.read_bytes(), split.tls_keyfile.read_bytes())
-            root = split.tls_ca_certfile.read_bytes()
-        server, port = start_trunk_server(service, split.host, split.port, tls=tls)
+        tls, root = trunk_tls(split, run_dir)
+        server, port = start_trunk_server(
+            service, split.host, split.port, tls=tls, transport=trunk_transport(split)
+        )
         strategy = SFPromptFedAvg(
             spec=spec,
             layout=TensorLayout.of(trainable_state(head, tail)),

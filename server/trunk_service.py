@@ -4,21 +4,46 @@ A device runs the embedding, P soft prompts and the first k frozen blocks; this
 service runs the frozen body (the remaining blocks) for it over gRPC
 (``protocols/proto/trunk.proto``). One session per device and round:
 
-1. ``Open`` checks the device's :class:`~protocols.specs.SplitSpec` against the
-   server's (equal fingerprints) and returns a session id.
-2. ``Forward(step=N, train=True)`` runs the body with autograd on and keeps
-   ``(h_in, h_out)`` pending; ``Backward(step=N)`` back-propagates the device's
-   gradient at the body output and returns the gradient at the cut (the P
-   prompt positions only when k == 0, every position when k > 0). An eval
-   forward (``train=False``) runs without a graph and completes step N at once.
+1. ``Open`` presents the node's label and its grant for this round (a secret
+   from its Flower train instruction; :mod:`server.trunk_sessions`), then the
+   device's :class:`~protocols.specs.SplitSpec`, which must have the server's
+   fingerprint. The session's label and round are the grant's.
+2. ``Forward(step=N, train=True)`` reserves the step's activation memory,
+   runs the body with autograd on and keeps ``(h_in, h_out)`` pending;
+   ``Backward(step=N)`` back-propagates the device's gradient at the body
+   output, frees the graph and returns the gradient at the cut (the P prompt
+   positions only when k == 0, every position when k > 0). An eval forward
+   (``train=False``) runs without a graph and completes step N at once.
 3. ``Close`` ends the session and returns its counters.
 
-Every session has its own state and lock, so a rejected or failed call in one
+Every session has its own state and lock, so a refused or failed call in one
 never touches another; the body is shared and frozen. Errors map to gRPC status
-codes: unknown session NOT_FOUND, wrong order or spec FAILED_PRECONDITION, a bad
-frame INVALID_ARGUMENT (the message names the field), too large
-RESOURCE_EXHAUSTED, a failure of the body INTERNAL. :meth:`TrunkService.usage`
-sums bytes per client for the round's byte ledger.
+codes and one-line messages about the request, never about server state: no
+grant UNAUTHENTICATED, unknown session NOT_FOUND, wrong order or spec
+FAILED_PRECONDITION, a bad frame INVALID_ARGUMENT (the message names the
+field), a quota, the memory budget or a too large message RESOURCE_EXHAUSTED,
+a failure of the body INTERNAL (details in the server log only).
+:meth:`TrunkService.usage` sums bytes per node for the round's byte ledger.
+
+The gRPC server's limits (streams per connection, keepalive, connection
+age, message and metadata sizes, the worker pool) are
+:class:`server.trunk_transport.TrunkTransport`; its docstring has the table.
+
+Why one slow client cannot fill the worker pool: gRPC Python reads a unary
+request *in the worker thread*, so a stream whose request never completes
+holds a worker. With W workers, S streams per connection and C calls per
+node: one connection pins at most S workers, and only until it is recycled
+(age + grace); calls beyond ``maximum_concurrent_rpcs`` (= W) are refused at
+once instead of queueing behind stalled ones. Once a request is read its node
+is known: it may have C calls in progress, a call waits at most
+``lock_wait_s`` for its session, and the body runs only inside admitted
+memory, so a node with stalled Backwards cannot hold workers either. With the
+defaults (W = 32, S = 4, C = 2, and a device's calls are sequential) one
+stalled connection leaves 28 workers, room for 14 nodes at their cap;
+starving every device takes 8 stalled connections at once, each recycled
+within 11 minutes. Raise ``[split] workers`` with the nodes per round (a
+worker costs a thread stack), and keep the trunk's port behind the same
+firewall as the SuperLink's.
 """
 
 from __future__ import annotations
@@ -26,10 +51,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent import futures
-from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import grpc
@@ -45,6 +68,15 @@ from protocols.split_wire import (
     tensor_from_proto,
     tensor_to_proto,
 )
+from server.trunk_sessions import (
+    ActivationCost,
+    Pending,
+    Session,
+    TrunkLimits,
+    TrunkRefusal,
+    TrunkSessions,
+)
+from server.trunk_transport import TrunkTransport
 
 __all__ = ["TrunkBody", "TrunkService", "start_trunk_server"]
 
@@ -87,41 +119,8 @@ class TrunkBody(Protocol):
         ...
 
 
-class _Abort(Exception):
-    """A call is refused with a specific gRPC status."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
-
-
-@dataclass
-class _Pending:
-    """A training step waiting for its Backward call."""
-
-    step: int
-    h_in: torch.Tensor  # (B, P + T, D) leaf on body.device, requires grad
-    h_out: torch.Tensor  # (B, P + T, D) body output, part of the graph
-
-
-@dataclass
-class _Session:
-    """State of one device session; guarded by ``lock``."""
-
-    client: str
-    round: int
-    last_used: float
-    next_step: int = 0
-    pending: _Pending | None = None
-    steps: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
 class TrunkService(trunk_pb2_grpc.SplitTrunkServicer):
-    """gRPC servicer running a shared frozen body for many device sessions.
+    """gRPC servicer running a shared frozen body for granted device sessions.
 
     Parameters
     ----------
@@ -133,17 +132,18 @@ class TrunkService(trunk_pb2_grpc.SplitTrunkServicer):
     max_message_bytes : int
         Largest tensor payload accepted (the transport limit is set to the
         same value by :func:`start_trunk_server`).
-    max_sessions : int
-        Open sessions allowed at once (Open answers RESOURCE_EXHAUSTED beyond).
-    session_ttl_s : float
-        Sessions idle longer than this are dropped at the next Open.
+    limits : TrunkLimits
+        Quotas, memory budget and deadlines.
+    cost : ActivationCost, optional
+        Activation memory of a Forward; measured on ``body`` when omitted.
     clock : Callable[[], float]
         Monotonic time source in seconds (tests inject a fake one).
 
     Raises
     ------
     ValueError
-        If a limit is not positive or a body parameter requires grad.
+        If ``max_message_bytes`` is not positive or a body parameter requires
+        grad.
     """
 
     def __init__(
@@ -152,43 +152,72 @@ class TrunkService(trunk_pb2_grpc.SplitTrunkServicer):
         spec: SplitSpec,
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        max_sessions: int = 256,
-        session_ttl_s: float = 600.0,
+        limits: TrunkLimits | None = None,
+        cost: ActivationCost | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if max_message_bytes <= 0 or max_sessions <= 0 or not session_ttl_s > 0:
-            raise ValueError(
-                "max_message_bytes, max_sessions and session_ttl_s must be > 0, got "
-                f"{max_message_bytes}, {max_sessions}, {session_ttl_s}"
-            )
+        if max_message_bytes <= 0:
+            raise ValueError(f"max_message_bytes must be > 0, got {max_message_bytes}")
         params = getattr(body, "parameters", None)
-        if callable(params):
-            trainable = [p for p in params() if p.requires_grad]
-            if trainable:
-                raise ValueError(
-                    f"the trunk body must be frozen: {len(trainable)} parameter "
-                    "tensors require grad (call body.requires_grad_(False))"
-                )
+        weights: list[torch.Tensor] = list(params()) if callable(params) else []
+        trainable = [p for p in weights if p.requires_grad]
+        if trainable:
+            raise ValueError(
+                f"the trunk body must be frozen: {len(trainable)} parameter "
+                "tensors require grad (call body.requires_grad_(False))"
+            )
         self.body = body
         self.spec = spec
         self.max_message_bytes = max_message_bytes
-        self.max_sessions = max_sessions
-        self.session_ttl_s = session_ttl_s
+        self.limits = limits or TrunkLimits()
+        self.cost = cost or ActivationCost.measure(
+            body.forward,
+            hidden_size=spec.hidden_size,
+            dtype=getattr(torch, spec.activation_dtype),
+            device=body.device,
+            exclude=weights,
+        )
         self._clock = clock
+        self.sessions = TrunkSessions(self.limits, clock)
         self._fingerprint = spec.fingerprint()
-        self._lock = threading.Lock()  # guards _sessions and _usage
-        self._sessions: dict[str, _Session] = {}
+        self._lock = threading.Lock()  # guards _usage
         self._usage: dict[str, dict[str, int]] = {}
 
-    # --- accounting -------------------------------------------------------
+    # --- rounds and accounting -------------------------------------------
+
+    def grant_round(self, server_round: int, labels: Iterable[str]) -> dict[str, bytes]:
+        """Issue this round's secrets (one per sampled node's label).
+
+        Older rounds' grants die; their sessions stay until :meth:`end_round`.
+        """
+        return self.sessions.grants.issue(server_round, labels)
+
+    def end_round(self, server_round: int) -> int:
+        """Revoke the grants of ``server_round`` and earlier, close their sessions.
+
+        Called once a round is aggregated: a device still on it is late and
+        its reply would be discarded, while a session whose device vanished
+        between Forward and Backward holds that step's graph until closed.
+        Returns how many sessions were closed.
+        """
+        dropped = self.sessions.end_round(server_round)
+        if dropped:
+            _log.info(
+                "round %d over: closed %d split session(s)", server_round, dropped
+            )
+        return dropped
+
+    def sweep(self) -> int:
+        """Free late graphs and close idle sessions (see :class:`TrunkSessions`)."""
+        return self.sessions.sweep()
 
     def usage(self) -> dict[str, dict[str, int]]:
-        """Bytes and steps per client since the last :meth:`reset_usage`.
+        """Bytes and steps per node since the last :meth:`reset_usage`.
 
         Returns
         -------
         dict[str, dict[str, int]]
-            ``client -> {"up": bytes, "down": bytes, "steps": n}``, where bytes
+            ``label -> {"up": bytes, "down": bytes, "steps": n}``, where bytes
             are serialized request (up) and reply (down) sizes of every call
             that reached a live session (Open, Forward, Backward).
         """
@@ -196,47 +225,22 @@ class TrunkService(trunk_pb2_grpc.SplitTrunkServicer):
             return {c: dict(u) for c, u in self._usage.items()}
 
     def reset_usage(self) -> dict[str, dict[str, int]]:
-        """Clear the per-client totals; returns them as they were (atomically)."""
+        """Clear the per-node totals; returns them as they were (atomically)."""
         with self._lock:
             old, self._usage = self._usage, {}
         return old
 
     def open_sessions(self) -> int:
         """Number of sessions currently open."""
-        with self._lock:
-            return len(self._sessions)
+        return len(self.sessions)
 
-    def end_round(self, server_round: int) -> int:
-        """Drop the sessions of ``server_round`` and earlier; return how many.
-
-        Called once a round is aggregated: a device still on it is late and
-        its reply would be discarded, while a session whose device vanished
-        between Forward and Backward holds that step's activation graph until
-        dropped. Sessions busy in a call right now are left to the idle expiry.
-        """
-        dropped = 0
-        with self._lock:
-            for sid, s in list(self._sessions.items()):
-                if s.round <= server_round and s.lock.acquire(blocking=False):
-                    try:
-                        del self._sessions[sid]
-                        s.pending = None  # free the graph
-                    finally:
-                        s.lock.release()
-                    dropped += 1
-        if dropped:
-            _log.info(
-                "round %d over: dropped %d split session(s)", server_round, dropped
-            )
-        return dropped
-
-    def _account(self, s: _Session, up: int = 0, down: int = 0, steps: int = 0) -> None:
-        """Add traffic to a session (caller holds its lock) and its client's total."""
+    def _account(self, s: Session, up: int = 0, down: int = 0, steps: int = 0) -> None:
+        """Add traffic to a session (caller holds its lock) and its node's total."""
         s.bytes_up += up
         s.bytes_down += down
         s.steps += steps
         with self._lock:
-            u = self._usage.setdefault(s.client, {"up": 0, "down": 0, "steps": 0})
+            u = self._usage.setdefault(s.label, {"up": 0, "down": 0, "steps": 0})
             u["up"] += up
             u["down"] += down
             u["steps"] += steps
@@ -246,7 +250,7 @@ class TrunkService(trunk_pb2_grpc.SplitTrunkServicer):
     def Open(
         self, request: trunk_pb2.OpenRequest, context: grpc.ServicerContext
     ) -> trunk_pb2.OpenReply:
-        """Check the spec and start a session."""
+        """Check the grant and the spec, and start a session."""
         return _serve(context, self._open, request)
 
     def Forward(
@@ -270,100 +274,89 @@ class TrunkService(trunk_pb2_grpc.SplitTrunkServicer):
     # --- implementation ---------------------------------------------------
 
     def _open(self, request: trunk_pb2.OpenRequest) -> trunk_pb2.OpenReply:
-        if not request.client:
-            raise ProtocolError("field 'client' must be a non-empty name")
-        if request.round < 0:
-            raise ProtocolError(f"field 'round' must be >= 0, got {request.round}")
+        lim = self.limits
+        label = request.client
+        if not label or len(label.encode()) > lim.max_name_bytes:
+            raise ProtocolError(
+                f"field 'client' must be a name of 1 to {lim.max_name_bytes} bytes"
+            )
+        if len(request.spec_json) > lim.max_spec_bytes:
+            raise ProtocolError(
+                f"field 'spec_json' is longer than {lim.max_spec_bytes} bytes"
+            )
+        grant = self.sessions.grants.redeem(label, request.grant)
         try:
             spec = split_spec_from_json(request.spec_json)
         except SpecMismatchError as exc:
-            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
+            raise TrunkRefusal(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
         if spec.fingerprint() != self._fingerprint:
-            raise _Abort(
+            raise TrunkRefusal(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"split spec mismatch: client spec fingerprint {spec.fingerprint()}, "
-                f"server spec fingerprint {self._fingerprint} ({self.spec})",
+                f"split spec mismatch: the device's spec ({spec.fingerprint()}) is "
+                "not this run's; use the spec of this round's instruction",
             )
-        now = self._clock()
-        session_id = uuid.uuid4().hex
-        session = _Session(client=request.client, round=request.round, last_used=now)
-        with self._lock:
-            self._expire(now)
-            if len(self._sessions) >= self.max_sessions:
-                raise _Abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"too many open sessions ({self.max_sessions}); close some first",
-                )
-            self._sessions[session_id] = session
+        session = self.sessions.open(grant)
         reply = trunk_pb2.OpenReply(
-            session_id=session_id,
+            session_id=session.id,
             max_message_bytes=self.max_message_bytes,
             server_spec_fingerprint=self._fingerprint,
         )
         with session.lock:
             self._account(session, up=request.ByteSize(), down=reply.ByteSize())
-        _log.debug("opened split session %s for %s", session_id, request.client)
+        _log.debug("opened split session %s for %s", session.id, label)
         return reply
 
-    def _expire(self, now: float) -> None:
-        """Drop idle sessions (caller holds ``_lock``); busy ones are kept."""
-        for sid, s in list(self._sessions.items()):
-            if now - s.last_used > self.session_ttl_s and s.lock.acquire(
-                blocking=False
-            ):
-                try:
-                    del self._sessions[sid]
-                    s.pending = None  # free the graph
-                finally:
-                    s.lock.release()
-                _log.info("split session %s of %s expired", sid, s.client)
-
-    def _session(self, session_id: str) -> _Session:
-        with self._lock:
-            s = self._sessions.get(session_id)
-        if s is None:
-            raise _Abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"unknown split session {session_id!r} (closed, expired or never opened)",
-            )
-        return s
-
-    def _locked(self, session_id: str) -> _Session:
-        """Return the session with its lock held, or abort NOT_FOUND."""
-        s = self._session(session_id)
-        s.lock.acquire()
-        with self._lock:
-            alive = self._sessions.get(session_id) is s
-        if not alive:  # closed or expired while we waited for its lock
-            s.lock.release()
-            raise _Abort(
-                grpc.StatusCode.NOT_FOUND, f"split session {session_id!r} was closed"
-            )
-        s.last_used = self._clock()
-        return s
-
     def _forward(self, request: trunk_pb2.ForwardRequest) -> trunk_pb2.ForwardReply:
-        s = self._locked(request.session_id)
-        try:
+        with self.sessions.call(request.session_id) as s:
             self._account(s, up=request.ByteSize())
             if s.pending is not None or request.step != s.next_step:
                 raise _out_of_order(s, request.step)
-            hidden, mask = self._decode_inputs(request)
-            h_in, h_out = self._run_body(hidden, mask, train=request.train)
-            reply = trunk_pb2.ForwardReply(
-                session_id=request.session_id,
-                step=request.step,
-                hidden=tensor_to_proto(self._to_wire(h_out)),
-            )
             if request.train:
-                s.pending = _Pending(step=request.step, h_in=h_in, h_out=h_out)
+                self.sessions.check_pending_quota(s)
+            batch, length = self._frame_shape(request.hidden)
+            # Reserve before anything is decoded or allocated for the frame.
+            reserved = self.sessions.budget.reserve(
+                s.label, self.cost.bytes(batch, length)
+            )
+            try:
+                hidden, mask = self._decode_inputs(request)
+                h_in, h_out = self._run_body(hidden, mask, train=request.train)
+                reply = trunk_pb2.ForwardReply(
+                    session_id=request.session_id,
+                    step=request.step,
+                    hidden=tensor_to_proto(self._to_wire(h_out)),
+                )
+            except BaseException:
+                self.sessions.budget.release(s.label, reserved)
+                raise
+            if request.train:
+                pending = Pending(request.step, h_in, h_out, reserved, self._clock())
+                self.sessions.set_pending(s, pending)
             else:
+                self.sessions.budget.release(s.label, reserved)
                 s.next_step += 1
                 self._account(s, steps=1)
             self._account(s, down=reply.ByteSize())
+            self.sessions.touch(s)
             return reply
-        finally:
-            s.lock.release()
+
+    def _frame_shape(self, frame: trunk_pb2.Tensor) -> tuple[int, int]:
+        """(B, L) of the ``hidden`` frame, checked from its header only."""
+        spec = self.spec
+        shape = tuple(frame.shape)
+        if len(shape) != 3 or shape[2] != spec.hidden_size or min(shape) < 1:
+            raise ProtocolError(
+                f"field 'hidden' has shape {list(shape)}; expected "
+                f"(B, P + T, {spec.hidden_size}) with B >= 1"
+            )
+        batch, length, _ = shape
+        p = spec.num_prompts
+        if not p < length <= p + spec.max_length:
+            raise ProtocolError(
+                f"field 'hidden' has {length} positions; expected P + T with "
+                f"P = {p} prompts and 1 <= T <= max_length = {spec.max_length}"
+            )
+        return batch, length
 
     def _decode_inputs(
         self, request: trunk_pb2.ForwardRequest
@@ -426,8 +419,7 @@ class TrunkService(trunk_pb2_grpc.SplitTrunkServicer):
         return t.detach().to(dtype=dtype).cpu()  # sync point: device -> host
 
     def _backward(self, request: trunk_pb2.BackwardRequest) -> trunk_pb2.BackwardReply:
-        s = self._locked(request.session_id)
-        try:
+        with self.sessions.call(request.session_id) as s:
             self._account(s, up=request.ByteSize())
             pending = s.pending
             if pending is None or pending.step != request.step:
@@ -445,7 +437,7 @@ class TrunkService(trunk_pb2_grpc.SplitTrunkServicer):
             except Exception:
                 # The graph may be half consumed: drop it so the device can redo
                 # this step's forward.
-                s.pending = None
+                self.sessions.drop_pending(s)
                 raise
             g_in = pending.h_in.grad
             if g_in is None:  # the body ignored its input
@@ -457,33 +449,28 @@ class TrunkService(trunk_pb2_grpc.SplitTrunkServicer):
                 step=request.step,
                 grad=tensor_to_proto(self._to_wire(g_in)),
             )
-            s.pending = None
+            del pending, g_in
+            self.sessions.drop_pending(s)
             s.next_step += 1
             self._account(s, down=reply.ByteSize(), steps=1)
+            self.sessions.touch(s)
             return reply
-        finally:
-            s.lock.release()
 
     def _close(self, request: trunk_pb2.CloseRequest) -> trunk_pb2.CloseReply:
-        s = self._locked(request.session_id)
-        try:
-            with self._lock:
-                del self._sessions[request.session_id]
-            s.pending = None
+        with self.sessions.call(request.session_id) as s:
+            self.sessions.close(s)
             return trunk_pb2.CloseReply(
                 steps=s.steps, bytes_up=s.bytes_up, bytes_down=s.bytes_down
             )
-        finally:
-            s.lock.release()
 
 
-def _out_of_order(s: _Session, step: int) -> _Abort:
+def _out_of_order(s: Session, step: int) -> TrunkRefusal:
     what = (
         f"backward of step {s.pending.step} is pending"
         if s.pending is not None
         else "no training step is pending"
     )
-    return _Abort(
+    return TrunkRefusal(
         grpc.StatusCode.FAILED_PRECONDITION,
         f"out of order: expected step {s.next_step}, got {step} ({what})",
     )
@@ -503,15 +490,17 @@ def _serve(
     """Run a handler, turning our exceptions into gRPC statuses."""
     try:
         return handler(request)
-    except _Abort as exc:
+    except TrunkRefusal as exc:
         context.abort(exc.code, exc.details)
     except PayloadTooLargeError as exc:
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     except ProtocolError as exc:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    except Exception as exc:  # a failure of the body: report it, keep serving
+    except Exception:  # a failure of the body: log it, keep serving
         _log.exception("split trunk call failed")
-        context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        context.abort(
+            grpc.StatusCode.INTERNAL, "the trunk failed on this call; retry the step"
+        )
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
@@ -521,9 +510,13 @@ def start_trunk_server(
     port: int = 0,
     *,
     tls: tuple[bytes, bytes] | None = None,
-    max_workers: int = 8,
+    transport: TrunkTransport | None = None,
 ) -> tuple[grpc.Server, int]:
     """Start a gRPC server for ``service``; stop it with ``server.stop(grace)``.
+
+    A daemon thread calls :meth:`TrunkService.sweep` every
+    ``transport.sweep_interval_s`` while the server runs, so late graphs and
+    idle sessions are freed even when no call arrives.
 
     Parameters
     ----------
@@ -536,8 +529,8 @@ def start_trunk_server(
         TCP port; 0 picks a free one.
     tls : tuple[bytes, bytes], optional
         ``(certificate chain PEM, private key PEM)``; plaintext when omitted.
-    max_workers : int
-        Threads serving calls concurrently.
+    transport : TrunkTransport, optional
+        Worker pool, stream and keepalive limits (defaults when omitted).
 
     Returns
     -------
@@ -549,16 +542,11 @@ def start_trunk_server(
     OSError
         If the address cannot be bound.
     """
-    limit = service.max_message_bytes
+    t = transport or TrunkTransport()
     server = grpc.server(
-        futures.ThreadPoolExecutor(
-            max_workers=max_workers, thread_name_prefix="split-trunk"
-        ),
-        options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0),  # never share an explicit port silently
-        ],
+        futures.ThreadPoolExecutor(max_workers=t.workers, thread_name_prefix="trunk"),
+        options=t.options(service.max_message_bytes),
+        maximum_concurrent_rpcs=t.max_concurrent_rpcs,
     )
     trunk_pb2_grpc.add_SplitTrunkServicer_to_server(service, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -578,4 +566,10 @@ def start_trunk_server(
         server.stop(None)
         raise OSError(f"cannot bind the split trunk server to {address}")
     server.start()
+
+    def reap() -> None:  # wait_for_termination is True on timeout
+        while server.wait_for_termination(timeout=t.sweep_interval_s):
+            service.sweep()
+
+    threading.Thread(target=reap, name="trunk-sweeper", daemon=True).start()
     return server, bound

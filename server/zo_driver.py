@@ -207,9 +207,15 @@ class ZoMethod:
         )
 
     def driver(
-        self, config: RunConfig, eval_examples: list[Example], device: torch.device
+        self,
+        config: RunConfig,
+        eval_examples: list[Example],
+        device: torch.device,
+        *,
+        run_dir: Path | None = None,
     ) -> ZoDriver:
         """Load w0 in float32 on ``device``, wire FedKSeed(-Pro)."""
+        del run_dir  # FedKSeed starts no service
         loaded = load_causal_lm(config.model.name, dtype="float32", device=device)
         walk = _walk(config, loaded.model)
         spec = self._spec(config, walk)

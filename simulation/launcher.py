@@ -19,6 +19,13 @@ simulation mode, and :func:`launch` owns every process it starts:
   discards the simulation's output and keeps its log); the SuperLink's own
   output goes to ``superlink.log``.
 
+The launch owns the run folder: it holds its lock
+(:meth:`~protocols.run_folder.RunFolder.lock`) from before anything starts
+until every process is gone, so a second ``simulate``/``resume`` on the folder
+is refused naming this process. A watchdog (:mod:`simulation.watchdog`) shares
+that lock and takes the SuperLink and everything under it down if this
+process dies without cleaning up (SIGKILL, SIGTERM).
+
 A progress bar follows ``metrics.jsonl``. The run has ended when Flower has
 finished it, or when its ``flwr-simulation`` process is gone (a hard crash,
 which Flower only notices when heartbeats time out). Then, and on Ctrl-C or any
@@ -56,6 +63,7 @@ from server.deploy import (
     stream_run_log,
     submit_run,
 )
+from simulation.watchdog import Watchdog, stop_marked
 
 __all__ = ["LaunchResult", "federation_config", "launch", "simulation_env"]
 
@@ -175,10 +183,13 @@ def _show(bar: Progress, task: TaskID, folder: RunFolder) -> None:
         return  # a row being written; the next refresh reads it
     if rows:
         last = rows[-1]
-        text = (
-            f"round {last['round']}: eval loss {last['eval_loss']:.3f}, "
-            f"{last['eval_metric_name']} {100 * float(last['eval_metric']):.1f}%"
-        )
+        loss, metric = last.get("eval_loss"), last.get("eval_metric")
+        text = f"round {last['round']}"
+        if loss is not None and metric is not None:  # types checked on reading
+            text += (
+                f": eval loss {loss:.3f}, "
+                f"{last.get('eval_metric_name', 'metric')} {100 * metric:.1f}%"
+            )
         bar.update(task, completed=int(last["round"]), last=text)
 
 
@@ -332,11 +343,40 @@ def launch(
     -------
     LaunchResult
         How it ended; every process this started is gone by then.
+
+    Raises
+    ------
+    RunFolderLocked
+        If another live process owns ``run_dir`` (nothing is started or
+        written then).
     """
     check_installation()  # before starting Flower, whose apps import our packages
-    console = console or Console(stderr=True)
     folder = RunFolder(run_dir)
     clients = load_config(folder.config).federation.clients
+    with folder.lock() as lock_fd, Watchdog(lock_fd) as watchdog:
+        return _launch_owned(
+            folder,
+            rounds,
+            clients,
+            console or Console(stderr=True),
+            watchdog,
+            resume=resume,
+            env={**(env or {}), **watchdog.env()},
+        )
+
+
+def _launch_owned(
+    folder: RunFolder,
+    rounds: int,
+    clients: int,
+    console: Console,
+    watchdog: Watchdog,
+    *,
+    resume: bool,
+    env: dict[str, str],
+) -> LaunchResult:
+    """:func:`launch` once the run folder is ours and the watchdog is up."""
+    run_dir = folder.path
     process_env = simulation_env(env)
     _begin(folder, resume=resume, cluster=process_env["RAY_ADDRESS"])
     superlink = streamer = None
@@ -347,6 +387,7 @@ def launch(
         superlink = start_superlink(
             run_dir, HOST, port, tls=None, auth=False, simulation=True, env=process_env
         )
+        watchdog.watch(superlink.pid)
         address = f"{HOST}:{port}"
         run_id = submit_run(
             run_dir,
@@ -357,6 +398,7 @@ def launch(
         )
         _note(folder, f"Flower run {run_id} on the SuperLink at {address}")
         streamer = stream_run_log(run_dir, address, None, run_id, folder.simulation_log)
+        watchdog.watch(streamer.pid)
         ask_flower = functools.partial(
             flower_run_status, run_dir, address, None, run_id
         )
@@ -378,6 +420,9 @@ def launch(
         for proc in (streamer, superlink):
             if proc is not None:
                 stop_process_tree(proc.pid)
+        # Whatever escaped the trees (re-parented, or a SuperLink that never
+        # listened) still carries the watchdog's mark.
+        stop_marked(watchdog.token, [])
         # Clients' seed-sync snapshots are scratch: the checkpoint has the state.
         shutil.rmtree(folder.zo_state, ignore_errors=True)
     if flower:

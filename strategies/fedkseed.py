@@ -158,6 +158,13 @@ class FedKSeed:
             num_seeds=self.spec.num_seeds,
             learning_rate=self.spec.learning_rate,
         )
+        if not bool(torch.isfinite(coefficients).all()):
+            # Only reachable with learning_rate * local_steps beyond ~3e8 (the
+            # decoder bounds every scalar): refuse the round, keep the model.
+            reason = "the round's seed coefficients overflow float32"
+            return ZoAggregate(
+                rejected={**rejected, **dict.fromkeys((who for who, _ in good), reason)}
+            )
         if self.pro is not None:
             for u in updates:
                 self.pro.update(u.indices, u.scalars)

@@ -33,9 +33,12 @@ def triage(
 ) -> tuple[list[tuple[str, T]], dict[str, str]]:
     """Split replies into ``(label, decoded)`` pairs sorted by label, and rejections.
 
-    ``decode`` raises :class:`~protocols.ProtocolError` for a reply it refuses;
-    ``on_error`` sees every error reply (e.g. to act on its code). A node that
-    replies twice has both replies rejected.
+    ``decode`` raises :class:`~protocols.ProtocolError` for a reply it refuses
+    (a malformed payload, a non-finite or out-of-bound metric: the reason
+    names it); ``on_error`` sees every error reply (e.g. to act on its code).
+    Labels are unique per node (the :class:`~strategies.NodeBook` refuses a
+    second claim at hello), so two replies under one label mean one node
+    replied twice: both are rejected.
     """
     good: dict[str, T] = {}
     rejected: dict[str, str] = {}
@@ -59,6 +62,13 @@ def triage(
 
 
 def weighted_loss(pairs: Sequence[tuple[float, int]]) -> float:
-    """Example-weighted mean of ``(loss, num_examples)`` pairs (total > 0)."""
+    """Example-weighted mean of ``(loss, num_examples)`` pairs (total > 0).
+
+    Each loss is scaled by its share ``n / total`` (at most 1) before the
+    sum, so the partial sums never exceed the largest ``|loss|``: finite
+    inputs give a finite mean, where ``sum(loss * n) / total`` overflows for
+    ``1e308`` weighted by 2. (Decoders also bound every metric by
+    :data:`protocols.messages.MAX_WIRE_FLOAT`.)
+    """
     total = sum(n for _, n in pairs)
-    return sum(loss * n for loss, n in pairs) / total
+    return sum(loss * (n / total) for loss, n in pairs)

@@ -4,6 +4,10 @@ Flower's node ids are random per run, so nodes are ordered by a stable label
 (the partition a simulated node holds, or a deployed node's name) and drawn
 with a generator seeded by (run seed, round). The same seed then picks the
 same clients in every run.
+
+A label names one node: :func:`settle_label_claims` decides, once, at hello,
+which node keeps a label that several claim, and :class:`NodeBook` refuses to
+hold a label twice.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["NodeBook", "SamplingError", "sample_nodes"]
+__all__ = ["NodeBook", "SamplingError", "sample_nodes", "settle_label_claims"]
 
 
 class SamplingError(ValueError):
@@ -68,6 +72,47 @@ def sample_nodes(
     return [ordered[i] for i in sorted(picked)]
 
 
+def settle_label_claims(
+    claims: Mapping[int, str],
+) -> tuple[dict[int, str], dict[int, str]]:
+    """Give each claimed label to one node: the lowest node id that claims it.
+
+    Without node authentication nothing tells the rightful holder of a label
+    from an impostor, so the rule is only fair in being deterministic: it
+    depends on the set of ``(node id, label)`` claims alone, not on which
+    reply arrived first, and node ids are drawn by the SuperLink, not chosen
+    by nodes (an impostor can only re-register to draw again). Every later
+    claimant is refused for the whole run, so the holder's updates count
+    every round. It is no defence: with node authentication a claim reaches
+    this point only with a valid signature by its label's key.
+
+    Parameters
+    ----------
+    claims : Mapping[int, str]
+        Node id to the label it claims.
+
+    Returns
+    -------
+    tuple[dict[int, str], dict[int, str]]
+        ``(labels, refused)``: node id to its label, every label once; and
+        node id to the reason it was refused (naming the holder).
+    """
+    labels: dict[int, str] = {}
+    holder: dict[str, int] = {}
+    refused: dict[int, str] = {}
+    for node in sorted(claims):
+        label = claims[node]
+        if label in holder:
+            refused[node] = (
+                f"label {label!r} is already held by node {holder[label]} "
+                "(the lowest node id claiming it)"
+            )
+            continue
+        holder[label] = node
+        labels[node] = label
+    return labels, refused
+
+
 class NodeBook:
     """The federation's nodes by stable label, and who trains each round.
 
@@ -77,8 +122,14 @@ class NodeBook:
     Parameters
     ----------
     labels : Mapping[int, str]
-        Node id to its stable label.
+        Node id to its stable label, each label once
+        (:func:`settle_label_claims`).
     fraction, min_nodes, seed : see :func:`sample_nodes`.
+
+    Raises
+    ------
+    SamplingError
+        If two nodes hold one label.
     """
 
     def __init__(
@@ -89,6 +140,14 @@ class NodeBook:
         min_nodes: int = 1,
         seed: int = 0,
     ) -> None:
+        seen: dict[str, int] = {}
+        for node, label in sorted(labels.items()):
+            if label in seen:
+                raise SamplingError(
+                    f"label {label!r} is held by nodes {seen[label]} and {node}: "
+                    "settle duplicate claims at hello (settle_label_claims)"
+                )
+            seen[label] = node
         self.labels = dict(labels)
         self.fraction = fraction
         self.min_nodes = min_nodes

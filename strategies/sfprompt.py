@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 import torch
 from flwr.app import Message
 
-from protocols import DEFAULT_MAX_PAYLOAD_BYTES, TensorLayout
+from protocols import DEFAULT_MAX_PAYLOAD_BYTES, ProtocolError, TensorLayout
 from protocols.specs import SplitSpec
 from protocols.split_messages import (
     MESSAGE_TRAIN_SFPROMPT,
     SplitRoundConfig,
     SplitTrainIns,
     decode_split_train_res,
-    encode_split_train_ins,
+    encode_split_train_ins_per_node,
 )
 from strategies.fedavg import TensorFedAvg
 from strategies.strategy import Aggregate, LabelledReply, Nodes
@@ -98,27 +98,61 @@ class SFPromptFedAvg:
         )
 
     def configure(
-        self, server_round: int, nodes: Nodes, current: Tensors
+        self,
+        server_round: int,
+        nodes: Nodes,
+        current: Tensors,
+        *,
+        grants: Mapping[str, bytes] | None = None,
     ) -> list[Message]:
-        """Send the global prompts and tail to this round's nodes."""
+        """Send the global prompts and tail to this round's nodes.
+
+        Parameters
+        ----------
+        server_round : int
+            The round (>= 1).
+        nodes : Nodes
+            ``node id -> label`` of the sampled nodes.
+        current : Tensors
+            The global prompts and tail.
+        grants : Mapping[str, bytes]
+            ``label -> secret`` issued by the trunk for this round; each node
+            gets only its own.
+
+        Raises
+        ------
+        ProtocolError
+            If a sampled node has no grant.
+        """
         s = self.settings
-        config = SplitRoundConfig(
-            server_round=server_round,
-            local_steps=s.local_steps,
-            local_loss_steps=s.local_loss_steps,
-            batch_size=s.batch_size,
-            learning_rate=s.learning_rate,
-            gamma=s.gamma,
-            seed=self.seed,
-            trunk_address=self.trunk_address,
-            trunk_root_certificate=self.trunk_root_certificate,
-        )
-        content = encode_split_train_ins(
-            SplitTrainIns(self.spec, config, dict(current))
+        grants = grants or {}
+        configs = []
+        for label in nodes.values():
+            grant = grants.get(label)
+            if grant is None:
+                raise ProtocolError(f"no trunk grant for node {label!r}")
+            configs.append(
+                SplitRoundConfig(
+                    server_round=server_round,
+                    local_steps=s.local_steps,
+                    local_loss_steps=s.local_loss_steps,
+                    batch_size=s.batch_size,
+                    learning_rate=s.learning_rate,
+                    gamma=s.gamma,
+                    seed=self.seed,
+                    trunk_address=self.trunk_address,
+                    trunk_grant=grant,
+                    trunk_root_certificate=self.trunk_root_certificate,
+                )
+            )
+        if not configs:
+            return []
+        contents = encode_split_train_ins_per_node(
+            SplitTrainIns(self.spec, configs[0], dict(current)), configs
         )
         return [
-            Message(content=content, dst_node_id=n, message_type=MESSAGE_TRAIN_SFPROMPT)
-            for n in nodes
+            Message(content=c, dst_node_id=n, message_type=MESSAGE_TRAIN_SFPROMPT)
+            for n, c in zip(nodes, contents, strict=True)
         ]
 
     def aggregate(

@@ -39,3 +39,24 @@ def test_certs_command_refuses_to_overwrite(
     assert main(["certs", str(tmp_path)]) == 2
     assert (tmp_path / "ca.crt").read_bytes() == before
     assert "exists" in capsys.readouterr().err
+
+
+def test_a_server_certificate_without_loopback_is_refused_before_starting(
+    tmp_path: Path,
+) -> None:
+    """The SuperLink listens on 127.0.0.1 behind the fleet gateway, and the
+    gateway, its SuperExec and the operator's ``flwr`` verify it there: a
+    certificate for the public name only is refused with a message saying
+    how to remake it, and nothing is started.
+
+    Breaks if such a server came up and every loopback call then failed TLS.
+    """
+    from server.deploy import DeployError, ServerInfo, start_server
+
+    make_dev_pki(tmp_path / "certs", ["10.0.0.5", "server.example.org"])
+    info = ServerInfo(
+        -1, "0.0.0.0", 9092, "127.0.0.1:9092", str(tmp_path / "certs"), None
+    )
+    with pytest.raises(DeployError, match="--host 127.0.0.1"):
+        start_server(tmp_path / "run", info, auth=False)
+    assert not (tmp_path / "run").exists()

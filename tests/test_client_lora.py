@@ -383,5 +383,7 @@ def test_attaching_lora_raises_no_deprecation_warning() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         models.attach_lora(lm.model, LoraSpec(model="tiny-llama", rank=2))
-    bad = [w for w in caught if issubclass(w.category, DeprecationWarning | FutureWarning)]
+    bad = [
+        w for w in caught if issubclass(w.category, DeprecationWarning | FutureWarning)
+    ]
     assert bad == [], [str(w.message) for w in bad]

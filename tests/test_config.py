@@ -48,7 +48,8 @@ def test_toml_round_trip(tmp_path: Path) -> None:
     custom = load_config(
         None,
         {
-            "run.name": 'my "quoted" \\ run',
+            "run.name": 'my "quoted" run',
+            "data.source": 'C:\\data\\my "quoted" file.jsonl',
             "run.rounds": 3,
             "run.output_dir": str(tmp_path / "out"),
             "model.name": "tiny-llama",
@@ -72,10 +73,10 @@ def test_toml_round_trip(tmp_path: Path) -> None:
 
 
 def test_toml_round_trip_control_characters(tmp_path: Path) -> None:
-    """config_to_toml promises a file load_config reads back equal: a run name
+    """config_to_toml promises a file load_config reads back equal: a string
     holding a newline, tab or other control character must be escaped
     (TOML basic strings forbid raw newlines), not written raw."""
-    config = load_config(None, {"run.name": "line one\nline two\tend\x01"})
+    config = load_config(None, {"model.name": "line one\nline two\tend\x01"})
     path = _write(tmp_path, config_to_toml(config))
     assert load_config(path) == config
 
@@ -122,6 +123,87 @@ def test_min_clients_cross_check() -> None:
     assert "federation.min_clients" in str(err.value)
     assert "federation.clients" in str(err.value)
     assert load_config(None, {"federation.clients": 5, "federation.min_clients": 5})
+
+
+def test_min_replies_cross_check() -> None:
+    """min_replies above the clients a round samples fails every round, after
+    a wasted one: it must be refused at parse time, naming the fields; equal
+    is fine."""
+    with pytest.raises(ConfigError, match=r"federation\.min_replies \(3\)"):
+        load_config(None, {"federation.clients": 2, "federation.min_replies": 3})
+    with pytest.raises(ConfigError, match="federation.fraction"):
+        load_config(
+            None,
+            {
+                "federation.clients": 10,
+                "federation.fraction": 0.3,
+                "federation.min_replies": 4,
+            },
+        )
+    assert load_config(
+        None,
+        {
+            "federation.clients": 10,
+            "federation.fraction": 0.3,
+            "federation.min_replies": 3,
+        },
+    )
+
+
+@pytest.mark.parametrize("clients", [1, 3, 7, 10, 100])
+@pytest.mark.parametrize("fraction", [0.01, 0.3, 0.55, 1.0])
+@pytest.mark.parametrize("min_clients", [1, 5])
+def test_sampled_per_round_is_what_sampling_draws(
+    clients: int, fraction: float, min_clients: int
+) -> None:
+    """The config's count of clients per round (behind the min_replies check)
+    must equal what strategies.sampling.sample_nodes draws; the two formulas
+    live apart, so this pins them together."""
+    from server.config import FederationSection, sampled_per_round
+    from strategies.sampling import sample_nodes
+
+    if min_clients > clients:
+        return
+    fed = FederationSection(clients=clients, fraction=fraction, min_clients=min_clients)
+    drawn = sample_nodes(
+        {i: f"n{i:04d}" for i in range(clients)},
+        fraction=fraction,
+        min_nodes=min_clients,
+        seed=0,
+        server_round=1,
+    )
+    assert sampled_per_round(fed) == len(drawn)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../x",
+        "../../x",
+        "/abs",
+        "a/b",
+        "a\\b",
+        "",
+        "   ",
+        ".",
+        "..",
+        "a\x00b",
+        "a\nb",
+        "x" * 201,
+    ],
+)
+def test_run_names_that_leave_the_output_folder_are_refused(name: str) -> None:
+    """run.name becomes the run folder <output_dir>/<name>-<time>: a name that
+    climbs out, is absolute, empty, holds a separator, NUL or a control
+    character, or is too long for a file name is refused naming run.name."""
+    with pytest.raises(ConfigError, match="run.name"):
+        load_config(None, {"run.name": name})
+
+
+@pytest.mark.parametrize("name", ["pollinate", "my run v2.1", "exp-α_β", "..x", "a.."])
+def test_ordinary_run_names_are_accepted(name: str) -> None:
+    """Spaces, dots inside a name and non-ASCII letters stay allowed."""
+    assert load_config(None, {"run.name": name}).run.name == name
 
 
 @pytest.mark.parametrize("key", ["clients", "federation", "a.b.c", ".x", "federation."])

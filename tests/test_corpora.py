@@ -237,6 +237,72 @@ def test_record_errors_name_line_and_problem(tmp_path: Path) -> None:
         load_examples("builtin:nothing")
 
 
+def _gz_cut(text: bytes) -> bytes:
+    whole = gzip.compress(text)
+    return whole[: len(whole) // 2]
+
+
+GOOD_LINE = b'{"prompt": "p", "response": "r", "group": "g"}\n'
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "named"),
+    [
+        ("cut.jsonl.gz", _gz_cut(GOOD_LINE * 200), "truncated gzip"),
+        ("bad.jsonl.gz", b"\x1f\x8b" + b"\x00" * 50, "gzip"),
+        (
+            "latin.jsonl",
+            GOOD_LINE * 2 + b'{"prompt": "caf\xe9"}\n',
+            "line 3: not UTF-8",
+        ),
+        ("latin.csv", b"text,label\nok,a\ncaf\xe9,b\n", "line 3: not UTF-8"),
+        ("huge.csv", b"text,label\n" + b"x" * 200_000 + b",d\n", "line 2: bad CSV"),
+        ("late.json", b'[{"prompt": "a",\n "response": }]', "line 2: invalid JSON"),
+    ],
+    ids=["gz-cut", "gz-corrupt", "jsonl-latin1", "csv-latin1", "csv-huge", "json-late"],
+)
+def test_broken_files_raise_dataset_error_naming_them(
+    tmp_path: Path, name: str, content: bytes, named: str
+) -> None:
+    """Every way a file is broken (cut or corrupt gzip, bad UTF-8, NUL in CSV,
+    bad JSON) must be a DatasetError naming the file and what is wrong, never
+    EOFError, zlib.error, UnicodeDecodeError or csv.Error from inside a reader."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DatasetError) as info:
+        load_examples(str(path))
+    assert str(path) in str(info.value) and named in str(info.value)
+    if name.endswith(".jsonl"):
+        with pytest.raises(DatasetError, match=re.escape(named)):
+            read_jsonl(path)
+
+
+def test_a_folder_or_unreadable_file_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder where a file should be, or a file that cannot be read, must be
+    a DatasetError naming it (not IsADirectoryError / PermissionError)."""
+    folder = tmp_path / "d.jsonl"
+    folder.mkdir()
+    with pytest.raises(DatasetError, match=r"d\.jsonl: is a folder"):
+        load_examples(str(folder))
+    locked = _write_lines(tmp_path / "l.jsonl", [{"prompt": "p", "response": "r"}])
+
+    def denied(self: Path) -> bytes:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(DatasetError, match=r"l\.jsonl: cannot read: Permission denied"):
+        load_examples(str(locked))
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_field(tmp_path: Path) -> None:
+    """A UTF-8 BOM (spreadsheet exports) must not turn 'text' into '\\ufefftext'."""
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbftext,label\nhello,greet\n")
+    assert load_examples(str(path)) == [Example("hello", "greet", "greet")]
+
+
 def test_split_holdout_stratified_and_seeded() -> None:
     """split_holdout must partition the examples, hold out n_eval stratified by
     group, repeat for a seed and change with another; and reject n_eval >= len."""

@@ -124,9 +124,12 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     c = Cluster(tmp_path, free_port())
     yield c
     c.stop()
-    # A server that failed a test may have left its SuperLink: stop it too.
-    for info in tmp_path.rglob("server.json"):
-        stop_process_tree(int(json.loads(info.read_text())["pid"]), grace_s=2.0)
+    # A server that failed a test may have left its SuperLink and gateway.
+    for record in tmp_path.rglob("server.json"):
+        info = json.loads(record.read_text())
+        for pid in (info.get("gateway_pid"), info["pid"]):
+            if isinstance(pid, int) and process_alive(pid):
+                stop_process_tree(pid, grace_s=2.0)
 
 
 def _server(
@@ -170,11 +173,12 @@ def test_a_deployed_federation_runs_to_completion(
     cluster: Cluster, tmp_path: Path
 ) -> None:
     """``server start`` plus two ``client join`` daemons complete a LoRA run:
-    every round has both clients, the SuperLink is stopped at the end.
+    every round has both clients, the SuperLink and its fleet gateway are
+    stopped at the end.
 
     Breaks if the app is not found by the SuperLink/SuperNodes, a client
-    cannot read its data through the node config, or the server leaks its
-    SuperLink.
+    cannot read its data through the node config, the gateway does not
+    relay the Fleet API, or the server leaks its SuperLink or gateway.
     """
     cluster.join("a", "--insecure")
     cluster.join("b", "--insecure")
@@ -183,10 +187,11 @@ def test_a_deployed_federation_runs_to_completion(
     run_dir = _run_dir(tmp_path)
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["clients"] for r in rows] == [0, 2, 2]
-    info = json.loads((run_dir / "server.json").read_text())
-    assert not Path(f"/proc/{info['pid']}").exists() or (
-        Path(f"/proc/{info['pid']}/stat").read_text().split()[2] == "Z"
-    )
+    info = read_server_info(run_dir)
+    # The SuperLink sits on loopback behind the gateway; both are gone now.
+    assert info.superlink_port not in (None, cluster.port)
+    assert not process_alive(info.pid)
+    assert info.gateway_pid is not None and not process_alive(info.gateway_pid)
 
 
 def _crash_after_round_2_and_resume(
@@ -335,6 +340,7 @@ def test_server_status_stop_and_resume_of_a_detached_run(
     stopped = _server(cluster, "stop", str(run_dir), timeout=60)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert not process_alive(info.pid)
+    assert info.gateway_pid is not None and not process_alive(info.gateway_pid)
     assert json.loads((run_dir / "status.json").read_text())["state"] == "stopped"
     after = _server(cluster, "status", str(run_dir), timeout=60)
     assert "stopped; server down" in " ".join(after.stdout.split())

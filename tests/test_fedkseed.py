@@ -270,7 +270,9 @@ def test_a_history_with_an_out_of_pool_seed_is_refused_by_the_client(cluster) ->
     assert result.rejected == 0
     state = client.zo_state()
     before = state_hash(state.params)
-    (message,) = [m for m in driver.configure(2, _nodes([2])) if m.metadata.dst_node_id == 2]
+    (message,) = [
+        m for m in driver.configure(2, _nodes([2])) if m.metadata.dst_node_id == 2
+    ]
     history = decode_tensors(message.content["history"])
     history["indices"][0] = K
     message.content["history"] = encode_tensors(history)

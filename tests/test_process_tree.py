@@ -62,3 +62,26 @@ def test_a_missing_process_or_init_is_left_alone() -> None:
     stop_process_tree(1, grace_s=0.5)
     stop_process_tree(0, grace_s=0.5)
     assert process_alive(1)
+
+
+def test_stop_marked_stops_only_processes_carrying_the_token() -> None:
+    """The watchdog finds a simulation's processes by the token in their
+    environment, wherever they were re-parented; a process without it (or
+    with another owner's token) is left alone."""
+    from simulation.watchdog import OWNER_ENV, stop_marked
+
+    sleep = [sys.executable, "-c", "import time; time.sleep(600)"]
+    mine = subprocess.Popen(
+        sleep, env={**os.environ, OWNER_ENV: "owner-a"}, start_new_session=True
+    )
+    other = subprocess.Popen(
+        sleep, env={**os.environ, OWNER_ENV: "owner-b"}, start_new_session=True
+    )
+    try:
+        stop_marked("owner-a", [], grace_s=5.0)
+        assert mine.wait(timeout=10) is not None
+        assert other.poll() is None
+    finally:
+        for proc in (mine, other):
+            proc.kill()
+            proc.wait()

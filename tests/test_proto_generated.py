@@ -73,9 +73,7 @@ def _check_descriptor_matches_source() -> None:
                 assert fd.message_type is not None, where
                 assert fd.message_type.name == typ, where
     service = desc.services_by_name["SplitTrunk"]
-    got = {
-        m.name: (m.input_type.name, m.output_type.name) for m in service.methods
-    }
+    got = {m.name: (m.input_type.name, m.output_type.name) for m in service.methods}
     assert got == rpcs
     assert all(hasattr(trunk_pb2_grpc.SplitTrunkServicer, name) for name in rpcs)
 

@@ -108,7 +108,9 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(
 def test_resume_refuses_a_completed_run(tmp_path: Path) -> None:
     """A finished run is not resumed (exit status 2), and stays as it was."""
     run_dir = _prepared(tmp_path, "--rounds", "1")
-    (run_dir / "status.json").write_text(json.dumps({"state": "completed", "rounds": 1}))
+    (run_dir / "status.json").write_text(
+        json.dumps({"state": "completed", "rounds": 1})
+    )
     (run_dir / "metrics.jsonl").write_text('{"round": 0}\n{"round": 1}\n')
     before = (run_dir / "metrics.jsonl").read_text()
     assert cli_main(["resume", str(run_dir)]) == 2

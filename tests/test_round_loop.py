@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,51 @@ def test_enough_replies_complete_every_round(tmp_path: Path) -> None:
     assert driver.checkpoints == [1, 2, 3] and driver.finished
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["clients"] for r in rows] == [0, 2, 1, 2]
+
+
+class _DivergedDriver(_Driver):
+    """A driver whose numbers JSON cannot hold (a model that diverged)."""
+
+    def __init__(self) -> None:
+        super().__init__([2, 2])
+        self.extras: list[dict] = []
+
+    def apply(self, server_round: int, replies: object) -> RoundResult:
+        extra = {"local_loss": float("nan"), "per_node": [1.0, float("-inf")]}
+        return RoundResult(2, 0, float("inf"), extra=extra)
+
+    def evaluate(self) -> EvalResult:
+        return EvalResult(float("nan"), 0.5, "exact_match", 4)
+
+    def checkpoint(self, folder: RunFolder, server_round: int, extra: dict) -> None:
+        json.dumps(extra, allow_nan=False)  # what RunFolder's writer refuses
+        self.extras.append(extra)
+        super().checkpoint(folder, server_round, extra)
+
+
+def test_a_row_json_cannot_hold_is_recorded_with_nulls(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Breaks if an inf/NaN in a round's numbers kills the run or loses its
+    metrics row (strict JSON has neither): each becomes null, logged, in the
+    row and in the checkpoint's copy of it, and every round completes."""
+    driver = _DivergedDriver()
+    run_rounds(
+        _Grid(),
+        driver,
+        NODES,
+        rounds=2,
+        folder=RunFolder(tmp_path),
+        timeout_s=1.0,
+        ledger=ByteLedger(),
+    )
+    assert driver.checkpoints == [1, 2] and driver.finished
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows:
+        assert row["eval_loss"] is None and row["eval_metric"] == 0.5
+    for row in rows[1:]:
+        assert row["train_loss"] is None and row["local_loss"] is None
+        assert row["per_node"] == [1.0, None] and row["clients"] == 2
+    assert driver.extras[0]["metrics"] == rows[1]
+    assert "row.train_loss=inf" in caplog.text and "row.eval_loss=nan" in caplog.text

@@ -8,6 +8,7 @@ write must never leave a torn file or a temporary one behind.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,11 @@ def test_status_round_trips_and_defaults_to_not_started(tmp_path: Path) -> None:
     assert folder.read_status().state == "not started"
     folder.write_status("failed", error="boom", rounds=3)
     status = folder.read_status()
-    assert (status.state, status.error, status.fields["rounds"]) == ("failed", "boom", 3)
+    assert (status.state, status.error, status.fields["rounds"]) == (
+        "failed",
+        "boom",
+        3,
+    )
     assert status.ended
     with pytest.raises(ValueError, match="unknown run state"):
         folder.write_status("exploded")
@@ -132,3 +137,76 @@ def test_server_status_refuses_a_damaged_run_folder_in_one_line(
     err = capsys.readouterr().err.strip()
     assert named in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_checkpoint_is_sealed_and_verified(tmp_path: Path) -> None:
+    """Every checkpoint carries a manifest of its files' sha256 and its round;
+    reading checks the bytes it parses, so a changed byte anywhere (tensors,
+    state) is named instead of being loaded."""
+    from safetensors.torch import load_file
+
+    from protocols.manifest import read_manifest
+
+    folder = RunFolder(tmp_path)
+    written = {"z": torch.ones(3), "w": torch.arange(4.0), "b": torch.zeros(1)}
+    folder.write_checkpoint(2, "fp", {"ledger": "[]"}, written)
+    manifest = read_manifest(folder.checkpoint_dir)
+    assert set(manifest.files) == {"state.json", "adapter.safetensors"}
+    assert manifest.meta == {"round": 2, "spec_fingerprint": "fp"}
+    assert folder.verify_checkpoint() == 2
+    state = folder.read_checkpoint("fp")
+    read = folder.read_checkpoint_tensors(state)
+    assert torch.equal(read["w"], torch.arange(4.0))
+    # The layout check compares names in file order, as load_file gives them.
+    assert list(read) == list(load_file(folder.checkpoint_dir / "adapter.safetensors"))
+    tensors = folder.checkpoint_dir / "adapter.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-1] + b"\x7f")
+    with pytest.raises(CheckpointError, match="adapter.safetensors is damaged"):
+        folder.read_checkpoint_tensors(state)
+    with pytest.raises(CheckpointError, match="adapter.safetensors is damaged"):
+        folder.verify_checkpoint()
+
+
+def test_sealed_artefacts_refuse_changes(tmp_path: Path) -> None:
+    """A final artefact written through the run folder is sealed; a changed,
+    removed or unsealed one is refused naming the file."""
+    folder = RunFolder(tmp_path)
+    path = folder.write_tensors("model/x.safetensors", {"w": torch.ones(2)}, {})
+    assert folder.verify_artefact("model/x.safetensors") == path
+    path.write_bytes(path.read_bytes() + b" ")
+    with pytest.raises(RunFolderError, match="x.safetensors is damaged"):
+        folder.verify_artefact("model/x.safetensors")
+    (tmp_path / "model" / "x.safetensors.manifest.json").unlink()
+    with pytest.raises(RunFolderError, match="manifest.json is missing"):
+        folder.verify_artefact("model/x.safetensors")
+
+
+def test_the_lock_is_exclusive_and_names_its_owner(tmp_path: Path) -> None:
+    """One owner at a time: a second lock (another open file, even in this
+    process) is refused naming the owner's pid; the lock file keeps no stale
+    pid after a release."""
+    from protocols.run_folder import RunFolderLocked
+
+    folder = RunFolder(tmp_path)
+    assert folder.locked_by() is None
+    with folder.lock():
+        assert folder.locked_by() == os.getpid()
+        with pytest.raises(RunFolderLocked, match=f"in use by pid {os.getpid()}"):
+            with folder.lock():
+                pass
+        with pytest.raises(RunFolderLocked, match=str(os.getpid())):
+            folder.check_free()
+    assert folder.locked_by() is None
+    assert folder.lock_file.read_text() == ""
+
+
+def test_truncating_metrics_refuses_a_damaged_middle_line(tmp_path: Path) -> None:
+    """Resume drops rows past its checkpoint and a torn last line, but a
+    damaged line in the middle is an error, not silently lost history."""
+    folder = RunFolder(tmp_path)
+    folder.metrics.write_bytes(b'{"round": 0}\n{"round": 1}\n{"round": 2}\n{"rou')
+    folder.metrics_log().truncate_after(1)
+    assert folder.metrics.read_text() == '{"round": 0}\n{"round": 1}\n'
+    folder.metrics.write_bytes(b'{"round": 0}\n\xff\xfe\n{"round": 1}\n')
+    with pytest.raises(RunFolderError, match=r"metrics.jsonl:2 is damaged"):
+        folder.metrics_log().truncate_after(1)

@@ -422,6 +422,28 @@ def test_hello_round_trip() -> None:
     assert decode_hello(_wire(encode_hello(hello))) == hello
 
 
+def test_signed_hello_and_its_nonce_round_trip() -> None:
+    """The hello's nonce and the node's signature must survive the wire; an
+    empty hello instruction carries no nonce (nothing to sign)."""
+    from protocols.messages import decode_hello_ins, encode_hello_ins
+
+    hello = NodeHello(label="site-a", num_examples=2, signature=b"\x00sig\xff")
+    assert decode_hello(_wire(encode_hello(hello))) == hello
+    nonce = bytes(range(32))
+    assert decode_hello_ins(_wire(encode_hello_ins(nonce))) == nonce
+    assert decode_hello_ins(RecordDict()) is None
+    with pytest.raises(ProtocolError, match="nonce"):
+        decode_hello_ins(encode_hello_ins(b"short"))
+
+
+@pytest.mark.parametrize("label", ["", "a\nround 3: forged log line", "x" * 129])
+def test_hello_label_must_be_short_printable_text(label: str) -> None:
+    """Labels go into logs and the ledger: an empty, multi-line or overlong
+    label is refused at decode."""
+    with pytest.raises(ProtocolError, match="'label'"):
+        decode_hello(encode_hello(NodeHello(label=label, num_examples=1)))
+
+
 def test_hello_missing_record_and_key() -> None:
     """A hello without its record or label is refused naming what is missing."""
     with pytest.raises(ProtocolError, match="'hello'"):

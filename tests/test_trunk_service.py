@@ -29,6 +29,7 @@ from protocols.split_wire import (
     tensor_to_proto,
 )
 from server.trunk_service import TrunkService, start_trunk_server
+from server.trunk_sessions import TrunkLimits
 
 P, D = 2, 8
 MiB = 1024 * 1024
@@ -87,17 +88,24 @@ def inputs(seed: int, batch: int = 3, tokens: int = 5, dtype=torch.float32):
     return hidden, mask, grad
 
 
+LABELS = ("dev-0", "dev-1", "dev-a", "dev-b")
+
+
 @dataclass
 class Served:
     service: TrunkService
     body: ToyBody
     address: str
     port: int
+    grants: dict[str, bytes]
+
+    def grant(self, label: str) -> bytes:
+        """The round-1 secret of ``label`` (issued when the server started)."""
+        return self.grants[label]
 
 
-@pytest.fixture()
-def serve() -> Iterator[Callable[..., Served]]:
-    """Start trunk servers on free ports; stop them (and clients) at teardown."""
+def serving() -> Iterator[Callable[..., Served]]:
+    """Start trunk servers on free ports; stop them at teardown (fixture body)."""
     servers: list[grpc.Server] = []
 
     def start(
@@ -107,15 +115,16 @@ def serve() -> Iterator[Callable[..., Served]]:
         service = TrunkService(body, spec or make_spec(), **kw)
         server, port = start_trunk_server(service, tls=tls)
         servers.append(server)
-        return Served(service, body, f"127.0.0.1:{port}", port)
+        grants = service.grant_round(1, LABELS)
+        return Served(service, body, f"127.0.0.1:{port}", port, grants)
 
     yield start
     for server in servers:
         server.stop(None)
 
 
-@pytest.fixture()
-def clients() -> Iterator[Callable[..., TrunkClient]]:
+def connecting() -> Iterator[Callable[..., TrunkClient]]:
+    """Make trunk clients; close them at teardown (fixture body)."""
     made: list[TrunkClient] = []
 
     def connect(address: str, **kw) -> TrunkClient:
@@ -126,6 +135,10 @@ def clients() -> Iterator[Callable[..., TrunkClient]]:
     yield connect
     for c in made:
         c.close()
+
+
+serve = pytest.fixture(name="serve")(serving)
+clients = pytest.fixture(name="clients")(connecting)
 
 
 def raises_code(code: grpc.StatusCode, *words: str):
@@ -240,7 +253,7 @@ def test_spec_json_round_trip() -> None:
 def test_forward_and_backward_match_local_autograd(serve, clients) -> None:
     """k == 0: body output exact, gradient exactly the prompt positions' slice."""
     srv = serve()
-    with clients(srv.address).open(srv.service.spec, "dev-0", 1) as s:
+    with clients(srv.address).open(srv.service.spec, "dev-0", srv.grant("dev-0")) as s:
         hidden, mask, grad = inputs(0)
         want_out, want_grad = reference(srv.body, hidden, mask, grad)
         out = s.forward(hidden, mask, train=True)
@@ -255,7 +268,7 @@ def test_forward_and_backward_match_local_autograd(serve, clients) -> None:
 def test_all_positions_when_device_holds_blocks(serve, clients) -> None:
     """k > 0: the device back-propagates its own blocks, so every position returns."""
     srv = serve(make_spec(client_blocks=1))
-    s = clients(srv.address).open(srv.service.spec, "dev-0", 1)
+    s = clients(srv.address).open(srv.service.spec, "dev-0", srv.grant("dev-0"))
     hidden, mask, grad = inputs(2)
     _, want_grad = reference(srv.body, hidden, mask, grad)
     s.forward(hidden, mask, train=True)
@@ -266,7 +279,7 @@ def test_all_positions_when_device_holds_blocks(serve, clients) -> None:
 def test_bfloat16_activations(serve, clients) -> None:
     """bf16 on the wire: body output and prompt gradient still bit-exact."""
     srv = serve(make_spec(dtype="bfloat16"))
-    s = clients(srv.address).open(srv.service.spec, "dev-0", 1)
+    s = clients(srv.address).open(srv.service.spec, "dev-0", srv.grant("dev-0"))
     hidden, mask, grad = inputs(3, dtype=torch.bfloat16)
     want_out, want_grad = reference(srv.body, hidden, mask, grad)
     out = s.forward(hidden, mask, train=True)
@@ -278,7 +291,7 @@ def test_bfloat16_activations(serve, clients) -> None:
 def test_eval_forward_completes_the_step(serve, clients) -> None:
     """train=False returns body(h), advances the step and leaves nothing pending."""
     srv = serve()
-    s = clients(srv.address).open(srv.service.spec, "dev-0", 1)
+    s = clients(srv.address).open(srv.service.spec, "dev-0", srv.grant("dev-0"))
     hidden, mask, grad = inputs(4)
     want_out, _ = reference(srv.body, hidden, mask, grad)
     assert torch.equal(s.forward(hidden, mask, train=False), want_out)
@@ -298,7 +311,7 @@ def test_concurrent_sessions_interleave_correctly(serve, clients) -> None:
 
     def run(idx: int) -> None:
         try:
-            s = client.open(srv.service.spec, f"dev-{idx}", 1)
+            s = client.open(srv.service.spec, f"dev-{idx}", srv.grant(f"dev-{idx}"))
             hidden, mask, grad = inputs(10 + idx)
             barrier.wait()
             out = s.forward(hidden, mask, train=True)
@@ -325,15 +338,19 @@ def test_concurrent_sessions_interleave_correctly(serve, clients) -> None:
 
 
 def test_spec_mismatch_is_failed_precondition(serve, clients) -> None:
-    """A device with another split must be refused, naming both fingerprints."""
+    """A device with another split is refused, naming its own fingerprint only.
+
+    Breaks if the message reveals the server's spec or fingerprint (enough to
+    forge a matching spec).
+    """
     srv = serve()
     other = make_spec(client_blocks=1)
     with raises_code(
-        grpc.StatusCode.FAILED_PRECONDITION,
-        other.fingerprint(),
-        srv.service.spec.fingerprint(),
-    ):
-        clients(srv.address).open(other, "dev-0", 1)
+        grpc.StatusCode.FAILED_PRECONDITION, "spec mismatch", other.fingerprint()
+    ) as info:
+        clients(srv.address).open(other, "dev-0", srv.grant("dev-0"))
+    assert srv.service.spec.fingerprint() not in info.value.details
+    assert "toy" not in info.value.details and "\n" not in info.value.details
     assert srv.service.open_sessions() == 0
 
 
@@ -341,10 +358,10 @@ def test_unknown_and_closed_sessions_are_not_found(serve, clients) -> None:
     """Calls on a session the server does not hold must get NOT_FOUND."""
     srv = serve()
     client = clients(srv.address)
-    s = client.open(srv.service.spec, "dev-0", 1)
+    s = client.open(srv.service.spec, "dev-0", srv.grant("dev-0"))
     hidden, mask, _ = inputs(0)
     ghost = TrunkSession(client, srv.service.spec, "feedbeef", 1)
-    with raises_code(grpc.StatusCode.NOT_FOUND, "feedbeef"):
+    with raises_code(grpc.StatusCode.NOT_FOUND, "unknown split session"):
         ghost.forward(hidden, mask, train=True)
     train_step(s, srv.body, seed=0)
     counters = s.close()
@@ -360,7 +377,7 @@ def test_out_of_order_steps_are_refused_and_session_survives(serve, clients) -> 
     """Backward first, forward twice, a wrong step: FAILED_PRECONDITION, no damage."""
     srv = serve()
     client = clients(srv.address)
-    s = client.open(srv.service.spec, "dev-0", 1)
+    s = client.open(srv.service.spec, "dev-0", srv.grant("dev-0"))
     hidden, mask, grad = inputs(0)
     with raises_code(grpc.StatusCode.FAILED_PRECONDITION, "expected step 0"):
         s.backward(grad)
@@ -410,7 +427,7 @@ def test_bad_forward_frames_are_invalid_argument(serve, clients, case, field) ->
     """Each bad input is named in INVALID_ARGUMENT and the session keeps working."""
     srv = serve()
     client = clients(srv.address)
-    s = client.open(srv.service.spec, "dev-0", 1)
+    s = client.open(srv.service.spec, "dev-0", srv.grant("dev-0"))
     hidden, mask, _ = inputs(0)
     h, m = tensor_to_proto(hidden), tensor_to_proto(mask)
     if case == "hidden_dtype":
@@ -448,7 +465,7 @@ def test_bad_gradient_is_invalid_argument_and_step_stays_pending(
 ) -> None:
     """A wrong-shape or NaN gradient is refused; a good one then completes the step."""
     srv = serve()
-    s = clients(srv.address).open(srv.service.spec, "dev-0", 1)
+    s = clients(srv.address).open(srv.service.spec, "dev-0", srv.grant("dev-0"))
     hidden, mask, grad = inputs(0)
     s.forward(hidden, mask, train=True)
     with raises_code(grpc.StatusCode.INVALID_ARGUMENT, "'grad' has shape"):
@@ -464,7 +481,7 @@ def test_bad_gradient_is_invalid_argument_and_step_stays_pending(
 def test_oversized_message_is_resource_exhausted(serve, clients) -> None:
     """Past max_message_bytes the transport refuses; the session is unharmed."""
     srv = serve(max_message_bytes=64 * 1024)
-    s = clients(srv.address).open(srv.service.spec, "dev-0", 1)
+    s = clients(srv.address).open(srv.service.spec, "dev-0", srv.grant("dev-0"))
     assert s.server_max_message_bytes == 64 * 1024
     big = torch.zeros(300, P + 8, D)  # 96 000 bytes of activations
     with raises_code(grpc.StatusCode.RESOURCE_EXHAUSTED):
@@ -476,8 +493,8 @@ def test_one_sessions_error_leaves_another_untouched(serve, clients) -> None:
     """A refused call in session B must not disturb A's pending step."""
     srv = serve()
     client = clients(srv.address)
-    a = client.open(srv.service.spec, "dev-a", 1)
-    b = client.open(srv.service.spec, "dev-b", 1)
+    a = client.open(srv.service.spec, "dev-a", srv.grant("dev-a"))
+    b = client.open(srv.service.spec, "dev-b", srv.grant("dev-b"))
     hidden, mask, grad = inputs(0)
     a.forward(hidden, mask, train=True)
     bad = hidden.clone()
@@ -496,8 +513,8 @@ def test_usage_counts_bytes_per_client(serve, clients) -> None:
     """usage() must equal the serialized traffic both sides counted, per client."""
     srv = serve()
     client = clients(srv.address)
-    a = client.open(srv.service.spec, "dev-a", 4)
-    b = client.open(srv.service.spec, "dev-b", 4)
+    a = client.open(srv.service.spec, "dev-a", srv.grant("dev-a"))
+    b = client.open(srv.service.spec, "dev-b", srv.grant("dev-b"))
     train_step(a, srv.body, seed=0)
     train_step(a, srv.body, seed=1)
     train_step(b, srv.body, seed=2)
@@ -515,13 +532,14 @@ def test_usage_counts_bytes_per_client(serve, clients) -> None:
 def test_idle_sessions_expire_and_session_limit(serve, clients) -> None:
     """Idle sessions are dropped at the next Open; the cap is RESOURCE_EXHAUSTED."""
     now = [0.0]
-    srv = serve(max_sessions=1, session_ttl_s=60.0, clock=lambda: now[0])
+    limits = TrunkLimits(max_sessions=1, idle_timeout_s=60.0)
+    srv = serve(limits=limits, clock=lambda: now[0])
     client = clients(srv.address)
-    old = client.open(srv.service.spec, "dev-0", 1)
-    with raises_code(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many open sessions"):
-        client.open(srv.service.spec, "dev-1", 1)
+    old = client.open(srv.service.spec, "dev-0", srv.grant("dev-0"))
+    with raises_code(grpc.StatusCode.RESOURCE_EXHAUSTED, "no free session"):
+        client.open(srv.service.spec, "dev-1", srv.grant("dev-1"))
     now[0] = 61.0
-    new = client.open(srv.service.spec, "dev-1", 1)
+    new = client.open(srv.service.spec, "dev-1", srv.grant("dev-1"))
     hidden, mask, _ = inputs(0)
     with raises_code(grpc.StatusCode.NOT_FOUND):
         old.forward(hidden, mask, train=True)
@@ -535,12 +553,13 @@ def test_end_of_round_drops_its_sessions_and_their_graphs(serve, clients) -> Non
     Breaks if a finished round's sessions (and activation memory) are kept
     until some later Open happens to expire them.
     """
-    srv = serve(session_ttl_s=3600.0)
+    srv = serve()
     client = clients(srv.address)
-    gone = client.open(srv.service.spec, "dev-0", 1)
+    gone = client.open(srv.service.spec, "dev-0", srv.grant("dev-0"))
     hidden, mask, grad = inputs(0)
     gone.forward(hidden, mask, train=True)  # and never calls Backward
-    later = client.open(srv.service.spec, "dev-1", 2)
+    round2 = srv.service.grant_round(2, ["dev-1"])
+    later = client.open(srv.service.spec, "dev-1", round2["dev-1"])
     assert srv.service.open_sessions() == 2
     assert srv.service.end_round(1) == 1
     assert srv.service.open_sessions() == 1
@@ -604,8 +623,50 @@ def test_tls_server_accepts_tls_and_refuses_plaintext(serve, clients) -> None:
     cert, key = self_signed()
     srv = serve(tls=(cert, key))
     secure = clients(srv.address, root_certificates=cert)
-    with secure.open(srv.service.spec, "dev-0", 1) as s:
+    with secure.open(srv.service.spec, "dev-0", srv.grant("dev-0")) as s:
         train_step(s, srv.body, seed=0)
     with raises_code(grpc.StatusCode.UNAVAILABLE):
-        clients(srv.address).open(srv.service.spec, "dev-1", 1)
+        clients(srv.address).open(srv.service.spec, "dev-1", srv.grant("dev-1"))
     assert srv.service.open_sessions() == 0
+
+
+def test_trunk_uses_the_deployments_certificates(serve, clients, tmp_path) -> None:
+    """``server start --certs DIR`` recorded in server.json gives the trunk TLS.
+
+    Breaks if the trunk stays plaintext while the SuperLink runs with
+    certificates (activations and grants would cross the network in clear).
+    """
+    from server.certificates import make_dev_pki
+    from server.config import SplitSection
+    from server.deploy import ServerInfo, write_server_info
+    from server.split_driver import trunk_tls
+
+    split = SplitSection()
+    assert trunk_tls(split, None) == (None, b"")
+    assert trunk_tls(split, tmp_path) == (None, b"")  # never served
+    pki = make_dev_pki(tmp_path / "certs")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    info = ServerInfo(
+        1, "127.0.0.1", 9092, "127.0.0.1:9092", str(pki.ca_cert.parent), None
+    )
+    write_server_info(run_dir, info)
+    tls, root = trunk_tls(split, run_dir)
+    assert root == pki.ca_cert.read_bytes() and tls is not None
+    srv = serve(tls=tls)
+    with clients(srv.address, root_certificates=root).open(
+        srv.service.spec, "dev-0", srv.grant("dev-0")
+    ) as s:
+        train_step(s, srv.body, seed=0)
+    with raises_code(grpc.StatusCode.UNAVAILABLE):
+        clients(srv.address).open(srv.service.spec, "dev-1", srv.grant("dev-1"))
+
+
+def test_split_config_defaults_are_the_trunk_defaults() -> None:
+    """``[split]`` documents the same quotas and pool as the trunk's classes."""
+    from server.config import SplitSection
+    from server.split_driver import trunk_limits, trunk_transport
+    from server.trunk_transport import TrunkTransport
+
+    assert trunk_limits(SplitSection()) == TrunkLimits()
+    assert trunk_transport(SplitSection()) == TrunkTransport()

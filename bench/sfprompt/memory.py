@@ -40,6 +40,8 @@ from bench.sfprompt.settings import (
     split_step,
 )
 
+_GRANT_ENV = "POLLINATE_BENCH_TRUNK_GRANT"
+
 
 def emit(obj: dict[str, Any]) -> None:
     """Print ``obj`` as one JSON line (how a child reports to its parent)."""
@@ -60,7 +62,14 @@ def child_trunk(tail: str) -> None:
     _, trunk, _ = build_split(model, spec, init_seed=0)
     service = TrunkService(trunk, spec)
     server, port = start_trunk_server(service, "127.0.0.1", 0)
-    emit({"port": port, "peak_mib_ready": maxrss_mib()})
+    grants = service.grant_round(1, [f"mem-{m}" for m in ("steps", "round")])
+    emit(
+        {
+            "port": port,
+            "peak_mib_ready": maxrss_mib(),
+            "grants": {k: v.hex() for k, v in grants.items()},
+        }
+    )
     sys.stdin.read()  # the parent closes our stdin when the device is done
     server.stop(grace=None)
     emit({"peak_mib": maxrss_mib(), "usage": service.usage()})
@@ -91,7 +100,8 @@ def child_device(port: int, steps: int, tail: str, mode: str) -> dict[str, Any]:
     held = {id(q): q.numel() for m in (head, tl) for q in m.parameters()}
     p = spec.num_prompts
     with TrunkClient(f"127.0.0.1:{port}") as client:
-        session = client.open(spec, f"mem-{mode}", 1)
+        grant = bytes.fromhex(os.environ[_GRANT_ENV])  # from the trunk child
+        session = client.open(spec, f"mem-{mode}", grant)
         if mode == "steps":
             batches = dolly_batches(tokenizer, steps)
             marks["after_batches"] = maxrss_mib()
@@ -195,6 +205,7 @@ def run_device_with_trunk(steps: int, tail: str, mode: str) -> dict[str, Any]:
                 f"trunk child failed: {first} {trunk.stderr.read()[-2000:]}"
             )
         ready = json.loads(first)
+        env[_GRANT_ENV] = ready.pop("grants")[f"mem-{mode}"]
         dev = subprocess.run(
             _child_cmd(
                 "device",

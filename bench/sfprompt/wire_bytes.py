@@ -130,6 +130,7 @@ def sfprompt_message_bytes(
         gamma=d["gamma"],
         seed=0,
         trunk_address="127.0.0.1:50123",
+        trunk_grant=bytes(32),  # the size of a real grant
     )
     ins = encode_split_train_ins(SplitTrainIns(spec, config, tensors))
     res = encode_split_train_res(
@@ -178,7 +179,8 @@ def activation_bytes(
     per_step = []
     try:
         with TrunkClient(f"127.0.0.1:{port}") as client:
-            session = client.open(spec, "bench-device", 1)
+            grant = service.grant_round(1, ["bench-device"])["bench-device"]
+            session = client.open(spec, "bench-device", grant)
             open_up, open_down = session.bytes_up, session.bytes_down
             for b in batches:
                 up0, down0 = session.bytes_up, session.bytes_down

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0btrunk.proto\x12\x12pollinate.split.v1\"C\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\x07\"?\n\x0bOpenRequest\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\x12\x11\n\tspec_json\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\"[\n\tOpenReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x02 \x01(\x03\x12\x1f\n\x17server_spec_fingerprint\x18\x03 \x01(\t\"\xa1\x01\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12*\n\x06hidden\x18\x03 \x01(\x0b\x32\x1a.pollinate.split.v1.Tensor\x12\x32\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x1a.pollinate.split.v1.Tensor\x12\r\n\x05train\x18\x05 \x01(\x08\"\\\n\x0c\x46orwardReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12*\n\x06hidden\x18\x03 \x01(\x0b\x32\x1a.pollinate.split.v1.Tensor\"]\n\x0f\x42\x61\x63kwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12(\n\x04grad\x18\x03 \x01(\x0b\x32\x1a.pollinate.split.v1.Tensor\"[\n\rBackwardReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12(\n\x04grad\x18\x03 \x01(\x0b\x32\x1a.pollinate.split.v1.Tensor\"\"\n\x0c\x43loseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"A\n\nCloseReply\x12\r\n\x05steps\x18\x01 \x01(\x03\x12\x10\n\x08\x62ytes_up\x18\x02 \x01(\x03\x12\x12\n\nbytes_down\x18\x03 \x01(\x03\x32\xc4\x02\n\nSplitTrunk\x12\x46\n\x04Open\x12\x1f.pollinate.split.v1.OpenRequest\x1a\x1d.pollinate.split.v1.OpenReply\x12O\n\x07\x46orward\x12\".pollinate.split.v1.ForwardRequest\x1a .pollinate.split.v1.ForwardReply\x12R\n\x08\x42\x61\x63kward\x12#.pollinate.split.v1.BackwardRequest\x1a!.pollinate.split.v1.BackwardReply\x12I\n\x05\x43lose\x12 .pollinate.split.v1.CloseRequest\x1a\x1e.pollinate.split.v1.CloseReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0btrunk.proto\x12\x12pollinate.split.v1\"C\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\x07\"L\n\x0bOpenRequest\x12\x0e\n\x06\x63lient\x18\x01 \x01(\t\x12\x11\n\tspec_json\x18\x02 \x01(\t\x12\r\n\x05grant\x18\x04 \x01(\x0cJ\x04\x08\x03\x10\x04R\x05round\"[\n\tOpenReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x02 \x01(\x03\x12\x1f\n\x17server_spec_fingerprint\x18\x03 \x01(\t\"\xa1\x01\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12*\n\x06hidden\x18\x03 \x01(\x0b\x32\x1a.pollinate.split.v1.Tensor\x12\x32\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x1a.pollinate.split.v1.Tensor\x12\r\n\x05train\x18\x05 \x01(\x08\"\\\n\x0c\x46orwardReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12*\n\x06hidden\x18\x03 \x01(\x0b\x32\x1a.pollinate.split.v1.Tensor\"]\n\x0f\x42\x61\x63kwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12(\n\x04grad\x18\x03 \x01(\x0b\x32\x1a.pollinate.split.v1.Tensor\"[\n\rBackwardReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12(\n\x04grad\x18\x03 \x01(\x0b\x32\x1a.pollinate.split.v1.Tensor\"\"\n\x0c\x43loseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"A\n\nCloseReply\x12\r\n\x05steps\x18\x01 \x01(\x03\x12\x10\n\x08\x62ytes_up\x18\x02 \x01(\x03\x12\x12\n\nbytes_down\x18\x03 \x01(\x03\x32\xc4\x02\n\nSplitTrunk\x12\x46\n\x04Open\x12\x1f.pollinate.split.v1.OpenRequest\x1a\x1d.pollinate.split.v1.OpenReply\x12O\n\x07\x46orward\x12\".pollinate.split.v1.ForwardRequest\x1a .pollinate.split.v1.ForwardReply\x12R\n\x08\x42\x61\x63kward\x12#.pollinate.split.v1.BackwardRequest\x1a!.pollinate.split.v1.BackwardReply\x12I\n\x05\x43lose\x12 .pollinate.split.v1.CloseRequest\x1a\x1e.pollinate.split.v1.CloseReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,21 +35,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_start=35
   _globals['_TENSOR']._serialized_end=102
   _globals['_OPENREQUEST']._serialized_start=104
-  _globals['_OPENREQUEST']._serialized_end=167
-  _globals['_OPENREPLY']._serialized_start=169
-  _globals['_OPENREPLY']._serialized_end=260
-  _globals['_FORWARDREQUEST']._serialized_start=263
-  _globals['_FORWARDREQUEST']._serialized_end=424
-  _globals['_FORWARDREPLY']._serialized_start=426
-  _globals['_FORWARDREPLY']._serialized_end=518
-  _globals['_BACKWARDREQUEST']._serialized_start=520
-  _globals['_BACKWARDREQUEST']._serialized_end=613
-  _globals['_BACKWARDREPLY']._serialized_start=615
-  _globals['_BACKWARDREPLY']._serialized_end=706
-  _globals['_CLOSEREQUEST']._serialized_start=708
-  _globals['_CLOSEREQUEST']._serialized_end=742
-  _globals['_CLOSEREPLY']._serialized_start=744
-  _globals['_CLOSEREPLY']._serialized_end=809
-  _globals['_SPLITTRUNK']._serialized_start=812
-  _globals['_SPLITTRUNK']._serialized_end=1136
+  _globals['_OPENREQUEST']._serialized_end=180
+  _globals['_OPENREPLY']._serialized_start=182
+  _globals['_OPENREPLY']._serialized_end=273
+  _globals['_FORWARDREQUEST']._serialized_start=276
+  _globals['_FORWARDREQUEST']._serialized_end=437
+  _globals['_FORWARDREPLY']._serialized_start=439
+  _globals['_FORWARDREPLY']._serialized_end=531
+  _globals['_BACKWARDREQUEST']._serialized_start=533
+  _globals['_BACKWARDREQUEST']._serialized_end=626
+  _globals['_BACKWARDREPLY']._serialized_start=628
+  _globals['_BACKWARDREPLY']._serialized_end=719
+  _globals['_CLOSEREQUEST']._serialized_start=721
+  _globals['_CLOSEREQUEST']._serialized_end=755
+  _globals['_CLOSEREPLY']._serialized_start=757
+  _globals['_CLOSEREPLY']._serialized_end=822
+  _globals['_SPLITTRUNK']._serialized_start=825
+  _globals['_SPLITTRUNK']._serialized_end=1149
 # @@protoc_insertion_point(module_scope)

@@ -20,14 +20,14 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class OpenRequest(_message.Message):
-    __slots__ = ("client", "spec_json", "round")
+    __slots__ = ("client", "spec_json", "grant")
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
-    ROUND_FIELD_NUMBER: _ClassVar[int]
+    GRANT_FIELD_NUMBER: _ClassVar[int]
     client: str
     spec_json: str
-    round: int
-    def __init__(self, client: _Optional[str] = ..., spec_json: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+    grant: bytes
+    def __init__(self, client: _Optional[str] = ..., spec_json: _Optional[str] = ..., grant: _Optional[bytes] = ...) -> None: ...
 
 class OpenReply(_message.Message):
     __slots__ = ("session_id", "max_message_bytes", "server_spec_fingerprint")

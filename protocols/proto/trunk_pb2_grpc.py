@@ -63,7 +63,7 @@ class SplitTrunkServicer(object):
     """
 
     def Open(self, request, context):
-        """Check the client's SplitSpec against the server's and start a session.
+        """Check the node's grant and SplitSpec, then start a session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
