@@ -13,7 +13,10 @@ __all__ = ["add_parser", "run"]
 
 EPILOG = """examples:
   pollinate certs certs/                          # 127.0.0.1 and localhost
-  pollinate certs certs/ --host server.example.org --host 10.0.0.5
+  pollinate certs certs/ --host server.example.org --host 10.0.0.5  # and those
+
+The server certificate always covers 127.0.0.1 and localhost: pollinate server
+start runs the SuperLink there, behind the fleet gateway on the public host.
 """
 
 
@@ -30,7 +33,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--host",
         action="append",
         default=None,
-        help="host name or IP the server certificate covers (repeatable)",
+        help="host name or IP the server certificate covers besides 127.0.0.1 "
+        "and localhost (repeatable; the first is its common name)",
     )
     parser.add_argument("--days", type=int, default=365, help="validity in days")
     parser.set_defaults(handler=run)
@@ -48,13 +52,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
     # Here, not at import: --help stays light.
     from server.certificates import make_dev_pki
 
-    hosts = args.host or ["127.0.0.1", "localhost"]
     if args.days < 1:
         raise CommandError(f"--days must be at least 1, got {args.days}")
     if args.folder.exists() and not args.folder.is_dir():
         raise CommandError(f"{args.folder} is a file, not a folder for the PKI")
     try:
-        pki = make_dev_pki(args.folder, hosts, args.days)
+        pki = make_dev_pki(args.folder, args.host or (), args.days)
     except FileExistsError as exc:
         raise CommandError(str(exc)) from None
     except OSError as exc:
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
             f"{args.folder}: cannot write the PKI: {exc.strerror or exc}"
         ) from None
     console.print(
-        f"CA: {pki.ca_cert}\nserver certificate: {pki.server_cert} (hosts: {', '.join(hosts)})\n"
+        f"CA: {pki.ca_cert}\nserver certificate: {pki.server_cert} "
+        f"(hosts: {', '.join(pki.hosts)})\n"
         f"keys: {pki.ca_key}, {pki.server_key} (keep them private)"
     )
     return 0

@@ -14,9 +14,9 @@ from protocols.methods import method_names
 __all__ = ["add_parser"]
 
 EPILOG = """examples:
-  pollinate client keygen keys/                 # then give keys/node.pub to the server
+  pollinate client keygen keys/ --name hospital-3   # give keys/hospital-3.pub to the server
   pollinate client join --server 10.0.0.5:9092 --data my.jsonl --root-cert certs/ca.crt \\
-      --auth-key keys/node.key
+      --auth-key keys/hospital-3.key                # joins as label hospital-3
   pollinate client join --server 127.0.0.1:9092 --data my.jsonl --insecure   # local only
 """
 
@@ -36,7 +36,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--data", required=True, type=Path, help="local JSON/JSONL/CSV data"
     )
     join.add_argument(
-        "--label", default=socket.gethostname(), help="a stable node name"
+        "--label",
+        help="a stable node name (default: the --auth-key file's name, which an "
+        "authenticating server requires, else this host's name)",
     )
     tls = join.add_mutually_exclusive_group(required=True)
     tls.add_argument(
@@ -61,7 +63,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     join.set_defaults(handler=_join)
     keygen = cmds.add_parser("keygen", help="make this node's authentication key pair")
     keygen.add_argument("folder", type=Path)
-    keygen.add_argument("--name", default="node")
+    keygen.add_argument(
+        "--name",
+        default=socket.gethostname(),
+        help="the node's label: the server knows the node as <name>.pub "
+        "(default: this host's name)",
+    )
     keygen.set_defaults(handler=_keygen)
 
 
@@ -75,10 +82,18 @@ def _join(args: argparse.Namespace, console: Console) -> int:
     for flag, path in (("--root-cert", args.root_cert), ("--auth-key", args.auth_key)):
         if path is not None and not path.is_file():
             raise CommandError(f"{flag}: no file at {path}")
+    label = args.label or (args.auth_key.stem if args.auth_key else None)
+    label = label or socket.gethostname()
+    if args.auth_key is not None and label != args.auth_key.stem:
+        console.print(
+            f"[yellow]warning[/]: --label {label} differs from the key's name "
+            f"{args.auth_key.stem}: a server with --auth-keys accepts a node only "
+            "under the name of its registered key"
+        )
     settings = JoinSettings(
         server=args.server,
         data=args.data,
-        label=args.label,
+        label=label,
         root_certificates=args.root_cert,
         insecure=args.insecure,
         auth_key=args.auth_key,

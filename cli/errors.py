@@ -26,7 +26,7 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("simulation.partitioning", "PartitionError"),
     ("protocols.run_folder", "RunFolderError"),
     ("protocols.methods", "UnknownMethodError"),
-    ("server.deploy", "DeployError"),
+    ("server.processes", "DeployError"),
     ("server.export", "ExportError"),
     ("strategies.sampling", "SamplingError"),
     ("client.node", "NodeConfigError"),

@@ -13,20 +13,26 @@ its last checkpoint, restarting the server if it is gone.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import subprocess
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from cli.overrides import add_config_arguments, collect_overrides
+from cli.overrides import add_config_arguments
 from cli.simulate import report_run
 
 if TYPE_CHECKING:
+    from server.certificates import TlsFiles
     from server.config import RunConfig
-    from server.deploy import ServerInfo, TlsFiles
+    from server.deploy import ServerInfo
 
 __all__ = ["add_parser"]
+
+LOG_TAIL_S = 30.0
+"""How long a finished run's log streamer may take to copy the log's tail."""
 
 EPILOG = """examples:
   pollinate certs certs/ --host 10.0.0.5
@@ -87,50 +93,78 @@ def _serving_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _tls(info: ServerInfo) -> TlsFiles | None:
-    from server.deploy import TlsFiles  # here, not at import: --help stays light
+    from server.certificates import TlsFiles  # here, not at import: --help stays light
 
     return TlsFiles.in_folder(Path(info.certs)) if info.certs else None
 
 
 def _serve(
     info: ServerInfo, run_dir: Path, *, resume: bool, console: Console
-) -> ServerInfo:
-    """Start the server if needed, register keys, submit the run."""
+) -> tuple[ServerInfo, subprocess.Popen[bytes]]:
+    """Start the server if needed, register keys, submit the run.
+
+    The ServerApp's log is streamed into the run folder's ``server.log``
+    (``flwr log --stream``; that process, returned with the server's record,
+    ends with the run). A server this call started is stopped again if the
+    run cannot be submitted.
+
+    Raises
+    ------
+    DeployError
+        If the server does not come up or ``flwr run`` fails.
+    """
     # Here, not at import: --help stays light.
     from dataclasses import replace
 
-    from server.deploy import (
-        process_alive,
-        register_node_keys,
-        start_server,
-        submit_run,
-        write_server_info,
-    )
+    from protocols.run_folder import RunFolder
+    from server.deploy import start_server, stop_server, write_server_info
+    from server.flower_cli import register_node_keys, stream_run_log, submit_run
+    from server.processes import DeployError, process_alive
 
     tls = _tls(info)
-    if not process_alive(info.pid):
+    started = not process_alive(info.pid)
+    if started:
         info = start_server(run_dir, info, auth=bool(info.auth_keys))
         write_server_info(run_dir, info)
-        if info.auth_keys and tls is not None:
+    try:
+        if started and info.auth_keys and tls is not None:
             keys = sorted(Path(info.auth_keys).glob("*.pub"))
             register_node_keys(run_dir, info.control_address, tls, keys)
             console.print(f"registered {len(keys)} node key(s)")
-    run_id = submit_run(run_dir, info.control_address, tls, resume=resume)
+        run_id = submit_run(run_dir, info.control_address, tls, resume=resume)
+    except DeployError:
+        if started:
+            stop_server(info)
+        raise
     info = replace(info, run_id=run_id)
     write_server_info(run_dir, info)
+    log = RunFolder(run_dir).server_log
+    streamer = stream_run_log(run_dir, info.control_address, tls, run_id, log)
     console.print(
         f"server listening on {info.host}:{info.port} "
         f"({'TLS' if tls else 'plaintext'}, Fleet API only), run {run_id}; "
-        f"SuperLink on {info.control_address} (this machine only)"
+        f"SuperLink on {info.control_address} (this machine only); log: {log}"
     )
-    return info
+    return info, streamer
 
 
-def _watch(info: ServerInfo, run_dir: Path, config: RunConfig, console: Console) -> int:
-    """Follow the run until it ends, then stop the server and report."""
+def _watch(
+    info: ServerInfo,
+    streamer: subprocess.Popen[bytes],
+    run_dir: Path,
+    config: RunConfig,
+    console: Console,
+) -> int:
+    """Follow the run until it ends, then stop the server and report.
+
+    After a run that ended by itself, the ServerApp's log streamer is given
+    a bounded time to copy the log's tail before the server goes down.
+    """
     # Here, not at import: --help stays light.
     from protocols.run_folder import RunFolder
-    from server.deploy import flower_run_status, process_alive, stop_server
+    from server.deploy import stop_server
+    from server.flower_cli import flower_run_status
+    from server.processes import process_alive, stop_process_tree
     from simulation import LaunchResult
 
     folder = RunFolder(run_dir)
@@ -141,9 +175,11 @@ def _watch(info: ServerInfo, run_dir: Path, config: RunConfig, console: Console)
             rows = folder.read_metrics()
             if rows and rows[-1]["round"] != shown:
                 shown = int(rows[-1]["round"])
+                loss = rows[-1]["eval_loss"]  # None when it was not finite
                 console.print(
                     f"round {shown}/{config.run.rounds}: eval loss "
-                    f"{rows[-1]['eval_loss']:.4f}, clients {rows[-1]['clients']}"
+                    f"{'-' if loss is None else format(loss, '.4f')}, "
+                    f"clients {rows[-1]['clients']}"
                 )
             if folder.read_status().ended:
                 break
@@ -161,9 +197,13 @@ def _watch(info: ServerInfo, run_dir: Path, config: RunConfig, console: Console)
                         )
                     break
             time.sleep(1.0)  # polling the run folder: the UI's refresh rate
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            streamer.wait(timeout=LOG_TAIL_S)  # ends once Flower sent the log
     except KeyboardInterrupt:
         console.print("interrupted: stopping the server")
-    stop_server(info)
+    finally:  # a damaged run folder (RunFolderError) must not leave it running
+        stop_process_tree(streamer.pid, grace_s=2.0)
+        stop_server(info)
     status = folder.read_status()
     result = LaunchResult(
         0 if status.state == "completed" else 1,
@@ -175,71 +215,71 @@ def _watch(info: ServerInfo, run_dir: Path, config: RunConfig, console: Console)
 
 
 def _start(args: argparse.Namespace, console: Console) -> int:
+    """Prepare, serve and (unless ``--detach``) watch a new run.
+
+    The config and its data are checked as ``pollinate validate`` checks
+    them before anything is written or started; a user's mistake is a
+    ConfigError, DatasetError or DeployError (one line, exit 2 in cli.main).
+    """
     # Here, not at import: --help stays light.
-    from server.config import ConfigError, load_config
-    from server.deploy import DeployError, ServerInfo, prepare_server_run
+    from cli.validate import load_checked_config
+    from server.deploy import ServerInfo, prepare_server_run
     from simulation import new_run_dir
 
-    try:
-        config = load_config(Path(args.config), collect_overrides(args))
-        run_dir = args.run_dir or new_run_dir(config)
-        prepare_server_run(config, run_dir)
-        certs = str(args.certs.resolve()) if args.certs else None
-        keys = str(args.auth_keys.resolve()) if args.auth_keys else None
-        connect = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        info = ServerInfo(
-            -1, args.host, args.port, f"{connect}:{args.port}", certs, keys
-        )
-        console.print(f"run folder: {run_dir}")
-        info = _serve(info, run_dir, resume=False, console=console)
-    except (ConfigError, DeployError, ValueError, OSError) as exc:
-        console.print(f"[red]cannot start[/]: {exc}")
-        return 2
+    config = load_checked_config(Path(args.config), args, deployed=True)
+    run_dir = args.run_dir or new_run_dir(config)
+    prepare_server_run(config, run_dir)
+    certs = str(args.certs.resolve()) if args.certs else None
+    keys = str(args.auth_keys.resolve()) if args.auth_keys else None
+    connect = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    info = ServerInfo(-1, args.host, args.port, f"{connect}:{args.port}", certs, keys)
+    console.print(f"run folder: {run_dir}")
+    info, streamer = _serve(info, run_dir, resume=False, console=console)
     if args.detach:
         console.print(f"watch it with: pollinate server status {run_dir}")
         return 0
-    return _watch(info, run_dir, config, console)
+    return _watch(info, streamer, run_dir, config, console)
 
 
 def _resume(args: argparse.Namespace, console: Console) -> int:
+    """Continue a served run from its checkpoint, restarting its server.
+
+    Before anything is written the folder must be free (no live ServerApp
+    owns it) and its checkpoint whole (every file hashed against its
+    manifest); a refusal is one line (cli.main) and leaves the folder as it
+    was.
+    """
     # Here, not at import: --help stays light.
     from protocols.run_folder import RunFolder, RunFolderError
-    from server.config import ConfigError, load_config
-    from server.deploy import DeployError, read_server_info
+    from server.config import load_config
+    from server.deploy import read_server_info
+    from server.processes import DeployError
 
     folder = RunFolder(args.run_dir)
-    try:
-        info = read_server_info(args.run_dir)
-        config = load_config(folder.config)
-        if info is None:
-            raise DeployError(f"{args.run_dir} was never served (no server.json)")
-        if folder.checkpoint_round() is None:
-            raise DeployError("no checkpoint yet: start the run again")
-        # The crashed attempt's "failed" must not end the watch of this one.
-        folder.write_status("resuming")
-        info = _serve(info, args.run_dir, resume=True, console=console)
-    except (ConfigError, DeployError, RunFolderError, OSError) as exc:
-        console.print(f"[red]cannot resume[/]: {exc}")
-        return 2
-    return 0 if args.detach else _watch(info, args.run_dir, config, console)
+    info = read_server_info(args.run_dir)
+    config = load_config(folder.config)
+    if info is None:
+        raise DeployError(f"{args.run_dir} was never served (no server.json)")
+    folder.check_free()
+    folder.read_metrics()
+    if folder.verify_checkpoint() is None:
+        raise RunFolderError(f"no checkpoint in {args.run_dir}: start the run again")
+    # The crashed attempt's "failed" must not end the watch of this one.
+    folder.write_status("resuming")
+    info, streamer = _serve(info, args.run_dir, resume=True, console=console)
+    if args.detach:
+        return 0
+    return _watch(info, streamer, args.run_dir, config, console)
 
 
 def _stop(args: argparse.Namespace, console: Console) -> int:
     # Here, not at import: --help stays light.
     from protocols.run_folder import RunFolder, RunFolderError, RunStatus
-    from server.deploy import (
-        DeployError,
-        process_alive,
-        read_server_info,
-        stop_server,
-    )
+    from server.deploy import read_server_info, stop_server
+    from server.processes import process_alive
 
     folder = RunFolder(args.run_dir)
-    try:
-        info = read_server_info(args.run_dir)
-    except DeployError as exc:
-        console.print(f"[red]cannot stop[/]: {exc}")
-        return 2
+    info = read_server_info(args.run_dir)  # damaged: DeployError, one line
     if info is None or not process_alive(info.pid):
         console.print(f"no server running for {args.run_dir}")
         return 1
@@ -260,27 +300,21 @@ def _stop(args: argparse.Namespace, console: Console) -> int:
 def _status(args: argparse.Namespace, console: Console) -> int:
     # Here, not at import: --help stays light.
     from cli.console import report_console
-    from protocols.run_folder import RunFolder, RunFolderError
-    from server.config import ConfigError, load_config
-    from server.deploy import (
-        DeployError,
-        connected_nodes,
-        process_alive,
-        read_server_info,
-    )
+    from protocols.run_folder import RunFolder
+    from server.config import load_config
+    from server.deploy import read_server_info
+    from server.flower_cli import connected_nodes
+    from server.processes import DeployError, process_alive
     from simulation import summary_table
 
     run_dir: Path = args.run_dir
     folder = RunFolder(run_dir)
     out = report_console()  # the report is the command's output: stdout, pipeable
-    try:
-        config = load_config(folder.config)
-        status = folder.read_status()
-        rows = folder.read_metrics()
-        info = read_server_info(run_dir)
-    except (ConfigError, RunFolderError, DeployError) as exc:
-        console.print(f"[red]not a usable run folder[/]: {exc}")
-        return 2
+    # Damage is a ConfigError, RunFolderError or DeployError: one line, exit 2.
+    config = load_config(folder.config)
+    status = folder.read_status()
+    rows = folder.read_metrics()
+    info = read_server_info(run_dir)
     alive = info is not None and process_alive(info.pid)
     out.print(
         f"run {folder.name}: {status.state}; server "

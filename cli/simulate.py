@@ -72,6 +72,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
     return report_run(result, run_dir, config, console)
 
 
+def _loss(value: float | None) -> str:
+    """An eval loss for the summary line; ``-`` when no round had a finite one."""
+    return "-" if value is None else f"{value:.3f}"
+
+
 def report_run(
     result: LaunchResult, run_dir: Path, config: RunConfig, console: Console
 ) -> int:
@@ -105,7 +110,7 @@ def report_run(
     artefact = folder.artefact(get_method(config.run.method).artefact)
     console.print(
         f"{s['metric_name']}: {100 * (s['first_metric'] or 0):.1f}% -> "
-        f"{100 * (s['last_metric'] or 0):.1f}%  eval loss {s['first_eval_loss']:.3f} -> "
-        f"{s['last_eval_loss']:.3f}\nplot: {plot}\ntrained: {artefact}"
+        f"{100 * (s['last_metric'] or 0):.1f}%  eval loss {_loss(s['first_eval_loss'])}"
+        f" -> {_loss(s['last_eval_loss'])}\nplot: {plot}\ntrained: {artefact}"
     )
     return 0

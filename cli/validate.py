@@ -44,13 +44,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser.set_defaults(handler=run)
 
 
-def check_resources(config: RunConfig) -> list[str]:
+def check_resources(config: RunConfig, *, deployed: bool = False) -> list[str]:
     """Problems with what the config points at: output folder, data, model, spec.
 
-    Each problem is one line that starts with the field it is about.
+    Each problem is one line that starts with the field it is about. A
+    ``deployed`` server's ``data.source`` only gives the held-out set (its
+    devices hold their own data), so it is read but not partitioned.
     """
     problems = _check_output_dir(config.run.output_dir)
-    problems += _check_data(config)
+    problems += _check_data(config, partitioned=not deployed)
     model_problems = _check_model(config)
     problems += model_problems or _check_spec(config)
     problems += _check_device(config)
@@ -69,7 +71,7 @@ def _check_output_dir(output_dir: Path) -> list[str]:
     return []
 
 
-def _check_data(config: RunConfig) -> list[str]:
+def _check_data(config: RunConfig, *, partitioned: bool = True) -> list[str]:
     """Read the data and split it exactly as ``prepare_run`` will."""
     # Here, not at import: --help stays light.
     from corpora import DatasetError, load_examples, split_holdout
@@ -85,6 +87,8 @@ def _check_data(config: RunConfig) -> list[str]:
         return [
             f"data.eval_examples ({data.eval_examples}) must be smaller than {where}"
         ]
+    if not partitioned:
+        return []
     train, _ = split_holdout(examples, data.eval_examples, config.run.seed)
     where = (
         f"the {len(train)} training examples of {data.source} "
@@ -160,8 +164,13 @@ def _check_spec(config: RunConfig) -> list[str]:
     return []
 
 
-def load_checked_config(path: Path | None, args: argparse.Namespace) -> RunConfig:
+def load_checked_config(
+    path: Path | None, args: argparse.Namespace, *, deployed: bool = False
+) -> RunConfig:
     """The config of ``path`` plus the overrides in ``args``, fully checked.
+
+    ``deployed``: for ``server start``, whose devices hold the training data
+    (see :func:`check_resources`).
 
     Raises
     ------
@@ -172,7 +181,7 @@ def load_checked_config(path: Path | None, args: argparse.Namespace) -> RunConfi
     from server.config import ConfigError, load_config
 
     config = load_config(path, collect_overrides(args))
-    problems = check_resources(config)
+    problems = check_resources(config, deployed=deployed)
     if problems:
         origin = str(path) if path is not None else "the command line"
         raise ConfigError(

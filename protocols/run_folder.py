@@ -274,6 +274,11 @@ class RunFolder:
         return self.path / "superlink.log"
 
     @property
+    def server_log(self) -> Path:
+        """A served run's ServerApp log, streamed from Flower (``flwr log``)."""
+        return self.path / "server.log"
+
+    @property
     def server_info(self) -> Path:
         """How a served run's SuperLink was started (``server.json``)."""
         return self.path / "server.json"

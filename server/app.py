@@ -51,12 +51,19 @@ FAULT_ENV = "POLLINATE_FAULT_AFTER_ROUND"
 
 
 def run_server(
-    grid: Grid, config: RunConfig, run_dir: Path | RunFolder, *, resume: bool = False
+    grid: Grid,
+    config: RunConfig,
+    run_dir: Path | RunFolder,
+    *,
+    resume: bool = False,
+    simulation: bool = False,
 ) -> None:
     """Run a whole federated job; record the outcome in ``status.json``.
 
     With ``resume`` the run continues from the last checkpoint in ``run_dir``
-    (rounds already recorded are not redone). ``$POLLINATE_FAULT_AFTER_ROUND``
+    (rounds already recorded are not redone). In a ``simulation`` every node
+    exists from the start, so the federation does not wait
+    ``federation.join_grace_s`` for late nodes to replace refused ones. ``$POLLINATE_FAULT_AFTER_ROUND``
     (tests only) kills the server right after that round is recorded.
 
     The run folder is this process's while it runs (:func:`owned`): a second
@@ -71,7 +78,7 @@ def run_server(
     """
     folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
     with owned(folder):
-        _run_owned(grid, config, folder, resume=resume)
+        _run_owned(grid, config, folder, resume=resume, simulation=simulation)
 
 
 @contextlib.contextmanager
@@ -116,7 +123,7 @@ def _checkpoint_ledger(folder: RunFolder) -> ByteLedger:
 
 
 def _run_owned(
-    grid: Grid, config: RunConfig, folder: RunFolder, *, resume: bool
+    grid: Grid, config: RunConfig, folder: RunFolder, *, resume: bool, simulation: bool
 ) -> None:
     """:func:`run_server` once the run folder is this process's."""
     folder.write_status("running", rounds_planned=config.run.rounds)
@@ -134,7 +141,10 @@ def _run_owned(
         labels = discover_nodes(
             grid,
             expected=config.federation.clients,
+            # After the timeout, as few as a round can train with will do.
+            minimum=max(config.federation.min_clients, config.federation.min_replies),
             timeout_s=config.federation.round_timeout_s,
+            late_join_s=0.0 if simulation else config.federation.join_grace_s,
             ledger=hello_ledger,
             auth_keys=node_auth_keys(folder),  # labels are key names then
         )
@@ -225,4 +235,6 @@ def main(grid: Grid, context: Context) -> None:
         )
     folder = RunFolder(str(run_dir))
     resume = bool(context.run_config.get("resume", False))
-    run_server(grid, load_config(folder.config), folder, resume=resume)
+    simulation = bool(context.run_config.get("simulation", False))
+    config = load_config(folder.config)
+    run_server(grid, config, folder, resume=resume, simulation=simulation)

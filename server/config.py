@@ -145,6 +145,14 @@ class FederationSection(_Section):
     round_timeout_s: float = Field(
         900.0, gt=0, description="Seconds to wait for replies."
     )
+    join_grace_s: float = Field(
+        60.0,
+        ge=0,
+        description="Deployment: once every connected node answered the hello "
+        "and fewer than `clients` were accepted (a refused label, no usable "
+        "data), seconds to wait for more nodes before going on with those "
+        "accepted (0 in simulation, whose nodes all exist from the start).",
+    )
     max_payload_mb: float = Field(
         512.0, gt=0, description="Largest update accepted, in MB."
     )

@@ -168,10 +168,12 @@ def trunk_tls(
 
     Raises
     ------
-    server.deploy.DeployError
+    server.processes.DeployError
         If ``server.json`` is damaged or names a folder without the files.
     """
-    from server.deploy import TlsFiles, read_server_info  # deployment only
+    # Deployment only.
+    from server.certificates import TlsFiles
+    from server.deploy import read_server_info
 
     if split.tls_certfile and split.tls_keyfile and split.tls_ca_certfile:
         return (

@@ -24,7 +24,11 @@ the documented channel by which a simulated client finds its run folder.
 
 Differences from a real deployment, on purpose: delivery is synchronous and
 in order (``timeout`` never expires), message content is not serialized (the
-handler receives the server's object), and nodes neither join nor leave.
+handler receives the server's object), and nodes never leave. A node may
+join late: one built ``offline`` is missing from ``get_node_ids`` (and
+refuses messages) until :meth:`InProcessGrid.connect`. A ClientApp wrapper
+may call it while a node handles a message, so "node B connects after node A
+answered" is an event, not a race against the server's polling.
 Like a SuperNode, an exception raised by the ClientApp becomes an error
 reply (``ErrorCode.CLIENT_APP_RAISED_EXCEPTION``) unless the grid is told to
 let it propagate.
@@ -34,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict, UserConfigValue
@@ -96,11 +100,15 @@ class InProcessGrid(Grid):
     catch_exceptions : bool
         True (default): an exception in the ClientApp becomes an error reply,
         as on a SuperNode. False: it propagates out of ``push_messages``.
+    offline : Collection[int]
+        Node ids (:meth:`node_id`) of virtual nodes that have not connected
+        yet: their contexts exist (:meth:`context`), but the server neither
+        sees nor reaches them until :meth:`connect`. Empty by default.
 
     Raises
     ------
     ValueError
-        If ``num_nodes < 1``.
+        If ``num_nodes < 1`` or ``offline`` names a node id not here.
     """
 
     def __init__(
@@ -112,6 +120,7 @@ class InProcessGrid(Grid):
         run_config: Mapping[str, UserConfigValue] | None = None,
         run_id: int = 1,
         catch_exceptions: bool = True,
+        offline: Collection[int] = (),
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
@@ -130,6 +139,10 @@ class InProcessGrid(Grid):
             )
             for n in range(num_nodes)
         }
+        unknown = sorted(set(offline) - set(self._contexts))
+        if unknown:
+            raise ValueError(f"offline nodes {unknown} are not among this grid's")
+        self._offline = set(offline)
         self._run = Run.create_empty(run_id)
         self._replies: dict[str, Message] = {}
         use_server_identity(run_id)
@@ -148,6 +161,20 @@ class InProcessGrid(Grid):
             If no node has that id.
         """
         return self._contexts[node_id]
+
+    def connect(self, node_id: int) -> None:
+        """Connect an ``offline`` node: from now on the server sees and reaches it.
+
+        Connecting a node that is already connected does nothing.
+
+        Raises
+        ------
+        KeyError
+            If no node has that id.
+        """
+        if node_id not in self._contexts:
+            raise KeyError(node_id)
+        self._offline.discard(node_id)
 
     # -- flwr.serverapp.Grid ----------------------------------------------------
     def set_run(self, run: Run) -> None:
@@ -173,8 +200,8 @@ class InProcessGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> list[int]:
-        """The virtual nodes' ids, in partition order."""
-        return list(self._contexts)
+        """The connected virtual nodes' ids, in partition order."""
+        return [n for n in self._contexts if n not in self._offline]
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         """Deliver each instruction to its node now; return their message ids.
@@ -186,14 +213,16 @@ class InProcessGrid(Grid):
         Raises
         ------
         ValueError
-            If a message is a reply, or its destination is not a node here.
+            If a message is a reply, or its destination is not a connected
+            node here.
         """
         ids = []
         for msg in messages:
             meta = msg.metadata
             if meta.reply_to_message_id:
                 raise ValueError("push_messages takes instructions, not replies")
-            if meta.dst_node_id not in self._contexts:
+            dst = meta.dst_node_id
+            if dst not in self._contexts or dst in self._offline:
                 raise ValueError(
                     f"message for node {meta.dst_node_id}, which is not one of "
                     f"{self.get_node_ids()}"

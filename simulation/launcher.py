@@ -55,14 +55,9 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from protocols.installation import check_installation
 from protocols.run_folder import RunFolder, RunFolderError, RunStatus
 from server.config import load_config
-from server.deploy import (
-    DeployError,
-    flower_run_status,
-    start_superlink,
-    stop_process_tree,
-    stream_run_log,
-    submit_run,
-)
+from server.deploy import start_superlink
+from server.flower_cli import flower_run_status, stream_run_log, submit_run
+from server.processes import DeployError, stop_process_tree
 from simulation.watchdog import Watchdog, stop_marked
 
 __all__ = ["LaunchResult", "federation_config", "launch", "simulation_env"]

@@ -5,9 +5,9 @@ Flower's node ids are random per run, so nodes are ordered by a stable label
 with a generator seeded by (run seed, round). The same seed then picks the
 same clients in every run.
 
-A label names one node: :func:`settle_label_claims` decides, once, at hello,
-which node keeps a label that several claim, and :class:`NodeBook` refuses to
-hold a label twice.
+A label names one node: :func:`settle_label_claims` decides at hello which
+node keeps a label that several claim (a label granted once keeps its
+holder), and :class:`NodeBook` refuses to hold a label twice.
 """
 
 from __future__ import annotations
@@ -74,38 +74,59 @@ def sample_nodes(
 
 def settle_label_claims(
     claims: Mapping[int, str],
+    *,
+    held: Mapping[int, str] | None = None,
 ) -> tuple[dict[int, str], dict[int, str]]:
-    """Give each claimed label to one node: the lowest node id that claims it.
+    """Give each claimed label to one node: its holder, else the lowest claimant.
 
-    Without node authentication nothing tells the rightful holder of a label
-    from an impostor, so the rule is only fair in being deterministic: it
-    depends on the set of ``(node id, label)`` claims alone, not on which
+    A label in ``held`` (granted at an earlier hello of the same run) keeps
+    its holder and every new claim of it is refused; a label first claimed
+    now goes to the lowest node id that claims it. Without node
+    authentication nothing tells the rightful holder of a label from an
+    impostor, so the rule is only fair in being deterministic: it depends on
+    ``held`` and the set of ``(node id, label)`` claims alone, not on which
     reply arrived first, and node ids are drawn by the SuperLink, not chosen
-    by nodes (an impostor can only re-register to draw again). Every later
-    claimant is refused for the whole run, so the holder's updates count
-    every round. It is no defence: with node authentication a claim reaches
-    this point only with a valid signature by its label's key.
+    by nodes (an impostor can only re-register to draw again). No label is
+    ever handed to a second node id, and every refused claimant stays
+    refused for the whole run, so the holder's updates count every round. It
+    is no defence: with node authentication a claim reaches this point only
+    with a valid signature by its label's key.
 
     Parameters
     ----------
     claims : Mapping[int, str]
-        Node id to the label it claims.
+        Node id to the label it claims now.
+    held : Mapping[int, str] | None
+        Node id to the label it already holds; none of these nodes claims
+        again.
 
     Returns
     -------
     tuple[dict[int, str], dict[int, str]]
-        ``(labels, refused)``: node id to its label, every label once; and
-        node id to the reason it was refused (naming the holder).
+        ``(labels, refused)``: node id to the label it is granted now (the
+        new grants only, every label once and none in ``held``); and node id
+        to the reason it was refused (naming the holder).
+
+    Raises
+    ------
+    SamplingError
+        If a node in ``held`` claims again (the caller asked it twice).
     """
+    earlier = dict(held or {})
+    again = sorted(set(claims) & set(earlier))
+    if again:
+        raise SamplingError(f"nodes {again} already hold a label and claim again")
+    holder = {label: node for node, label in earlier.items()}
     labels: dict[int, str] = {}
-    holder: dict[str, int] = {}
     refused: dict[int, str] = {}
     for node in sorted(claims):
         label = claims[node]
         if label in holder:
+            how = "the lowest node id claiming it"
+            if holder[label] in earlier:
+                how = "granted at an earlier hello"
             refused[node] = (
-                f"label {label!r} is already held by node {holder[label]} "
-                "(the lowest node id claiming it)"
+                f"label {label!r} is already held by node {holder[label]} ({how})"
             )
             continue
         holder[label] = node

@@ -97,6 +97,42 @@ def small_run_args(
     ]
 
 
+def deployment_config(
+    tmp_path: Path,
+    rounds: int,
+    extra: str = "",
+    method: str = "lora",
+    *,
+    local_steps: int = 2,
+    eval_examples: int = 8,
+) -> Path:
+    """``tmp_path/run.toml`` of a small tiny-llama run of 2 deployed clients
+    (``server start``): its run folders go to ``tmp_path/runs``; ``extra`` is
+    appended TOML (a ``[split]`` table, say)."""
+    path = tmp_path / "run.toml"
+    path.write_text(
+        f"""[run]
+rounds = {rounds}
+method = "{method}"
+output_dir = "{tmp_path / "runs"}"
+[model]
+name = "tiny-llama"
+[federation]
+clients = 2
+round_timeout_s = 90
+[train]
+local_steps = {local_steps}
+batch_size = 4
+[data]
+limit = 120
+eval_examples = {eval_examples}
+[eval]
+max_new_tokens = 2
+{extra}"""
+    )
+    return path
+
+
 def shared_data_dir() -> Path:
     """``shared/data`` beside the checkout (CI clones the repo next to it)."""
     return REPO_ROOT.parent / "shared" / "data"

@@ -25,48 +25,16 @@ import pytest
 
 from client.daemon import JoinSettings, make_node_key, supernode_command, supernode_env
 from corpora import generate_tasks, write_jsonl
-from server.certificates import make_dev_pki
-from server.deploy import (
-    TlsFiles,
-    connected_nodes,
-    process_alive,
-    read_server_info,
-    register_node_keys,
-    start_superlink,
-    stop_process_tree,
-    wait_for_port,
-)
+from server.certificates import TlsFiles, make_dev_pki
+from server.deploy import read_server_info, start_superlink
+from server.flower_cli import connected_nodes, register_node_keys
+from server.processes import process_alive, stop_process_tree, wait_for_port
 from simulation import read_metrics
-from tests.conftest import free_port, small_run_args, wait_until
+from tests.conftest import deployment_config, free_port, small_run_args, wait_until
 
 pytestmark = [pytest.mark.deployment, pytest.mark.integration]
 
 POLLINATE = str(Path(sys.executable).parent / "pollinate")
-
-
-def _config(tmp_path: Path, rounds: int, extra: str = "", method: str = "lora") -> Path:
-    path = tmp_path / "run.toml"
-    path.write_text(
-        f"""[run]
-rounds = {rounds}
-method = "{method}"
-output_dir = "{tmp_path / "runs"}"
-[model]
-name = "tiny-llama"
-[federation]
-clients = 2
-round_timeout_s = 90
-[train]
-local_steps = 2
-batch_size = 4
-[data]
-limit = 120
-eval_examples = 8
-[eval]
-max_new_tokens = 2
-{extra}"""
-    )
-    return path
 
 
 class Cluster:
@@ -182,7 +150,7 @@ def test_a_deployed_federation_runs_to_completion(
     """
     cluster.join("a", "--insecure")
     cluster.join("b", "--insecure")
-    out = _start(cluster, _config(tmp_path, 2))
+    out = _start(cluster, deployment_config(tmp_path, 2))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     run_dir = _run_dir(tmp_path)
     rows = read_metrics(run_dir / "metrics.jsonl")
@@ -206,7 +174,7 @@ def _crash_after_round_2_and_resume(
     cluster.join("b", "--insecure")
     crash = _start(
         cluster,
-        _config(tmp_path, 3, **config),
+        deployment_config(tmp_path, 3, **config),
         env={"POLLINATE_FAULT_AFTER_ROUND": "2"},
     )
     assert crash.returncode != 0
@@ -226,7 +194,7 @@ def _crash_after_round_2_and_resume(
     ]
     # The uninterrupted reference, on the same machine and clients.
     (tmp_path / "ref").mkdir()
-    ref_config = _config(tmp_path / "ref", 3, **config)
+    ref_config = deployment_config(tmp_path / "ref", 3, **config)
     ref = _start(cluster, ref_config)
     assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
     return rows, read_metrics(_run_dir(tmp_path / "ref") / "metrics.jsonl")
@@ -235,24 +203,39 @@ def _crash_after_round_2_and_resume(
 def test_sfprompt_devices_reach_the_trunk_of_a_deployed_server(
     cluster: Cluster, tmp_path: Path
 ) -> None:
-    """SFPrompt on real SuperNodes: the devices reach the trunk service that
-    the ServerApp starts, every round has both clients and no rejected reply,
-    and the trunk's traffic is counted. (LoRA runs in the test above, FedKSeed
-    in the crash-and-resume test below.)
+    """SFPrompt on real SuperNodes over TLS: the devices reach the trunk
+    service that the ServerApp starts, every round has both clients and no
+    rejected reply, the trunk's traffic is counted, and the trunk serves
+    TLS with the server's certificates although no ``[split] tls_*`` is set.
+    (LoRA runs in the test above, FedKSeed in the crash-and-resume test.)
 
     Breaks if the trunk's address or the split messages only work in
-    simulation.
+    simulation, or if ``server start --certs`` leaves the trunk in plaintext.
     """
-    cluster.join("a", "--insecure")
-    cluster.join("b", "--insecure")
+    pki = make_dev_pki(tmp_path / "pki")
+    cluster.join("a", "--root-cert", str(pki.ca_cert))
+    cluster.join("b", "--root-cert", str(pki.ca_cert))
     split = "[split]\nnum_prompts = 4\n"
-    out = _start(cluster, _config(tmp_path, 2, extra=split, method="sfprompt"))
+    config = deployment_config(tmp_path, 2, extra=split, method="sfprompt")
+    out = _server(
+        cluster,
+        "start",
+        str(config),
+        "--certs",
+        str(pki.ca_cert.parent),
+        "--port",
+        str(cluster.port),
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    rows = read_metrics(_run_dir(tmp_path) / "metrics.jsonl")
+    run_dir = _run_dir(tmp_path)
+    rows = read_metrics(run_dir / "metrics.jsonl")
     assert [(r["clients"], r["rejected"]) for r in rows[1:]] == [(2, 0), (2, 0)]
     assert all(r["method"] == "sfprompt" for r in rows[1:])
     # prompts and tail both ways, plus the activations and their gradients
     assert rows[1]["bytes_up"] > rows[1]["bytes_down"] > 0
+    # The ServerApp's log, streamed into the run folder, names the trunk's TLS.
+    log = (run_dir / "server.log").read_text()
+    assert "SFPrompt trunk service on" in log and "(TLS)" in log, log[-2000:]
 
 
 def test_a_killed_server_resumes_and_ends_where_an_uninterrupted_one_does(
@@ -318,7 +301,7 @@ def test_server_status_stop_and_resume_of_a_detached_run(
     """
     cluster.join("a", "--insecure")
     cluster.join("b", "--insecure")
-    config = _config(tmp_path, 4)
+    config = deployment_config(tmp_path, 4)
     started = _start(cluster, config, "--detach", timeout=120)
     assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
     run_dir = _run_dir(tmp_path)
@@ -465,7 +448,7 @@ def test_a_client_killed_mid_run_does_not_stop_the_round(
     the other once the round timeout passes, and the run finishes."""
     cluster.join("a", "--insecure")
     victim = cluster.join("b", "--insecure")
-    config = _config(tmp_path, 3, extra="")
+    config = deployment_config(tmp_path, 3, extra="")
     text = config.read_text().replace("round_timeout_s = 90", "round_timeout_s = 25")
     config.write_text(text)
     server = subprocess.Popen(

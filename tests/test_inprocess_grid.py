@@ -10,6 +10,8 @@ ClientApp that raises produces an error reply as on a SuperNode.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -104,3 +106,23 @@ def test_unknown_destination_is_refused() -> None:
     grid = InProcessGrid(toy, num_nodes=1)
     with pytest.raises(ValueError, match="not one of"):
         grid.push_messages([_ask(999, "x")])
+
+
+def test_an_offline_node_is_unseen_and_unreachable_until_it_connects(
+    tmp_path: Path,
+) -> None:
+    """Breaks if a node built offline is listed or reached before ``connect``
+    (the server would see it connect before it does), if it is not listed and
+    reached after, or if an offline id that is not a node is accepted."""
+    late = InProcessGrid.node_id(1)
+    grid = InProcessGrid(toy, num_nodes=3, run_dir=tmp_path, offline=[late])
+    assert grid.get_node_ids() == [InProcessGrid.node_id(n) for n in (0, 2)]
+    assert grid.context(late).node_config["partition-id"] == 1
+    with pytest.raises(ValueError, match="not one of"):
+        grid.push_messages([_ask(late, "x")])
+    grid.connect(late)
+    assert grid.get_node_ids() == [InProcessGrid.node_id(n) for n in range(3)]
+    (reply,) = grid.send_and_receive([_ask(late, "x")])
+    assert reply.content["reply"]["partition"] == 1
+    with pytest.raises(ValueError, match="not among"):
+        InProcessGrid(toy, num_nodes=1, offline=[999])

@@ -16,7 +16,7 @@ import sys
 
 import psutil
 
-from server.deploy import process_alive, stop_process_tree
+from server.processes import process_alive, stop_process_tree
 
 # A parent that starts a grandchild in a session of its own, prints its PID,
 # then waits; the grandchild ignores nothing and simply sleeps.

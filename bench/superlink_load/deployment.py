@@ -25,14 +25,9 @@ import psutil
 
 from bench.superlink_load.app import write_load_app
 from client.daemon import JoinSettings, start_supernode
-from server.deploy import (
-    DeployError,
-    cli_home,
-    flower_run_status,
-    flwr_env,
-    start_superlink,
-    stop_process_tree,
-)
+from server.deploy import start_superlink
+from server.flower_cli import cli_home, flower_run_status, flwr_env
+from server.processes import DeployError, stop_process_tree
 
 STORES = ("memory", "sqlite")
 

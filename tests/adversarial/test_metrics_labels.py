@@ -54,7 +54,12 @@ from protocols.run_folder import RunFolder
 from protocols.zo_messages import ZoTrainRes, decode_zo_train_res, encode_zo_train_res
 from server.app import run_server
 from server.config import RunConfig, load_config
-from server.federation import check_hello_identity, discover_nodes, node_auth_keys
+from server.federation import (
+    FederationError,
+    check_hello_identity,
+    discover_nodes,
+    node_auth_keys,
+)
 from simulation import read_metrics
 from simulation.inprocess import InProcessGrid
 from simulation.prepare import prepare_run
@@ -83,22 +88,39 @@ def _config(tmp_path: Path, rounds: int, clients: int = 3) -> RunConfig:
 
 
 class _Tap:
-    """The real ClientApp, with a hook that may rewrite a node's reply."""
+    """The real ClientApp, with hooks around a node's messages.
+
+    ``before(node, msg)`` runs before the ClientApp (it may raise, as a
+    failing ClientApp would); ``rewrite`` may change a train reply;
+    ``after(node, msg)`` runs once the reply is made (e.g. to connect a node
+    of an :class:`InProcessGrid` built with ``offline`` nodes).
+    """
 
     def __init__(
         self, rewrite: Callable[[int, Message, Message], None] | None = None
     ) -> None:
         self.rewrite = rewrite
+        self.before: Callable[[int, Message], None] | None = None
+        self.after: Callable[[int, Message], None] | None = None
         self.seen: list[tuple[int, Message, Message]] = []
+        self.asked: list[tuple[int, str]] = []
 
     def __call__(self, msg: Message, context: Context) -> Message:
-        reply = client_app(msg, context)
         node = msg.metadata.dst_node_id
+        self.asked.append((node, msg.metadata.message_type))
+        if self.before is not None:
+            self.before(node, msg)
+        reply = client_app(msg, context)
         is_train = msg.metadata.message_type == MESSAGE_TRAIN_LORA
         if self.rewrite is not None and is_train and not reply.has_error():
             self.rewrite(node, msg, reply)
         self.seen.append((node, msg, reply))
+        if self.after is not None:
+            self.after(node, msg)
         return reply
+
+    def hellos(self, node: int) -> int:
+        return self.asked.count((node, MESSAGE_HELLO))
 
     def train(self) -> list[tuple[int, Message, Message]]:
         return [
@@ -261,10 +283,10 @@ def test_an_impostor_is_left_out_at_hello_and_the_victim_counts_every_round(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Without node authentication a node that claims a label already claimed
-    by a lower node id is refused once, at hello, with a log naming it. Breaks
-    if it is asked to train, or if the victim's updates are rejected as
-    duplicates in any round."""
-    config = _config(tmp_path, rounds=2)
+    by a lower node id is refused once, at hello, with a log naming it, and
+    is not one of the run's 2 clients. Breaks if it is asked to train, or if
+    the victim's updates are rejected as duplicates in any round."""
+    config = _config(tmp_path, rounds=2, clients=2)
     run_dir = prepare_run(config, tmp_path / "run")
     tap = _Tap()
     grid = InProcessGrid(tap, 3, run_dir=run_dir)
@@ -286,6 +308,241 @@ def test_an_impostor_is_left_out_at_hello_and_the_victim_counts_every_round(
         f"node {impostor} left out: claims label 'p0000': label 'p0000' is "
         f"already held by node {victim} (the lowest node id claiming it)"
     ]
+
+
+def test_a_label_granted_at_an_earlier_hello_keeps_its_holder() -> None:
+    """Breaks if a label already held goes to a later claimant, even one with
+    a lower node id, if the lowest-id rule stops applying among new claims,
+    or if a node that holds a label may claim again."""
+    labels, refused = settle_label_claims({2: "a", 4: "c", 6: "c"}, held={5: "a"})
+    assert labels == {4: "c"}
+    assert refused == {
+        2: "label 'a' is already held by node 5 (granted at an earlier hello)",
+        6: "label 'c' is already held by node 4 (the lowest node id claiming it)",
+    }
+    with pytest.raises(SamplingError, match="already hold a label"):
+        settle_label_claims({5: "b"}, held={5: "a"})
+
+
+def _labelled_grid(
+    tmp_path: Path, tap: _Tap, labels: list[str], offline: tuple[int, ...] = ()
+) -> tuple[InProcessGrid, list[int]]:
+    """Nodes 0.. with these labels (no keys), ``offline`` ones not connected yet."""
+    data = tmp_path / "d.jsonl"
+    write_jsonl(generate_tasks(4, seed=0), data)
+    ids = [InProcessGrid.node_id(n) for n in range(len(labels))]
+    grid = InProcessGrid(tap, len(labels), offline=[ids[n] for n in offline])
+    for node, label in zip(ids, labels, strict=True):
+        grid.context(node).node_config = {"data-path": str(data), "label": label}
+    return grid, ids
+
+
+def _left_out(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+
+
+def test_refused_nodes_do_not_count_and_nodes_that_connect_later_are_asked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without node authentication, 3 nodes expected: nodes 1-3 connect
+    first, and 3 loses 'bob' to 2. Once 1 has answered, node 0 (the lowest
+    id, claiming 1's 'alice') and node 4 connect. Breaks if discovery stops
+    at the 2 accepted (the refused node counted toward 3), if node 0 takes
+    'alice' from its holder because its id is lower, or if a node is asked
+    twice."""
+    tap = _Tap()
+    grid, ids = _labelled_grid(
+        tmp_path, tap, ["alice", "alice", "bob", "bob", "carol"], offline=(0, 4)
+    )
+
+    def connect_late(node: int, msg: Message) -> None:
+        if node == ids[1] and msg.metadata.message_type == MESSAGE_HELLO:
+            grid.connect(ids[0])
+            grid.connect(ids[4])
+
+    tap.after = connect_late
+    with caplog.at_level(logging.WARNING):
+        labels = discover_nodes(grid, expected=3, timeout_s=30.0, ledger=ByteLedger())
+    assert labels == {ids[1]: "alice", ids[2]: "bob", ids[4]: "carol"}
+    assert [tap.hellos(n) for n in ids] == [1, 1, 1, 1, 1]
+    assert _left_out(caplog) == [
+        f"node {ids[3]} left out: claims label 'bob': label 'bob' is already "
+        f"held by node {ids[2]} (the lowest node id claiming it)",
+        f"node {ids[0]} left out: claims label 'alice': label 'alice' is already "
+        f"held by node {ids[1]} (granted at an earlier hello)",
+    ]
+
+
+def test_a_failed_hello_is_retried_once_and_the_timeout_counts_the_nodes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """4 nodes expected, no keys: node 1 claims node 0's label, node 2's
+    first hello raises, node 3's every hello raises. Breaks if a failed
+    hello is not asked exactly once more (node 2 accepted on its second, its
+    two hellos in the ledger), if a refused node is asked again, or if
+    discovery, short of 4, does not fail at its timeout with a message
+    counting the accepted, refused and failed nodes."""
+    tap = _Tap()
+    grid, ids = _labelled_grid(tmp_path, tap, ["alice", "alice", "bob", "carol"])
+    failures = {ids[2]: 1, ids[3]: 99}
+
+    def fail(node: int, msg: Message) -> None:
+        if msg.metadata.message_type == MESSAGE_HELLO and failures.get(node, 0):
+            failures[node] -= 1
+            raise RuntimeError("data not mounted yet")
+
+    tap.before = fail
+    ledger = ByteLedger()
+    with caplog.at_level(logging.WARNING), pytest.raises(FederationError) as info:
+        discover_nodes(grid, expected=4, timeout_s=1.0, ledger=ledger)
+    assert str(info.value) == (
+        "only 2 of 4 nodes accepted within 1 s: 1 refused at hello, 1 left out "
+        "after 2 unanswered or failed hellos, 0 connected and still to be asked "
+        "(4 connected in all)"
+    )
+    assert [tap.hellos(n) for n in ids] == [1, 1, 2, 2]
+    down = {e.client: e.nbytes for e in ledger if e.direction == "down"}
+    assert down.keys() == {"alice", "bob"} and down["bob"] == 2 * down["alice"]
+    left_out = _left_out(caplog)
+    assert len(left_out) == 2 and "data not mounted yet" in left_out[1]
+    assert left_out[1].startswith(f"node {ids[3]} left out: ")
+
+
+def test_after_the_timeout_discovery_goes_on_with_enough_accepted_nodes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """4 nodes expected but a round can train with 2 (``minimum``): an
+    impostor and a node whose every hello fails must not stop the run.
+    Breaks if discovery fails although ``minimum`` nodes were accepted, if it
+    returns before its timeout gave the others their chance, or if the
+    shortfall is not logged."""
+    tap = _Tap()
+    grid, ids = _labelled_grid(tmp_path, tap, ["alice", "alice", "bob", "carol"])
+
+    def fail(node: int, msg: Message) -> None:
+        if msg.metadata.message_type == MESSAGE_HELLO and node == ids[3]:
+            raise RuntimeError("data not mounted yet")
+
+    tap.before = fail
+    with caplog.at_level(logging.WARNING):
+        labels = discover_nodes(
+            grid, expected=4, minimum=2, timeout_s=0.5, ledger=ByteLedger()
+        )
+    assert labels == {ids[0]: "alice", ids[2]: "bob"}
+    assert tap.hellos(ids[3]) == 2  # its second chance came before giving up
+    assert any("only 2 of 4 nodes accepted" in m for m in caplog.messages)
+    with pytest.raises(ValueError, match="minimum"):
+        discover_nodes(grid, expected=2, minimum=3, timeout_s=0.5, ledger=ByteLedger())
+
+
+def test_once_every_node_answered_discovery_waits_only_late_join_s(
+    tmp_path: Path,
+) -> None:
+    """In a simulation (``late_join_s = 0``) no node can join later: once
+    every connected node answered, discovery goes on with those accepted.
+    Breaks if it waits out ``timeout_s`` (300 s here: the grid fails the
+    test past 20 polls, 4 s) for a replacement of the refused impostor."""
+    tap = _Tap()
+    grid, ids = _labelled_grid(tmp_path, tap, ["alice", "alice", "bob"])
+    polls: list[int] = []
+    real = grid.get_node_ids
+
+    def counting() -> list[int]:
+        polls.append(1)
+        assert len(polls) < 20, "discovery waited for its timeout"
+        return list(real())
+
+    grid.get_node_ids = counting  # type: ignore[method-assign]
+    labels = discover_nodes(
+        grid,
+        expected=3,
+        minimum=2,
+        timeout_s=300.0,
+        late_join_s=0.0,
+        ledger=ByteLedger(),
+    )
+    assert labels == {ids[0]: "alice", ids[2]: "bob"}
+
+
+class _SilentGrid:
+    """A grid whose one node never answers (its replies time out)."""
+
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+
+    def get_node_ids(self) -> list[int]:
+        return [7]
+
+    def send_and_receive(
+        self, messages: list[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        self.sent += [m.metadata.dst_node_id for m in messages]
+        return []
+
+
+def test_a_node_that_never_answers_is_asked_twice(flower_identity: None) -> None:
+    """Breaks if a node whose hello times out is never asked again, or is
+    asked more than twice, or if discovery then returns instead of failing."""
+    grid = _SilentGrid()
+    with pytest.raises(FederationError, match="1 left out after 2 unanswered"):
+        discover_nodes(grid, expected=1, timeout_s=0.5, ledger=ByteLedger())
+    assert grid.sent == [7, 7]
+
+
+def test_with_node_keys_a_victim_connecting_after_its_impostor_trains_every_round(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Keys are registered for p0000, p0001 and mallory, and the run has 2
+    clients. Mallory's node connects first claiming p0000 (signed with its
+    own key); the victim, holding p0000's key, connects only once mallory has
+    answered its hello. Breaks if the refused impostor counts toward the 2
+    clients (discovery would stop at p0001 and never ask the victim), if the
+    victim misses a round, or if the impostor is asked to train."""
+    from server.deploy import ServerInfo, write_server_info
+
+    config = _config(tmp_path, rounds=2, clients=2)
+    run_dir = prepare_run(config, tmp_path / "run")
+    registered = tmp_path / "server-keys"
+    registered.mkdir()
+    private = {}
+    for name in ("p0000", "p0001", "mallory"):
+        private[name], pub = make_node_key(tmp_path / "nodes", name)
+        (registered / pub.name).write_bytes(pub.read_bytes())
+    where = {"pid": 1, "host": "127.0.0.1", "port": 9, "address": "127.0.0.1:9"}
+    info = ServerInfo(**where, certs=None, auth_keys=str(registered))
+    write_server_info(run_dir, info)
+    impostor, honest, victim = (InProcessGrid.node_id(n) for n in range(3))
+    tap = _Tap()
+    grid = InProcessGrid(tap, 3, run_dir=run_dir, offline=[victim])
+    for node, partition, key in [
+        (impostor, 0, "mallory"),
+        (honest, 1, "p0001"),
+        (victim, 0, "p0000"),
+    ]:
+        grid.context(node).node_config["partition-id"] = partition
+        grid.context(node).node_config["auth-key"] = str(private[key])
+
+    def connect_victim(node: int, msg: Message) -> None:
+        if node == impostor and msg.metadata.message_type == MESSAGE_HELLO:
+            grid.connect(victim)
+
+    tap.after = connect_victim
+    with caplog.at_level(logging.WARNING):
+        run_server(grid, config, run_dir)
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [(r["round"], r["clients"], r["rejected"]) for r in rows] == [
+        (0, 0, 0),
+        (1, 2, 0),
+        (2, 2, 0),
+    ]
+    trained = [node for node, _, _ in tap.train()]
+    assert trained.count(victim) == 2 and trained.count(honest) == 2
+    assert impostor not in trained
+    assert [tap.hellos(n) for n in (impostor, honest, victim)] == [1, 1, 1]
+    (left_out,) = _left_out(caplog)
+    assert left_out.startswith(f"node {impostor} left out: claims label 'p0000': ")
+    assert "does not verify" in left_out
 
 
 def _keys(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
@@ -394,7 +651,7 @@ def test_with_node_keys_only_proven_labels_are_accepted_at_hello(
     with caplog.at_level(logging.WARNING):
         labels = discover_nodes(
             grid,
-            expected=len(nodes),
+            expected=2,
             timeout_s=5.0,
             ledger=ByteLedger(),
             auth_keys=registered,
@@ -484,7 +741,8 @@ def test_the_server_app_finds_the_keys_in_server_json(tmp_path: Path) -> None:
 def test_a_deployed_node_cannot_take_a_label_whose_key_it_lacks(tmp_path: Path) -> None:
     """Real processes: ``pollinate server start`` with TLS and node keys, and
     three ``client join`` daemons, one of them registered (so it may join)
-    but claiming another node's label. Breaks if the ClientApp's signature
+    but claiming another node's label; the run has 2 clients (the impostor is
+    none of them, whenever it connects). Breaks if the ClientApp's signature
     does not verify on a real SuperNode (node id, key path in the node
     config), if the impostor gets the label, or if the victim misses a round.
     """
@@ -494,8 +752,8 @@ def test_a_deployed_node_cannot_take_a_label_whose_key_it_lacks(tmp_path: Path) 
     import sys
 
     from server.certificates import make_dev_pki
-    from server.deploy import stop_process_tree
-    from tests.conftest import free_port
+    from server.processes import stop_process_tree
+    from tests.conftest import deployment_config, free_port
 
     pollinate = str(Path(sys.executable).parent / "pollinate")
     make_dev_pki(tmp_path / "certs")
@@ -505,26 +763,7 @@ def test_a_deployed_node_cannot_take_a_label_whose_key_it_lacks(tmp_path: Path) 
         _, pub = make_node_key(tmp_path / "nodes", name)
         shutil.copy(pub, registered / pub.name)
     examples = generate_tasks(60, seed=3)
-    config = tmp_path / "run.toml"
-    config.write_text(
-        f"""[run]
-rounds = 2
-output_dir = "{tmp_path / "runs"}"
-[model]
-name = "tiny-llama"
-[federation]
-clients = 3
-round_timeout_s = 90
-[train]
-local_steps = 1
-batch_size = 4
-[data]
-limit = 120
-eval_examples = 4
-[eval]
-max_new_tokens = 2
-"""
-    )
+    config = deployment_config(tmp_path, 2, local_steps=1, eval_examples=4)
     port = free_port()
     daemons = []
     for label, key in (("a", "a"), ("b", "b"), ("a", "mallory")):

@@ -31,7 +31,7 @@ import pytest
 
 from server.certificates import DevPki, make_dev_pki
 from server.gateway import FLEET_PATHS
-from tests.conftest import free_port, wait_until
+from tests.conftest import deployment_config, free_port, wait_until
 
 MAX_BODY = 4096
 
@@ -322,7 +322,7 @@ FLWR = str(Path(sys.executable).parent / "flwr")
 
 
 def _flwr(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    from server.deploy import flwr_env
+    from server.flower_cli import flwr_env
 
     return subprocess.run(
         [FLWR, *args],
@@ -339,31 +339,6 @@ def _json(out: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     payload = json.loads(out.stdout[out.stdout.find("{") :])
     assert isinstance(payload, dict)
     return payload
-
-
-def _run_config(tmp_path: Path) -> Path:
-    path = tmp_path / "run.toml"
-    path.write_text(
-        f"""[run]
-rounds = 1
-method = "lora"
-output_dir = "{tmp_path / "runs"}"
-[model]
-name = "tiny-llama"
-[federation]
-clients = 2
-round_timeout_s = 90
-[train]
-local_steps = 2
-batch_size = 4
-[data]
-limit = 120
-eval_examples = 8
-[eval]
-max_new_tokens = 2
-"""
-    )
-    return path
 
 
 def _outsider_home(tmp_path: Path, port: int, ca: Path) -> Path:
@@ -405,7 +380,8 @@ def test_an_outsider_with_the_ca_certificate_cannot_control_the_server(
     from client.daemon import make_node_key
     from corpora import generate_tasks, write_jsonl
     from protocols.run_folder import RunFolder
-    from server.deploy import process_alive, read_server_info
+    from server.deploy import read_server_info
+    from server.processes import process_alive
     from simulation import read_metrics
 
     pki = make_dev_pki(tmp_path / "certs")
@@ -413,7 +389,7 @@ def test_an_outsider_with_the_ca_certificate_cannot_control_the_server(
     private = [make_node_key(keys, label)[0] for label in "ab"]
     port = free_port()
     started = subprocess.run(
-        [POLLINATE, "server", "start", str(_run_config(tmp_path))]
+        [POLLINATE, "server", "start", str(deployment_config(tmp_path, 1))]
         + ["--certs", str(tmp_path / "certs"), "--auth-keys", str(keys)]
         + ["--port", str(port), "--detach"],
         capture_output=True,
