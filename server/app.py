@@ -48,6 +48,7 @@ __all__ = ["app", "build_driver", "run_server"]
 log = logging.getLogger(__name__)
 
 FAULT_ENV = "POLLINATE_FAULT_AFTER_ROUND"
+HOLD_ENV = "POLLINATE_HOLD_AFTER_ROUND"
 
 
 def run_server(
@@ -63,8 +64,11 @@ def run_server(
     With ``resume`` the run continues from the last checkpoint in ``run_dir``
     (rounds already recorded are not redone). In a ``simulation`` every node
     exists from the start, so the federation does not wait
-    ``federation.join_grace_s`` for late nodes to replace refused ones. ``$POLLINATE_FAULT_AFTER_ROUND``
-    (tests only) kills the server right after that round is recorded.
+    ``federation.join_grace_s`` for late nodes to replace refused ones.
+
+    Fault injection, tests only: ``$POLLINATE_FAULT_AFTER_ROUND`` kills the
+    server right after that round is recorded; ``$POLLINATE_HOLD_AFTER_ROUND``
+    makes it hang there until something kills it (a server stuck mid-run).
 
     The run folder is this process's while it runs (:func:`owned`): a second
     ServerApp on it is refused before it writes anything.
@@ -128,7 +132,7 @@ def _run_owned(
     """:func:`run_server` once the run folder is this process's."""
     folder.write_status("running", rounds_planned=config.run.rounds)
     driver: RoundDriver | None = None
-    fault = os.environ.get(FAULT_ENV)
+    fault, hold = os.environ.get(FAULT_ENV), os.environ.get(HOLD_ENV)
     try:
         driver = build_driver(config, _eval_examples(folder), folder.path)
         start, ledger = 0, ByteLedger()
@@ -164,6 +168,7 @@ def _run_owned(
             ledger=ledger,
             start_round=start,
             crash_after=int(fault) if fault else None,
+            hold_after=int(hold) if hold else None,
             min_replies=config.federation.min_replies,
         )
     except (KeyboardInterrupt, SystemExit) as exc:

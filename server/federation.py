@@ -22,6 +22,7 @@ import math
 import numbers
 import os
 import secrets
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -480,6 +481,7 @@ def run_rounds(
     ledger: ByteLedger,
     start_round: int = 0,
     crash_after: int | None = None,
+    hold_after: int | None = None,
     min_replies: int = 1,
 ) -> None:
     """Run rounds ``start_round + 1 .. rounds`` of ``driver``'s method.
@@ -491,7 +493,8 @@ def run_rounds(
     row, both from one row that :func:`_row` made JSON-able, so after a crash every recorded row has a checkpoint at or past it;
     a resumed run drops rows past its checkpoint and redoes them.
     ``crash_after`` (fault injection for tests) kills the process like a
-    SIGKILL right after that round is recorded.
+    SIGKILL right after that round is recorded; ``hold_after`` makes it hang
+    there instead, until something kills it.
 
     Raises
     ------
@@ -552,4 +555,9 @@ def run_rounds(
                 "fault injection: killing the server after round %d", server_round
             )
             os._exit(137)
+        if hold_after == server_round:
+            log.error(
+                "fault injection: holding the server after round %d", server_round
+            )
+            threading.Event().wait()  # until the process is killed
     driver.finish(folder)

@@ -26,6 +26,7 @@ import torch
 
 from cli.main import main
 from protocols.run_folder import RunFolder, RunFolderLocked
+from server.app import HOLD_ENV
 from server.config import config_to_toml, load_config
 from simulation.watchdog import OWNER_ENV
 from tests.conftest import REPO_ROOT, clean_env, small_run_args, wait_until
@@ -211,7 +212,8 @@ def test_sigkill_of_pollinate_simulate_leaves_no_engine_and_resume_works(
     parent = subprocess.Popen(
         [sys.executable, "-m", "cli.main", *args],
         cwd=REPO_ROOT,
-        env=clean_env(REPO_ROOT),
+        # The ServerApp hangs after round 1, so the kill always lands mid-run.
+        env={**clean_env(REPO_ROOT), HOLD_ENV: "1"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
