@@ -10,7 +10,6 @@ field, the value given and what is allowed.
 
 from __future__ import annotations
 
-import math
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -298,12 +297,16 @@ class RunConfig(_Section):
 def sampled_per_round(federation: FederationSection) -> int:
     """How many clients a round samples from a full federation.
 
-    ``min(clients, max(min_clients, ceil(fraction x clients)))``, the count
-    :func:`strategies.sampling.sample_nodes` draws (a test pins the two
-    together).
+    The count :func:`strategies.sampling.sample_nodes` draws, from the one
+    place that computes it (:func:`strategies.sampling.round_size`).
     """
-    wanted = math.ceil(round(federation.fraction * federation.clients, 9))
-    return min(federation.clients, max(federation.min_clients, wanted))
+    from strategies.sampling import round_size  # numpy: not at CLI start
+
+    return round_size(
+        federation.clients,
+        fraction=federation.fraction,
+        min_nodes=federation.min_clients,
+    )
 
 
 def _federation_problems(fed: FederationSection) -> list[str]:

@@ -17,11 +17,28 @@ from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["NodeBook", "SamplingError", "sample_nodes", "settle_label_claims"]
+__all__ = [
+    "NodeBook",
+    "SamplingError",
+    "round_size",
+    "sample_nodes",
+    "settle_label_claims",
+]
 
 
 class SamplingError(ValueError):
     """Not enough nodes to satisfy the sampling settings."""
+
+
+def round_size(available: int, *, fraction: float, min_nodes: int) -> int:
+    """How many of ``available`` nodes a round samples.
+
+    ``min(available, max(min_nodes, ceil(fraction * available)))``; the
+    product is rounded to 9 decimals first, since 0.55 * 100 is
+    55.000000000000007 in binary floating point.
+    """
+    wanted = math.ceil(round(fraction * available, 9))
+    return min(available, max(min_nodes, wanted))
 
 
 def sample_nodes(
@@ -64,9 +81,7 @@ def sample_nodes(
         raise SamplingError(
             f"{len(ordered)} nodes available, the round needs at least {min_nodes}"
         )
-    # round() first: 0.55 * 100 is 55.000000000000007 in binary floating point
-    wanted = math.ceil(round(fraction * len(ordered), 9))
-    count = min(len(ordered), max(min_nodes, wanted))
+    count = round_size(len(ordered), fraction=fraction, min_nodes=min_nodes)
     rng = np.random.default_rng([seed, server_round])
     picked = rng.choice(len(ordered), size=count, replace=False)
     return [ordered[i] for i in sorted(picked)]

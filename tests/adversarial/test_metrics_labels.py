@@ -279,6 +279,10 @@ def test_label_claims_go_to_the_lowest_node_id_and_the_book_holds_each_once() ->
         NodeBook({1: "a", 2: "a"})
 
 
+def _left_out(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+
+
 def test_an_impostor_is_left_out_at_hello_and_the_victim_counts_every_round(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -303,7 +307,7 @@ def test_an_impostor_is_left_out_at_hello_and_the_victim_counts_every_round(
     ]
     trained = [node for node, _, _ in tap.train()]
     assert impostor not in trained and trained.count(victim) == 2
-    left_out = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    left_out = _left_out(caplog)
     assert left_out == [
         f"node {impostor} left out: claims label 'p0000': label 'p0000' is "
         f"already held by node {victim} (the lowest node id claiming it)"
@@ -335,10 +339,6 @@ def _labelled_grid(
     for node, label in zip(ids, labels, strict=True):
         grid.context(node).node_config = {"data-path": str(data), "label": label}
     return grid, ids
-
-
-def _left_out(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
 
 
 def test_refused_nodes_do_not_count_and_nodes_that_connect_later_are_asked(

@@ -26,16 +26,11 @@ from tests.test_trunk_service import (
     P,
     Served,
     ToyBody,
-    connecting,
     inputs,
     make_spec,
     raises_code,
-    serving,
     train_step,
 )
-
-_serve = pytest.fixture(name="serve")(serving)
-_clients = pytest.fixture(name="clients")(connecting)
 
 MiB = 1 << 20
 

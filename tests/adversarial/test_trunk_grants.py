@@ -18,16 +18,11 @@ from protocols.proto import trunk_pb2
 from protocols.split_wire import split_spec_to_json
 from tests.test_trunk_service import (
     Served,
-    connecting,
     inputs,
     make_spec,
     raises_code,
-    serving,
     train_step,
 )
-
-_serve = pytest.fixture(name="serve")(serving)
-_clients = pytest.fixture(name="clients")(connecting)
 
 DENIED = "no valid trunk grant for this node in the current round"
 
