@@ -24,6 +24,7 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("server.config", "ConfigError"),
     ("corpora.examples", "DatasetError"),
     ("simulation.partitioning", "PartitionError"),
+    ("simulation.attacks", "AttackError"),
     ("protocols.run_folder", "RunFolderError"),
     ("protocols.methods", "UnknownMethodError"),
     ("server.processes", "DeployError"),

@@ -49,14 +49,32 @@ def check_resources(config: RunConfig, *, deployed: bool = False) -> list[str]:
 
     Each problem is one line that starts with the field it is about. A
     ``deployed`` server's ``data.source`` only gives the held-out set (its
-    devices hold their own data), so it is read but not partitioned.
+    devices hold their own data), so it is read but not partitioned, and it
+    refuses an ``[attack]`` with malicious clients (attacks are simulated).
     """
     problems = _check_output_dir(config.run.output_dir)
+    if deployed:
+        problems += _check_no_attack(config)
     problems += _check_data(config, partitioned=not deployed)
     model_problems = _check_model(config)
     problems += model_problems or _check_spec(config)
     problems += _check_device(config)
     return [one_line(p) for p in problems]
+
+
+def _check_no_attack(config: RunConfig) -> list[str]:
+    """A deployed server has real clients: it cannot simulate attackers."""
+    # Here, not at import: --help stays light.
+    from simulation.attacks import malicious_partitions
+
+    malicious = malicious_partitions(config)
+    if not malicious:
+        return []
+    return [
+        f"attack.behaviour: {config.attack.behaviour!r} with {len(malicious)} "
+        "malicious client(s) is for simulations only; a deployed server refuses "
+        "it (set attack.behaviour = 'none')"
+    ]
 
 
 def _check_output_dir(output_dir: Path) -> list[str]:

@@ -161,9 +161,39 @@ def build_client_app(runtime: ClientRuntime | None = None) -> ClientApp:
     holder = _Runtime(runtime)
     client_app = ClientApp()
     client_app.query(ACTION_HELLO)(_guarded(_hello(holder)))
-    for action, ref in train_actions().items():
-        client_app.train(action)(_guarded(_train(action, ref, holder)))
+    routes = {
+        action: _guarded(_train(action, ref, holder))
+        for action, ref in train_actions().items()
+    }
+    for action, handle in routes.items():
+        client_app.train(action)(handle)
+    # privacy.secagg: every SecAgg+ stage is a default-action "train" message.
+    # Not guarded: Flower's mod cannot pass an error reply on (it reads the
+    # reply's content), so a refusal raises and the node answers with an error.
+    client_app.train(mods=[_secaggplus_mod])(_secagg(routes))
     return client_app
+
+
+def _secaggplus_mod(
+    msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+) -> Message:
+    """Flower's ``secaggplus_mod``, imported on the first SecAgg+ message."""
+    from client.secagg_handler import secaggplus_mod
+
+    return secaggplus_mod(msg, context, call_next)
+
+
+def _secagg(
+    routes: dict[str, Callable[[Message, Context], Message]],
+) -> Callable[[Message, Context], Message]:
+    """The SecAgg+ ``train`` handler over the methods' ``routes`` (imported late)."""
+
+    def train(msg: Message, context: Context) -> Message:
+        from client.secagg_handler import secagg_train
+
+        return secagg_train(routes)(msg, context)
+
+    return train
 
 
 app = build_client_app()

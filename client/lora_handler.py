@@ -3,10 +3,21 @@
 The handler the method registry names for ``train.lora``; it raises on a bad
 instruction or a node that lacks something, and :mod:`client.app` answers
 with the matching error reply.
+
+With local differential privacy (the instruction carries
+:class:`~protocols.LocalPrivacy`), the node replies with
+``global + clip(update, C) + N(0, (sigma C)^2)`` instead of its trained
+adapter. The noise of a simulated node comes from
+``(run seed, round, node label)``, so simulations are reproducible; a
+deployed node draws a fresh secret seed every round (the server, which knows
+the run seed, must not be able to subtract it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
 from flwr.app import Context, Message
 
 from client.lora_trainer import train_lora
@@ -19,8 +30,11 @@ from protocols import (
     decode_lora_train_ins,
     encode_lora_train_res,
 )
+from protocols.messages import LocalPrivacy, get_local_privacy
+from strategies.privacy import fresh_noise_seed, gaussian_noise, noise_generator
+from strategies.robust import clip_to_norm
 
-__all__ = ["handle"]
+__all__ = ["handle", "privatize"]
 
 
 def handle(
@@ -29,6 +43,7 @@ def handle(
     """Load the global adapter, train it on local data, reply with it."""
     del context
     ins = decode_lora_train_ins(msg.content)
+    dp = get_local_privacy(msg.content)
     lora = runtime.lora_model(ins.spec, node.device)
     adapter_layout(lora.model).check(TensorLayout.of(ins.adapter))
     data = runtime.local_data(node.data_path, ins.spec, lora.tokenizer)
@@ -41,9 +56,42 @@ def handle(
         label=node.label,
         device=node.device,
     )
+    adapter = adapter_tensors(lora.model)
+    if dp is not None:
+        # A simulated node has a run-folder scratch space; a deployed one not.
+        seed = ins.config.seed if node.state_dir is not None else fresh_noise_seed()
+        generator = noise_generator(
+            seed, ins.config.server_round, stream=f"local:{node.label}"
+        )
+        adapter = privatize(adapter, ins.adapter, dp, generator)
     res = LoraTrainRes(
-        adapter=adapter_tensors(lora.model),
+        adapter=adapter,
         num_examples=len(data.examples),
         train_loss=stats.mean_loss,
     )
     return Message(encode_lora_train_res(res), reply_to=msg)
+
+
+def privatize(
+    trained: Mapping[str, torch.Tensor],
+    start: Mapping[str, torch.Tensor],
+    dp: LocalPrivacy,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """The local DP release: ``start + clip(trained - start, C) + noise``.
+
+    The noise is ``N(0, (sigma C)^2)`` per value; the sum runs in float32 and
+    is cast back to each tensor's dtype.
+    """
+    delta = {
+        k: t.float() - start[k].to(device=t.device, dtype=torch.float32)
+        for k, t in trained.items()
+    }
+    clipped, _ = clip_to_norm(delta, dp.clip_norm)
+    noise = gaussian_noise(clipped, dp.std(), generator)
+    return {
+        k: (
+            start[k].to(device=t.device, dtype=torch.float32) + clipped[k] + noise[k]
+        ).to(t.dtype)
+        for k, t in trained.items()
+    }

@@ -4,16 +4,26 @@ The handler the method registry names for ``train.zo`` (FedKSeed and
 FedKSeed-Pro). An ``OutOfSyncError`` tells the server to resend the whole
 history; :mod:`client.app` turns it and every other refusal into an error
 reply.
+
+With local differential privacy (the instruction carries a ``local-dp``
+record) the reply holds one pair per distinct seed, the per-seed sums clipped
+to L2 norm C with Gaussian noise added (:func:`strategies.seed_pool.local_dp_pairs`).
+The noise of a simulated node is reproducible, drawn from ``(run seed, round,
+label)``; a deployed node draws a fresh secret seed every round.
 """
 
 from __future__ import annotations
 
+import torch
 from flwr.app import Context, Message
 
 from client.node import NodeSettings
 from client.runtime import ClientRuntime
 from client.zo_trainer import zo_local_steps
+from protocols.messages import RoundSchedule
 from protocols.zo_messages import ZoTrainRes, decode_zo_train_ins, encode_zo_train_res
+from strategies.privacy import fresh_noise_seed, noise_generator
+from strategies.seed_pool import local_dp_pairs
 
 __all__ = ["handle"]
 
@@ -44,9 +54,18 @@ def handle(
         )
     finally:
         state.restore()  # back to the synced global model, whatever happened
+    indices, scalars = stats.indices, stats.scalars
+    if ins.local_privacy is not None:
+        indices, scalars = local_dp_pairs(
+            indices,
+            scalars,
+            clip_norm=ins.local_privacy.clip_norm,
+            noise_multiplier=ins.local_privacy.noise_multiplier,
+            generator=_local_noise(ins.config, node),
+        )
     res = ZoTrainRes(
-        indices=stats.indices,
-        scalars=stats.scalars,
+        indices=indices,
+        scalars=scalars,
         num_examples=len(data.examples),
         train_loss=stats.mean_loss,
         synced_round=synced_round,
@@ -54,3 +73,17 @@ def handle(
         skipped_steps=stats.skipped,
     )
     return Message(encode_zo_train_res(res), reply_to=msg)
+
+
+def _local_noise(config: RoundSchedule, node: NodeSettings) -> torch.Generator:
+    """The generator of this reply's local DP noise.
+
+    A simulated node (it has a run folder's state directory) draws from
+    ``(run seed, round, "local:" + label)`` so that a simulation can be
+    repeated exactly; a deployed node from a fresh secret seed.
+    """
+    if node.state_dir is not None:
+        return noise_generator(config.seed, config.server_round, f"local:{node.label}")
+    return noise_generator(
+        fresh_noise_seed(), config.server_round, f"local:{node.label}"
+    )

@@ -3,13 +3,16 @@
 Server -> client (:class:`ZoTrainIns`): the :class:`~protocols.specs.ZOSpec`,
 the round's local settings, the *catch-up* history that brings the node from
 the round it last synced to the current global model, the hash that model must
-have, and (FedKSeed-Pro) the round's seed importances. No weight tensor ever
+have, (FedKSeed-Pro) the round's seed importances and (local differential
+privacy) the clip norm and noise multiplier the client applies to its reply,
+as :func:`protocols.messages.put_local_privacy` records them. No weight tensor ever
 travels: the history is a list of rounds, each a sorted list of
 ``(seed index, coefficient)`` pairs, and every party applies them with
 :func:`protocols.seeds.apply_seed_sum_` in the same order.
 
 Client -> server (:class:`ZoTrainRes`): one ``(seed index, scalar gradient)``
-pair per local step, the example count, the mean local loss, and the round and
+pair per local step (with local DP, one merged noisy pair per distinct seed,
+in increasing seed order), the example count, the mean local loss, and the round and
 model hash the node synced to before training (proof that it was in sync).
 
 Everything is validated on decode: index ranges, finiteness of every scalar,
@@ -31,7 +34,15 @@ from flwr.app import (
 
 from protocols.codecs import decode_tensors, encode_tensors
 from protocols.errors import ProtocolError
-from protocols.messages import MAX_WIRE_FLOAT, RoundSchedule, _get, _record
+from protocols.messages import (
+    MAX_WIRE_FLOAT,
+    LocalPrivacy,
+    RoundSchedule,
+    _get,
+    _record,
+    get_local_privacy,
+    put_local_privacy,
+)
 from protocols.methods import FEDKSEED
 from protocols.specs import ZOSpec
 
@@ -61,6 +72,11 @@ _SPEC, _TRAIN, _SYNC, _HISTORY, _PROBS = (  # noqa: RUF100
 _STEPS, _METRICS = "steps", "metrics"
 
 
+_MAX_SCALAR = float(torch.tensor(MAX_WIRE_FLOAT, dtype=torch.float32))
+""":data:`~protocols.messages.MAX_WIRE_FLOAT` as float32 rounds it (1.0000000150e30):
+a scalar a client wrote as ``1e30`` is within the bound."""
+
+
 @dataclass(frozen=True, slots=True)
 class RoundDelta:
     """One round's change to the global model: ``w += sum_j coefficients[j] * z(seed[indices[j]])``.
@@ -85,6 +101,7 @@ class ZoTrainIns:
     target_hash: str
     history: tuple[RoundDelta, ...]
     importance: torch.Tensor | None = None
+    local_privacy: LocalPrivacy | None = None  # privacy.mode = "local"
 
     def probabilities(self) -> torch.Tensor | None:
         """FedKSeed-Pro's sampling distribution, or None for uniform sampling.
@@ -148,7 +165,7 @@ def encode_zo_train_ins(ins: ZoTrainIns) -> RecordDict:
     )
     if ins.importance is not None:
         content[_PROBS] = encode_tensors({"importance": ins.importance.to(torch.uint8)})
-    return content
+    return put_local_privacy(content, ins.local_privacy)
 
 
 def _check_indices(indices: torch.Tensor, k: int, what: str) -> None:
@@ -187,7 +204,7 @@ def decode_zo_train_ins(content: RecordDict) -> ZoTrainIns:
     Raises
     ------
     ProtocolError
-        On a bad spec, train config, history or probabilities.
+        On a bad spec, train config, history, probabilities or local DP record.
     """
     spec = ZOSpec.from_config_record(_record(content, _SPEC, ConfigRecord))
     config = RoundSchedule.from_config_record(_record(content, _TRAIN, ConfigRecord))
@@ -217,7 +234,14 @@ def decode_zo_train_ins(content: RecordDict) -> ZoTrainIns:
         ):
             raise ProtocolError(f"importance must be {spec.num_seeds} uint8 values")
     return ZoTrainIns(
-        spec, config, base, target, _get(sync, "target-hash", str), history, probs
+        spec,
+        config,
+        base,
+        target,
+        _get(sync, "target-hash", str),
+        history,
+        probs,
+        get_local_privacy(content),
     )
 
 
@@ -282,7 +306,7 @@ def decode_zo_train_res(
     _check_indices(idx, num_seeds, "reply")
     # Finite (decode_tensors checked) but also bounded, so that the per-seed
     # sums and their float32 coefficients stay finite.
-    if g.numel() and float(g.abs().max()) > MAX_WIRE_FLOAT:
+    if g.numel() and float(g.abs().max()) > _MAX_SCALAR:
         raise ProtocolError(
             f"step scalars must have magnitude <= {MAX_WIRE_FLOAT:g}, got "
             f"{float(g.abs().max())!r}"

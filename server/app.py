@@ -33,9 +33,11 @@ from protocols.run_folder import (
 from server.config import RunConfig, load_config
 from server.evaluation import pick_device
 from server.federation import (
+    Exchange,
     RoundDriver,
     discover_nodes,
     node_auth_keys,
+    plain_exchange,
     run_rounds,
 )
 from server.methods import server_method
@@ -132,6 +134,7 @@ def _run_owned(
     """:func:`run_server` once the run folder is this process's."""
     folder.write_status("running", rounds_planned=config.run.rounds)
     driver: RoundDriver | None = None
+    done = 0
     fault, hold = os.environ.get(FAULT_ENV), os.environ.get(HOLD_ENV)
     try:
         driver = build_driver(config, _eval_examples(folder), folder.path)
@@ -142,6 +145,7 @@ def _run_owned(
             log.info("resuming %s after round %d", folder.path, start)
         # On resume the hello goes to a scratch ledger: round 0 is already counted.
         hello_ledger = ByteLedger() if resume else ledger
+        counts: dict[str, int] = {}
         labels = discover_nodes(
             grid,
             expected=config.federation.clients,
@@ -151,14 +155,17 @@ def _run_owned(
             late_join_s=0.0 if simulation else config.federation.join_grace_s,
             ledger=hello_ledger,
             auth_keys=node_auth_keys(folder),  # labels are key names then
+            counts=counts,
         )
+        # A reply's example count (its weight) is capped by what hello said.
+        driver.strategy.hello_counts.update(counts)
         nodes = NodeBook(
             labels,
             fraction=config.federation.fraction,
             min_nodes=config.federation.min_clients,
             seed=config.run.seed,
         )
-        run_rounds(
+        done = run_rounds(
             grid,
             driver,
             nodes,
@@ -170,6 +177,7 @@ def _run_owned(
             crash_after=int(fault) if fault else None,
             hold_after=int(hold) if hold else None,
             min_replies=config.federation.min_replies,
+            exchange=_exchange(config),
         )
     except (KeyboardInterrupt, SystemExit) as exc:
         # Told to stop (``server stop``, Ctrl-C, the SuperLink going away):
@@ -182,7 +190,19 @@ def _run_owned(
     finally:
         if driver is not None:
             driver.close()
-    folder.write_status("completed", rounds=config.run.rounds)
+    folder.write_status("completed", rounds=done)
+
+
+def _exchange(config: RunConfig) -> Exchange:
+    """How rounds exchange messages: SecAgg+ with ``privacy.secagg``, else plainly.
+
+    Under SecAgg+ every node's update weighs the same (weight 1).
+    """
+    if not config.privacy.secagg:
+        return plain_exchange
+    from server.secure_aggregation import SecAggSettings, secure_exchange
+
+    return secure_exchange(SecAggSettings.from_config(config.privacy))
 
 
 def build_driver(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -26,8 +27,11 @@ __all__ = ["restore_tensors", "save_peft_adapter"]
 
 def restore_tensors(
     folder: RunFolder, spec_fingerprint: str, fedavg: TensorFedAvg
-) -> tuple[int, dict[str, torch.Tensor]]:
-    """The last checkpoint's round and tensors, on ``fedavg``'s layout and device.
+) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
+    """The last checkpoint's round, tensors and whole state record.
+
+    The tensors are checked against ``fedavg``'s layout and moved to its
+    device; the record holds e.g. the ``privacy`` entry.
 
     Raises
     ------
@@ -41,7 +45,11 @@ def restore_tensors(
         fedavg.layout.check(TensorLayout.of(tensors))
     except ProtocolError as exc:
         raise CheckpointError(f"{folder.checkpoint_dir}: {exc}") from None
-    return int(state["round"]), {k: v.to(fedavg.device) for k, v in tensors.items()}
+    return (
+        int(state["round"]),
+        {k: v.to(fedavg.device) for k, v in tensors.items()},
+        state,
+    )
 
 
 def save_peft_adapter(folder: Path, model: PeftModel) -> Path:

@@ -2,7 +2,7 @@
 
 A run is described by a TOML file whose tables mirror :class:`RunConfig`
 (``[run]``, ``[model]``, ``[data]``, ``[federation]``, ``[train]``,
-``[lora]``, ``[eval]``) plus command-line overrides written as dotted keys
+``[lora]``, ``[zo]``, ``[split]``, ``[eval]``, ``[privacy]``, ``[attack]``) plus command-line overrides written as dotted keys
 (``federation.clients=8``). Every default lives here. Parsing collects every
 problem at once and raises :class:`ConfigError`, whose message names each bad
 field, the value given and what is allowed.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -29,10 +29,13 @@ from protocols.methods import LORA, get_method
 __all__ = [
     "ConfigError",
     "DataSection",
+    "ATTACK_BEHAVIOURS",
+    "AttackSection",
     "EvalSection",
     "FederationSection",
     "LoraSection",
     "ModelSection",
+    "PrivacySection",
     "RunConfig",
     "RunSection",
     "SplitSection",
@@ -155,6 +158,57 @@ class FederationSection(_Section):
     max_payload_mb: float = Field(
         512.0, gt=0, description="Largest update accepted, in MB."
     )
+    # How far one client can move the global model (strategies.robust).
+    aggregator: Literal[
+        "mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan"
+    ] = Field(
+        "mean",
+        description="How the bounded updates are combined: weighted mean, "
+        "coordinate-wise median or trimmed mean, (Multi-)Krum or Bulyan "
+        "(FedKSeed: a robust statistic per seed; see strategies.robust).",
+    )
+    trim_fraction: float = Field(
+        0.2, ge=0, lt=0.5, description="trimmed_mean: share cut at each end."
+    )
+    byzantine: int = Field(
+        1,
+        ge=0,
+        description="krum, multi_krum, bulyan: hostile clients to tolerate (f).",
+    )
+    krum_keep: int = Field(
+        0, ge=0, description="multi_krum: updates averaged (0 = replies - f)."
+    )
+    clip: Literal["adaptive", "fixed", "off"] = Field(
+        "adaptive",
+        description="Bound on each client's update before aggregation: "
+        "'adaptive' = clip_multiple x the round's median (LoRA, SFPrompt: "
+        "update L2 norm; FedKSeed: each |scalar|), capped by clip_norm / "
+        "zo.max_abs_grad when set; 'fixed' = those caps alone; 'off' = none.",
+    )
+    clip_multiple: float = Field(
+        3.0, ge=1, description="adaptive clip: multiple of the round's median."
+    )
+    clip_norm: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA, SFPrompt: largest L2 norm of one client's update "
+        "(needed by clip 'fixed', an upper cap for 'adaptive').",
+    )
+    weighting: Literal["examples", "equal"] = Field(
+        "examples",
+        description="A client's weight: its example count (capped, see "
+        "weight_multiple, max_examples and the count it reported at hello) "
+        "or equal weights.",
+    )
+    weight_multiple: float = Field(
+        3.0,
+        ge=1,
+        description="examples: a count is capped at this multiple of the "
+        "round's median count.",
+    )
+    max_examples: int | None = Field(
+        None, ge=1, description="examples: a count is capped at this (none: no cap)."
+    )
 
 
 class TrainSection(_Section):
@@ -185,6 +239,12 @@ class ZOSection(_Section):
         (), description="Globs of perturbed parameter names (empty = all)."
     )
     grad_clip: float = Field(1000.0, gt=0, description="Clip of |g| in Pro statistics.")
+    max_abs_grad: float | None = Field(
+        None,
+        gt=0,
+        description="Largest |scalar gradient| aggregated (needed by "
+        "federation.clip 'fixed', an upper cap for 'adaptive').",
+    )
 
 
 class SplitSection(_Section):
@@ -271,6 +331,106 @@ class EvalSection(_Section):
     )
 
 
+class PrivacySection(_Section):
+    """Client-level differential privacy (LoRA, FedKSeed; strategies.privacy)."""
+
+    mode: Literal["off", "central", "local"] = Field(
+        "off",
+        description="'central': the server clips each update and adds Gaussian "
+        "noise to the sum; 'local': each client clips and noises its own update.",
+    )
+    noise_multiplier: float = Field(
+        1.0, ge=0, description="sigma: noise standard deviation / clip_norm."
+    )
+    clip_norm: float = Field(
+        1.0,
+        gt=0,
+        description="C: L2 bound of one client's update (LoRA: adapter change; "
+        "FedKSeed: its per-seed scalar sums).",
+    )
+    delta: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="delta of the reported (epsilon, delta); none = "
+        "1 / (10 x federation.clients).",
+    )
+    target_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description="Stop before a round would take epsilon past this.",
+    )
+    noise_seed: int | None = Field(
+        None,
+        ge=0,
+        description="Central noise seed, the operator's secret (never sent to "
+        "clients); none = drawn at random and kept in the checkpoint.",
+    )
+
+    secagg: bool = Field(
+        False,
+        description="LoRA, FedKSeed: sum the clients' updates under Flower's "
+        "SecAgg+ (the server sees only the weighted mean; server.secure_aggregation).",
+    )
+    secagg_shares: int = Field(
+        5, ge=3, description="SecAgg+ num_shares: each client's neighbours (odd)."
+    )
+    secagg_threshold: int = Field(
+        3,
+        ge=2,
+        description="SecAgg+ reconstruction_threshold: live neighbours a "
+        "client needs (dropouts tolerated = shares - threshold).",
+    )
+    secagg_clip: float = Field(
+        8.0,
+        gt=0,
+        description="SecAgg+ clipping_range: each weighted update value is "
+        "clipped to +-this before quantization (quantization step 2 x clip / 2^22).",
+    )
+
+    def resolved_delta(self, clients: int) -> float:
+        """``delta``, or the default 1 / (10 x clients)."""
+        return self.delta if self.delta is not None else 1.0 / (10 * clients)
+
+
+AttackBehaviour = Literal[
+    "none",
+    "scale",
+    "sign_flip",
+    "gaussian",
+    "constant",
+    "inflate_examples",
+    "label_flip",
+    "shuffle_labels",
+]
+ATTACK_BEHAVIOURS: tuple[str, ...] = get_args(AttackBehaviour)
+"""Every ``attack.behaviour`` (simulation.attacks implements them)."""
+
+
+class AttackSection(_Section):
+    """Simulated hostile clients (simulation only; simulation.attacks)."""
+
+    behaviour: AttackBehaviour = Field(
+        "none", description="What the malicious clients do."
+    )
+    fraction: float = Field(
+        0.0, ge=0, le=1, description="Share of clients that are malicious."
+    )
+    clients: tuple[int, ...] = Field(
+        (), description="Partition ids of the malicious clients (wins over fraction)."
+    )
+    scale: float = Field(
+        1e6, description="scale: the update is multiplied by this (sign_flip: -1)."
+    )
+    value: float = Field(1e30, description="constant: every value of the update.")
+    noise_std: float = Field(
+        1.0, gt=0, description="gaussian: std of the noise the update is replaced by."
+    )
+    examples: int = Field(
+        2**62, ge=1, le=2**63 - 1, description="inflate_examples: the count claimed."
+    )
+
+
 class RunConfig(_Section):
     """A whole run: every table of the TOML file."""
 
@@ -283,12 +443,17 @@ class RunConfig(_Section):
     zo: ZOSection = ZOSection()
     split: SplitSection = SplitSection()
     eval: EvalSection = EvalSection()
+    privacy: PrivacySection = PrivacySection()
+    attack: AttackSection = AttackSection()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
         """Settings that are each valid but cannot work together, all at once."""
         problems = _federation_problems(self.federation)
         problems += _data_problems(self.data, self.federation)
+        problems += _robust_problems(self)
+        problems += _privacy_problems(self)
+        problems += _attack_problems(self.attack, self.federation)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -344,6 +509,140 @@ def _data_problems(data: DataSection, fed: FederationSection) -> list[str]:
             f"({data.eval_examples}) leaves {train} training examples, fewer than "
             f"data.min_partition_size ({data.min_partition_size}) x "
             f"federation.clients ({fed.clients}) = {need}"
+        ]
+    return []
+
+
+def _robust_problems(config: RunConfig) -> list[str]:
+    """Bounds that cannot be computed as configured."""
+    fed, problems = config.federation, []
+    if fed.clip == "fixed":
+        if config.run.method in ("fedkseed", "fedkseed-pro"):
+            if config.zo.max_abs_grad is None:
+                problems.append(
+                    "federation.clip 'fixed' needs zo.max_abs_grad for "
+                    f"{config.run.method} (the largest |scalar gradient| kept)"
+                )
+        elif fed.clip_norm is None:
+            problems.append(
+                "federation.clip 'fixed' needs federation.clip_norm (the largest "
+                "L2 norm of one client's update)"
+            )
+    sampled = sampled_per_round(fed)
+    if fed.aggregator == "bulyan" and sampled < 4 * fed.byzantine + 3:
+        problems.append(
+            f"federation.aggregator 'bulyan' needs at least 4 x byzantine + 3 = "
+            f"{4 * fed.byzantine + 3} clients per round, a round samples {sampled}"
+        )
+    if fed.aggregator == "multi_krum" and fed.krum_keep > sampled:
+        problems.append(
+            f"federation.krum_keep ({fed.krum_keep}) exceeds the {sampled} clients "
+            "a round samples"
+        )
+    return problems
+
+
+def _privacy_problems(config: RunConfig) -> list[str]:
+    """Differential privacy and secure aggregation settings that make no sense."""
+    dp, fed = config.privacy, config.federation
+    problems = _secagg_problems(config)
+    if dp.mode == "off":
+        return problems
+    if config.run.method not in ("lora", "fedkseed", "fedkseed-pro"):
+        problems.append(
+            f"privacy.mode {dp.mode!r}: differential privacy covers lora, fedkseed "
+            f"and fedkseed-pro, not {config.run.method!r} (split learning sends "
+            "activations every step)"
+        )
+    if dp.noise_multiplier == 0:
+        problems.append(
+            f"privacy.noise_multiplier is 0 with privacy.mode {dp.mode!r}"
+            + (
+                f" and target_epsilon {dp.target_epsilon:g}"
+                if dp.target_epsilon
+                else ""
+            )
+            + ": without noise epsilon is infinite (set privacy.mode 'off')"
+        )
+    delta = dp.resolved_delta(fed.clients)
+    if delta >= 1.0 / fed.clients:
+        problems.append(
+            f"privacy.delta ({delta:g}) must be below 1 / federation.clients "
+            f"({1.0 / fed.clients:g}): a larger delta allows releasing a whole "
+            "client's update"
+        )
+    if dp.mode == "central" and fed.aggregator != "mean":
+        problems.append(
+            f"privacy.mode 'central' needs federation.aggregator 'mean', not "
+            f"{fed.aggregator!r}: the noise is calibrated to a clipped sum"
+        )
+    return problems
+
+
+SECAGG_QUANTIZATION = 1 << 22
+"""SecAgg+ quantization range (Flower's default), values per coordinate."""
+SECAGG_MODULUS = 1 << 32
+"""SecAgg+ modulus range (Flower's default): sums of quantized values wrap at it."""
+
+
+def _secagg_problems(config: RunConfig) -> list[str]:
+    """Secure aggregation needs a mean, and a sum that cannot wrap around."""
+    dp, fed = config.privacy, config.federation
+    if not dp.secagg:
+        return []
+    problems = []
+    if config.run.method not in ("lora", "fedkseed", "fedkseed-pro"):
+        problems.append(
+            f"privacy.secagg covers lora, fedkseed and fedkseed-pro, not "
+            f"{config.run.method!r}"
+        )
+    if fed.aggregator != "mean":
+        problems.append(
+            f"privacy.secagg needs federation.aggregator 'mean', not "
+            f"{fed.aggregator!r}: a robust rule needs each update, the server sees "
+            "only their sum"
+        )
+    if dp.mode == "central":
+        problems.append(
+            "privacy.secagg with privacy.mode 'central': the server cannot clip "
+            "updates it never sees; use privacy.mode 'local' with secagg"
+        )
+    sampled = sampled_per_round(fed)
+    if sampled * SECAGG_QUANTIZATION >= SECAGG_MODULUS:
+        problems.append(
+            f"privacy.secagg: {sampled} clients per round overflow the SecAgg+ "
+            f"modulus (at most {SECAGG_MODULUS // SECAGG_QUANTIZATION - 1})"
+        )
+    if dp.secagg_threshold >= dp.secagg_shares:
+        problems.append(
+            f"privacy.secagg_threshold ({dp.secagg_threshold}) must be below "
+            f"privacy.secagg_shares ({dp.secagg_shares}) (Flower's SecAgg+)"
+        )
+    if config.run.method in ("fedkseed", "fedkseed-pro"):
+        cap = config.zo.max_abs_grad
+        need = None if cap is None else config.train.local_steps * cap
+        if need is None or dp.secagg_clip < need:
+            problems.append(
+                "privacy.secagg with FedKSeed needs zo.max_abs_grad and "
+                "privacy.secagg_clip >= train.local_steps x zo.max_abs_grad "
+                f"({'unset' if need is None else f'{need:g}'}): a per-seed sum "
+                "beyond the clip is silently clipped by SecAgg+"
+            )
+    if dp.secagg_threshold > sampled:
+        problems.append(
+            f"privacy.secagg_threshold ({dp.secagg_threshold}) exceeds the {sampled} "
+            "clients a round samples: no round could unmask"
+        )
+    return problems
+
+
+def _attack_problems(attack: AttackSection, fed: FederationSection) -> list[str]:
+    """Malicious clients that do not exist."""
+    bad = [c for c in attack.clients if not 0 <= c < fed.clients]
+    if bad:
+        return [
+            f"attack.clients {bad}: partition ids run from 0 to "
+            f"{fed.clients - 1} (federation.clients {fed.clients})"
         ]
     return []
 

@@ -24,7 +24,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -50,15 +50,18 @@ from protocols.messages import encode_hello_ins
 from protocols.run_folder import RunFolder
 from server.evaluation import EvalResult
 from strategies import Aggregate, LabelledReply, NodeBook, Nodes, Strategy
+from strategies.privacy import PrivacyBudgetExhausted
 from strategies.sampling import settle_label_claims
 
 __all__ = [
+    "Exchange",
     "FederationError",
     "RoundDriver",
     "RoundResult",
     "check_hello_identity",
     "discover_nodes",
     "node_auth_keys",
+    "plain_exchange",
     "require_update",
     "run_rounds",
 ]
@@ -235,10 +238,10 @@ class _Discovery:
         )
 
 
-def _hello_label(
+def _checked_hello(
     node: int, reply: Message, nonce: bytes, auth_keys: Path | None
-) -> str | None:
-    """The label ``node``'s hello reply (not an error) claims, or None (logged) if refused."""
+) -> NodeHello | None:
+    """``node``'s hello reply (not an error), or None (logged) if refused."""
     try:
         hello = decode_hello(reply.content)
     except ProtocolError as exc:
@@ -250,7 +253,7 @@ def _hello_label(
         except IdentityError as exc:
             log.warning("node %d left out: claims label %r: %s", node, hello.label, exc)
             return None
-    return hello.label
+    return hello
 
 
 def _hello_pass(
@@ -260,8 +263,8 @@ def _hello_pass(
     *,
     timeout_s: float,
     auth_keys: Path | None,
-) -> dict[int, tuple[str, int]]:
-    """Send one hello to each of ``nodes``; return node id to (label claimed, reply bytes).
+) -> dict[int, tuple[NodeHello, int]]:
+    """Send one hello to each of ``nodes``; return node id to (hello, reply bytes).
 
     Only claims whose hello checks out are returned; ``book`` learns the
     refused nodes (bad or unproven hello, answered twice), the failed ones
@@ -275,7 +278,7 @@ def _hello_pass(
     for m in msgs:
         node = m.metadata.dst_node_id
         book.sent[node] = book.sent.get(node, 0) + payload_bytes(m.content)
-    claims: dict[int, tuple[str, int]] = {}
+    claims: dict[int, tuple[NodeHello, int]] = {}
     answered: set[int] = set()
     for reply in grid.send_and_receive(msgs, timeout=timeout_s):
         node = reply.metadata.src_node_id
@@ -291,11 +294,11 @@ def _hello_pass(
         if reply.has_error():
             book.fail(node, reply.error.reason or f"error {reply.error.code}")
             continue
-        label = _hello_label(node, reply, nonces[node], auth_keys)
-        if label is None:
+        hello = _checked_hello(node, reply, nonces[node], auth_keys)
+        if hello is None:
             book.refused.add(node)
         else:
-            claims[node] = (label, payload_bytes(reply.content))
+            claims[node] = (hello, payload_bytes(reply.content))
     for node in nodes:
         if node not in answered:
             book.fail(node, f"no answer to the hello within {timeout_s:.0f} s")
@@ -311,6 +314,7 @@ def discover_nodes(
     auth_keys: Path | None = None,
     minimum: int | None = None,
     late_join_s: float | None = None,
+    counts: dict[str, int] | None = None,
 ) -> dict[int, str]:
     """Ask connecting nodes for their labels until ``expected`` are accepted.
 
@@ -336,6 +340,9 @@ def discover_nodes(
     the node id (and the label claimed, if any). The ledger's round 0 records,
     per accepted label, the hello bytes sent to it (every try) and its accepted
     reply.
+
+    ``counts``, when given, receives each accepted label's example count as
+    its hello reported it (the cap on the weight its updates can claim).
 
     Returns node id to label, every label once, in node id order: at least
     ``expected`` nodes (more if more answered the last hellos together), or,
@@ -377,7 +384,7 @@ def discover_nodes(
             claims = _hello_pass(
                 grid, ask, book, timeout_s=timeout_s, auth_keys=auth_keys
             )
-            wanted = {node: label for node, (label, _) in claims.items()}
+            wanted = {node: hello.label for node, (hello, _) in claims.items()}
             labels, refused = settle_label_claims(wanted, held=book.accepted)
             for node, reason in sorted(refused.items()):
                 log.warning(
@@ -388,6 +395,8 @@ def discover_nodes(
                 book.accepted[node] = label
                 ledger.record(0, label, "down", book.sent[node])
                 ledger.record(0, label, "up", claims[node][1])
+                if counts is not None:
+                    counts[label] = claims[node][0].num_examples
             if len(book.accepted) >= expected:
                 return dict(sorted(book.accepted.items()))
         late = (
@@ -470,6 +479,50 @@ def _row(
     return safe
 
 
+class Exchange(Protocol):
+    """How a round's instructions become labelled replies (and ledger entries).
+
+    :func:`plain_exchange` by default; :func:`server.secure_aggregation.secure_exchange`
+    with ``privacy.secagg``.
+    """
+
+    def __call__(
+        self,
+        grid: Grid,
+        messages: list[Message],
+        timeout_s: float,
+        *,
+        server_round: int,
+        label: Callable[[int], str],
+        ledger: ByteLedger,
+    ) -> list[LabelledReply]:
+        """Send ``messages``; return the replies labelled by ``label`` (node id)."""
+        ...
+
+
+def plain_exchange(
+    grid: Grid,
+    messages: list[Message],
+    timeout_s: float,
+    *,
+    server_round: int,
+    label: Callable[[int], str],
+    ledger: ByteLedger,
+) -> list[LabelledReply]:
+    """One send-and-receive: each reply labelled, every payload in the ledger."""
+    for m in messages:
+        who = label(m.metadata.dst_node_id)
+        ledger.record(server_round, who, "down", payload_bytes(m.content))
+    replies = [
+        (label(r.metadata.src_node_id), r)
+        for r in grid.send_and_receive(messages, timeout=timeout_s)
+    ]
+    for who, r in replies:
+        if r.has_content():
+            ledger.record(server_round, who, "up", payload_bytes(r.content))
+    return replies
+
+
 def run_rounds(
     grid: Grid,
     driver: RoundDriver,
@@ -483,8 +536,9 @@ def run_rounds(
     crash_after: int | None = None,
     hold_after: int | None = None,
     min_replies: int = 1,
-) -> None:
-    """Run rounds ``start_round + 1 .. rounds`` of ``driver``'s method.
+    exchange: Exchange = plain_exchange,
+) -> int:
+    """Run rounds ``start_round + 1 .. rounds`` of ``driver``'s method; the last round done.
 
     ``nodes`` knows the federation's nodes and samples each round's.
 
@@ -494,7 +548,16 @@ def run_rounds(
     a resumed run drops rows past its checkpoint and redoes them.
     ``crash_after`` (fault injection for tests) kills the process like a
     SIGKILL right after that round is recorded; ``hold_after`` makes it hang
-    there instead, until something kills it.
+    there instead, until something kills it. ``exchange`` sends a round's
+    instructions and returns the labelled replies, recording every payload
+    in ``ledger`` (:func:`plain_exchange`; SecAgg+ runs pass
+    :func:`server.secure_aggregation.secure_exchange`).
+
+    A run with a privacy budget (``privacy.target_epsilon``) ends early, as a
+    completed run with its final artefacts, when the driver refuses to
+    configure a round that would spend past it
+    (:class:`~strategies.privacy.PrivacyBudgetExhausted`); the return value
+    says how many rounds were done.
 
     Raises
     ------
@@ -517,19 +580,22 @@ def run_rounds(
         metrics.append(row0)
     else:
         metrics.truncate_after(start_round)
+    done = start_round
     for server_round in range(start_round + 1, rounds + 1):
         t0 = time.monotonic()
-        messages = driver.configure(server_round, nodes.sample(server_round))
-        for m in messages:
-            who = nodes.label(m.metadata.dst_node_id)
-            ledger.record(server_round, who, "down", payload_bytes(m.content))
-        replies = [
-            (nodes.label(r.metadata.src_node_id), r)
-            for r in grid.send_and_receive(messages, timeout=timeout_s)
-        ]
-        for who, r in replies:
-            if r.has_content():
-                ledger.record(server_round, who, "up", payload_bytes(r.content))
+        try:
+            messages = driver.configure(server_round, nodes.sample(server_round))
+        except PrivacyBudgetExhausted as exc:
+            log.warning("stopping before round %d: %s", server_round, exc)
+            break
+        replies = exchange(
+            grid,
+            messages,
+            timeout_s,
+            server_round=server_round,
+            label=nodes.label,
+            ledger=ledger,
+        )
         result = driver.apply(server_round, replies)
         if result.clients < min_replies:
             raise FederationError(
@@ -560,4 +626,6 @@ def run_rounds(
                 "fault injection: holding the server after round %d", server_round
             )
             threading.Event().wait()  # until the process is killed
+        done = server_round
     driver.finish(folder)
+    return done

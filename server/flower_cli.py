@@ -7,8 +7,8 @@ FLWR_HOME of the run's own whose ``deploy`` connection points at it
 (:func:`cli_home`); through it we register node keys, submit the run's app
 (:func:`write_app`: a two-line Flower app naming the installed
 ``server.app:app`` and ``client.app:app``, so the same apps run in simulation
-and deployment), stream the run's log, and ask for the connected nodes and a
-run's status.
+and deployment; a simulation with attackers names its own ClientApp), stream
+the run's log, and ask for the connected nodes and a run's status.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from server.certificates import TlsFiles
 from server.processes import DeployError
 
 __all__ = [
+    "CLIENT_APP",
     "cli_home",
     "connected_nodes",
     "flower_run_status",
@@ -54,7 +55,7 @@ publisher = "pollinate"
 
 [tool.flwr.app.components]
 serverapp = "server.app:app"
-clientapp = "client.app:app"
+clientapp = "{clientapp}"
 
 [tool.flwr.app.config]
 run-dir = ""
@@ -63,11 +64,31 @@ simulation = false
 """
 
 
-def write_app(run_dir: Path) -> Path:
-    """The Flower app folder that ``flwr run`` submits for this run."""
+CLIENT_APP = "client.app:app"
+"""The ClientApp of every deployed run and of an honest simulation."""
+
+
+def write_app(run_dir: Path, clientapp: str = CLIENT_APP) -> Path:
+    """The Flower app folder that ``flwr run`` submits for this run.
+
+    ``clientapp`` is the ``module:attribute`` of the installed ClientApp
+    (a simulation with attackers: ``simulation.attacks:app``).
+
+    Raises
+    ------
+    DeployError
+        If ``clientapp`` is not of the form ``module.path:attribute``.
+    """
+    module, _, attribute = clientapp.partition(":")
+    parts = [*module.split("."), attribute]
+    if not all(part.isidentifier() for part in parts):
+        raise DeployError(
+            f"not a ClientApp reference (module:attribute): {clientapp!r}"
+        )
     app = RunFolder(run_dir).app_dir
     app.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(app / "pyproject.toml", _APP_PYPROJECT.encode())
+    text = _APP_PYPROJECT.replace("{clientapp}", clientapp)
+    atomic_write_bytes(app / "pyproject.toml", text.encode())
     return app
 
 
@@ -171,6 +192,7 @@ def submit_run(
     *,
     resume: bool,
     federation_config: Mapping[str, bool | int | float | str] | None = None,
+    clientapp: str = CLIENT_APP,
 ) -> int:
     """Submit this run's app with ``flwr run``; return Flower's run id.
 
@@ -179,7 +201,8 @@ def submit_run(
     passed as ``--federation-config`` (a simulation's ``SimulationConfig``:
     ``num-supernodes``, ``client-resources-num-cpus``, ...); a run given one
     is a simulation, and the apps learn that as the run config key
-    ``simulation`` (all of its nodes exist from the start).
+    ``simulation`` (all of its nodes exist from the start). ``clientapp``
+    names the ClientApp (:func:`write_app`).
 
     Raises
     ------
@@ -187,7 +210,7 @@ def submit_run(
         If ``flwr run`` fails or names no run.
     """
     home = cli_home(run_dir, address, tls)
-    app = write_app(run_dir)
+    app = write_app(run_dir, clientapp)
     config = _toml_pairs(
         {
             RUN_DIR_KEY: str(run_dir.resolve()),

@@ -27,12 +27,14 @@ from models import (
 from models.lora import merge_adapter_folder
 from protocols import LoraSpec, ProtocolError
 from protocols.methods import Method
-from protocols.run_folder import RunFolder
+from protocols.run_folder import CheckpointError, RunFolder
 from server.checkpoints import restore_tensors, save_peft_adapter
 from server.config import RunConfig
 from server.evaluation import CentralEvaluator, EvalResult, build_evaluator
 from server.federation import RoundResult, require_update
 from strategies import LabelledReply, LocalTrainSettings, LoraFedAvg, Nodes
+from strategies.privacy import DPSettings
+from strategies.robust import Bounds
 
 __all__ = ["LoraDriver", "LoraMethod"]
 
@@ -70,15 +72,33 @@ class LoraDriver:
         }
 
     def configure(self, server_round: int, nodes: Nodes) -> list[Any]:
-        """Send the global adapter to the sampled nodes."""
+        """Send the global adapter to the sampled nodes.
+
+        Raises
+        ------
+        strategies.privacy.PrivacyBudgetExhausted
+            If the round would spend past ``privacy.target_epsilon``.
+        """
         return self.strategy.configure(server_round, nodes, self.adapter)
 
     def apply(self, server_round: int, replies: Sequence[LabelledReply]) -> RoundResult:
-        """FedAvg of the valid adapters becomes the global adapter."""
+        """Bounded FedAvg of the valid adapters becomes the global adapter.
+
+        The round's bounds (and epsilon, with DP) go into its metrics row.
+
+        Raises
+        ------
+        server.federation.FederationError
+            If no reply was usable or the aggregate was refused (the adapter
+            is kept).
+        """
         result = self.strategy.aggregate(server_round, replies, self.adapter)
         self.adapter = require_update(server_round, result, result.adapter)
         return RoundResult(
-            len(result.accepted), len(result.rejected), result.train_loss
+            len(result.accepted),
+            len(result.rejected),
+            result.train_loss,
+            extra=dict(result.stats),
         )
 
     def evaluate(self) -> EvalResult:
@@ -88,9 +108,14 @@ class LoraDriver:
     def checkpoint(
         self, folder: RunFolder, server_round: int, extra: dict[str, Any]
     ) -> None:
-        """Save the global adapter and state atomically."""
+        """Save the global adapter and state atomically.
+
+        With DP the state holds the noise seed and the accountant.
+        """
+        privacy = self.strategy.privacy_state()
+        state = {**extra, "privacy": privacy} if privacy is not None else extra
         folder.write_checkpoint(
-            server_round, self.strategy.spec.fingerprint(), extra, self.adapter
+            server_round, self.strategy.spec.fingerprint(), state, self.adapter
         )
 
     def finish(self, folder: RunFolder) -> None:
@@ -103,12 +128,26 @@ class LoraDriver:
         """Nothing to release."""
 
     def restore(self, folder: RunFolder) -> int:
-        """Load the last checkpointed global adapter; return its round."""
-        done, self.adapter = restore_tensors(
+        """Load the last checkpointed global adapter; return its round.
+
+        With DP, the noise seed and the accountant are restored too.
+
+        Raises
+        ------
+        CheckpointError
+            If the checkpoint is missing, damaged, of another spec, or lacks
+            the privacy state this run's DP settings need.
+        """
+        done, adapter, state = restore_tensors(
             folder,
             self.strategy.spec.fingerprint(),
             self.strategy.fedavg,
         )
+        try:
+            self.strategy.load_privacy_state(state.get("privacy"))
+        except ValueError as exc:
+            raise CheckpointError(f"{folder.checkpoint_state}: {exc}") from None
+        self.adapter = adapter
         return done
 
 
@@ -158,6 +197,11 @@ class LoraMethod:
         spec = self.spec(config, loaded.model)
         model = attach_lora(loaded.model, spec, init_seed=config.run.seed)
         strategy = LoraFedAvg(
+            bounds=Bounds.from_config(
+                config.federation, fixed_bound=config.federation.clip_norm
+            ),
+            dp=DPSettings.from_config(config),
+            noise_seed=config.privacy.noise_seed,
             spec=spec,
             layout=adapter_layout(model),
             train=LocalTrainSettings(

@@ -45,6 +45,7 @@ from server.trunk_service import TrunkService, start_trunk_server
 from server.trunk_sessions import TrunkLimits
 from server.trunk_transport import TrunkTransport
 from strategies import LabelledReply, Nodes, SFPromptFedAvg, SplitRoundSettings
+from strategies.robust import Bounds
 
 __all__ = ["SplitDriver", "SplitMethod", "trunk_limits", "trunk_tls", "trunk_transport"]
 
@@ -104,7 +105,10 @@ class SplitDriver:
         return self.strategy.configure(server_round, nodes, self.tensors, grants=grants)
 
     def apply(self, server_round: int, replies: Sequence[LabelledReply]) -> RoundResult:
-        """Average the devices' prompts and tails into the global ones."""
+        """Bounded FedAvg of the devices' prompts and tails becomes the global one.
+
+        The round's bounds go into its metrics row.
+        """
         result = self.strategy.aggregate(server_round, replies, self.tensors)
         self.service.end_round(server_round)  # late or vanished devices' graphs
         usage = self.service.reset_usage()
@@ -113,7 +117,11 @@ class SplitDriver:
             len(result.accepted),
             len(result.rejected),
             result.train_loss,
-            extra={"local_loss": result.local_loss, "kept_examples": result.kept},
+            extra={
+                "local_loss": result.local_loss,
+                "kept_examples": result.kept,
+                **result.stats,
+            },
             side_bytes={c: (u["up"], u["down"]) for c, u in usage.items()},
         )
 
@@ -148,7 +156,7 @@ class SplitDriver:
 
     def restore(self, folder: RunFolder) -> int:
         """Load the last checkpointed prompts and tail; return their round."""
-        done, self.tensors = restore_tensors(
+        done, self.tensors, _ = restore_tensors(
             folder,
             self.strategy.spec.fingerprint(),
             self.strategy.fedavg,
@@ -276,6 +284,9 @@ class SplitMethod:
             max_payload_bytes=int(config.federation.max_payload_mb * 1e6),
             seed=config.run.seed,
             device=device,
+            bounds=Bounds.from_config(
+                config.federation, fixed_bound=config.federation.clip_norm
+            ),
         )
         log.info(
             "SFPrompt trunk service on %s:%d (%s)",

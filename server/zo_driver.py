@@ -4,7 +4,9 @@ The global model is w0 plus, round after round, the aggregated seed deltas,
 applied with :func:`protocols.seeds.apply_seed_sum_` on the server's device in
 the canonical order; its hash is what every client must reproduce. Replay
 time is recorded per round (``replay_seconds``) with the number of distinct
-seeds, the quantity that bounds it. :class:`ZoMethod` is the server plug-in of
+seeds, the quantity that bounds it, next to what bounded the round (the
+strategy's ``stats``: clip bound, clients clipped, weights capped, clients the
+aggregator kept, and with DP epsilon and delta). :class:`ZoMethod` is the server plug-in of
 FedKSeed and FedKSeed-Pro (named in :mod:`protocols.methods`).
 """
 
@@ -35,7 +37,10 @@ from protocols.seeds import (
 from server.config import RunConfig
 from server.evaluation import CentralEvaluator, EvalResult, build_evaluator
 from server.federation import RoundResult, require_update
-from strategies import FedKSeed, LabelledReply, Nodes, ZoGlobal
+from strategies import LabelledReply, Nodes
+from strategies.fedkseed import FedKSeed, ZoGlobal
+from strategies.privacy import DPSettings, fresh_noise_seed
+from strategies.robust import Bounds
 
 __all__ = ["ZoDriver", "ZoMethod"]
 
@@ -113,6 +118,7 @@ class ZoDriver:
             len(result.rejected),
             result.train_loss,
             extra={
+                **result.stats,
                 "distinct_seeds": len(seeds),
                 "local_steps_total": result.steps,
                 "replay_seconds": replay,
@@ -155,10 +161,15 @@ class ZoDriver:
         Raises
         ------
         CheckpointError
-            If the rebuilt model's hash differs from the checkpoint's.
+            If the rebuilt model's hash differs from the checkpoint's, or the
+            strategy's state does not fit the run (a privacy account made with
+            other settings, or none for a DP run).
         """
         state = folder.read_checkpoint(self.spec.fingerprint())
-        self.strategy.load_state(state["strategy"])
+        try:
+            self.strategy.load_state(state["strategy"])
+        except ValueError as exc:  # e.g. a DP run resumed from a run without DP
+            raise CheckpointError(f"cannot resume: {exc}") from None
         for delta in self.strategy.history:
             seeds = [self.seeds[i] for i in delta.indices.tolist()]
             apply_seed_sum_(self.params, seeds, delta.coefficients.tolist())
@@ -214,16 +225,31 @@ class ZoMethod:
         *,
         run_dir: Path | None = None,
     ) -> ZoDriver:
-        """Load w0 in float32 on ``device``, wire FedKSeed(-Pro)."""
+        """Load w0 in float32 on ``device``, wire FedKSeed(-Pro).
+
+        The strategy gets the run's bounds (``[federation]`` with
+        ``zo.max_abs_grad`` as the fixed cap on ``|g|``) and privacy settings;
+        a central DP run without ``privacy.noise_seed`` draws a secret one here
+        (kept in the checkpoint).
+        """
         del run_dir  # FedKSeed starts no service
         loaded = load_causal_lm(config.model.name, dtype="float32", device=device)
         walk = _walk(config, loaded.model)
         spec = self._spec(config, walk)
+        privacy = DPSettings.from_config(config)
+        noise_seed = config.privacy.noise_seed
+        if privacy is not None and privacy.mode == "central" and noise_seed is None:
+            noise_seed = fresh_noise_seed()
         strategy = FedKSeed(
             spec=spec,
             local_steps=config.train.local_steps,
             batch_size=config.train.batch_size,
             seed=config.run.seed,
+            bounds=Bounds.from_config(
+                config.federation, fixed_bound=config.zo.max_abs_grad
+            ),
+            privacy=privacy,
+            noise_seed=noise_seed,
         )
         return ZoDriver(
             loaded.model,

@@ -13,6 +13,12 @@ from typing import TYPE_CHECKING
 from protocols.lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from simulation.attacks import (
+        AttackError,
+        build_attack_app,
+        client_app_ref,
+        malicious_partitions,
+    )
     from simulation.launcher import LaunchResult, launch
     from simulation.partitioning import PartitionError, describe, partition
     from simulation.plots import plot_comparison, plot_run
@@ -26,12 +32,16 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "AttackError",
     "LaunchResult",
     "PartitionError",
     "ReportError",
+    "build_attack_app",
+    "client_app_ref",
     "compare_table",
     "describe",
     "launch",
+    "malicious_partitions",
     "new_run_dir",
     "partition",
     "plot_comparison",
@@ -43,6 +53,10 @@ __all__ = [
 ]
 
 _LAZY = {
+    "AttackError": "simulation.attacks",
+    "build_attack_app": "simulation.attacks",
+    "client_app_ref": "simulation.attacks",
+    "malicious_partitions": "simulation.attacks",
     "LaunchResult": "simulation.launcher",
     "PartitionError": "simulation.partitioning",
     "ReportError": "simulation.reports",

@@ -23,8 +23,12 @@ the run config ``{"run-dir": run_dir}`` (:data:`protocols.run_folder.RUN_DIR_KEY
 the documented channel by which a simulated client finds its run folder.
 
 Differences from a real deployment, on purpose: delivery is synchronous and
-in order (``timeout`` never expires), message content is not serialized (the
-handler receives the server's object), and nodes never leave. A node may
+in order (``timeout`` never expires) and nodes never leave. As on a
+SuperLink, each node receives its own copy of an instruction's content
+(serialized and parsed back): a node may change what it receives (Flower's
+SecAgg+ mod pops a key from the one ``RecordDict`` its workflow sends every
+node) without the server or another node seeing it. Replies are handed back
+as the ClientApp made them. A node may
 join late: one built ``offline`` is missing from ``get_node_ids`` (and
 refuses messages) until :meth:`InProcessGrid.connect`. A ClientApp wrapper
 may call it while a node handles a message, so "node B connects after node A
@@ -44,6 +48,7 @@ from pathlib import Path
 from flwr.app import Context, Error, Message, RecordDict, UserConfigValue
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -252,7 +257,7 @@ class InProcessGrid(Grid):
     def _deliver(self, msg: Message) -> Message:
         context = self._contexts[msg.metadata.dst_node_id]
         try:
-            reply = self.client_app(msg, context)
+            reply = self.client_app(_received_copy(msg), context)
         except Exception as exc:
             if not self.catch_exceptions:
                 raise
@@ -269,3 +274,12 @@ class InProcessGrid(Grid):
             )
         reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
         return reply
+
+
+def _received_copy(msg: Message) -> Message:
+    """``msg`` as a node receives it: same metadata, its own copy of the content."""
+    if not msg.has_content():
+        return msg
+    content = recorddict_from_proto(recorddict_to_proto(msg.content))
+    copied: Message = Message(metadata=msg.metadata, content=content)  # type: ignore[call-overload]
+    return copied

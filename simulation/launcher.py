@@ -12,9 +12,11 @@ simulation mode, and :func:`launch` owns every process it starts:
   run the ClientApps; all of them inherit the SuperLink's environment
   (:func:`simulation_env`).
 - ``flwr run`` submits the run folder's two-line app (``server.app:app`` and
-  ``client.app:app``) with the run config ``run-dir`` and ``resume`` and the
-  federation's size and resources (:func:`federation_config`); the run folder
-  reaches the apps through ``run-dir`` only.
+  ``client.app:app``, or ``simulation.attacks:app`` when ``[attack]`` makes
+  some clients send hostile replies: :func:`simulation.attacks.client_app_ref`)
+  with the run config ``run-dir`` and ``resume`` and the federation's size and
+  resources (:func:`federation_config`); the run folder reaches the apps
+  through ``run-dir`` only.
 - ``flwr log --stream`` copies the run's log into ``simulation.log`` (Flower
   discards the simulation's output and keeps its log); the SuperLink's own
   output goes to ``superlink.log``.
@@ -54,10 +56,11 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 
 from protocols.installation import check_installation
 from protocols.run_folder import RunFolder, RunFolderError, RunStatus
-from server.config import load_config
+from server.config import RunConfig, load_config
 from server.deploy import start_superlink
 from server.flower_cli import flower_run_status, stream_run_log, submit_run
 from server.processes import DeployError, stop_process_tree
+from simulation.attacks import client_app_ref, describe_attack
 from simulation.watchdog import Watchdog, stop_marked
 
 __all__ = ["LaunchResult", "federation_config", "launch", "simulation_env"]
@@ -135,7 +138,7 @@ def federation_config(clients: int) -> dict[str, int | float | bool]:
     }
 
 
-def _begin(folder: RunFolder, *, resume: bool, cluster: str) -> None:
+def _begin(folder: RunFolder, config: RunConfig, *, resume: bool, cluster: str) -> None:
     """Set the run folder's bookkeeping up for this attempt."""
     if resume:
         # The last attempt's end must not end the watch of this one.
@@ -149,6 +152,13 @@ def _begin(folder: RunFolder, *, resume: bool, cluster: str) -> None:
         else f"joining the existing Ray cluster at {cluster}"
     )
     _note(folder, f"Ray: {where}")
+    attack = describe_attack(config)
+    if attack is not None:
+        _note(
+            folder,
+            f"attack: partitions {attack['malicious']} are malicious "
+            f"({attack['behaviour']}; ClientApp {client_app_ref(config)})",
+        )
 
 
 def _free_port() -> int:
@@ -347,12 +357,12 @@ def launch(
     """
     check_installation()  # before starting Flower, whose apps import our packages
     folder = RunFolder(run_dir)
-    clients = load_config(folder.config).federation.clients
+    config = load_config(folder.config)
     with folder.lock() as lock_fd, Watchdog(lock_fd) as watchdog:
         return _launch_owned(
             folder,
             rounds,
-            clients,
+            config,
             console or Console(stderr=True),
             watchdog,
             resume=resume,
@@ -363,7 +373,7 @@ def launch(
 def _launch_owned(
     folder: RunFolder,
     rounds: int,
-    clients: int,
+    config: RunConfig,
     console: Console,
     watchdog: Watchdog,
     *,
@@ -373,7 +383,7 @@ def _launch_owned(
     """:func:`launch` once the run folder is ours and the watchdog is up."""
     run_dir = folder.path
     process_env = simulation_env(env)
-    _begin(folder, resume=resume, cluster=process_env["RAY_ADDRESS"])
+    _begin(folder, config, resume=resume, cluster=process_env["RAY_ADDRESS"])
     superlink = streamer = None
     run_id: int | None = None
     flower, error, interrupted = "", None, False
@@ -389,7 +399,8 @@ def _launch_owned(
             address,
             None,
             resume=resume,
-            federation_config=federation_config(clients),
+            federation_config=federation_config(config.federation.clients),
+            clientapp=client_app_ref(config),
         )
         _note(folder, f"Flower run {run_id} on the SuperLink at {address}")
         streamer = stream_run_log(run_dir, address, None, run_id, folder.simulation_log)

@@ -4,13 +4,17 @@ Everything a run reads is materialised here, once, before any process
 starts: the resolved ``config.toml``, ``data/eval.jsonl`` (held out for the
 server), one ``data/client-NNNN.jsonl`` per simulated client (exactly the
 file a deployed client would be given with ``--data``), ``partitions.json``
-(who holds which groups) and the one-time model conversion. The engine and
+(who holds which groups and, under ``[attack]``, which clients are malicious
+and how) and the one-time model conversion. A data attack (``label_flip``,
+``shuffle_labels``) is applied here, to the malicious clients' files only
+(:mod:`simulation.attacks`). The engine and
 the apps then only read files, which keeps runs reproducible and restartable.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -19,9 +23,12 @@ from models import prepare_model
 from protocols.durable import atomic_write_text
 from protocols.run_folder import RunFolder
 from server.config import RunConfig, config_to_toml
+from simulation.attacks import describe_attack, poison_examples
 from simulation.partitioning import describe, partition
 
 __all__ = ["new_run_dir", "prepare_run"]
+
+log = logging.getLogger(__name__)
 
 
 def new_run_dir(config: RunConfig) -> Path:
@@ -47,6 +54,8 @@ def prepare_run(config: RunConfig, run_dir: Path | None = None) -> Path:
         If the examples cannot be split as configured.
     models.ModelLoadError
         If a built-in model needs a package that is not installed.
+    simulation.attacks.AttackError
+        If a data attack cannot be applied (``label_flip`` with one response).
     """
     examples = load_examples(
         config.data.source, limit=config.data.limit, seed=config.run.seed
@@ -62,17 +71,30 @@ def prepare_run(config: RunConfig, run_dir: Path | None = None) -> Path:
         seed=config.run.seed,
         min_partition_size=config.data.min_partition_size,
     )
+    targets = [e.response for e in train]
+    client_examples = [
+        poison_examples(config, pid, [train[i] for i in indices], targets)
+        for pid, indices in enumerate(parts)
+    ]
     run_dir = run_dir or new_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     folder = RunFolder(run_dir)
-    for pid, indices in enumerate(parts):
-        write_jsonl([train[i] for i in indices], folder.client_data(pid))
+    for pid, mine in enumerate(client_examples):
+        write_jsonl(mine, folder.client_data(pid))
     write_jsonl(held_out, folder.eval_data)
-    summary = {
+    summary: dict[str, object] = {
         "scheme": config.data.partitioning,
         "sizes": [len(p) for p in parts],
         "groups": describe(parts, [e.group for e in train]),
     }
+    attack = describe_attack(config)
+    if attack is not None:
+        summary["attack"] = attack
+        log.warning(
+            "attack: partitions %s are malicious (%s)",
+            attack["malicious"],
+            attack["behaviour"],
+        )
     atomic_write_text(folder.partitions, json.dumps(summary, indent=1))
     atomic_write_text(folder.config, config_to_toml(config))
     prepare_model(config.model.name)

@@ -164,9 +164,16 @@ def summary_table(rows: Sequence[Row], title: str) -> Table:
     rich.table.Table
         One row per round with columns: round, clients, train loss, eval loss,
         the metric (header = metric name, value in percent), up MB, down MB,
-        cumulative MB (up + down) and seconds. Missing values are ``"-"``.
+        cumulative MB (up + down) and seconds; then, when any row has them,
+        the clients whose update was clipped and the cumulative epsilon of a
+        differentially private run. Missing values are ``"-"``.
     """
     table = Table(title=title)
+    optional = [
+        (key, header, spec)
+        for key, header, spec in _OPTIONAL_COLUMNS
+        if any(key in row for row in rows)
+    ]
     for header in (
         "Round",
         "Clients",
@@ -177,6 +184,7 @@ def summary_table(rows: Sequence[Row], title: str) -> Table:
         "Down MB",
         "Cum. MB",
         "Seconds",
+        *(header for _, header, _ in optional),
     ):
         _column(table, header)
     for row, (_, _, cum_total) in zip(rows, cumulative_mb(rows), strict=True):
@@ -190,8 +198,16 @@ def summary_table(rows: Sequence[Row], title: str) -> Table:
             _fmt_mb(_mb_or_none(row.get("bytes_down"))),
             _fmt_mb(cum_total),
             _fmt(row.get("seconds"), ".1f"),
+            *(_fmt(row.get(key), spec) for key, _, spec in optional),
         )
     return table
+
+
+_OPTIONAL_COLUMNS = (
+    ("clipped", "Clipped", ".0f"),
+    ("epsilon", "Epsilon", ".3g"),
+)
+"""Row keys shown only by runs that have them: (key, header, format)."""
 
 
 def _is_int(value: Any) -> bool:
@@ -229,7 +245,9 @@ def run_summary(rows: Sequence[Row]) -> dict[str, Any]:
         ``total_bytes`` (sums over all rows); ``rounds`` (rows with
         ``round >= 1``, i.e. training rounds); ``client_rounds`` (sum of
         ``clients``); ``seconds`` (sum of ``seconds``). Values that cannot be
-        computed (e.g. no metric reported) are ``None``.
+        computed (e.g. no metric reported) are ``None``; ``epsilon`` (the last
+        cumulative epsilon of a differentially private run) is ``None`` for a
+        run without DP.
     """
     metrics = _finite([row.get("eval_metric") for row in rows])
     losses = _finite([row.get("eval_loss") for row in rows])
@@ -244,6 +262,7 @@ def run_summary(rows: Sequence[Row]) -> dict[str, Any]:
     bytes_up = sum(_bytes(row, "bytes_up") for row in rows)
     bytes_down = sum(_bytes(row, "bytes_down") for row in rows)
     training_rounds = [r for r in rows if _is_int(r.get("round")) and r["round"] >= 1]
+    epsilons = _finite([row.get("epsilon") for row in rows])
     return {
         "metric_name": metric_name(rows),
         "first_metric": metrics[0] if metrics else None,
@@ -258,6 +277,7 @@ def run_summary(rows: Sequence[Row]) -> dict[str, Any]:
         "rounds": len(training_rounds),
         "client_rounds": sum(_bytes(row, "clients") for row in rows),
         "seconds": sum(_finite([row.get("seconds") for row in rows])),
+        "epsilon": epsilons[-1] if epsilons else None,
     }
 
 
@@ -279,11 +299,14 @@ def compare_table(
         Columns: run, metric name, final metric (percent), best metric
         (percent), final eval loss, rounds, total MB (up + down) and MB per
         client-round (total MB divided by the sum of ``clients``; ``"-"`` when
-        no client replied). Missing values are ``"-"``.
+        no client replied), and the final epsilon when any run is
+        differentially private. Missing values are ``"-"``.
     """
     table = Table(title=title)
     _column(table, "Run", justify="left")
     _column(table, "Metric", justify="left")
+    summaries = {label: run_summary(rows) for label, rows in runs.items()}
+    private = any(s["epsilon"] is not None for s in summaries.values())
     for header in (
         "Final",
         "Best",
@@ -291,10 +314,10 @@ def compare_table(
         "Rounds",
         "Total MB",
         "MB / client-round",
+        *(("Epsilon",) if private else ()),
     ):
         _column(table, header)
-    for label, rows in runs.items():
-        summary = run_summary(rows)
+    for label, summary in summaries.items():
         total_mb = summary["total_bytes"] / MB
         client_rounds = summary["client_rounds"]
         per_client = total_mb / client_rounds if client_rounds > 0 else None
@@ -307,5 +330,6 @@ def compare_table(
             str(summary["rounds"]),
             _fmt_mb(total_mb),
             _fmt_mb(per_client, decimals=3),
+            *((_fmt(summary["epsilon"], ".3g"),) if private else ()),
         )
     return table

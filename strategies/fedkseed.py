@@ -9,6 +9,16 @@ turns the replies' ``(seed index, scalar)`` pairs into the next round delta.
 A reply is rejected, with a logged reason, when it is an error, malformed
 (out-of-pool index, NaN scalar, too many steps) or out of sync (its model hash
 differs from the global model's): nothing of it reaches the aggregate.
+
+The accepted replies are bounded, combined and (optionally) privatised by the
+kernels of :mod:`strategies.seed_pool` (whose docstring gives the rules and
+the sensitivity argument): every scalar is clipped and every weight capped
+(``[federation]``, :class:`strategies.robust.Bounds`), the configured
+aggregator runs in seed space, and with ``privacy.mode = "central"`` each
+client's per-seed vector is clipped to ``C`` and Gaussian noise is added to
+all K coefficients; with ``"local"`` every instruction asks the client to do
+so itself. A round is released whole or not at all: non-finite coefficients
+refuse it and nothing (history, Pro statistics, privacy account) changes.
 """
 
 from __future__ import annotations
@@ -22,7 +32,12 @@ import torch
 from flwr.app import Error, Message
 
 from protocols import ProtocolError, ZOSpec
-from protocols.messages import ERROR_OUT_OF_SYNC, RoundSchedule
+from protocols.messages import (
+    ERROR_OUT_OF_SYNC,
+    LocalPrivacy,
+    RoundSchedule,
+    SecureMean,
+)
 from protocols.zo_messages import (
     MESSAGE_TRAIN_ZO,
     RoundDelta,
@@ -31,8 +46,26 @@ from protocols.zo_messages import (
     decode_zo_train_res,
     encode_zo_train_ins,
 )
+from strategies.aggregation import AggregationError
+from strategies.privacy import (
+    DPSettings,
+    PrivacyAccount,
+    fresh_noise_seed,
+    noise_generator,
+)
 from strategies.replies import triage, weighted_loss
-from strategies.seed_pool import ProStatistics, SeedUpdate, aggregate_seed_scalars
+from strategies.robust import Bounds, capped_weights
+from strategies.secure_mean import SecureMeanError, find_secure_mean, secure_train_loss
+from strategies.secure_mean import seed_coefficients as secure_seed_coefficients
+from strategies.seed_pool import (
+    ProStatistics,
+    SeedUpdate,
+    bound_scalars,
+    central_dp_sum,
+    seed_coefficients,
+    seed_sums,
+    sparse_coefficients,
+)
 from strategies.strategy import Aggregate, LabelledReply, Nodes
 
 __all__ = ["FedKSeed", "ZoAggregate", "ZoGlobal"]
@@ -56,6 +89,16 @@ class ZoAggregate(Aggregate):
     steps: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class _Release:
+    """A round's dense coefficients, its stats and what Pro learns from it."""
+
+    coefficients: torch.Tensor  # (K,) float64
+    stats: dict[str, Any]
+    pro_indices: torch.Tensor
+    pro_scalars: torch.Tensor
+
+
 class FedKSeed:
     """Seed-pool zeroth-order federated tuning (uniform or Pro sampling).
 
@@ -67,6 +110,19 @@ class FedKSeed:
         Local ZO steps per round and examples per step.
     seed : int
         Run seed (the clients' batch and seed draws).
+    bounds : Bounds, optional
+        Clip, weight caps and aggregator (default: ``Bounds()``, the
+        ``[federation]`` defaults).
+    privacy : DPSettings, optional
+        Differential privacy (None: off). Central DP needs the ``mean``
+        aggregator.
+    noise_seed : int, optional
+        Central DP's secret noise seed (drawn at random when None).
+
+    Raises
+    ------
+    ValueError
+        If central DP is asked for with another aggregator than ``mean``.
     """
 
     def __init__(
@@ -76,18 +132,40 @@ class FedKSeed:
         local_steps: int,
         batch_size: int,
         seed: int = 0,
+        bounds: Bounds | None = None,
+        privacy: DPSettings | None = None,
+        noise_seed: int | None = None,
     ) -> None:
         self.spec = spec
         self.local_steps = local_steps
         self.batch_size = batch_size
         self.seed = seed
+        self.bounds = bounds if bounds is not None else Bounds()
+        self.privacy = privacy
+        if privacy is not None and privacy.mode == "central":
+            if self.bounds.aggregator != "mean":
+                raise ValueError(
+                    "central differential privacy needs the 'mean' aggregator, not "
+                    f"{self.bounds.aggregator!r}"
+                )
+            if noise_seed is None:
+                noise_seed = fresh_noise_seed()
+        self.noise_seed = noise_seed
+        self.account = PrivacyAccount(privacy) if privacy is not None else None
+        self.hello_counts: dict[str, int] = {}
         self.history: list[RoundDelta] = []
         self.node_rounds: dict[str, int] = {}
+        self._sampled: dict[int, int] = {}
         self.pro = (
             ProStatistics(spec.num_seeds, spec.grad_clip)
             if spec.sampling == "pro"
             else None
         )
+
+    @property
+    def central_dp(self) -> bool:
+        """Whether the server adds the noise (``privacy.mode = "central"``)."""
+        return self.privacy is not None and self.privacy.mode == "central"
 
     def history_since(self, base_round: int) -> tuple[RoundDelta, ...]:
         """The round deltas a node synced at ``base_round`` still has to apply."""
@@ -96,7 +174,16 @@ class FedKSeed:
     def configure(
         self, server_round: int, nodes: Nodes, current: ZoGlobal
     ) -> list[Message]:
-        """The round's ``train.zo`` messages, each with its node's catch-up."""
+        """The round's ``train.zo`` messages, each with its node's catch-up.
+
+        Raises
+        ------
+        strategies.privacy.PrivacyBudgetExhausted
+            If releasing this round would take epsilon past the target.
+        """
+        if self.account is not None:
+            self.account.check(len(nodes))
+        self._sampled = {server_round: len(nodes)}  # central DP's denominator
         # The learning rate travels in the spec only.
         config = RoundSchedule(
             server_round=server_round,
@@ -105,6 +192,11 @@ class FedKSeed:
             seed=self.seed,
         )
         importance = self.pro.quantized() if self.pro is not None else None
+        local_dp = (
+            LocalPrivacy(self.privacy.clip_norm, self.privacy.noise_multiplier)
+            if self.privacy is not None and self.privacy.mode == "local"
+            else None
+        )
         messages = []
         for node, label in nodes.items():
             base = self.node_rounds.get(label, 0)
@@ -116,6 +208,7 @@ class FedKSeed:
                 target_hash=current.hash,
                 history=self.history_since(base),
                 importance=importance,
+                local_privacy=local_dp,
             )
             messages.append(
                 Message(
@@ -129,7 +222,16 @@ class FedKSeed:
     def aggregate(
         self, server_round: int, replies: Sequence[LabelledReply], current: ZoGlobal
     ) -> ZoAggregate:
-        """Validate replies, then build and record the round delta."""
+        """Validate replies, then build and record the round delta.
+
+        The delta, the Pro statistics and the privacy account change together,
+        only for a round whose coefficients are all finite. Under
+        ``privacy.secagg`` the one reply is the SecAgg+ result
+        (:meth:`_secure_round`).
+        """
+        secure = find_secure_mean(replies)
+        if secure is not None:
+            return self._secure_round(server_round, secure, current)
 
         def decode(reply: Message) -> ZoTrainRes:
             res = decode_zo_train_res(
@@ -152,35 +254,162 @@ class FedKSeed:
             return ZoAggregate(rejected=rejected)
         for who, _ in good:
             self.node_rounds[who] = current.round
+        labels = [who for who, _ in good]
         updates = [SeedUpdate(r.indices, r.scalars, r.num_examples) for _, r in good]
-        indices, coefficients = aggregate_seed_scalars(
-            updates,
-            num_seeds=self.spec.num_seeds,
-            learning_rate=self.spec.learning_rate,
-        )
+        sampled = max(self._sampled.get(server_round, len(replies)), len(good))
+
+        def refuse(reason: str) -> ZoAggregate:
+            log.warning("round %d refused: %s", server_round, reason)
+            return ZoAggregate(rejected={**rejected, **dict.fromkeys(labels, reason)})
+
+        try:
+            release = self._release(server_round, labels, updates, sampled)
+        except AggregationError as exc:
+            return refuse(str(exc))
+        indices, coefficients = sparse_coefficients(release.coefficients)
         if not bool(torch.isfinite(coefficients).all()):
-            # Only reachable with learning_rate * local_steps beyond ~3e8 (the
-            # decoder bounds every scalar): refuse the round, keep the model.
-            reason = "the round's seed coefficients overflow float32"
-            return ZoAggregate(
-                rejected={**rejected, **dict.fromkeys((who for who, _ in good), reason)}
-            )
+            # Only reachable with learning_rate * local_steps beyond ~3e8 and
+            # the clip off: refuse the round, keep the model.
+            return refuse("the round's seed coefficients overflow float32")
         if self.pro is not None:
-            for u in updates:
-                self.pro.update(u.indices, u.scalars)
+            self.pro.update(release.pro_indices, release.pro_scalars)
+        stats = release.stats
+        if self.account is not None and self.privacy is not None:
+            stats["epsilon"] = self.account.spend(sampled)
+            stats["delta"] = self.privacy.delta
         delta = RoundDelta(server_round, indices, coefficients)
         self.history.append(delta)
         return ZoAggregate(
             delta=delta,
-            accepted=[who for who, _ in good],
+            accepted=labels,
             rejected=rejected,
             train_loss=weighted_loss([(r.train_loss, r.num_examples) for _, r in good]),
             num_examples=sum(u.num_examples for u in updates),
             steps=sum(int(u.indices.numel()) for u in updates),
+            stats=stats,
+        )
+
+    def _secure_round(
+        self, server_round: int, secure: SecureMean, current: ZoGlobal
+    ) -> ZoAggregate:
+        """The round delta from a SecAgg+ mean of the clients' per-seed sums.
+
+        Every survivor must have trained from the global model (its clear
+        sync proof): an update out of sync is already inside the mean and
+        cannot be taken out, so the whole round is refused. The total weight
+        and finiteness are checked by
+        :func:`strategies.secure_mean.seed_coefficients`. FedKSeed-Pro's
+        statistics learn from the released mean (each node's scalars stay
+        hidden), as under central DP.
+        """
+        for who, reason in secure.dropped.items():
+            if f"code {ERROR_OUT_OF_SYNC}" in reason:
+                self.node_rounds[who] = 0  # lost its state: full history next time
+
+        def refuse(reason: str) -> ZoAggregate:
+            log.warning("round %d refused: %s", server_round, reason)
+            return ZoAggregate(
+                rejected={**secure.dropped, **dict.fromkeys(secure.survivors, reason)}
+            )
+
+        for who in secure.survivors:
+            proof = secure.metrics.get(who, {})
+            if (proof.get("synced-round"), proof.get("synced-hash")) != (
+                current.round,
+                current.hash,
+            ):
+                return refuse(
+                    f"{who} trained out of sync (round {proof.get('synced-round')!r}, "
+                    f"global is {current.round}): its update cannot be taken out "
+                    "of a secure sum"
+                )
+        try:
+            indices, coefficients = secure_seed_coefficients(
+                secure,
+                num_seeds=self.spec.num_seeds,
+                learning_rate=self.spec.learning_rate,
+            )
+        except SecureMeanError as exc:
+            return refuse(str(exc))
+        for who in secure.survivors:
+            self.node_rounds[who] = current.round
+        if self.pro is not None:
+            # Learns from the released mean (scalars = -c / lr per seed).
+            self.pro.update(indices, (coefficients.double() / -self.spec.learning_rate))
+        stats: dict[str, Any] = {"secagg_survivors": len(secure.survivors)}
+        if self.account is not None and self.privacy is not None:
+            stats["epsilon"] = self.account.spend(
+                self._sampled.get(server_round, len(secure.survivors))
+            )
+            stats["delta"] = self.privacy.delta
+        delta = RoundDelta(server_round, indices, coefficients)
+        self.history.append(delta)
+        return ZoAggregate(
+            delta=delta,
+            accepted=list(secure.survivors),
+            rejected=dict(secure.dropped),
+            train_loss=secure_train_loss(secure),
+            num_examples=round(sum(secure.weights)),
+            steps=0,
+            stats=stats,
+        )
+
+    def _release(
+        self,
+        server_round: int,
+        labels: Sequence[str],
+        updates: Sequence[SeedUpdate],
+        sampled: int,
+    ) -> _Release:
+        """Bound, combine and (central DP) noise the round's updates."""
+        bounded, bound, clipped = bound_scalars(updates, self.bounds)
+        sums, reported = seed_sums(bounded, self.spec.num_seeds)
+        lr = self.spec.learning_rate
+        stats: dict[str, Any] = {"clip_bound": bound, "clipped": clipped}
+        if self.central_dp and self.privacy is not None and self.noise_seed is not None:
+            c = self.privacy.clip_norm
+            noisy, dp_clipped = central_dp_sum(
+                sums,
+                clip_norm=c,
+                noise_std=self.privacy.noise_multiplier * c,
+                generator=noise_generator(self.noise_seed, server_round),
+            )
+            mean = noisy / sampled
+            stats.update(
+                dp_clipped=dp_clipped,
+                sampled=sampled,
+                weights_capped=0,
+                aggregator_used=len(updates),
+            )
+            # Pro learns from the released values only (post-processing).
+            every = torch.arange(self.spec.num_seeds, dtype=torch.int32)
+            return _Release(mean * -lr, stats, every, mean)
+        claimed = [u.num_examples for u in updates]
+        weights = capped_weights(
+            claimed, self.bounds, [self.hello_counts.get(who) for who in labels]
+        )
+        result = seed_coefficients(
+            sums, reported, weights, self.bounds, learning_rate=lr
+        )
+        stats["weights_capped"] = (
+            sum(w < n for w, n in zip(weights, claimed, strict=True))
+            if self.bounds.weighting == "examples"
+            else 0
+        )
+        stats["aggregator_used"] = len(result.used)
+        return _Release(
+            result.coefficients,
+            stats,
+            torch.cat([u.indices for u in bounded]),
+            torch.cat([u.scalars for u in bounded]),
         )
 
     def state(self) -> dict[str, object]:
-        """Everything needed to continue exactly (history, node rounds, Pro stats)."""
+        """Everything needed to continue exactly.
+
+        History, node rounds, Pro statistics, and with DP the privacy account
+        and the central noise seed.
+        """
         return {
             "history": [
                 {
@@ -194,13 +423,23 @@ class FedKSeed:
             "pro": {k: v.tolist() for k, v in self.pro.state().items()}
             if self.pro
             else None,
+            "privacy": self.account.state() if self.account is not None else None,
+            "noise_seed": self.noise_seed,
         }
 
     def load_state(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state`'s history and Pro statistics (node rounds reset).
+        """Restore :meth:`state` (node rounds reset).
 
         Nodes are assumed to hold nothing after a restart: each gets the full
-        history at its next round, which keeps the replay exact.
+        history at its next round, which keeps the replay exact. The privacy
+        account and the central noise seed continue where they stopped, so
+        epsilon and the noise of later rounds are those of an uninterrupted run.
+
+        Raises
+        ------
+        ValueError
+            If the run uses DP and the state has no privacy account (or one
+            made with other settings).
         """
         self.history = [
             RoundDelta(
@@ -216,11 +455,23 @@ class FedKSeed:
             self.pro.load_state(
                 {k: torch.tensor(v, dtype=torch.float64) for k, v in pro.items()}
             )
+        if self.account is not None:
+            account = state.get("privacy")
+            if not account:
+                raise ValueError(
+                    "the checkpoint has no privacy account: it was saved without "
+                    "differential privacy, so its epsilon is unknown"
+                )
+            self.account.load_state(account)
+        if self.central_dp and state.get("noise_seed") is not None:
+            self.noise_seed = int(state["noise_seed"])
 
     def summary(self) -> str:
         """The strategy's settings in one line."""
         return (
             f"FedKSeed{'-Pro' if self.pro else ''}: K={self.spec.num_seeds} "
             f"eps={self.spec.eps:g} lr={self.spec.learning_rate:g} "
-            f"steps={self.local_steps} batch={self.batch_size}"
+            f"steps={self.local_steps} batch={self.batch_size} "
+            f"{self.bounds.summary()}"
+            + (f" {self.privacy.summary()}" if self.privacy is not None else "")
         )

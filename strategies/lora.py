@@ -1,18 +1,29 @@
-"""Federated LoRA: example-weighted FedAvg of adapter tensors.
+"""Federated LoRA: bounded FedAvg of adapter tensors, optionally private.
 
 A :class:`~strategies.strategy.Strategy`: it builds ``train.lora``
 instructions, decodes and validates replies through :mod:`protocols`, and
-averages the accepted adapters with :func:`strategies.aggregation.weighted_mean`
-on its device. A reply that is an error, malformed, of the wrong layout, or
-holds NaN/Inf is dropped with a logged reason before anything is summed, so
-the global adapter is either fully updated from good replies or left exactly
-as it was.
+aggregates the accepted adapters' updates with
+:class:`strategies.fedavg.TensorFedAvg` on its device (each update clipped,
+each weight capped, then the configured aggregator; see
+:mod:`strategies.robust`). A reply that is an error, malformed, of the wrong
+layout, or holds NaN/Inf is dropped with a logged reason before anything is
+summed, and a non-finite aggregate refuses the round, so the global adapter
+is either fully updated from good replies or left exactly as it was.
+
+Differential privacy (:mod:`strategies.privacy`): in ``central`` mode the
+server clips and noises the sum (the noise seed is the operator's secret, in
+:meth:`LoraFedAvg.privacy_state`); in ``local`` mode every instruction
+carries :class:`~protocols.LocalPrivacy` and each client clips and noises
+its own update. Either way the strategy's :class:`PrivacyAccount` refuses a
+round past the budget in :meth:`LoraFedAvg.configure` and spends one round
+per released aggregate.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from flwr.app import Message
@@ -27,7 +38,21 @@ from protocols import (
     decode_lora_train_res,
     encode_lora_train_ins,
 )
+from protocols.messages import (
+    SECURE_MEAN_LABEL,
+    LocalPrivacy,
+    SecureMean,
+    put_local_privacy,
+)
 from strategies.fedavg import TensorFedAvg
+from strategies.privacy import DPSettings, PrivacyAccount, fresh_noise_seed
+from strategies.robust import Bounds
+from strategies.secure_mean import (
+    SecureMeanError,
+    find_secure_mean,
+    lora_update,
+    secure_train_loss,
+)
 from strategies.strategy import Aggregate, LabelledReply, Nodes
 
 __all__ = ["LocalTrainSettings", "LoraAggregate", "LoraFedAvg"]
@@ -74,6 +99,12 @@ class LoraFedAvg:
         Where aggregation runs.
     max_payload_bytes : int
         Largest adapter payload accepted from a client.
+    bounds : Bounds, optional
+        Clipping, weight caps and aggregator (default: :class:`Bounds`'s).
+    dp : DPSettings, optional
+        Differential privacy (None: off).
+    noise_seed : int, optional
+        Central DP's secret noise seed (None: a fresh random one).
     """
 
     def __init__(
@@ -85,18 +116,43 @@ class LoraFedAvg:
         seed: int = 0,
         device: torch.device | str = "cpu",
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        bounds: Bounds | None = None,
+        dp: DPSettings | None = None,
+        noise_seed: int | None = None,
     ) -> None:
         self.spec = spec
         self.train = train
         self.seed = seed
         self.fedavg = TensorFedAvg(
-            layout, device=device, max_payload_bytes=max_payload_bytes
+            layout,
+            device=device,
+            max_payload_bytes=max_payload_bytes,
+            bounds=bounds,
+            dp=dp,
         )
+        self.dp = dp
+        self.account = PrivacyAccount(dp) if dp is not None else None
+        self.noise_seed: int | None = None
+        if dp is not None and dp.mode == "central":
+            self.noise_seed = (
+                noise_seed if noise_seed is not None else fresh_noise_seed()
+            )
+        self.hello_counts: dict[str, int] = {}
+        self._sampled: dict[int, int] = {}
 
     def configure(
         self, server_round: int, nodes: Nodes, current: Adapter
     ) -> list[Message]:
-        """The round's ``train.lora`` messages, carrying the global adapter."""
+        """The round's ``train.lora`` messages, carrying the global adapter.
+
+        Raises
+        ------
+        strategies.privacy.PrivacyBudgetExhausted
+            If the round would take epsilon past ``privacy.target_epsilon``.
+        """
+        if self.account is not None:
+            self.account.check(len(nodes))
+        self._sampled = {server_round: len(nodes)}
         config = LocalTrainConfig(
             server_round=server_round,
             local_steps=self.train.local_steps,
@@ -108,6 +164,10 @@ class LoraFedAvg:
         content = encode_lora_train_ins(
             LoraTrainIns(spec=self.spec, config=config, adapter=dict(current))
         )
+        if self.dp is not None and self.dp.mode == "local":
+            put_local_privacy(
+                content, LocalPrivacy(self.dp.clip_norm, self.dp.noise_multiplier)
+            )
         return [
             Message(content=content, dst_node_id=node, message_type=MESSAGE_TRAIN_LORA)
             for node in nodes
@@ -119,18 +179,106 @@ class LoraFedAvg:
         replies: Sequence[LabelledReply],
         current: Adapter | None = None,
     ) -> LoraAggregate:
-        """Validate every reply, drop bad ones with a reason, average the rest."""
-        del current  # FedAvg replaces the global adapter whole
+        """Validate every reply, drop bad ones with a reason, aggregate the rest.
+
+        ``current`` is the global adapter the round started from (None: the
+        bounds apply to the replied adapters themselves, as if it were zero).
+        A round whose aggregate is released spends privacy budget; its
+        ``stats`` carry the bounds used and, with DP, epsilon and delta.
+        Under ``privacy.secagg`` the one reply is the SecAgg+ result
+        (:func:`_secure_round`).
+        """
+        secure = find_secure_mean(replies)
+        if secure is not None:
+            return self._secure_round(server_round, secure, current)
         r = self.fedavg.round(
-            server_round, replies, decode_lora_train_res, lambda res: res.adapter
+            server_round,
+            replies,
+            decode_lora_train_res,
+            lambda res: res.adapter,
+            current=current,
+            sampled=self._sampled.get(server_round),
+            reported=self.hello_counts,
+            noise_seed=self.noise_seed,
         )
+        stats = dict(r.stats)
+        if self.account is not None and self.dp is not None:
+            if r.mean is not None:
+                self.account.spend(self._sampled.get(server_round, len(replies)))
+            stats["epsilon"] = self.account.epsilon
+            stats["delta"] = self.dp.delta
         return LoraAggregate(
             adapter=r.mean,
             accepted=r.accepted,
             rejected=r.rejected,
             train_loss=r.weighted(lambda res: res.train_loss),
             num_examples=r.num_examples,
+            stats=stats,
         )
+
+    def _secure_round(
+        self, server_round: int, secure: SecureMean, current: Adapter | None
+    ) -> LoraAggregate:
+        """The new adapter from a SecAgg+ round's weighted mean of updates.
+
+        The server sees only the mean: no per-client bound or robust rule can
+        run (config validation allows only ``mean``); what is checked is the
+        total weight the nodes claimed and that the result is finite
+        (:func:`strategies.secure_mean.lora_update`), else the round is refused.
+        """
+        if current is None:
+            raise ValueError("a SecAgg+ round needs the current global adapter")
+        try:
+            adapter = lora_update(current, secure)
+        except SecureMeanError as exc:
+            return LoraAggregate(
+                rejected={SECURE_MEAN_LABEL: str(exc), **secure.dropped}
+            )
+        stats: dict[str, Any] = {"secagg_survivors": len(secure.survivors)}
+        if self.account is not None and self.dp is not None:
+            self.account.spend(self._sampled.get(server_round, len(secure.survivors)))
+            stats["epsilon"] = self.account.epsilon
+            stats["delta"] = self.dp.delta
+        return LoraAggregate(
+            adapter=adapter,
+            accepted=list(secure.survivors),
+            rejected=dict(secure.dropped),
+            train_loss=secure_train_loss(secure),
+            num_examples=round(sum(secure.weights)),
+            stats=stats,
+        )
+
+    def privacy_state(self) -> dict[str, Any] | None:
+        """The checkpoint's privacy entry (None without DP).
+
+        A resumed run needs it to add the same noise and report the same
+        epsilon.
+        """
+        if self.account is None:
+            return None
+        return {"noise_seed": self.noise_seed, "account": self.account.state()}
+
+    def load_privacy_state(self, state: Mapping[str, Any] | None) -> None:
+        """Restore :meth:`privacy_state`.
+
+        Raises
+        ------
+        ValueError
+            If DP is on and ``state`` is missing or damaged, or was written
+            with other privacy settings.
+        """
+        if self.account is None:
+            return
+        if not isinstance(state, Mapping) or not isinstance(
+            state.get("account"), Mapping
+        ):
+            raise ValueError("the checkpoint holds no privacy state; was DP off then?")
+        self.account.load_state(state["account"])
+        if self.noise_seed is not None:
+            seed = state.get("noise_seed")
+            if not isinstance(seed, int) or isinstance(seed, bool):
+                raise ValueError(f"bad central noise seed in the checkpoint: {seed!r}")
+            self.noise_seed = seed
 
     def summary(self) -> str:
         """The strategy's settings in one line."""
@@ -138,5 +286,8 @@ class LoraFedAvg:
             f"LoraFedAvg: rank={self.spec.rank} alpha={self.spec.alpha} "
             f"targets={','.join(self.spec.target_modules)} "
             f"steps={self.train.local_steps} batch={self.train.batch_size} "
-            f"lr={self.train.learning_rate:g} device={self.fedavg.device}"
+            f"lr={self.train.learning_rate:g} device={self.fedavg.device} "
+            f"{self.fedavg.bounds.summary()}"
+            + (f" {self.dp.summary()}" if self.dp is not None else "")
+            + (" (central DP clips to C)" if self.fedavg.central is not None else "")
         )

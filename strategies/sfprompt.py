@@ -1,9 +1,14 @@
-"""SFPrompt's aggregation: example-weighted FedAvg of soft prompts and tail.
+"""SFPrompt's aggregation: bounded FedAvg of soft prompts and tail.
 
 The split-training traffic (activations, gradients) goes over the trunk
 service; what reaches this strategy after a round is each device's prompts
 and tail. Replies are triaged like every strategy's (errors, duplicates,
-wrong layout, NaN/Inf dropped with a reason) before the average.
+wrong layout, NaN/Inf dropped with a reason), then each device's change to
+the global prompts and tail is bounded like a LoRA update (clipped norm,
+capped weight, configured aggregator; :class:`strategies.fedavg.TensorFedAvg`)
+and a non-finite aggregate refuses the round. No differential privacy: the
+activations a device sends every step are not covered by it (the run config
+refuses it).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from protocols.split_messages import (
     encode_split_train_ins_per_node,
 )
 from strategies.fedavg import TensorFedAvg
+from strategies.robust import Bounds
 from strategies.strategy import Aggregate, LabelledReply, Nodes
 
 __all__ = ["SFPromptFedAvg", "SplitAggregate", "SplitRoundSettings"]
@@ -74,6 +80,8 @@ class SFPromptFedAvg:
         Where aggregation runs.
     max_payload_bytes : int
         Largest prompts-and-tail payload accepted from a client.
+    bounds : Bounds, optional
+        Clipping, weight caps and aggregator (default: :class:`Bounds`'s).
     """
 
     def __init__(
@@ -87,6 +95,7 @@ class SFPromptFedAvg:
         seed: int = 0,
         device: torch.device | str = "cpu",
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        bounds: Bounds | None = None,
     ) -> None:
         self.spec = spec
         self.settings = settings
@@ -94,8 +103,9 @@ class SFPromptFedAvg:
         self.trunk_root_certificate = trunk_root_certificate
         self.seed = seed
         self.fedavg = TensorFedAvg(
-            layout, device=device, max_payload_bytes=max_payload_bytes
+            layout, device=device, max_payload_bytes=max_payload_bytes, bounds=bounds
         )
+        self.hello_counts: dict[str, int] = {}
 
     def configure(
         self,
@@ -161,10 +171,18 @@ class SFPromptFedAvg:
         replies: Sequence[LabelledReply],
         current: Tensors | None = None,
     ) -> SplitAggregate:
-        """Validate replies, then average the accepted prompts and tails."""
-        del current  # FedAvg replaces the prompts and tail whole
+        """Validate replies, then aggregate the accepted prompts and tails.
+
+        ``current`` is the global prompts and tail the round started from
+        (None: the bounds apply to the replied tensors themselves).
+        """
         r = self.fedavg.round(
-            server_round, replies, decode_split_train_res, lambda res: res.tensors
+            server_round,
+            replies,
+            decode_split_train_res,
+            lambda res: res.tensors,
+            current=current,
+            reported=self.hello_counts,
         )
         return SplitAggregate(
             tensors=r.mean,
@@ -177,6 +195,7 @@ class SFPromptFedAvg:
             trunk_bytes={
                 who: (res.trunk_bytes_up, res.trunk_bytes_down) for who, res in r.good
             },
+            stats=dict(r.stats),
         )
 
     def summary(self) -> str:
@@ -187,5 +206,5 @@ class SFPromptFedAvg:
             f"client_blocks={self.spec.client_blocks} tail={self.spec.tail} "
             f"steps={st.local_steps} local_loss_steps={st.local_loss_steps} "
             f"batch={st.batch_size} lr={st.learning_rate:g} gamma={st.gamma:g} "
-            f"trunk={self.trunk_address}"
+            f"trunk={self.trunk_address} {self.fedavg.bounds.summary()}"
         )

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from flwr.app import Message
 
@@ -67,12 +67,17 @@ class Aggregate:
         Example-weighted mean of the accepted clients' training loss.
     num_examples : int
         Total examples behind the accepted updates.
+    stats : dict[str, Any]
+        What bounded the round, for its metrics row (JSON-able values):
+        ``clip_bound``, ``clipped`` (clients scaled down), ``weights_capped``,
+        ``aggregator_used`` (clients a robust rule kept), ``epsilon`` (DP).
     """
 
     accepted: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
     train_loss: float | None = None
     num_examples: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 class Strategy(Protocol[GlobalT, AggregateT]):
@@ -83,7 +88,13 @@ class Strategy(Protocol[GlobalT, AggregateT]):
     SFPrompt: the prompts and tail); ``AggregateT`` is an :class:`Aggregate`
     whose new state is ``None`` when no reply was usable, in which case the
     global state must stay exactly as it was.
+
+    ``hello_counts`` (label to the example count the node reported at hello)
+    is filled in by the server once the federation has assembled; a strategy
+    caps a reply's claimed count by it (:func:`strategies.robust.capped_weights`).
     """
+
+    hello_counts: dict[str, int]
 
     def configure(
         self, server_round: int, nodes: Nodes, current: GlobalT

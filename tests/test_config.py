@@ -324,3 +324,70 @@ def test_collect_overrides_from_parser(tmp_path: Path) -> None:
     assert config.lora.target_modules == ("q_proj",)
     assert config.run.name == "plain text"
     assert config.train.learning_rate == 0.01
+
+
+# --- Robust aggregation, differential privacy and attack settings (issue 10) ---
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"federation.clip": "fixed"}, "needs federation.clip_norm"),
+        (
+            {"run.method": "fedkseed", "federation.clip": "fixed"},
+            "needs zo.max_abs_grad",
+        ),
+        (
+            {
+                "privacy.mode": "central",
+                "privacy.noise_multiplier": 0.0,
+                "privacy.target_epsilon": 3.0,
+            },
+            "noise_multiplier is 0",
+        ),
+        ({"privacy.mode": "local", "privacy.delta": 0.25}, "privacy.delta (0.25)"),
+        (
+            {"privacy.mode": "central", "federation.aggregator": "median"},
+            "needs federation.aggregator 'mean'",
+        ),
+        ({"run.method": "sfprompt", "privacy.mode": "central"}, "not 'sfprompt'"),
+        ({"attack.clients": [4]}, "attack.clients [4]"),
+        ({"federation.aggregator": "bulyan"}, "4 x byzantine + 3"),
+        (
+            {"federation.aggregator": "multi_krum", "federation.krum_keep": 5},
+            "krum_keep",
+        ),
+        ({"federation.trim_fraction": 0.5}, "federation.trim_fraction"),
+        ({"federation.aggregator": "average"}, "federation.aggregator"),
+    ],
+)
+def test_robust_and_privacy_settings_that_make_no_sense_are_refused(
+    overrides: dict[str, object], named: str
+) -> None:
+    """Each bad combination is one ConfigError naming what is wrong."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert named in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_sensible_privacy_and_robust_settings_are_accepted() -> None:
+    """The same fields, set consistently, validate; delta defaults to 1/(10 N)."""
+    config = load_config(
+        None,
+        {
+            "federation.clients": 8,
+            "federation.aggregator": "bulyan",
+            "federation.byzantine": 1,
+            "privacy.mode": "off",
+        },
+    )
+    assert config.federation.aggregator == "bulyan"
+    private = load_config(
+        None,
+        {"run.method": "fedkseed", "privacy.mode": "central", "zo.max_abs_grad": 50.0},
+    )
+    assert private.privacy.resolved_delta(private.federation.clients) == pytest.approx(
+        1 / 40
+    )
+    assert load_config(None, {"attack.behaviour": "scale", "attack.fraction": 0.25})

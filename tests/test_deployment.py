@@ -487,3 +487,25 @@ def test_a_client_killed_mid_run_does_not_stop_the_round(
     rows = read_metrics(metrics)
     assert rows[1]["clients"] == 2
     assert [r["clients"] for r in rows[2:]] == [1, 1]
+
+
+def test_lora_updates_are_summed_under_secagg_by_deployed_daemons(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """``privacy.secagg``: two ``client join`` daemons answer Flower's four
+    SecAgg+ stages through the gateway (each stage a fresh ClientApp
+    process, the mod's keys kept in the node's context), and the server
+    applies the unmasked mean.
+
+    Breaks if the default ``train`` handler or Flower's mod is not served in
+    deployment, if a stage's state does not survive between messages, or if
+    the secure result does not reach the strategy.
+    """
+    cluster.join("a", "--insecure")
+    cluster.join("b", "--insecure")
+    extra = "[privacy]\nsecagg = true\nsecagg_shares = 3\nsecagg_threshold = 2\n"
+    out = _start(cluster, deployment_config(tmp_path, 1, extra))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = read_metrics(_run_dir(tmp_path) / "metrics.jsonl")
+    assert [r["clients"] for r in rows] == [0, 2]
+    assert rows[-1]["secagg_survivors"] == 2 and rows[-1]["rejected"] == 0

@@ -319,3 +319,19 @@ def test_plot_comparison_skips_empty_run(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="no rows"):
         out = plot_comparison({"lora": _rows(), "empty": []}, tmp_path / "c.png", "t")
     _assert_png(out)
+
+
+def test_private_runs_show_epsilon_and_clipped_columns() -> None:
+    """Rows with ``epsilon``/``clipped`` add those columns to the per-round
+    table and the final epsilon to the summary and the comparison table; a
+    run without them keeps the plain columns."""
+    rows = _rows()
+    private = [dict(r, epsilon=0.5 * i, clipped=i % 2) for i, r in enumerate(rows)]
+    headers = [c.header for c in summary_table(private, "t").columns]
+    assert headers[-2:] == ["Clipped", "Epsilon"]
+    assert "Epsilon" not in [c.header for c in summary_table(rows, "t").columns]
+    assert run_summary(private)["epsilon"] == pytest.approx(0.5 * (len(rows) - 1))
+    assert run_summary(rows)["epsilon"] is None
+    table = compare_table({"dp": private, "plain": rows})
+    assert table.columns[-1].header == "Epsilon"
+    assert list(table.columns[-1].cells) == [f"{0.5 * (len(rows) - 1):.3g}", "-"]

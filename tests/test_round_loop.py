@@ -135,3 +135,34 @@ def test_a_row_json_cannot_hold_is_recorded_with_nulls(
         assert row["per_node"] == [1.0, None] and row["clients"] == 2
     assert driver.extras[0]["metrics"] == rows[1]
     assert "row.train_loss=inf" in caplog.text and "row.eval_loss=nan" in caplog.text
+
+
+class _BudgetDriver(_Driver):
+    """Refuses to configure round 3: its privacy budget would be spent."""
+
+    def configure(self, server_round: int, nodes: object) -> list:
+        from strategies.privacy import PrivacyBudgetExhausted
+
+        if server_round == 3:
+            raise PrivacyBudgetExhausted("one more round would pass epsilon 1")
+        return []
+
+
+def test_a_spent_privacy_budget_ends_the_run_early_with_its_artefacts(
+    tmp_path: Path,
+) -> None:
+    """The round loop stops before the round that would pass the budget,
+    writes the final artefacts and says how many rounds were done."""
+    driver = _BudgetDriver([2, 2, 2, 2])
+    done = run_rounds(
+        _Grid(),
+        driver,
+        NODES,
+        rounds=4,
+        folder=RunFolder(tmp_path),
+        timeout_s=1.0,
+        ledger=ByteLedger(),
+    )
+    assert done == 2
+    assert driver.checkpoints == [1, 2] and driver.finished
+    assert [r["round"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2]

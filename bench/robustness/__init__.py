@@ -1,0 +1,1 @@
+"""``python -m bench.robustness``: defences against hostile clients, DP utility, SecAgg cost."""
