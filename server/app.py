@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import psutil
@@ -42,6 +42,7 @@ from server.federation import (
 )
 from server.methods import server_method
 from strategies import NodeBook
+from strategies.robust import Bounds, capped_weights
 
 check_installation()  # Flower puts the app folder first: a models.py there shadows
 
@@ -177,7 +178,7 @@ def _run_owned(
             crash_after=int(fault) if fault else None,
             hold_after=int(hold) if hold else None,
             min_replies=config.federation.min_replies,
-            exchange=_exchange(config),
+            exchange=_exchange(config, counts),
         )
     except (KeyboardInterrupt, SystemExit) as exc:
         # Told to stop (``server stop``, Ctrl-C, the SuperLink going away):
@@ -193,16 +194,31 @@ def _run_owned(
     folder.write_status("completed", rounds=done)
 
 
-def _exchange(config: RunConfig) -> Exchange:
+def _exchange(config: RunConfig, hello_counts: Mapping[str, int]) -> Exchange:
     """How rounds exchange messages: SecAgg+ with ``privacy.secagg``, else plainly.
 
-    Under SecAgg+ every node's update weighs the same (weight 1).
+    Under SecAgg+ the server never sees a reply's claimed count, so it
+    dictates each node's weight: with ``federation.weighting = "examples"``
+    the count the node reported at hello, capped as
+    :func:`strategies.robust.capped_weights` caps claims (``max_examples``,
+    ``weight_multiple`` times the federation's low median count); with
+    ``"equal"``, 1. The unmasked total weight is checked against the sum of
+    the survivors' dictated weights.
     """
     if not config.privacy.secagg:
         return plain_exchange
     from server.secure_aggregation import SecAggSettings, secure_exchange
 
-    return secure_exchange(SecAggSettings.from_config(config.privacy))
+    settings = SecAggSettings.from_config(config.privacy)
+    if config.federation.weighting == "equal" or not hello_counts:
+        return secure_exchange(settings)
+    labels = sorted(hello_counts)
+    capped = capped_weights(
+        [hello_counts[k] for k in labels],
+        Bounds.from_config(config.federation, fixed_bound=None),
+    )
+    dictated = {k: max(1, round(w)) for k, w in zip(labels, capped, strict=True)}
+    return secure_exchange(settings, weight_of=lambda label: dictated.get(label, 1))
 
 
 def build_driver(

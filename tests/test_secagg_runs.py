@@ -42,6 +42,7 @@ def _run(tmp_path: Path, name: str, overrides: dict[str, Any]) -> RunFolder:
             "federation.clients": CLIENTS,
             "federation.weighting": "equal",
             "federation.clip": "off",
+            "federation.weight_multiple": 100.0,
             "train.local_steps": 1,
             "train.batch_size": 2,
             "eval.max_new_tokens": 2,
@@ -58,12 +59,18 @@ def _state(folder: RunFolder) -> dict[str, Any]:
     return json.loads((folder.path / "checkpoint" / "state.json").read_text())
 
 
-def test_a_secure_lora_round_equals_the_plain_round(tmp_path: Path) -> None:
-    """The SecAgg+ adapter equals the plain equal-weight FedAvg adapter within
-    n * step / n = the quantization step of one value (2 c / 2^22), and the
-    row records 5 summed nodes and no rejection."""
-    secure = _run(tmp_path, "secure", {"privacy.secagg": True})
-    plain = _run(tmp_path, "plain", {})
+@pytest.mark.parametrize("weighting", ["equal", "examples"])
+def test_a_secure_lora_round_equals_the_plain_round(
+    tmp_path: Path, weighting: str
+) -> None:
+    """The SecAgg+ adapter equals the plain FedAvg adapter within one
+    quantization step of a value (2 c / 2^22), with equal weights and with
+    the weights the server dictates from the hello counts (the plain round
+    weighs the same counts, claimed by the replies), and the row records 5
+    summed nodes and no rejection."""
+    weights = {"federation.weighting": weighting}
+    secure = _run(tmp_path, "secure", {**weights, "privacy.secagg": True})
+    plain = _run(tmp_path, "plain", weights)
     rows = secure.read_metrics()
     assert rows[-1]["secagg_survivors"] == CLIENTS and rows[-1]["rejected"] == 0
     assert secure.read_status().state == "completed"
