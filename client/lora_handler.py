@@ -11,6 +11,11 @@ adapter. The noise of a simulated node comes from
 ``(run seed, round, node label)``, so simulations are reproducible; a
 deployed node draws a fresh secret seed every round (the server, which knows
 the run seed, must not be able to subtract it).
+
+With client-side clipping (central DP, ``privacy.clipping = "client"``: the
+instruction carries :class:`~protocols.messages.ClientClip`), the node
+replies with ``global + clip(update, C)`` and adds no noise (the server adds
+it to the sum): :func:`clip_update`, :func:`privatize`'s clip alone.
 """
 
 from __future__ import annotations
@@ -30,11 +35,16 @@ from protocols import (
     decode_lora_train_ins,
     encode_lora_train_res,
 )
-from protocols.messages import LocalPrivacy, get_local_privacy
+from protocols.messages import (
+    ClientClip,
+    LocalPrivacy,
+    get_client_clip,
+    get_local_privacy,
+)
 from strategies.privacy import fresh_noise_seed, gaussian_noise, noise_generator
 from strategies.robust import clip_to_norm
 
-__all__ = ["handle", "privatize"]
+__all__ = ["clip_update", "handle", "privatize"]
 
 
 def handle(
@@ -44,6 +54,7 @@ def handle(
     del context
     ins = decode_lora_train_ins(msg.content)
     dp = get_local_privacy(msg.content)
+    client_clip = get_client_clip(msg.content)
     lora = runtime.lora_model(ins.spec, node.device)
     adapter_layout(lora.model).check(TensorLayout.of(ins.adapter))
     data = runtime.local_data(node.data_path, ins.spec, lora.tokenizer)
@@ -64,6 +75,8 @@ def handle(
             seed, ins.config.server_round, stream=f"local:{node.label}"
         )
         adapter = privatize(adapter, ins.adapter, dp, generator)
+    elif client_clip is not None:
+        adapter = clip_update(adapter, ins.adapter, client_clip)
     res = LoraTrainRes(
         adapter=adapter,
         num_examples=len(data.examples),
@@ -83,15 +96,40 @@ def privatize(
     The noise is ``N(0, (sigma C)^2)`` per value; the sum runs in float32 and
     is cast back to each tensor's dtype.
     """
+    return _release(trained, start, dp.clip_norm, dp.std(), generator)
+
+
+def clip_update(
+    trained: Mapping[str, torch.Tensor],
+    start: Mapping[str, torch.Tensor],
+    clip: ClientClip,
+) -> dict[str, torch.Tensor]:
+    """Client-side clipping: ``start + clip(trained - start, C)``, no noise.
+
+    :func:`privatize` without the noise; the sum runs in float32 and is cast
+    back to each tensor's dtype.
+    """
+    return _release(trained, start, clip.clip_norm, 0.0, None)
+
+
+def _release(
+    trained: Mapping[str, torch.Tensor],
+    start: Mapping[str, torch.Tensor],
+    clip_norm: float,
+    std: float,
+    generator: torch.Generator | None,
+) -> dict[str, torch.Tensor]:
+    """``start + clip(trained - start, clip_norm)`` (+ noise of ``std`` if any)."""
     delta = {
         k: t.float() - start[k].to(device=t.device, dtype=torch.float32)
         for k, t in trained.items()
     }
-    clipped, _ = clip_to_norm(delta, dp.clip_norm)
-    noise = gaussian_noise(clipped, dp.std(), generator)
-    return {
-        k: (
-            start[k].to(device=t.device, dtype=torch.float32) + clipped[k] + noise[k]
-        ).to(t.dtype)
+    clipped, _ = clip_to_norm(delta, clip_norm)
+    out = {
+        k: start[k].to(device=t.device, dtype=torch.float32) + clipped[k]
         for k, t in trained.items()
     }
+    if generator is not None and std > 0:
+        noise = gaussian_noise(clipped, std, generator)
+        out = {k: v + noise[k] for k, v in out.items()}
+    return {k: out[k].to(t.dtype) for k, t in trained.items()}

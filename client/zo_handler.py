@@ -9,7 +9,10 @@ With local differential privacy (the instruction carries a ``local-dp``
 record) the reply holds one pair per distinct seed, the per-seed sums clipped
 to L2 norm C with Gaussian noise added (:func:`strategies.seed_pool.local_dp_pairs`).
 The noise of a simulated node is reproducible, drawn from ``(run seed, round,
-label)``; a deployed node draws a fresh secret seed every round.
+label)``; a deployed node draws a fresh secret seed every round. With
+client-side clipping (central DP, a ``client-clip`` record) the reply holds
+the same merged pairs clipped to C, without noise
+(:func:`strategies.seed_pool.clipped_pairs`); the server adds the noise.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from client.zo_trainer import zo_local_steps
 from protocols.messages import RoundSchedule
 from protocols.zo_messages import ZoTrainRes, decode_zo_train_ins, encode_zo_train_res
 from strategies.privacy import fresh_noise_seed, noise_generator
-from strategies.seed_pool import local_dp_pairs
+from strategies.seed_pool import clipped_pairs, local_dp_pairs
 
 __all__ = ["handle"]
 
@@ -62,6 +65,10 @@ def handle(
             clip_norm=ins.local_privacy.clip_norm,
             noise_multiplier=ins.local_privacy.noise_multiplier,
             generator=_local_noise(ins.config, node),
+        )
+    elif ins.client_clip is not None:
+        indices, scalars = clipped_pairs(
+            indices, scalars, clip_norm=ins.client_clip.clip_norm
         )
     res = ZoTrainRes(
         indices=indices,

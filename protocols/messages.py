@@ -47,6 +47,7 @@ __all__ = [
     "ACTION_LORA",
     "MAX_LABEL_CHARS",
     "MAX_WIRE_FLOAT",
+    "ClientClip",
     "LocalPrivacy",
     "LocalTrainConfig",
     "LoraTrainIns",
@@ -63,7 +64,9 @@ __all__ = [
     "encode_hello_ins",
     "encode_lora_train_ins",
     "encode_lora_train_res",
+    "get_client_clip",
     "get_local_privacy",
+    "put_client_clip",
     "put_local_privacy",
     "MESSAGE_SECURE_MEAN",
     "SECURE_MEAN_LABEL",
@@ -312,6 +315,55 @@ def get_local_privacy(content: RecordDict) -> LocalPrivacy | None:
         clip_norm=_get(rec, "clip-norm", float),
         noise_multiplier=_get(rec, "noise-multiplier", float),
     )
+
+
+_CLIENT_CLIP = "client-clip"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientClip:
+    """The L2 bound a client clips its update to before replying (no noise).
+
+    Sent, as an optional ``client-clip`` record, in a training instruction of
+    a run with ``privacy.mode = "central"`` and ``privacy.clipping =
+    "client"`` (Flower's client-side fixed clipping; see
+    :mod:`strategies.privacy`): the server adds the noise to the sum.
+
+    Attributes
+    ----------
+    clip_norm : float
+        C, > 0.
+    """
+
+    clip_norm: float
+
+    def __post_init__(self) -> None:
+        value = self.clip_norm
+        if not (math.isfinite(value) and 0 < value <= MAX_WIRE_FLOAT):
+            raise ProtocolError(
+                f"client-clip field 'clip-norm' must be finite and > 0, got {value!r}"
+            )
+
+
+def put_client_clip(content: RecordDict, clip: ClientClip | None) -> RecordDict:
+    """Add ``clip`` to an instruction's content (nothing when None); returns it."""
+    if clip is not None:
+        content[_CLIENT_CLIP] = ConfigRecord({"clip-norm": clip.clip_norm})
+    return content
+
+
+def get_client_clip(content: RecordDict) -> ClientClip | None:
+    """The instruction's client clip, or None when it asks for none.
+
+    Raises
+    ------
+    ProtocolError
+        If the record is there but malformed.
+    """
+    if _CLIENT_CLIP not in content:
+        return None
+    rec = _record(content, _CLIENT_CLIP, ConfigRecord)
+    return ClientClip(clip_norm=_get(rec, "clip-norm", float))
 
 
 _SECAGG = "secagg"

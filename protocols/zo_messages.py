@@ -5,14 +5,17 @@ the round's local settings, the *catch-up* history that brings the node from
 the round it last synced to the current global model, the hash that model must
 have, (FedKSeed-Pro) the round's seed importances and (local differential
 privacy) the clip norm and noise multiplier the client applies to its reply,
-as :func:`protocols.messages.put_local_privacy` records them. No weight tensor ever
+as :func:`protocols.messages.put_local_privacy` records them, or (central
+privacy with client-side clipping) the clip norm alone, as
+:func:`protocols.messages.put_client_clip` records it. No weight tensor ever
 travels: the history is a list of rounds, each a sorted list of
 ``(seed index, coefficient)`` pairs, and every party applies them with
 :func:`protocols.seeds.apply_seed_sum_` in the same order.
 
 Client -> server (:class:`ZoTrainRes`): one ``(seed index, scalar gradient)``
 pair per local step (with local DP, one merged noisy pair per distinct seed,
-in increasing seed order), the example count, the mean local loss, and the round and
+in increasing seed order; with a client clip, one merged clipped pair per
+distinct seed), the example count, the mean local loss, and the round and
 model hash the node synced to before training (proof that it was in sync).
 
 Everything is validated on decode: index ranges, finiteness of every scalar,
@@ -36,11 +39,14 @@ from protocols.codecs import decode_tensors, encode_tensors
 from protocols.errors import ProtocolError
 from protocols.messages import (
     MAX_WIRE_FLOAT,
+    ClientClip,
     LocalPrivacy,
     RoundSchedule,
     _get,
     _record,
+    get_client_clip,
     get_local_privacy,
+    put_client_clip,
     put_local_privacy,
 )
 from protocols.methods import FEDKSEED
@@ -102,6 +108,7 @@ class ZoTrainIns:
     history: tuple[RoundDelta, ...]
     importance: torch.Tensor | None = None
     local_privacy: LocalPrivacy | None = None  # privacy.mode = "local"
+    client_clip: ClientClip | None = None  # privacy.clipping = "client"
 
     def probabilities(self) -> torch.Tensor | None:
         """FedKSeed-Pro's sampling distribution, or None for uniform sampling.
@@ -165,6 +172,7 @@ def encode_zo_train_ins(ins: ZoTrainIns) -> RecordDict:
     )
     if ins.importance is not None:
         content[_PROBS] = encode_tensors({"importance": ins.importance.to(torch.uint8)})
+    put_client_clip(content, ins.client_clip)
     return put_local_privacy(content, ins.local_privacy)
 
 
@@ -242,6 +250,7 @@ def decode_zo_train_ins(content: RecordDict) -> ZoTrainIns:
         history,
         probs,
         get_local_privacy(content),
+        get_client_clip(content),
     )
 
 

@@ -336,8 +336,9 @@ class PrivacySection(_Section):
 
     mode: Literal["off", "central", "local"] = Field(
         "off",
-        description="'central': the server clips each update and adds Gaussian "
-        "noise to the sum; 'local': each client clips and noises its own update.",
+        description="'central': each update is clipped (see clipping) and the "
+        "server adds Gaussian noise to the sum; 'local': each client clips and "
+        "noises its own update.",
     )
     noise_multiplier: float = Field(
         1.0, ge=0, description="sigma: noise standard deviation / clip_norm."
@@ -359,6 +360,13 @@ class PrivacySection(_Section):
         None,
         gt=0,
         description="Stop before a round would take epsilon past this.",
+    )
+    clipping: Literal["server", "client"] = Field(
+        "server",
+        description="central: who clips each update to clip_norm. 'server' "
+        "(Flower's server-side fixed clipping); 'client' (Flower's client-side "
+        "fixed clipping: every client clips its own update, the server adds the "
+        "noise and still clips every update it sees; what privacy.secagg needs).",
     )
     noise_seed: int | None = Field(
         None,
@@ -546,6 +554,11 @@ def _privacy_problems(config: RunConfig) -> list[str]:
     """Differential privacy and secure aggregation settings that make no sense."""
     dp, fed = config.privacy, config.federation
     problems = _secagg_problems(config)
+    if dp.clipping == "client" and dp.mode != "central":
+        problems.append(
+            f"privacy.clipping 'client' is a variant of privacy.mode 'central', "
+            f"not {dp.mode!r}"
+        )
     if dp.mode == "off":
         return problems
     if config.run.method not in ("lora", "fedkseed", "fedkseed-pro"):
@@ -602,10 +615,23 @@ def _secagg_problems(config: RunConfig) -> list[str]:
             f"{fed.aggregator!r}: a robust rule needs each update, the server sees "
             "only their sum"
         )
-    if dp.mode == "central":
+    central = dp.mode == "central"
+    if central and dp.clipping != "client":
         problems.append(
-            "privacy.secagg with privacy.mode 'central': the server cannot clip "
-            "updates it never sees; use privacy.mode 'local' with secagg"
+            "privacy.secagg with privacy.mode 'central' needs privacy.clipping "
+            "'client': the server cannot clip updates it never sees"
+        )
+    if central and fed.weighting != "equal":
+        problems.append(
+            "privacy.secagg with privacy.mode 'central' needs federation.weighting "
+            f"'equal', not {fed.weighting!r}: the noise is calibrated to a sum, "
+            "which equal weights recover from the mean"
+        )
+    if central and dp.clip_norm > dp.secagg_clip:
+        problems.append(
+            f"privacy.secagg with privacy.mode 'central': privacy.clip_norm "
+            f"({dp.clip_norm:g}) must be <= privacy.secagg_clip "
+            f"({dp.secagg_clip:g}), or SecAgg+ clips a clipped update again"
         )
     sampled = sampled_per_round(fed)
     if sampled * SECAGG_QUANTIZATION >= SECAGG_MODULUS:
@@ -618,7 +644,9 @@ def _secagg_problems(config: RunConfig) -> list[str]:
             f"privacy.secagg_threshold ({dp.secagg_threshold}) must be below "
             f"privacy.secagg_shares ({dp.secagg_shares}) (Flower's SecAgg+)"
         )
-    if config.run.method in ("fedkseed", "fedkseed-pro"):
+    if config.run.method in ("fedkseed", "fedkseed-pro") and not central:
+        # Central DP: each client clips its per-seed vector to clip_norm
+        # itself, which bounds every value (checked above).
         cap = config.zo.max_abs_grad
         need = None if cap is None else config.train.local_steps * cap
         if need is None or dp.secagg_clip < need:

@@ -24,7 +24,10 @@ method's strategy:
    round's seeded generator. The adaptive bound is not used here: it is
    computed from every client's update, so adding or removing one client
    would change how the others are clipped, and the sum's sensitivity would
-   no longer be ``C``; ``C`` already bounds each client to ``C / m``.
+   no longer be ``C``; ``C`` already bounds each client to ``C / m``. With
+   client-side clipping (``privacy.clipping = "client"``) the clients have
+   clipped already and this clip is a no-op on an honest reply; it still
+   bounds a hostile one.
 5. **All or nothing.** The new global tensors are ``current + combined``; if
    any value is not finite the round is refused whole (every accepted client
    is listed as rejected, the new state is None) and the caller keeps its
@@ -152,6 +155,18 @@ class TensorFedAvg:
     def central(self) -> DPSettings | None:
         """The DP settings when the server adds the noise, else None."""
         return self.dp if self.dp is not None and self.dp.mode == "central" else None
+
+    def central_clip(self, dp: DPSettings) -> float:
+        """The L2 bound central DP clips every update to (step 4).
+
+        ``C``, or the fixed bound ``federation.clip_norm`` when smaller; with
+        client-side clipping it is also the bound each client is told.
+        """
+        # Not the adaptive bound: it depends on the other clients' updates, so
+        # one client's presence would move every clipped update and the sum's
+        # sensitivity would exceed C. A fixed bound is data-independent.
+        fixed = self.bounds.fixed_bound if self.bounds.clip != "off" else None
+        return dp.clip_norm if fixed is None else min(fixed, dp.clip_norm)
 
     def round(
         self,
@@ -302,11 +317,7 @@ class TensorFedAvg:
         noise_seed: int,
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Central DP's noisy mean over the sampled clients (module docstring, step 4)."""
-        # Not the adaptive bound: it depends on the other clients' updates, so
-        # one client's presence would move every clipped update and the sum's
-        # sensitivity would exceed C. A fixed bound is data-independent.
-        fixed = self.bounds.fixed_bound if self.bounds.clip != "off" else None
-        clip = dp.clip_norm if fixed is None else min(fixed, dp.clip_norm)
+        clip = self.central_clip(dp)
         clipped = [clip_to_norm(d, clip) for d in deltas]
         total = {
             k: torch.zeros(deltas[0][k].shape, dtype=torch.float32, device=self.device)

@@ -17,15 +17,19 @@ the sensitivity argument): every scalar is clipped and every weight capped
 aggregator runs in seed space, and with ``privacy.mode = "central"`` each
 client's per-seed vector is clipped to ``C`` and Gaussian noise is added to
 all K coefficients; with ``"local"`` every instruction asks the client to do
-so itself. A round is released whole or not at all: non-finite coefficients
-refuse it and nothing (history, Pro statistics, privacy account) changes.
+so itself. With ``privacy.clipping = "client"`` (central) every instruction
+also asks the client to clip its per-seed vector to ``C`` itself; the server
+still clips what it sees, and under SecAgg+ adds the same noise to the
+unmasked sum (:meth:`FedKSeed._secure_round`). A round is released whole or
+not at all: non-finite coefficients refuse it and nothing (history, Pro
+statistics, privacy account) changes.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -34,6 +38,7 @@ from flwr.app import Error, Message
 from protocols import ProtocolError, ZOSpec
 from protocols.messages import (
     ERROR_OUT_OF_SYNC,
+    ClientClip,
     LocalPrivacy,
     RoundSchedule,
     SecureMean,
@@ -55,7 +60,12 @@ from strategies.privacy import (
 )
 from strategies.replies import triage, weighted_loss
 from strategies.robust import Bounds, capped_weights
-from strategies.secure_mean import SecureMeanError, find_secure_mean, secure_train_loss
+from strategies.secure_mean import (
+    SecureMeanError,
+    check_secure_mean,
+    find_secure_mean,
+    secure_train_loss,
+)
 from strategies.secure_mean import seed_coefficients as secure_seed_coefficients
 from strategies.seed_pool import (
     ProStatistics,
@@ -63,6 +73,7 @@ from strategies.seed_pool import (
     bound_scalars,
     central_dp_sum,
     seed_coefficients,
+    seed_noise,
     seed_sums,
     sparse_coefficients,
 )
@@ -197,6 +208,11 @@ class FedKSeed:
             if self.privacy is not None and self.privacy.mode == "local"
             else None
         )
+        client_clip = (
+            ClientClip(self.privacy.clip_norm)
+            if self.privacy is not None and self.privacy.client_clip
+            else None
+        )
         messages = []
         for node, label in nodes.items():
             base = self.node_rounds.get(label, 0)
@@ -209,6 +225,7 @@ class FedKSeed:
                 history=self.history_since(base),
                 importance=importance,
                 local_privacy=local_dp,
+                client_clip=client_clip,
             )
             messages.append(
                 Message(
@@ -301,6 +318,12 @@ class FedKSeed:
         :func:`strategies.secure_mean.seed_coefficients`. FedKSeed-Pro's
         statistics learn from the released mean (each node's scalars stay
         hidden), as under central DP.
+
+        With central DP (client-side clipping and equal weights, which config
+        validation requires) the released mean is
+        ``(mean x survivors + N(0, (sigma C)^2 I_K)) / m``, ``m`` the clients
+        sampled, with the noise of the server-side path
+        (:func:`strategies.seed_pool.seed_noise`, same generator).
         """
         for who, reason in secure.dropped.items():
             if f"code {ERROR_OUT_OF_SYNC}" in reason:
@@ -323,7 +346,13 @@ class FedKSeed:
                     f"global is {current.round}): its update cannot be taken out "
                     "of a secure sum"
                 )
+        sampled = self._sampled.get(server_round, len(secure.survivors))
+        stats: dict[str, Any] = {"secagg_survivors": len(secure.survivors)}
         try:
+            if self.central_dp:
+                secure, stats["noise_std"] = self._noisy_mean(
+                    server_round, secure, sampled
+                )
             indices, coefficients = secure_seed_coefficients(
                 secure,
                 num_seeds=self.spec.num_seeds,
@@ -336,11 +365,8 @@ class FedKSeed:
         if self.pro is not None:
             # Learns from the released mean (scalars = -c / lr per seed).
             self.pro.update(indices, (coefficients.double() / -self.spec.learning_rate))
-        stats: dict[str, Any] = {"secagg_survivors": len(secure.survivors)}
         if self.account is not None and self.privacy is not None:
-            stats["epsilon"] = self.account.spend(
-                self._sampled.get(server_round, len(secure.survivors))
-            )
+            stats["epsilon"] = self.account.spend(sampled)
             stats["delta"] = self.privacy.delta
         delta = RoundDelta(server_round, indices, coefficients)
         self.history.append(delta)
@@ -354,6 +380,42 @@ class FedKSeed:
             stats=stats,
         )
 
+    def _noisy_mean(
+        self, server_round: int, secure: SecureMean, sampled: int
+    ) -> tuple[SecureMean, float]:
+        """``secure`` with its mean replaced by the central DP release.
+
+        Returns it and the noise's std on the mean.
+
+        Raises
+        ------
+        SecureMeanError
+            If :func:`check_secure_mean` refuses the result, it is not K
+            long, or the weights are not all 1.
+        """
+        if self.privacy is None or self.noise_seed is None:
+            raise ValueError("central differential privacy needs a noise seed")
+        check_secure_mean(secure)
+        k = self.spec.num_seeds
+        if secure.mean.shape != (k,):
+            raise SecureMeanError(
+                f"secure mean has {secure.mean.size} values, FedKSeed has {k} seeds"
+            )
+        if any(w != 1 for w in secure.weights):
+            raise SecureMeanError(
+                "central DP under SecAgg+ needs equal weights (federation.weighting "
+                "'equal'): the sum is the mean times the survivors"
+            )
+        c = self.privacy.clip_norm
+        std = self.privacy.noise_multiplier * c
+        noise = seed_noise(
+            k, noise_std=std, generator=noise_generator(self.noise_seed, server_round)
+        )
+        m = max(sampled, len(secure.survivors))
+        total = torch.from_numpy(secure.mean * len(secure.survivors))
+        noisy = ((total + noise) / m).numpy()
+        return replace(secure, mean=noisy), std / m
+
     def _release(
         self,
         server_round: int,
@@ -361,12 +423,30 @@ class FedKSeed:
         updates: Sequence[SeedUpdate],
         sampled: int,
     ) -> _Release:
-        """Bound, combine and (central DP) noise the round's updates."""
-        bounded, bound, clipped = bound_scalars(updates, self.bounds)
+        """Bound, combine and (central DP) noise the round's updates.
+
+        Under central DP the per-scalar bound is the fixed ``zo.max_abs_grad``
+        only, never the adaptive one: that is computed from every client's
+        scalars, so one client's presence would change how the others are
+        clamped and the sum's sensitivity would exceed C (the L2 clip to C
+        bounds each client anyway).
+        """
+        central = (
+            self.central_dp and self.privacy is not None and self.noise_seed is not None
+        )
+        scalar_bounds = self.bounds
+        if central:
+            fixed = self.bounds.fixed_bound if self.bounds.clip != "off" else None
+            scalar_bounds = replace(
+                self.bounds,
+                clip="off" if fixed is None else "fixed",
+                fixed_bound=fixed,
+            )
+        bounded, bound, clipped = bound_scalars(updates, scalar_bounds)
         sums, reported = seed_sums(bounded, self.spec.num_seeds)
         lr = self.spec.learning_rate
         stats: dict[str, Any] = {"clip_bound": bound, "clipped": clipped}
-        if self.central_dp and self.privacy is not None and self.noise_seed is not None:
+        if central and self.privacy is not None and self.noise_seed is not None:
             c = self.privacy.clip_norm
             noisy, dp_clipped = central_dp_sum(
                 sums,

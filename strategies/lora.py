@@ -14,7 +14,12 @@ Differential privacy (:mod:`strategies.privacy`): in ``central`` mode the
 server clips and noises the sum (the noise seed is the operator's secret, in
 :meth:`LoraFedAvg.privacy_state`); in ``local`` mode every instruction
 carries :class:`~protocols.LocalPrivacy` and each client clips and noises
-its own update. Either way the strategy's :class:`PrivacyAccount` refuses a
+its own update. With ``privacy.clipping = "client"`` (central, Flower's
+client-side fixed clipping) every instruction also carries
+:class:`~protocols.messages.ClientClip` and each client clips its own update
+to C; the server still clips what it sees, and under SecAgg+, where it sees
+only the mean, it adds the noise to the unmasked sum (:meth:`_secure_round`).
+Either way the strategy's :class:`PrivacyAccount` refuses a
 round past the budget in :meth:`LoraFedAvg.configure` and spends one round
 per released aggregate.
 """
@@ -22,9 +27,10 @@ per released aggregate.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Message
 
@@ -40,18 +46,28 @@ from protocols import (
 )
 from protocols.messages import (
     SECURE_MEAN_LABEL,
+    ClientClip,
     LocalPrivacy,
     SecureMean,
+    put_client_clip,
     put_local_privacy,
 )
 from strategies.fedavg import TensorFedAvg
-from strategies.privacy import DPSettings, PrivacyAccount, fresh_noise_seed
+from strategies.privacy import (
+    DPSettings,
+    PrivacyAccount,
+    fresh_noise_seed,
+    gaussian_noise,
+    noise_generator,
+)
 from strategies.robust import Bounds
 from strategies.secure_mean import (
     SecureMeanError,
+    check_secure_mean,
     find_secure_mean,
     lora_update,
     secure_train_loss,
+    unflatten,
 )
 from strategies.strategy import Aggregate, LabelledReply, Nodes
 
@@ -168,6 +184,8 @@ class LoraFedAvg:
             put_local_privacy(
                 content, LocalPrivacy(self.dp.clip_norm, self.dp.noise_multiplier)
             )
+        if self.dp is not None and self.dp.client_clip:
+            put_client_clip(content, ClientClip(self.fedavg.central_clip(self.dp)))
         return [
             Message(content=content, dst_node_id=node, message_type=MESSAGE_TRAIN_LORA)
             for node in nodes
@@ -225,18 +243,28 @@ class LoraFedAvg:
         run (config validation allows only ``mean``); what is checked is the
         total weight the nodes claimed and that the result is finite
         (:func:`strategies.secure_mean.lora_update`), else the round is refused.
+
+        With central DP (client-side clipping and equal weights, which config
+        validation requires) the survivors' sum is ``mean x survivors``, and
+        the new adapter is ``current + (sum + N(0, (sigma C)^2)) / m``, ``m``
+        the clients sampled, the noise drawn as the server-side path draws it.
         """
         if current is None:
             raise ValueError("a SecAgg+ round needs the current global adapter")
+        sampled = self._sampled.get(server_round, len(secure.survivors))
+        stats: dict[str, Any] = {"secagg_survivors": len(secure.survivors)}
         try:
+            if self.fedavg.central is not None:
+                secure, stats["noise_std"] = self._noisy_mean(
+                    server_round, secure, current, sampled
+                )
             adapter = lora_update(current, secure)
         except SecureMeanError as exc:
             return LoraAggregate(
                 rejected={SECURE_MEAN_LABEL: str(exc), **secure.dropped}
             )
-        stats: dict[str, Any] = {"secagg_survivors": len(secure.survivors)}
         if self.account is not None and self.dp is not None:
-            self.account.spend(self._sampled.get(server_round, len(secure.survivors)))
+            self.account.spend(sampled)
             stats["epsilon"] = self.account.epsilon
             stats["delta"] = self.dp.delta
         return LoraAggregate(
@@ -247,6 +275,42 @@ class LoraFedAvg:
             num_examples=round(sum(secure.weights)),
             stats=stats,
         )
+
+    def _noisy_mean(
+        self, server_round: int, secure: SecureMean, current: Adapter, sampled: int
+    ) -> tuple[SecureMean, float]:
+        """``secure`` with its mean replaced by the central DP release.
+
+        ``(mean x survivors + noise) / m``: the survivors' clipped updates,
+        equally weighted, summed; the noise of
+        :meth:`strategies.fedavg.TensorFedAvg._central` (same generator, same
+        layout order), so the release equals the server-side clipping one up
+        to SecAgg+'s quantization. Returns the noise's std on the mean too.
+
+        Raises
+        ------
+        SecureMeanError
+            If the result is refused by :func:`check_secure_mean`, has the
+            wrong length, or the weights are not all 1.
+        """
+        dp, seed = self.fedavg.central, self.noise_seed
+        if dp is None or seed is None:
+            raise ValueError("central differential privacy needs a noise seed")
+        check_secure_mean(secure)
+        if any(w != 1 for w in secure.weights):
+            raise SecureMeanError(
+                "central DP under SecAgg+ needs equal weights (federation.weighting "
+                "'equal'): the sum is the mean times the survivors"
+            )
+        delta = unflatten(secure.mean, current)
+        total = {k: delta[k] * len(secure.survivors) for k in self.fedavg.layout.names}
+        std = dp.noise_multiplier * dp.clip_norm
+        noise = gaussian_noise(total, std, noise_generator(seed, server_round))
+        m = max(sampled, len(secure.survivors))
+        noisy = np.concatenate(
+            [((total[k] + noise[k]) / m).flatten().numpy() for k in current]
+        ).astype(np.float64)
+        return replace(secure, mean=noisy), std / m
 
     def privacy_state(self) -> dict[str, Any] | None:
         """The checkpoint's privacy entry (None without DP).

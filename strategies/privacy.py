@@ -19,9 +19,13 @@ mods require messages with exactly one ``ArrayRecord`` and one
 ``dp-accounting`` RDP accountant), with Flower's ``PrivacyConfig`` and
 ``GaussianPrivacyEvent``. What differs, on purpose:
 
-* **The server always clips.** Flower's client-side clipping variant trusts
-  each client to have clipped; a Pollinate server trusts no client, so it clips
-  every update itself (an honest client's clipped update is unchanged).
+* **The server always clips what it sees.** Flower's client-side clipping
+  variant (``privacy.clipping = "client"``) trusts each client to have
+  clipped; a Pollinate server trusts no client, so it still clips every update
+  it can see (an honest client's clipped update is unchanged). Only under
+  SecAgg+, where it sees the sum alone, does it rely on the clients' clip,
+  which is all an honest client's privacy needs (its own contribution is
+  bounded by its own clip), not a bound on a hostile one.
 * **Seeded noise.** Flower draws from NumPy's global generator; Pollinate draws
   from a generator seeded by ``(noise seed, round)``, so a DP run is
   reproducible and a resumed run adds the same noise. The central noise seed
@@ -91,6 +95,11 @@ class DPSettings:
         Refuse a round that would go past it.
     population : int
         Clients in the federation (``federation.clients``).
+    clipping : str
+        Central DP: who clips to C, ``"server"`` (Flower's server-side fixed
+        clipping) or ``"client"`` (Flower's client-side fixed clipping: each
+        client clips, the server still clips what it can see; what SecAgg+
+        needs).
     """
 
     mode: str
@@ -99,10 +108,15 @@ class DPSettings:
     delta: float
     target_epsilon: float | None
     population: int
+    clipping: str = "server"
 
     def __post_init__(self) -> None:
         if self.mode not in ("central", "local"):
             raise ValueError(f"unknown privacy mode {self.mode!r}")
+        if self.clipping not in ("server", "client"):
+            raise ValueError(f"unknown privacy clipping {self.clipping!r}")
+        if self.clipping == "client" and self.mode != "central":
+            raise ValueError("client-side clipping is a variant of central privacy")
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
             raise ValueError("privacy needs a positive, finite noise multiplier")
         if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
@@ -126,6 +140,7 @@ class DPSettings:
             delta=dp.resolved_delta(clients),
             target_epsilon=dp.target_epsilon,
             population=clients,
+            clipping=dp.clipping,
         )
 
     @property
@@ -143,7 +158,13 @@ class DPSettings:
             f"dp={self.mode} sigma={self.noise_multiplier:g} C={self.clip_norm:g} "
             f"delta={self.delta:g}"
             + (f" target_eps={self.target_epsilon:g}" if self.target_epsilon else "")
+            + (" clipping=client" if self.clipping == "client" else "")
         )
+
+    @property
+    def client_clip(self) -> bool:
+        """Whether every client is told to clip its own update to C."""
+        return self.mode == "central" and self.clipping == "client"
 
 
 def noise_std(settings: DPSettings, sampled: int) -> float:

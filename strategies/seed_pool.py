@@ -71,6 +71,15 @@ replays K seeds (not ``steps x clients``): with DP, prefer a small
 updated from the released coefficients (post-processing), never from the
 clients' raw scalars.
 
+Central DP with client-side clipping (``privacy.clipping = "client"``,
+Flower's client-side fixed clipping): every client merges its steps per seed
+and clips that vector to ``C`` itself (:func:`clipped_pairs`); the server
+still clips what it sees (a no-op on an honest reply). Under SecAgg+ it sees
+only the mean of the clipped vectors with equal weights, so
+``S = mean x survivors`` and the same noise (:func:`seed_noise`, same
+generator) gives the same release; the sensitivity argument holds for every
+honest client, whose contribution its own clip bounds.
+
 Local DP (``privacy.mode = "local"``, on the client): the client merges its
 steps per seed (one pair per distinct seed), clips that vector to L2 norm
 ``C`` and adds ``N(0, (sigma C)^2)`` to each pair's value. Its seed draws come
@@ -104,8 +113,11 @@ __all__ = [
     "aggregate_seed_scalars",
     "bound_scalars",
     "central_dp_sum",
+    "clipped_pairs",
+    "clipped_seed_sums",
     "local_dp_pairs",
     "seed_coefficients",
+    "seed_noise",
     "seed_sums",
     "sparse_coefficients",
 ]
@@ -325,8 +337,56 @@ def central_dp_sum(
     norms = torch.linalg.vector_norm(sums, dim=1)
     factors = torch.where(norms > clip_norm, clip_norm / norms, torch.ones_like(norms))
     total = (sums * factors[:, None]).sum(dim=0)
-    z = torch.randn(sums.shape[1], generator=generator, dtype=torch.float32)
-    return total + z.double() * noise_std, int((norms > clip_norm).sum())
+    noise = seed_noise(sums.shape[1], noise_std=noise_std, generator=generator)
+    return total + noise, int((norms > clip_norm).sum())
+
+
+def seed_noise(
+    num_seeds: int, *, noise_std: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Central DP's ``N(0, noise_std^2 I_K)`` (float64) on all K seeds.
+
+    Drawn as float32 ``torch.randn`` on the CPU from ``generator`` (the same
+    bits on every machine), then scaled in float64. :func:`central_dp_sum`
+    adds it to the clipped sum; a SecAgg+ round with client-side clipping
+    adds it to the unmasked sum (:mod:`strategies.fedkseed`).
+    """
+    z = torch.randn(num_seeds, generator=generator, dtype=torch.float32)
+    return z.double() * noise_std
+
+
+def clipped_seed_sums(
+    indices: torch.Tensor, scalars: torch.Tensor, *, clip_norm: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A client's steps merged per seed, the vector clipped to L2 ``clip_norm``.
+
+    Returns
+    -------
+    tuple[torch.Tensor, torch.Tensor]
+        The distinct seeds (int64, increasing) and their clipped sums
+        (float64): the client's side of central DP with client-side clipping,
+        and the clip of :func:`local_dp_pairs`.
+    """
+    seeds, inverse = torch.unique(indices.long(), sorted=True, return_inverse=True)
+    values = torch.zeros(seeds.numel(), dtype=torch.float64)
+    values.index_add_(0, inverse, scalars.double())
+    norm = float(torch.linalg.vector_norm(values))
+    if norm > clip_norm:
+        values *= clip_norm / norm
+    return seeds, values
+
+
+def clipped_pairs(
+    indices: torch.Tensor, scalars: torch.Tensor, *, clip_norm: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`clipped_seed_sums` in wire form: int32 seeds, float32 values.
+
+    The float32 rounding can leave the norm above ``clip_norm`` by a relative
+    ~1e-7; the server's own clip (when it sees the pairs) absorbs it, and
+    SecAgg+'s quantization is coarser.
+    """
+    seeds, values = clipped_seed_sums(indices, scalars, clip_norm=clip_norm)
+    return seeds.to(torch.int32), values.to(torch.float32)
 
 
 def local_dp_pairs(
@@ -348,12 +408,7 @@ def local_dp_pairs(
     tuple[torch.Tensor, torch.Tensor]
         int32 strictly increasing seed indices and float32 noisy values.
     """
-    seeds, inverse = torch.unique(indices.long(), sorted=True, return_inverse=True)
-    values = torch.zeros(seeds.numel(), dtype=torch.float64)
-    values.index_add_(0, inverse, scalars.double())
-    norm = float(torch.linalg.vector_norm(values))
-    if norm > clip_norm:
-        values *= clip_norm / norm
+    seeds, values = clipped_seed_sums(indices, scalars, clip_norm=clip_norm)
     z = torch.randn(seeds.numel(), generator=generator, dtype=torch.float32)
     noisy = values + z.double() * (noise_multiplier * clip_norm)
     return seeds.to(torch.int32), noisy.to(torch.float32)

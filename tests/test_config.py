@@ -391,3 +391,61 @@ def test_sensible_privacy_and_robust_settings_are_accepted() -> None:
         1 / 40
     )
     assert load_config(None, {"attack.behaviour": "scale", "attack.fraction": 0.25})
+
+
+# --- Central DP with client-side clipping, and under SecAgg+ ---
+
+SECURE_CENTRAL = {
+    "privacy.secagg": True,
+    "privacy.mode": "central",
+    "privacy.clipping": "client",
+    "federation.weighting": "equal",
+}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (
+            {"privacy.secagg": True, "privacy.mode": "central"},
+            "needs privacy.clipping 'client'",
+        ),
+        ({"privacy.mode": "local", "privacy.clipping": "client"}, "not 'local'"),
+        ({"privacy.clipping": "client"}, "not 'off'"),
+        (
+            {**SECURE_CENTRAL, "federation.weighting": "examples"},
+            "needs federation.weighting 'equal'",
+        ),
+        (
+            {**SECURE_CENTRAL, "privacy.clip_norm": 9.0},
+            "privacy.clip_norm (9) must be <= privacy.secagg_clip (8)",
+        ),
+        (
+            {**SECURE_CENTRAL, "run.method": "fedkseed", "privacy.clip_norm": 9.0},
+            "privacy.clip_norm (9) must be <= privacy.secagg_clip (8)",
+        ),
+        ({"privacy.clipping": "both"}, "privacy.clipping"),
+    ],
+)
+def test_client_side_clipping_settings_that_make_no_sense_are_refused(
+    overrides: dict[str, object], named: str
+) -> None:
+    """Central DP under SecAgg+ needs client-side clipping, equal weights and
+    a clip within SecAgg+'s; client-side clipping needs central DP."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert named in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_client_side_clipping_is_accepted_with_and_without_secagg() -> None:
+    """Client-side clipping validates with central DP alone and under SecAgg+
+    (LoRA; FedKSeed without zo.max_abs_grad, the clients' clip bounding each
+    per-seed sum); server-side clipping stays the default."""
+    assert load_config().privacy.clipping == "server"
+    plain = load_config(None, {"privacy.mode": "central", "privacy.clipping": "client"})
+    assert plain.privacy.clipping == "client" and not plain.privacy.secagg
+    lora = load_config(None, {**SECURE_CENTRAL, "privacy.clip_norm": 8.0})
+    assert lora.privacy.secagg and lora.privacy.mode == "central"
+    zo = load_config(None, {**SECURE_CENTRAL, "run.method": "fedkseed"})
+    assert zo.zo.max_abs_grad is None and zo.privacy.clipping == "client"

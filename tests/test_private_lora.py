@@ -17,10 +17,11 @@ import torch
 from dp_accounting import dp_event, rdp  # type: ignore[import-untyped]
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID
 
 import models
 from client.app import build_client_app
-from client.lora_handler import privatize
+from client.lora_handler import clip_update, privatize
 from corpora import generate_tasks, write_jsonl
 from protocols import (
     MESSAGE_TRAIN_LORA,
@@ -31,7 +32,16 @@ from protocols import (
     decode_lora_train_res,
     encode_lora_train_res,
 )
-from protocols.messages import LocalPrivacy, get_local_privacy
+from protocols.messages import (
+    MESSAGE_SECURE_MEAN,
+    SECURE_MEAN_LABEL,
+    ClientClip,
+    LocalPrivacy,
+    SecureMean,
+    encode_secure_mean,
+    get_client_clip,
+    get_local_privacy,
+)
 from protocols.run_folder import RunFolder
 from server.app import build_driver
 from server.config import load_config
@@ -343,3 +353,155 @@ def test_driver_checkpoint_keeps_noise_seed_and_epsilon(
 
     with pytest.raises(CheckpointError, match="privacy"):
         build_driver(config, examples).restore(bare)
+
+
+# --- Central DP with client-side clipping (Flower's client-side fixed clipping) ---
+
+
+def _client_dp(clip: float) -> DPSettings:
+    return DPSettings(
+        mode="central",
+        noise_multiplier=1.0,
+        clip_norm=clip,
+        delta=1e-3,
+        target_epsilon=None,
+        population=10,
+        clipping="client",
+    )
+
+
+def _clipped_replies(current: Adapter, clip: float) -> list[tuple[str, Message]]:
+    """The honest replies as clients told to clip to ``clip`` send them."""
+    out = []
+    for who, message in _honest(current):
+        adapter = decode_lora_train_res(message.content, expected=LAYOUT).adapter
+        node = next(n for n, label in NODES.items() if label == who)
+        out.append(_reply(node, clip_update(adapter, current, ClientClip(clip))))
+    return out
+
+
+def test_client_clipping_sends_the_clip_and_matches_server_clipping(
+    flower_identity: None,
+) -> None:
+    """Every instruction carries C (and no local DP); the clients' clipped
+    replies plus the server's noise give the server-side clipping release for
+    the same noise seed (the server's own clip is then a no-op), with the same
+    epsilon. Updates have norm ~0.2, C = 0.05: the clip binds."""
+    clip = 0.05
+    client = _strategy(LAYOUT, _client_dp(clip))
+    messages = client.configure(1, NODES, BIG)
+    assert all(get_client_clip(m.content) == ClientClip(clip) for m in messages)
+    assert all(get_local_privacy(m.content) is None for m in messages)
+    ours = client.aggregate(1, _clipped_replies(BIG, clip), BIG)
+    server = _strategy(LAYOUT, _dp(clip=clip))
+    assert all(
+        get_client_clip(m.content) is None for m in server.configure(1, NODES, BIG)
+    )
+    theirs = server.aggregate(1, _honest(BIG), BIG)
+    assert theirs.stats["clipped"] == 3
+    assert ours.adapter is not None and theirs.adapter is not None
+    for k in BIG:
+        assert torch.allclose(ours.adapter[k], theirs.adapter[k], rtol=0, atol=1e-7)
+    assert ours.stats["epsilon"] == theirs.stats["epsilon"] > 0
+    # Without the noise seed's noise the two would be far apart: sigma C / m.
+    assert float((ours.adapter["w"] - BIG["w"]).std()) > 0.01
+
+
+def _secure_reply(
+    replies: list[tuple[str, Message]], current: Adapter, weights: tuple[int, ...]
+) -> tuple[str, Message]:
+    """The secure-mean reply SecAgg+ would give for ``replies`` (no quantization)."""
+    flats = []
+    for _, message in replies:
+        adapter = decode_lora_train_res(message.content, expected=LAYOUT).adapter
+        flats.append(
+            torch.cat([(adapter[k] - current[k]).flatten() for k in current]).double()
+        )
+    total = float(sum(weights))
+    mean = sum(w * f for w, f in zip(weights, flats, strict=True)) / total
+    result = SecureMean(
+        mean=mean.numpy(),
+        total_weight=total,
+        weight_step=max(weights) / 2**22,
+        survivors=tuple(who for who, _ in replies),
+        weights=weights,
+        metrics={who: {"train-loss": 1.0} for who, _ in replies},
+        dropped={NODES[4]: "left out"},
+    )
+    content = encode_secure_mean(result)
+    return SECURE_MEAN_LABEL, Message(
+        content, dst_node_id=SUPERLINK_NODE_ID, message_type=MESSAGE_SECURE_MEAN
+    )
+
+
+def test_a_secure_round_adds_the_central_noise_to_the_sum(
+    flower_identity: None,
+) -> None:
+    """Under SecAgg+ the server sees the mean of the clipped updates only:
+    mean x survivors + the seeded noise, over m = 4 sampled, is the
+    server-side clipping release, and the round spends the same epsilon.
+    Unequal weights (the mean is then no sum) refuse the round and spend
+    nothing."""
+    clip = 0.05
+    replies = _clipped_replies(BIG, clip)
+    secure = _strategy(LAYOUT, _client_dp(clip))
+    secure.configure(1, NODES, BIG)
+    got = secure.aggregate(1, [_secure_reply(replies, BIG, (1, 1, 1))], BIG)
+    server = _strategy(LAYOUT, _dp(clip=clip))
+    server.configure(1, NODES, BIG)
+    want = server.aggregate(1, _honest(BIG), BIG)
+    assert got.adapter is not None and want.adapter is not None
+    for k in BIG:
+        assert torch.allclose(got.adapter[k], want.adapter[k], rtol=0, atol=1e-7)
+    assert got.stats["epsilon"] == want.stats["epsilon"] > 0
+    assert got.stats["noise_std"] == pytest.approx(0.05 / 4)
+    assert got.accepted == [NODES[n] for n in (1, 2, 3)]
+    unequal = _strategy(LAYOUT, _client_dp(clip))
+    unequal.configure(1, NODES, BIG)
+    refused = unequal.aggregate(1, [_secure_reply(replies, BIG, (1, 2, 1))], BIG)
+    assert (
+        refused.adapter is None
+        and "equal weights" in refused.rejected[SECURE_MEAN_LABEL]
+    )
+    assert unequal.account is not None and unequal.account.rounds == 0
+
+
+def test_client_clipped_reply_has_update_norm_at_most_c(
+    tmp_path: Path, flower_identity: None
+) -> None:
+    """The real client app told to clip to C = 1e-4 replies with
+    global + clip(update, C): norm within C (and at it: one step moves the
+    adapter far more, as the unclipped reply shows)."""
+    torch.set_num_threads(1)
+    spec = LoraSpec(model="tiny-llama", max_length=64)
+    peft_model = models.attach_lora(models.load_causal_lm("tiny-llama").model, spec)
+    adapter = models.adapter_tensors(peft_model)
+    strategy = LoraFedAvg(
+        spec=spec,
+        layout=models.adapter_layout(peft_model),
+        train=LocalTrainSettings(local_steps=1, batch_size=2, learning_rate=1e-3),
+        seed=3,
+        dp=_client_dp(1e-4),
+        noise_seed=1,
+    )
+    message = strategy.configure(1, {5: "p0002"}, adapter)[0]
+    write_jsonl(generate_tasks(6, seed=2), tmp_path / "data" / "client-0002.jsonl")
+    context = Context(
+        run_id=1,
+        node_id=5,
+        node_config={"partition-id": 2},
+        state=RecordDict(),
+        run_config={"run-dir": str(tmp_path)},
+    )
+    app = build_client_app()
+    clipped = _train(app, message, context)
+    norm = update_norm({k: clipped[k] - adapter[k] for k in adapter})
+    assert norm <= 1e-4 * (1 + 1e-5)
+    assert norm == pytest.approx(1e-4, rel=1e-3)
+    plain = Message(
+        RecordDict({k: v for k, v in message.content.items() if k != "client-clip"}),
+        dst_node_id=5,
+        message_type=MESSAGE_TRAIN_LORA,
+    )
+    free = _train(app, plain, context)
+    assert update_norm({k: free[k] - adapter[k] for k in adapter}) > 1e-3

@@ -389,3 +389,37 @@ def test_local_dp_travels_in_the_instruction_and_is_accounted() -> None:
     result = strategy.aggregate(1, [("n0", _reply([0, 5], [0.3, -0.2], 4))], CURRENT)
     reference = PrivacyAccount(_dp("local", 1.0, 2.0))
     assert result.stats["epsilon"] == pytest.approx(reference.spend(1), rel=1e-12)
+
+
+def test_central_dp_ignores_the_adaptive_scalar_bound() -> None:
+    """Under central DP the per-scalar clamp is data-independent: with the
+    default adaptive clip (which would clamp the 40.0 below to 3 x the low
+    median of the clients' largest |g|, 3 x 1.0), the release equals one made
+    with the clip off, and the row records no adaptive bound.
+
+    Breaks if the adaptive bound is applied: one client's scalars would then
+    change how the others are clamped, and the sum's sensitivity would no
+    longer be C.
+    """
+    rows = [([0, 1], [1.0, 40.0], 5), ([2], [1.0], 5), ([3], [0.5], 5)]
+
+    def release(bounds: Bounds) -> tuple[torch.Tensor, dict[str, object]]:
+        strategy = FedKSeed(
+            spec=_spec(16),
+            local_steps=2,
+            batch_size=1,
+            privacy=_dp(clip=100.0),
+            noise_seed=3,
+            bounds=bounds,
+        )
+        nodes = {i + 1: f"n{i}" for i in range(len(rows))}
+        strategy.configure(1, nodes, CURRENT)
+        replies = [(f"n{i}", _reply(*row)) for i, row in enumerate(rows)]
+        result = strategy.aggregate(1, replies, CURRENT)
+        assert result.delta is not None
+        return result.delta.coefficients, result.stats
+
+    adaptive, stats = release(Bounds())
+    off, _ = release(Bounds(clip="off"))
+    assert torch.equal(adaptive, off)
+    assert stats["clip_bound"] is None and stats["clipped"] == 0

@@ -106,3 +106,67 @@ def test_a_secure_fedkseed_round_equals_the_plain_round(
         abs(x - y) for x, y in zip(s["coefficients"], p["coefficients"], strict=True)
     ]
     assert max(diffs) <= lr * step * 1.01, max(diffs)
+
+
+CENTRAL = {
+    "privacy.mode": "central",
+    "privacy.noise_seed": 7,
+    "privacy.noise_multiplier": 0.5,
+}
+
+
+def test_a_secure_central_dp_lora_round_equals_server_side_clipping(
+    tmp_path: Path,
+) -> None:
+    """Central DP under SecAgg+ (Flower's client-side clipping: every client
+    clips to C, the server noises the unmasked sum) gives the plain
+    server-side clipping run's noisy adapter, same noise seed, within the
+    quantization step, and the same epsilon. C = 1e-3 binds on every update
+    (the plain run clipped all 5); the noise (std sigma C / 5 = 1e-4) is far
+    above the step, so a missing clip or missing noise could not pass."""
+    dp = {**CENTRAL, "privacy.clip_norm": 1e-3}
+    secure = _run(
+        tmp_path,
+        "secure",
+        {**dp, "privacy.clipping": "client", "privacy.secagg": True},
+    )
+    plain = _run(tmp_path, "plain", dp)
+    srow, prow = secure.read_metrics()[-1], plain.read_metrics()[-1]
+    assert srow["secagg_survivors"] == CLIENTS and srow["rejected"] == 0
+    assert prow["clipped"] == CLIENTS
+    assert srow["epsilon"] == prow["epsilon"] > 0
+    a = secure.read_checkpoint_tensors(_state(secure))
+    b = plain.read_checkpoint_tensors(_state(plain))
+    step = 2 * 8.0 / SECAGG_QUANTIZATION
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= step * 1.01, worst
+
+
+def test_a_secure_central_dp_fedkseed_round_equals_server_side_clipping(
+    tmp_path: Path,
+) -> None:
+    """FedKSeed: each client merges its steps per seed and clips that vector
+    to C; the server adds the seeded noise to all K sums: the coefficients
+    equal the plain server-side clipping run's (which clipped every client)
+    within lr x the quantization step, on every seed, with the same epsilon."""
+    zo = {"run.method": "fedkseed", "zo.num_seeds": 64}
+    dp = {**CENTRAL, "privacy.clip_norm": 0.05}
+    secure = _run(
+        tmp_path,
+        "secure",
+        {**zo, **dp, "privacy.clipping": "client", "privacy.secagg": True},
+    )
+    plain = _run(tmp_path, "plain", {**zo, **dp})
+    srow, prow = secure.read_metrics()[-1], plain.read_metrics()[-1]
+    assert srow["secagg_survivors"] == CLIENTS
+    assert prow["dp_clipped"] == CLIENTS
+    assert srow["epsilon"] == prow["epsilon"] > 0
+    (s,) = _state(secure)["strategy"]["history"]
+    (p,) = _state(plain)["strategy"]["history"]
+    assert s["indices"] == p["indices"] == list(range(64))  # noise on every seed
+    lr = load_config(None, zo).zo.learning_rate
+    step = 2 * 8.0 / SECAGG_QUANTIZATION
+    diffs = [
+        abs(x - y) for x, y in zip(s["coefficients"], p["coefficients"], strict=True)
+    ]
+    assert max(diffs) <= lr * step * 1.01 + 1e-9 * max(map(abs, p["coefficients"]))
