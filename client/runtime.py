@@ -65,7 +65,7 @@ class ClientRuntime:
 
     def __init__(self, max_datasets: int = 64) -> None:
         self._models: dict[tuple[str, str], LoraModel] = {}
-        self._zo: dict[tuple[str, str, int], ZoModelState] = {}
+        self._zo: dict[tuple[str, str, int, str], ZoModelState] = {}
         self._split: dict[tuple[str, str], SplitParts] = {}
         self._data: dict[tuple[str, str, int], LocalData] = {}
         self._max_datasets = max_datasets
@@ -97,7 +97,9 @@ class ClientRuntime:
         the run), else ``$POLLINATE_ZO_STATE_DIR`` (set by the client daemon
         to its ``--state-dir``), else ``<cache>/zo``.
         """
-        key = (spec.fingerprint(), str(device), run_id)
+        # The root is part of the key: two runs with one run id and spec (in
+        # one process: tests, benchmarks) must not share a snapshot folder.
+        key = (spec.fingerprint(), str(device), run_id, str(root))
         if key not in self._zo:
             self._zo.clear()
             self._split.clear()

@@ -459,7 +459,7 @@ class FedKSeed:
                 dp_clipped=dp_clipped,
                 sampled=sampled,
                 weights_capped=0,
-                aggregator_used=len(updates),
+                aggregator_used=list(labels),
             )
             # Pro learns from the released values only (post-processing).
             every = torch.arange(self.spec.num_seeds, dtype=torch.int32)
@@ -476,7 +476,7 @@ class FedKSeed:
             if self.bounds.weighting == "examples"
             else 0
         )
-        stats["aggregator_used"] = len(result.used)
+        stats["aggregator_used"] = [labels[i] for i in result.used]
         return _Release(
             result.coefficients,
             stats,

@@ -290,3 +290,51 @@ def test_every_setting_travels_once(cluster) -> None:  # noqa: ANN001
     schedule = dict(message.content["train"])
     assert set(schedule) == {"server-round", "local-steps", "batch-size", "seed"}
     assert message.content["spec"]["learning_rate"] == driver.spec.learning_rate
+
+
+def test_runs_of_one_spec_in_one_process_keep_their_own_snapshot_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs with the same run id and spec in one process (in-process
+    tests and benchmarks: every InProcessGrid run is run 1) get separate
+    seed-synced states, each under its own run folder's scratch space.
+
+    Breaks if the cache key leaves the folder out: the second run's node
+    then reads snapshots from the first run's folder, deleted by then, and
+    fails out of sync (seen in the robustness benchmark).
+    """
+    import client.runtime as runtime
+
+    made: list[Path] = []
+
+    class _State:
+        def __init__(self, spec: ZOSpec, device: torch.device, folder: Path) -> None:
+            made.append(folder)
+
+    monkeypatch.setattr(runtime, "ZoModelState", _State)
+    rt = ClientRuntime()
+    spec = _cache_spec()
+    first = rt.zo_state(spec, torch.device("cpu"), 1, tmp_path / "a")
+    again = rt.zo_state(spec, torch.device("cpu"), 1, tmp_path / "a")
+    other = rt.zo_state(spec, torch.device("cpu"), 1, tmp_path / "b")
+    assert first is again and other is not first
+    assert [p.parent for p in made] == [tmp_path / "a", tmp_path / "b"]
+
+
+def _cache_spec() -> ZOSpec:
+    """A valid FedKSeed spec (the cache only reads its fingerprint)."""
+    from protocols.seeds import GENERATOR_VERSION
+
+    return ZOSpec(
+        model="tiny",
+        walk_fingerprint="0" * 16,
+        generator=GENERATOR_VERSION,
+        include=(),
+        num_seeds=8,
+        master_seed=0,
+        eps=1e-3,
+        learning_rate=1e-4,
+        sampling="uniform",
+        grad_clip=1000.0,
+        max_length=64,
+    )

@@ -197,9 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.resume and path.exists():
         old = read_json(path)
+        # A run an attack stopped (FederationError) is a result; other
+        # failures (a crash, an interrupted run) are run again.
         results["runs"] = [
-            r for r in old.get("runs", []) if r["result"]["status"] == "completed"
+            r
+            for r in old.get("runs", [])
+            if r["result"]["status"] == "completed"
+            or r["result"]["status"].startswith("FederationError")
         ]
+        results["started"] = old.get("started", results["started"])
     done = {key(r) for r in results["runs"]}
     todo = [r for r in plan(scale, sections) if key(r) not in done]
     if args.max_runs:

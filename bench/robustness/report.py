@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,8 +22,11 @@ def _loss(value: Any) -> str:
 
 
 def _cell(result: dict[str, Any]) -> str:
-    """``metric% (loss)``, or the failure."""
+    """``metric% (loss)``; a run the attack stopped: the round it failed in."""
     if result["status"] != "completed":
+        found = re.search(r"round (\d+): no usable update", result["status"])
+        if found:
+            return f"wrecked: round {found.group(1)} failed"
         return "failed: " + result["status"].split(":")[0]
     return f"{_pct(result['metric_last'])} ({_loss(result['eval_loss_last'])})"
 
@@ -88,24 +92,47 @@ def _attacks(results: dict[str, Any]) -> list[str]:
     out = [
         "## Attacks: final Rouge-L % (eval loss) after equal rounds",
         "",
-        "Rows: attack and share of malicious clients; columns: aggregator "
-        "(`mean` = plain FedAvg, no bounds; `clipped_mean` = Pollinate's default).",
+        "Rows: attack and malicious clients; columns: aggregator "
+        "(`mean` = plain FedAvg, no bounds; `clipped_mean` = Pollinate's default). "
+        "`wrecked: round N failed`: the attack made every client's next "
+        "training loss NaN, so no update was usable and the run stopped "
+        "(its last checkpoint is the round before). Krum is told "
+        "`federation.byzantine` = round(share x clients) with Python's rounding "
+        "(2 at 25%: one fewer than the 3 attackers; 1 at 10%).",
         "",
     ]
     aggregators = list(dict.fromkeys(r["aggregator"] for r in runs))
     for method in list(dict.fromkeys(r["method"] for r in runs)):
+        first = next(
+            (
+                r["result"]
+                for r in runs
+                if r["method"] == method and r["result"]["eval_loss_first"] is not None
+            ),
+            None,
+        )
+        before = (
+            []
+            if first is None
+            else [
+                f"Before training (round 0): Rouge-L {_pct(first['metric_first'])}%, "
+                f"eval loss {_loss(first['eval_loss_first'])}.",
+                "",
+            ]
+        )
         table: dict[tuple[str, float], dict[str, str]] = {}
         for r in runs:
             if r["method"] != method:
                 continue
             row = table.setdefault(
                 (r["behaviour"], r["fraction"]),
-                {"attack": r["behaviour"], "malicious": f"{100 * r['fraction']:.0f}%"},
+                {"attack": r["behaviour"], "malicious": _share(r["fraction"], results)},
             )
             row[r["aggregator"]] = _cell(r["result"])
         out += [
             f"### {method}",
             "",
+            *before,
             *markdown_table(
                 list(table.values()),
                 ["attack", "malicious", *aggregators],
@@ -114,6 +141,13 @@ def _attacks(results: dict[str, Any]) -> list[str]:
             "",
         ]
     return out
+
+
+def _share(fraction: float, results: dict[str, Any]) -> str:
+    """``k of n (p%)``: the malicious clients, counted as simulation.attacks does."""
+    n = int(results.get("scale", {}).get("clients", 0))
+    k = int(fraction * n + 0.5)
+    return f"{k} of {n} ({100 * fraction:.0f}%)" if n else f"{100 * fraction:.0f}%"
 
 
 def _dp(results: dict[str, Any]) -> list[str]:
@@ -182,7 +216,9 @@ def _plot(results: dict[str, Any], plot_dir: Path) -> str | None:
     import matplotlib.pyplot as plt
 
     methods = list(dict.fromkeys(r["method"] for r in runs + dp))
-    fig, axes = plt.subplots(1, len(methods) + 1, figsize=(6 * (len(methods) + 1), 4.5))
+    panels = len(methods) + (1 if dp else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+    axes = list(axes[0])
     for ax, method in zip(axes, methods, strict=False):
         mine = [r for r in runs if r["method"] == method]
         scenarios = list(dict.fromkeys((r["behaviour"], r["fraction"]) for r in mine))
@@ -200,7 +236,10 @@ def _plot(results: dict[str, Any], plot_dir: Path) -> str | None:
                     ),
                     None,
                 )
-                loss = None if res is None else res["eval_loss_last"]
+                if res is None:  # not run (yet)
+                    ys.append(float("nan"))
+                    continue
+                loss = res["eval_loss_last"]
                 ys.append(loss if loss is not None and loss < 1e6 else 1e6)
             ax.bar([i + j * width for i in range(len(scenarios))], ys, width, label=agg)
         ax.set_yscale("log")
@@ -211,6 +250,8 @@ def _plot(results: dict[str, Any], plot_dir: Path) -> str | None:
         ax.set_ylabel("final eval loss (log; 1e6 = diverged)")
         ax.set_title(f"{method}: attacks by aggregator")
         ax.legend(fontsize=7)
+    if not dp:
+        return _save(fig, plt, plot_dir, results)
     ax = axes[-1]
     for method in methods:
         pts = sorted(
@@ -227,6 +268,11 @@ def _plot(results: dict[str, Any], plot_dir: Path) -> str | None:
     ax.set_ylabel("final eval loss")
     ax.set_title("central DP: utility vs epsilon")
     ax.legend(fontsize=7)
+    return _save(fig, plt, plot_dir, results)
+
+
+def _save(fig: Any, plt: Any, plot_dir: Path, results: dict[str, Any]) -> str:
+    """Write the figure as ``<stem>.png`` in ``plot_dir``; its file name."""
     fig.tight_layout()
     path = plot_dir / f"{results.get('stem', 'robustness')}.png"
     fig.savefig(path, dpi=110)
