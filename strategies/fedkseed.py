@@ -291,9 +291,8 @@ class FedKSeed:
         if self.pro is not None:
             self.pro.update(release.pro_indices, release.pro_scalars)
         stats = release.stats
-        if self.account is not None and self.privacy is not None:
-            stats["epsilon"] = self.account.spend(sampled)
-            stats["delta"] = self.privacy.delta
+        if self.account is not None:
+            stats.update(self.account.release(sampled))
         delta = RoundDelta(server_round, indices, coefficients)
         self.history.append(delta)
         return ZoAggregate(
@@ -365,9 +364,8 @@ class FedKSeed:
         if self.pro is not None:
             # Learns from the released mean (scalars = -c / lr per seed).
             self.pro.update(indices, (coefficients.double() / -self.spec.learning_rate))
-        if self.account is not None and self.privacy is not None:
-            stats["epsilon"] = self.account.spend(sampled)
-            stats["delta"] = self.privacy.delta
+        if self.account is not None:
+            stats.update(self.account.release(sampled))
         delta = RoundDelta(server_round, indices, coefficients)
         self.history.append(delta)
         return ZoAggregate(

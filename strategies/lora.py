@@ -220,11 +220,13 @@ class LoraFedAvg:
             noise_seed=self.noise_seed,
         )
         stats = dict(r.stats)
-        if self.account is not None and self.dp is not None:
-            if r.mean is not None:
-                self.account.spend(self._sampled.get(server_round, len(replies)))
-            stats["epsilon"] = self.account.epsilon
-            stats["delta"] = self.dp.delta
+        if self.account is not None:
+            released = r.mean is not None
+            stats.update(
+                self.account.release(
+                    self._sampled.get(server_round, len(replies)) if released else None
+                )
+            )
         return LoraAggregate(
             adapter=r.mean,
             accepted=r.accepted,
@@ -263,10 +265,8 @@ class LoraFedAvg:
             return LoraAggregate(
                 rejected={SECURE_MEAN_LABEL: str(exc), **secure.dropped}
             )
-        if self.account is not None and self.dp is not None:
-            self.account.spend(sampled)
-            stats["epsilon"] = self.account.epsilon
-            stats["delta"] = self.dp.delta
+        if self.account is not None:
+            stats.update(self.account.release(sampled))
         return LoraAggregate(
             adapter=adapter,
             accepted=list(secure.survivors),

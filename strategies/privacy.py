@@ -285,6 +285,16 @@ class PrivacyAccount:
         self._accountant.compose(self._event(sampled))
         return self.epsilon
 
+    def release(self, sampled: int | None) -> dict[str, float]:
+        """A round's privacy columns; with ``sampled``, spend that round first.
+
+        ``sampled`` is None for a round whose aggregate was not released (it
+        spends nothing). Returns ``{"epsilon", "delta"}`` for the round's stats.
+        """
+        if sampled is not None:
+            self.spend(sampled)
+        return {"epsilon": self.epsilon, "delta": self.settings.delta}
+
     def state(self) -> dict[str, object]:
         """JSON-able state for the checkpoint."""
         return self._accountant.state_dict()
