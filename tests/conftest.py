@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -164,3 +165,27 @@ def shared_data() -> Path:
     path = shared_data_dir()
     assert path.is_dir(), f"shared data folder not found at {path}"
     return path
+
+
+if TYPE_CHECKING:
+    from protocols import ZOSpec
+
+
+def fake_zo_spec(num_seeds: int, learning_rate: float = 0.1) -> ZOSpec:
+    """A valid FedKSeed spec for strategy-level tests (no model behind it)."""
+    from protocols import ZOSpec
+    from protocols.seeds import GENERATOR_VERSION
+
+    return ZOSpec(
+        model="tiny",
+        walk_fingerprint="0" * 16,
+        generator=GENERATOR_VERSION,
+        include=(),
+        num_seeds=num_seeds,
+        master_seed=0,
+        eps=1e-3,
+        learning_rate=learning_rate,
+        sampling="uniform",
+        grad_clip=1000.0,
+        max_length=64,
+    )

@@ -23,6 +23,7 @@ from protocols.zo_messages import ZoTrainRes, decode_zo_train_res, encode_zo_tra
 from server.app import build_driver
 from server.config import load_config
 from server.federation import FederationError
+from tests.conftest import fake_zo_spec
 
 K = 32
 
@@ -313,28 +314,9 @@ def test_runs_of_one_spec_in_one_process_keep_their_own_snapshot_folders(
 
     monkeypatch.setattr(runtime, "ZoModelState", _State)
     rt = ClientRuntime()
-    spec = _cache_spec()
+    spec = fake_zo_spec(8, 1e-4)
     first = rt.zo_state(spec, torch.device("cpu"), 1, tmp_path / "a")
     again = rt.zo_state(spec, torch.device("cpu"), 1, tmp_path / "a")
     other = rt.zo_state(spec, torch.device("cpu"), 1, tmp_path / "b")
     assert first is again and other is not first
     assert [p.parent for p in made] == [tmp_path / "a", tmp_path / "b"]
-
-
-def _cache_spec() -> ZOSpec:
-    """A valid FedKSeed spec (the cache only reads its fingerprint)."""
-    from protocols.seeds import GENERATOR_VERSION
-
-    return ZOSpec(
-        model="tiny",
-        walk_fingerprint="0" * 16,
-        generator=GENERATOR_VERSION,
-        include=(),
-        num_seeds=8,
-        master_seed=0,
-        eps=1e-3,
-        learning_rate=1e-4,
-        sampling="uniform",
-        grad_clip=1000.0,
-        max_length=64,
-    )

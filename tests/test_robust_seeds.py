@@ -15,7 +15,6 @@ import torch
 from flwr.app import Message, RecordDict
 
 from protocols import ZOSpec
-from protocols.seeds import GENERATOR_VERSION
 from protocols.zo_messages import (
     ZoTrainRes,
     decode_zo_train_ins,
@@ -31,25 +30,14 @@ from strategies.seed_pool import (
     seed_coefficients,
     seed_sums,
 )
+from tests.conftest import fake_zo_spec
 
 CURRENT = ZoGlobal(0, "h0")
 pytestmark = pytest.mark.usefixtures("flower_identity")  # Messages need a run id
 
 
 def _spec(k: int, lr: float = 0.1) -> ZOSpec:
-    return ZOSpec(
-        model="tiny",
-        walk_fingerprint="0" * 16,
-        generator=GENERATOR_VERSION,
-        include=(),
-        num_seeds=k,
-        master_seed=0,
-        eps=1e-3,
-        learning_rate=lr,
-        sampling="uniform",
-        grad_clip=1000.0,
-        max_length=64,
-    )
+    return fake_zo_spec(k, lr)
 
 
 def _u(idx: list[int], g: list[float], n: int = 1) -> SeedUpdate:

@@ -46,12 +46,12 @@ from client.app import build_client_app
 from client.runtime import ClientRuntime
 from corpora import generate_tasks, write_jsonl
 from protocols import ZOSpec
-from protocols.seeds import GENERATOR_VERSION
 from protocols.zo_messages import ZoTrainRes, decode_zo_train_res, encode_zo_train_res
 from server.app import build_driver
 from server.config import load_config
 from strategies.fedkseed import FedKSeed, ZoGlobal
 from strategies.robust import Bounds
+from tests.conftest import fake_zo_spec
 
 K, T, ETA, G = 64, 8, 0.01, 10.0
 LAMBDA_MAX = 3 * 60 / (150 + 3 * 60)
@@ -65,19 +65,7 @@ pytestmark = pytest.mark.usefixtures("flower_identity")  # Messages need a run i
 
 
 def _spec() -> ZOSpec:
-    return ZOSpec(
-        model="tiny",
-        walk_fingerprint="0" * 16,
-        generator=GENERATOR_VERSION,
-        include=(),
-        num_seeds=K,
-        master_seed=0,
-        eps=1e-3,
-        learning_rate=ETA,
-        sampling="uniform",
-        grad_clip=1000.0,
-        max_length=64,
-    )
+    return fake_zo_spec(K, ETA)
 
 
 def _reply(idx: torch.Tensor, g: torch.Tensor, n: int) -> Message:
