@@ -18,6 +18,8 @@ EPILOG = """examples:
   pollinate client join --server 10.0.0.5:9092 --data my.jsonl --root-cert certs/ca.crt \\
       --auth-key keys/hospital-3.key                # joins as label hospital-3
   pollinate client join --server 127.0.0.1:9092 --data my.jsonl --insecure   # local only
+  pollinate client join --server 10.0.0.5:9092 --data my.jsonl --root-cert certs/ca.crt \
+      --runtime onnx --bundle bundles/edge          # FedKSeed without torch (edge device)
 """
 
 
@@ -55,6 +57,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         choices=method_names(),
         help="accept only these methods (repeatable; default: all)",
     )
+    join.add_argument(
+        "--runtime",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="train with PyTorch, or with ONNX Runtime on an edge bundle "
+        "(FedKSeed only; no torch needed on this device)",
+    )
+    join.add_argument(
+        "--bundle",
+        type=Path,
+        help="--runtime onnx: the edge bundle (pollinate export RUN --format edge)",
+    )
     join.add_argument("--state-dir", type=Path, default=Path(".pollinate-node"))
     join.add_argument(
         "--local-port", type=int, default=9094, help="SuperNode's local API port"
@@ -74,8 +88,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def _join(args: argparse.Namespace, console: Console) -> int:
     # Here, not at import: --help stays light.
-    from client.daemon import JoinSettings, run_daemon
+    from client.daemon import JoinSettings, check_runtime, run_daemon
     from corpora import load_examples
+    from protocols.edge_bundle import EdgeBundleError
 
     # Read once here, so a bad file is one line now, not an error per round.
     load_examples(str(args.data))
@@ -101,7 +116,13 @@ def _join(args: argparse.Namespace, console: Console) -> int:
         local_port=args.local_port,
         max_restarts=args.max_restarts,
         methods=tuple(args.method),
+        runtime=args.runtime,
+        bundle=args.bundle,
     )
+    try:  # the bundle is checked here, before any process starts
+        check_runtime(settings)
+    except (ValueError, EdgeBundleError) as exc:
+        raise CommandError(f"--runtime {args.runtime}: {exc}") from None
 
     def say(text: str) -> None:
         console.print(text)

@@ -1,4 +1,7 @@
-"""``pollinate export``: a finished run as an adapter, a merged model or ONNX."""
+"""``pollinate export``: a finished run as an adapter, a merged model, ONNX.
+
+Or a FedKSeed run's edge bundle, from its run folder or its config file.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ EPILOG = """examples:
   pollinate export runs/lora-run --format adapter --out exported/adapter
   pollinate export runs/lora-run --format merged --out exported/merged   # from_pretrained-able
   pollinate export runs/lora-run --format onnx --out exported/onnx       # checked with ONNX Runtime
+  pollinate export run.toml --format edge --out bundles/edge              # FedKSeed: for edge clients
 """
 
 
@@ -22,11 +26,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     """Register the subcommand."""
     parser = sub.add_parser(
         "export",
-        help="export a finished run (adapter, merged model folder, ONNX)",
+        help="export a finished run (adapter, merged model folder, ONNX, edge bundle)",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("run_dir", type=Path, help="the run folder")
+    parser.add_argument(
+        "run_dir",
+        type=Path,
+        help="the run folder (for --format edge, the run's config file works too)",
+    )
     parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt")
     parser.add_argument("--out", required=True, type=Path, help="new folder to write")
     parser.set_defaults(handler=run)

@@ -7,7 +7,9 @@ the same seed (bit for bit for FedKSeed and, on one machine, for LoRA).
 
 Before anything starts, the folder must be free (no live engine owns it) and
 its checkpoint whole: every file hashed against the checkpoint's manifest. A
-damaged file is refused with one line naming it, and nothing is written.
+damaged file is refused with one line naming it, and nothing is written. A
+run with edge clients keeps its edge bundle once it passes
+:func:`protocols.edge_bundle.read_bundle`; a missing one is exported again.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from protocols.run_folder import RunFolder, RunFolderError
     from server.config import load_config
     from simulation import launch
+    from simulation.edge import ensure_edge_bundle
 
     run_dir: Path = args.run_dir
     folder = RunFolder(run_dir)
@@ -63,6 +66,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
             f"no checkpoint in {run_dir}: it stopped before round 1 completed; "
             "start it again with pollinate simulate"
         )
+    ensure_edge_bundle(run_dir)
     console.print(f"resuming {run_dir} after round {done} of {config.run.rounds}")
     result = launch(run_dir, rounds=config.run.rounds, console=console, resume=True)
     return report_run(result, run_dir, config, console)

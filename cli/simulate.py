@@ -108,6 +108,12 @@ def report_run(
     )
     s = run_summary(rows)
     artefact = folder.artefact(get_method(config.run.method).artefact)
+    edge = folder.edge_partitions()
+    if edge:
+        console.print(
+            f"edge clients (ONNX Runtime, no torch): {len(edge)} of "
+            f"{config.federation.clients} (partitions {', '.join(map(str, edge))})"
+        )
     console.print(
         f"{s['metric_name']}: {100 * (s['first_metric'] or 0):.1f}% -> "
         f"{100 * (s['last_metric'] or 0):.1f}%  eval loss {_loss(s['first_eval_loss'])}"

@@ -14,11 +14,18 @@ that lost its synced state. The node keeps serving either way.
 The per-process cache of models and data (:class:`client.runtime.ClientRuntime`)
 is passed to :func:`build_client_app`; the module-level ``app`` makes one on
 its first message.
+
+A node whose node config says ``runtime = "onnx"`` is an edge client: it
+answers ``train.zo`` with :func:`client.edge.handler.handle` (its own cache,
+:class:`client.edge.runtime.EdgeRuntime`) and refuses other training. This
+module and everything an edge node's hello and ``train.zo`` import need no
+torch.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -26,7 +33,9 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from client.node import NodeConfigError, NodeSettings
+from corpora import DatasetError
 from protocols import NodeHello, ProtocolError, encode_hello
+from protocols.errors import OutOfSyncError
 from protocols.identity import IdentityError, sign_hello
 from protocols.installation import check_installation
 from protocols.messages import (
@@ -37,8 +46,10 @@ from protocols.messages import (
     decode_hello_ins,
 )
 from protocols.methods import load_plugin, train_actions
+from protocols.zo_messages import ACTION_ZO
 
 if TYPE_CHECKING:
+    from client.edge.runtime import EdgeRuntime
     from client.runtime import ClientRuntime
 
 check_installation()  # Flower puts the app folder first: a models.py there shadows
@@ -56,22 +67,35 @@ def error_code(exc: BaseException) -> int | None:
 
     ``OutOfSyncError`` before ``ProtocolError`` (it is one): the server then
     resends the whole history. Everything that says the node lacks something
-    (config, data, model, files, the trunk service) is a setup error.
+    (config, data, model, edge bundle, files, the trunk service) is a setup
+    error. Nothing is imported here: an exception of a module not imported
+    yet cannot be raised, and an edge node must not import torch to answer.
     """
-    from client.trunk_client import TrunkError
-    from client.zo_state import OutOfSyncError
-    from corpora import DatasetError
-    from models import ModelLoadError
-
     if isinstance(exc, OutOfSyncError):
         return ERROR_OUT_OF_SYNC
-    if isinstance(exc, TrunkError | NodeConfigError | DatasetError | ModelLoadError):
+    setup: tuple[type, ...] = (NodeConfigError, DatasetError)
+    setup += _loaded(
+        ("client.trunk_client", "TrunkError"),
+        ("models.loading", "ModelLoadError"),
+        ("protocols.edge_bundle", "EdgeBundleError"),
+    )
+    if isinstance(exc, setup):
         return ERROR_NODE_SETUP
     if isinstance(exc, ProtocolError):
         return ERROR_BAD_INSTRUCTION
     if isinstance(exc, OSError):
         return ERROR_NODE_SETUP
     return None
+
+
+def _loaded(*names: tuple[str, str]) -> tuple[type, ...]:
+    """The classes ``(module, name)`` of the modules this process has imported."""
+    out: list[type] = []
+    for module, name in names:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type):
+            out.append(cls)
+    return tuple(out)
 
 
 def error_reply(msg: Message, code: int, exc: BaseException) -> Message:
@@ -82,10 +106,17 @@ def error_reply(msg: Message, code: int, exc: BaseException) -> Message:
 
 
 class _Runtime:
-    """Holds the process's :class:`ClientRuntime`, made on first use."""
+    """Holds the process's :class:`ClientRuntime` and :class:`EdgeRuntime`.
 
-    def __init__(self, runtime: ClientRuntime | None) -> None:
+    Each is made on first use: an edge node never makes (nor imports) the
+    torch one.
+    """
+
+    def __init__(
+        self, runtime: ClientRuntime | None, edge: EdgeRuntime | None = None
+    ) -> None:
         self._runtime = runtime
+        self._edge = edge
 
     def get(self) -> ClientRuntime:
         if self._runtime is None:
@@ -93,6 +124,19 @@ class _Runtime:
 
             self._runtime = ClientRuntime()
         return self._runtime
+
+    def edge(self) -> EdgeRuntime:
+        if self._edge is None:
+            from client.edge.runtime import EdgeRuntime
+
+            self._edge = EdgeRuntime()
+        return self._edge
+
+    def count_examples(self, node: NodeSettings) -> int:
+        """The node's example count, by the runtime the node runs."""
+        if node.runtime == "onnx":
+            return self.edge().count_examples(node.data_path)
+        return self.get().count_examples(node.data_path)
 
 
 def _guarded(
@@ -121,7 +165,7 @@ def _hello(runtime: _Runtime) -> Callable[[Message, Context], Message]:
         nodes accepts the label only with that proof.
         """
         node = NodeSettings.from_context(context)
-        count = runtime.get().count_examples(node.data_path)
+        count = runtime.count_examples(node)
         nonce = decode_hello_ins(msg.content)
         key = node.read_auth_key() if nonce is not None else None
         signature = b""
@@ -140,16 +184,30 @@ def _train(
     action: str, ref: str, runtime: _Runtime
 ) -> Callable[[Message, Context], Message]:
     def train(msg: Message, context: Context) -> Message:
-        """Check the node serves this method, then run the method's handler."""
+        """Check the node serves this method, then run the method's handler.
+
+        An ``onnx`` node runs the edge handler, for ``train.zo`` only.
+        """
         node = NodeSettings.from_context(context)
         node.accept(action)
+        if node.runtime == "onnx":
+            if action != ACTION_ZO:
+                raise NodeConfigError(
+                    f"this node runs the onnx runtime, which trains {ACTION_ZO!r} "
+                    f"(FedKSeed) only, not {action!r}"
+                )
+            from client.edge.handler import handle
+
+            return handle(msg, context, node, runtime.edge())
         handler: Handler = load_plugin(ref)
         return handler(msg, context, node, runtime.get())
 
     return train
 
 
-def build_client_app(runtime: ClientRuntime | None = None) -> ClientApp:
+def build_client_app(
+    runtime: ClientRuntime | None = None, edge: EdgeRuntime | None = None
+) -> ClientApp:
     """A ClientApp serving every registered method with one model cache.
 
     Parameters
@@ -157,8 +215,10 @@ def build_client_app(runtime: ClientRuntime | None = None) -> ClientApp:
     runtime : ClientRuntime, optional
         The cache of models and data to use; ``None`` makes one on the first
         message (what a SuperNode's or Ray actor's process wants).
+    edge : EdgeRuntime, optional
+        The same for ``onnx`` nodes (edge clients).
     """
-    holder = _Runtime(runtime)
+    holder = _Runtime(runtime, edge)
     client_app = ClientApp()
     client_app.query(ACTION_HELLO)(_guarded(_hello(holder)))
     routes = {
@@ -177,7 +237,12 @@ def build_client_app(runtime: ClientRuntime | None = None) -> ClientApp:
 def _secaggplus_mod(
     msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
 ) -> Message:
-    """Flower's ``secaggplus_mod``, imported on the first SecAgg+ message."""
+    """Flower's ``secaggplus_mod``, imported on the first SecAgg+ message.
+
+    An ``onnx`` node refuses (raises): SecAgg+ needs the torch client.
+    """
+    if NodeSettings.from_context(context).runtime == "onnx":
+        raise NodeConfigError("the onnx runtime does not support SecAgg+ yet")
     from client.secagg_handler import secaggplus_mod
 
     return secaggplus_mod(msg, context, call_next)

@@ -2,23 +2,19 @@
 
 Every random draw a node makes comes from a generator seeded by
 :func:`derive_seed` over (run seed, round, node label, purpose), so a node's
-round is reproducible and independent of other nodes.
+round is reproducible and independent of other nodes. ``derive_seed`` lives in
+the torch-free :mod:`client.seeding` and is re-exported here.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 
 import torch
 
+from client.seeding import derive_seed
+
 __all__ = ["derive_seed", "index_batches"]
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts (stable across processes and machines)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def index_batches(

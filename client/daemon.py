@@ -9,6 +9,11 @@ per-message process: FedKSeed's synced model in snapshot files, everything
 else in the messages themselves. SIGINT/SIGTERM stop the SuperNode and the
 daemon. Node keys for authenticated federations come from
 :func:`make_node_key`.
+
+An edge device (no torch) joins with ``runtime="onnx"``: the node config
+then names its edge bundle (``runtime``, ``bundle``), the ClientApp trains
+FedKSeed on ONNX Runtime, and the bundle is checked
+(:func:`protocols.edge_bundle.read_bundle`) before the SuperNode starts.
 """
 
 from __future__ import annotations
@@ -23,10 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from client.node import RUNTIMES
 from protocols.installation import check_installation
 
 __all__ = [
+    "RUNTIMES",
     "JoinSettings",
+    "check_runtime",
+    "edge_methods",
     "make_node_key",
     "run_daemon",
     "start_supernode",
@@ -64,6 +73,10 @@ class JoinSettings:
         Restarts after an unexpected exit before giving up.
     methods : tuple[str, ...]
         Methods this node accepts (empty: all).
+    runtime : str
+        One of :data:`RUNTIMES`: ``torch``, or ``onnx`` for the edge client.
+    bundle : Path | None
+        The edge bundle (``pollinate export --format edge``); with ``onnx`` only.
     """
 
     server: str
@@ -76,6 +89,47 @@ class JoinSettings:
     local_port: int = 9094
     max_restarts: int = 100
     methods: tuple[str, ...] = ()
+    runtime: str = "torch"
+    bundle: Path | None = None
+
+
+def check_runtime(s: JoinSettings) -> None:
+    """Refuse a runtime without what it needs, before any process starts.
+
+    With ``onnx``: the bundle must pass
+    :func:`~protocols.edge_bundle.read_bundle` (every file hashed, the walk,
+    spec and generator checked) and the node may accept only methods an edge
+    client trains.
+
+    Raises
+    ------
+    ValueError
+        If the runtime is unknown, ``onnx`` has no bundle or ``torch`` has one,
+        or a method is not one an edge client trains.
+    protocols.edge_bundle.EdgeBundleError
+        If the bundle is missing, damaged or altered (one line naming it).
+    """
+    if s.runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {s.runtime!r}")
+    if s.runtime == "torch":
+        if s.bundle is not None:
+            raise ValueError("a bundle is for runtime 'onnx' (the edge client)")
+        return
+    if s.bundle is None:
+        raise ValueError("runtime 'onnx' needs the edge bundle (pollinate export)")
+    from protocols.edge_bundle import read_bundle
+
+    wrong = [m for m in s.methods if m not in edge_methods()]
+    if wrong:
+        raise ValueError(f"runtime 'onnx' trains {list(edge_methods())}, not {wrong}")
+    read_bundle(s.bundle)
+
+
+def edge_methods() -> tuple[str, ...]:
+    """The methods an edge client trains (those that export an edge bundle)."""
+    from protocols.methods import get_method, method_names
+
+    return tuple(m for m in method_names() if "edge" in get_method(m).exports)
 
 
 def supernode_command(s: JoinSettings) -> list[str]:
@@ -90,11 +144,16 @@ def supernode_command(s: JoinSettings) -> list[str]:
         raise ValueError("give exactly one of a root certificate (TLS) or insecure")
     tool = Path(sys.executable).parent / "flower-supernode"
     node_config = f'data-path="{s.data.resolve()}" label="{s.label}"'
-    if s.methods:
-        node_config += f' methods="{",".join(s.methods)}"'
+    # An edge node serves only what an edge client trains: others are refused.
+    methods = s.methods or (edge_methods() if s.runtime == "onnx" else ())
+    if methods:
+        node_config += f' methods="{",".join(methods)}"'
     if s.auth_key is not None:
         # The ClientApp signs its hello with the same key (label <-> key).
         node_config += f' auth-key="{s.auth_key.resolve()}"'
+    if s.runtime != "torch":
+        bundle = s.bundle.resolve() if s.bundle is not None else ""
+        node_config += f' runtime="{s.runtime}" bundle="{bundle}"'
     cmd = [
         str(tool),
         "--superlink",
@@ -154,8 +213,11 @@ def run_daemon(s: JoinSettings, *, say: Callable[[str], None] = print) -> int:
     protocols.installation.InstallationError
         Before anything starts, if a file on this process's path shadows a
         Pollinate package (the SuperNode's ClientApps would import it).
+    ValueError, protocols.edge_bundle.EdgeBundleError
+        Before anything starts, from :func:`check_runtime`.
     """
     check_installation()
+    check_runtime(s)
     stopping = False
     child: subprocess.Popen[bytes] | None = None
 

@@ -10,7 +10,6 @@ but never share data.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +17,10 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from client.local_data import DataCache, LocalData
+from client.snapshots import ZO_STATE_ENV, snapshot_folder, state_root
 from client.zo_state import ZoModelState
-from corpora import Example, load_examples
 from models import (
-    TokenizedExample,
     attach_lora,
     default_cache_dir,
     load_causal_lm,
@@ -31,8 +30,6 @@ from models.split import DeviceHead, DeviceTail, device_parts
 from protocols import LoraSpec, SplitSpec, ZOSpec
 
 __all__ = ["ZO_STATE_ENV", "ClientRuntime", "LocalData", "LoraModel", "SplitParts"]
-
-ZO_STATE_ENV = "POLLINATE_ZO_STATE_DIR"
 
 
 @dataclass
@@ -52,14 +49,6 @@ class SplitParts:
     tokenizer: PreTrainedTokenizerBase
 
 
-@dataclass(frozen=True)
-class LocalData:
-    """A node's examples, raw and tokenized for one model."""
-
-    examples: tuple[Example, ...]
-    tokenized: tuple[TokenizedExample, ...]
-
-
 class ClientRuntime:
     """Caches keyed by what determines their content (small, process-wide)."""
 
@@ -67,8 +56,7 @@ class ClientRuntime:
         self._models: dict[tuple[str, str], LoraModel] = {}
         self._zo: dict[tuple[str, str, int, str], ZoModelState] = {}
         self._split: dict[tuple[str, str], SplitParts] = {}
-        self._data: dict[tuple[str, str, int], LocalData] = {}
-        self._max_datasets = max_datasets
+        self._data = DataCache(max_datasets)
 
     def lora_model(self, spec: LoraSpec, device: torch.device) -> LoraModel:
         """The model for ``spec`` on ``device``, built on first use."""
@@ -104,8 +92,8 @@ class ClientRuntime:
             self._zo.clear()
             self._split.clear()
             self._models.clear()  # one base model per process is the budget
-            base = root or os.environ.get(ZO_STATE_ENV) or default_cache_dir() / "zo"
-            folder = Path(base) / f"{run_id}-{spec.fingerprint()}"
+            base = state_root(root) or default_cache_dir() / "zo"
+            folder = snapshot_folder(base, run_id, spec.fingerprint())
             self._zo[key] = ZoModelState(spec, device, folder)
         return self._zo[key]
 
@@ -130,20 +118,13 @@ class ClientRuntime:
         tokenizer: PreTrainedTokenizerBase,
     ) -> LocalData:
         """The node's examples, tokenized for ``spec.model``, read on first use."""
-        key = (str(path), spec.model, spec.max_length)
-        if key not in self._data:
-            if len(self._data) >= self._max_datasets:
-                self._data.pop(next(iter(self._data)))
-            examples = tuple(load_examples(str(path)))
-            tokenized = tuple(
-                tokenize_example(e, tokenizer, spec.max_length) for e in examples
-            )
-            self._data[key] = LocalData(examples, tokenized)
-        return self._data[key]
+        return self._data.get(
+            path,
+            spec.model,
+            spec.max_length,
+            lambda e: tokenize_example(e, tokenizer, spec.max_length),
+        )
 
     def count_examples(self, path: Path) -> int:
         """How many examples the node holds (reads the file if not cached)."""
-        for (p, _, _), data in self._data.items():
-            if p == str(path):
-                return len(data.examples)
-        return len(load_examples(str(path)))
+        return self._data.count(path)

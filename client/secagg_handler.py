@@ -82,7 +82,8 @@ def _zo_update(
         reply_content, num_seeds=k, max_steps=ins.config.local_steps
     )
     sums = torch.zeros(k, dtype=torch.float64)
-    sums.index_add_(0, res.indices.long(), res.scalars.double())
+    indices, scalars = torch.from_numpy(res.indices), torch.from_numpy(res.scalars)
+    sums.index_add_(0, indices.long(), scalars.double())
     metrics = {
         "train-loss": res.train_loss,
         "num-examples": res.num_examples,

@@ -13,6 +13,9 @@ label)``; a deployed node draws a fresh secret seed every round. With
 client-side clipping (central DP, a ``client-clip`` record) the reply holds
 the same merged pairs clipped to C, without noise
 (:func:`strategies.seed_pool.clipped_pairs`); the server adds the noise.
+
+The wire payloads hold NumPy arrays (:mod:`protocols.zo_messages` needs no
+torch); this handler converts at its boundary.
 """
 
 from __future__ import annotations
@@ -24,11 +27,31 @@ from client.node import NodeSettings
 from client.runtime import ClientRuntime
 from client.zo_trainer import zo_local_steps
 from protocols.messages import RoundSchedule
-from protocols.zo_messages import ZoTrainRes, decode_zo_train_ins, encode_zo_train_res
+from protocols.zo_messages import (
+    ZoTrainIns,
+    ZoTrainRes,
+    decode_zo_train_ins,
+    encode_zo_train_res,
+)
 from strategies.privacy import fresh_noise_seed, noise_generator
 from strategies.seed_pool import clipped_pairs, local_dp_pairs
 
-__all__ = ["handle"]
+__all__ = ["handle", "pro_probabilities"]
+
+
+def pro_probabilities(ins: ZoTrainIns) -> torch.Tensor | None:
+    """FedKSeed-Pro's sampling distribution as this torch client draws from it.
+
+    ``softmax(q / 255)`` over the uint8 importances in float64, by
+    ``torch.softmax``: its last bits can differ from NumPy's
+    (:meth:`~protocols.zo_messages.ZoTrainIns.probabilities`, the torch-free
+    clients'), and ``torch.multinomial`` draws depend on them, so the torch
+    client keeps this to draw the same seeds as before. None: uniform sampling.
+    """
+    if ins.importance is None:
+        return None
+    q = torch.from_numpy(ins.importance)
+    return torch.softmax(q.double() / 255.0, dim=0)
 
 
 def handle(
@@ -50,7 +73,7 @@ def handle(
             seeds=state.seeds,
             eps=ins.spec.eps,
             learning_rate=ins.spec.learning_rate,
-            probabilities=ins.probabilities(),
+            probabilities=pro_probabilities(ins),
             pad_id=int(state.tokenizer.pad_token_id),
             label=node.label,
             device=node.device,
@@ -71,8 +94,8 @@ def handle(
             indices, scalars, clip_norm=ins.client_clip.clip_norm
         )
     res = ZoTrainRes(
-        indices=indices,
-        scalars=scalars,
+        indices=indices.detach().cpu().to(torch.int32).numpy(),
+        scalars=scalars.detach().cpu().to(torch.float32).numpy(),
         num_examples=len(data.examples),
         train_loss=stats.mean_loss,
         synced_round=synced_round,

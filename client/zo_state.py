@@ -28,22 +28,19 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from models import load_causal_lm
-from protocols import ProtocolError, SpecMismatchError, ZOSpec, state_hash
+from client.snapshots import best_snapshot, prune_snapshots, snapshot_path
+from models.zo_model import write_w0_, zo_model_for
+from protocols import SpecMismatchError, ZOSpec, state_hash
 from protocols.durable import atomic_write
+from protocols.errors import OutOfSyncError
 from protocols.seeds import (
     GENERATOR_VERSION,
-    ParamWalk,
     apply_seed_sum_,
     candidate_seeds,
 )
 from protocols.zo_messages import ZoTrainIns
 
 __all__ = ["OutOfSyncError", "ZoModelState"]
-
-
-class OutOfSyncError(ProtocolError):
-    """The node cannot reach the target model from what it holds."""
 
 
 class ZoModelState:
@@ -64,12 +61,13 @@ class ZoModelState:
             raise SpecMismatchError(
                 f"spec asks for generator {spec.generator!r}, this node has {GENERATOR_VERSION!r}"
             )
-        loaded = load_causal_lm(spec.model, dtype="float32", device=device)
-        walk = ParamWalk.from_model(loaded.model, spec.include or None)
+        loaded = zo_model_for(spec, device)
+        walk = loaded.walk
         if walk.fingerprint() != spec.walk_fingerprint:
             raise SpecMismatchError(
                 f"parameter walk {walk.fingerprint()} of model {spec.model!r} with include "
-                f"{list(spec.include)} differs from the spec's {spec.walk_fingerprint}"
+                f"{list(spec.include)} and adapter rank {spec.adapter_rank} differs "
+                f"from the spec's {spec.walk_fingerprint}"
             )
         self.spec = spec
         self.device = device
@@ -84,7 +82,7 @@ class ZoModelState:
 
     # -- snapshots ------------------------------------------------------------
     def _snapshot_path(self, round_: int, hash_: str) -> Path:
-        return self.snapshot_dir / f"round-{round_:06d}-{hash_}.safetensors"
+        return snapshot_path(self.snapshot_dir, round_, hash_)
 
     def _write_snapshot(self) -> None:
         self.snapshot_dir.mkdir(parents=True, exist_ok=True)
@@ -93,8 +91,7 @@ class ZoModelState:
             return
         cpu = {n: p.detach().to("cpu").contiguous() for n, p in self.params}
         atomic_write(path, lambda tmp: save_file(cpu, tmp))
-        for old in sorted(self.snapshot_dir.glob("round-*.safetensors"))[:-2]:
-            old.unlink(missing_ok=True)  # keep the newest two
+        prune_snapshots(self.snapshot_dir)  # keep the newest two
 
     def _read_snapshot(self, path: Path, hash_: str) -> None:
         """Load ``path`` into the parameters and check it hashes to ``hash_``.
@@ -118,23 +115,11 @@ class ZoModelState:
             raise OutOfSyncError(f"{path} is damaged ({problem}): removed it")
 
     def _best_snapshot(self, base: int, target: int) -> tuple[int, str, Path] | None:
-        best = None
-        for path in self.snapshot_dir.glob("round-*.safetensors"):
-            parts = path.stem.split("-")
-            if len(parts) != 3 or not parts[1].isdigit():
-                continue  # not a snapshot of ours
-            r, h = int(parts[1]), parts[2]
-            if base <= r <= target and (best is None or r > best[0]):
-                best = (r, h, path)
-        return best
+        return best_snapshot(self.snapshot_dir, base, target)
 
     # -- sync -----------------------------------------------------------------
     def _reset_to_w0(self) -> None:
-        fresh = load_causal_lm(self.spec.model, dtype="float32", device="cpu").model
-        named = dict(fresh.named_parameters())
-        with torch.no_grad():
-            for name, p in self.params:
-                p.copy_(named[name])
+        write_w0_(self.spec, self.params)
         self.round, self.hash, self.dirty = 0, state_hash(self.params), False
 
     def restore(self) -> None:

@@ -16,13 +16,9 @@ from protocols.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from models.batching import (
-        IGNORE_INDEX,
-        PROMPT_TEMPLATE,
-        TokenizedExample,
         TrainBatch,
         collate_prompts,
         collate_train,
-        format_prompt,
         tokenize_example,
     )
     from models.loading import (
@@ -40,8 +36,16 @@ if TYPE_CHECKING:
         load_adapter_tensors,
         peft_config,
     )
+    from models.text import (
+        IGNORE_INDEX,
+        PROMPT_TEMPLATE,
+        TokenizedExample,
+        format_prompt,
+    )
+    from models.zo_model import AdapterShape, ZoModel, load_zo_model, zo_model_for
 
 __all__ = [
+    "AdapterShape",
     "BUILTIN_MODELS",
     "IGNORE_INDEX",
     "PROMPT_TEMPLATE",
@@ -49,6 +53,7 @@ __all__ = [
     "ModelLoadError",
     "TokenizedExample",
     "TrainBatch",
+    "ZoModel",
     "adapter_layout",
     "adapter_tensors",
     "attach_lora",
@@ -58,18 +63,24 @@ __all__ = [
     "format_prompt",
     "load_adapter_tensors",
     "load_causal_lm",
+    "load_zo_model",
     "peft_config",
     "prepare_model",
     "tokenize_example",
+    "zo_model_for",
 ]
 
 _LAZY = {
+    "AdapterShape": "models.zo_model",
+    "ZoModel": "models.zo_model",
+    "load_zo_model": "models.zo_model",
+    "zo_model_for": "models.zo_model",
     "BUILTIN_MODELS": "models.loading",
-    "IGNORE_INDEX": "models.batching",
-    "PROMPT_TEMPLATE": "models.batching",
+    "IGNORE_INDEX": "models.text",
+    "PROMPT_TEMPLATE": "models.text",
     "LoadedModel": "models.loading",
     "ModelLoadError": "models.loading",
-    "TokenizedExample": "models.batching",
+    "TokenizedExample": "models.text",
     "TrainBatch": "models.batching",
     "adapter_layout": "models.lora",
     "adapter_tensors": "models.lora",
@@ -77,7 +88,7 @@ _LAZY = {
     "collate_prompts": "models.batching",
     "collate_train": "models.batching",
     "default_cache_dir": "models.loading",
-    "format_prompt": "models.batching",
+    "format_prompt": "models.text",
     "load_adapter_tensors": "models.lora",
     "load_causal_lm": "models.loading",
     "peft_config": "models.lora",

@@ -1,17 +1,10 @@
-"""Turning examples into token batches: the prompt template and collation.
+"""Turning examples into token batches: tokenization and collation in torch.
 
 Training and evaluation on every party format text the same way, so this is
-shared by clients and the server. An example becomes
-
-    ### Instruction:
-    {prompt}
-
-    ### Response:
-    {response}<eos>
-
-and only the response tokens (and the end-of-sequence token) carry loss.
-Prompts are truncated from the left when the pair does not fit
-``max_length``, so the response is kept whole whenever it can be.
+shared by clients and the server. The template and the prompt-masking rule
+live in :mod:`models.text` (torch-free, so an edge device tokenizes exactly
+alike); this module applies them with a Hugging Face tokenizer and collates
+into torch tensors.
 """
 
 from __future__ import annotations
@@ -22,6 +15,14 @@ from typing import Protocol
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from models.text import (
+    IGNORE_INDEX,
+    PROMPT_TEMPLATE,
+    TokenizedExample,
+    format_prompt,
+    tokenize_ids,
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -34,9 +35,6 @@ __all__ = [
     "tokenize_example",
 ]
 
-IGNORE_INDEX = -100
-PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
-
 
 class _TextPair(Protocol):
     @property
@@ -44,14 +42,6 @@ class _TextPair(Protocol):
 
     @property
     def response(self) -> str: ...
-
-
-@dataclass(frozen=True, slots=True)
-class TokenizedExample:
-    """Token ids of one example and its loss mask (``IGNORE_INDEX`` on the prompt)."""
-
-    input_ids: tuple[int, ...]
-    labels: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,18 +61,14 @@ class TrainBatch:
         )
 
 
-def format_prompt(prompt: str) -> str:
-    """The text the model sees before its answer."""
-    return PROMPT_TEMPLATE.format(prompt=prompt.strip())
-
-
 def tokenize_example(
     example: _TextPair, tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> TokenizedExample:
     """Tokenize one example for causal-LM training with prompt masking.
 
     The response (plus EOS) is cut to at most ``max_length - 8`` tokens and
-    the prompt keeps its last tokens, so at least a little context survives.
+    the prompt keeps its last tokens, so at least a little context survives
+    (:func:`models.text.tokenize_ids`).
     """
     prompt_ids = tokenizer(format_prompt(example.prompt), add_special_tokens=False)[
         "input_ids"
@@ -90,12 +76,7 @@ def tokenize_example(
     answer_ids = tokenizer(example.response.strip(), add_special_tokens=False)[
         "input_ids"
     ]
-    answer_ids = [*answer_ids, tokenizer.eos_token_id][: max_length - 8]
-    prompt_ids = prompt_ids[-(max_length - len(answer_ids)) :]
-    return TokenizedExample(
-        input_ids=tuple(prompt_ids + answer_ids),
-        labels=tuple([IGNORE_INDEX] * len(prompt_ids) + answer_ids),
-    )
+    return tokenize_ids(prompt_ids, answer_ids, tokenizer.eos_token_id, max_length)
 
 
 def collate_train(examples: Sequence[TokenizedExample], pad_id: int) -> TrainBatch:

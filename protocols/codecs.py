@@ -1,10 +1,10 @@
-"""Dtype-exact codec between named torch tensors and a Flower ``ArrayRecord``.
+"""Dtype-exact codec between named arrays (NumPy or torch) and a Flower ``ArrayRecord``.
 
 Wire format, version 1
 ----------------------
 Tensors are grouped by dtype. Each group is concatenated, in manifest order,
 into one flat little-endian byte buffer carried as a single Flower ``Array``
-whose ``dtype`` field is the torch dtype name (``"float32"``, ``"float16"``,
+whose ``dtype`` field is the dtype name (``"float32"``, ``"float16"``,
 ``"bfloat16"``, ``"int32"``, ``"int64"``, ``"uint8"``) and whose ``stype`` is
 :data:`RAW_STYPE`. NumPy has no
 bfloat16, so raw bits travel untouched instead of going through ``np.save``.
@@ -19,20 +19,32 @@ Decoding validates before it builds anything: manifest form, supported dtypes,
 byte counts, an optional expected :class:`TensorLayout`, a size limit and
 finiteness. It raises :class:`~protocols.errors.ProtocolError` naming the
 first problem found.
+
+Two front ends share one implementation of the format:
+:func:`encode_arrays` / :func:`decode_arrays` work on NumPy arrays and need no
+torch (an edge client uses them); :func:`encode_tensors` /
+:func:`decode_tensors` work on torch tensors (bfloat16 included) and import
+torch only when called. Both produce and accept the same bytes.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
+import numpy.typing as npt
 from flwr.app import Array, ArrayRecord
 
 from protocols.errors import PayloadTooLargeError, ProtocolError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "CODEC_VERSION",
@@ -42,7 +54,9 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "TensorEntry",
     "TensorLayout",
+    "decode_arrays",
     "decode_tensors",
+    "encode_arrays",
     "encode_tensors",
 ]
 
@@ -51,15 +65,68 @@ RAW_STYPE = "pollinate.raw.v1"
 MANIFEST_STYPE = "pollinate.manifest.v1"
 MANIFEST_KEY = "__manifest__"
 DEFAULT_MAX_PAYLOAD_BYTES = 512 * 1024 * 1024
-SUPPORTED_DTYPES: Mapping[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "uint8": torch.uint8,
+SUPPORTED_DTYPES: Mapping[str, int] = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int32": 4,
+    "int64": 8,
+    "uint8": 1,
 }
-_DTYPE_NAMES = {v: k for k, v in SUPPORTED_DTYPES.items()}
+"""Wire dtype names and their bytes per element."""
+
+# NumPy carries every wire dtype but bfloat16; its bits travel as int16.
+_NP_DTYPES: Mapping[str, np.dtype[np.generic]] = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype("<i2"),
+    "int32": np.dtype("<i4"),
+    "int64": np.dtype("<i8"),
+    "uint8": np.dtype("u1"),
+}
+_NP_NAMES = frozenset(_NP_DTYPES) - {"bfloat16"}
+_FLOATS = frozenset({"float32", "float16", "bfloat16"})
+
+
+@functools.cache
+def _torch_dtypes() -> Mapping[str, torch.dtype]:
+    """Wire dtype name -> torch dtype (imports torch)."""
+    import torch
+
+    return {
+        "float32": torch.float32,
+        "float16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "int32": torch.int32,
+        "int64": torch.int64,
+        "uint8": torch.uint8,
+    }
+
+
+@functools.cache
+def _torch_names() -> Mapping[torch.dtype, str]:
+    """Torch dtype -> wire dtype name (imports torch)."""
+    return {v: k for k, v in _torch_dtypes().items()}
+
+
+def _dtype_name(name: str, value: object) -> str:
+    """The wire dtype name of a NumPy array or torch tensor ``value``."""
+    if isinstance(value, np.ndarray):
+        dtype: str = value.dtype.name
+        if dtype not in _NP_NAMES:
+            raise ProtocolError(
+                f"array '{name}' has dtype {value.dtype}; the codec carries "
+                f"{sorted(_NP_NAMES)} from NumPy"
+            )
+        return dtype
+    tdtype = getattr(value, "dtype", None)
+    found = _torch_names().get(tdtype) if tdtype is not None else None
+    if found is None:
+        raise ProtocolError(
+            f"tensor '{name}' has dtype {tdtype}; the codec carries "
+            f"{sorted(SUPPORTED_DTYPES)}"
+        )
+    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +153,10 @@ class TensorLayout:
     entries: tuple[TensorEntry, ...]
 
     @classmethod
-    def of(cls, tensors: Mapping[str, torch.Tensor]) -> TensorLayout:
-        """Build the layout of ``tensors`` in their iteration order.
+    def of(
+        cls, tensors: Mapping[str, torch.Tensor] | Mapping[str, npt.NDArray[np.generic]]
+    ) -> TensorLayout:
+        """Build the layout of ``tensors`` (torch or NumPy) in their iteration order.
 
         Raises
         ------
@@ -96,12 +165,8 @@ class TensorLayout:
         """
         entries = []
         for name, t in tensors.items():
-            if t.dtype not in _DTYPE_NAMES:
-                raise ProtocolError(
-                    f"tensor '{name}' has dtype {t.dtype}; the codec carries "
-                    f"{sorted(SUPPORTED_DTYPES)}"
-                )
-            entries.append(TensorEntry(name, _DTYPE_NAMES[t.dtype], tuple(t.shape)))
+            shape = tuple(int(d) for d in t.shape)
+            entries.append(TensorEntry(name, _dtype_name(name, t), shape))
         return cls(tuple(entries))
 
     @property
@@ -136,13 +201,64 @@ class TensorLayout:
                 )
 
 
-def _raw_bytes(t: torch.Tensor) -> bytes:
-    """Little-endian raw bytes of a tensor, on the CPU."""
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
-    data = flat.view(torch.uint8).numpy().tobytes()
-    if sys.byteorder != "little":  # pragma: no cover - no big-endian hosts here
-        raise ProtocolError("the codec needs a little-endian host")
-    return data
+# ------------------------------------------------------------------ encoding
+
+
+def _pack(layout: TensorLayout, chunks: list[bytes]) -> ArrayRecord:
+    """The record of ``layout`` whose entries' little-endian bytes are ``chunks``."""
+    groups: dict[str, list[bytes]] = {}
+    for entry, chunk in zip(layout.entries, chunks, strict=True):
+        groups.setdefault(entry.dtype, []).append(chunk)
+    record = ArrayRecord()
+    for dtype, parts in groups.items():
+        data = b"".join(parts)
+        record[dtype] = Array(
+            dtype=dtype,
+            shape=(len(data) // SUPPORTED_DTYPES[dtype],),
+            stype=RAW_STYPE,
+            data=data,
+        )
+    manifest = {
+        "version": CODEC_VERSION,
+        "tensors": [[e.name, e.dtype, list(e.shape)] for e in layout.entries],
+    }
+    blob = json.dumps(manifest, separators=(",", ":")).encode()
+    record[MANIFEST_KEY] = Array(
+        dtype="uint8", shape=(len(blob),), stype=MANIFEST_STYPE, data=blob
+    )
+    return record
+
+
+def encode_arrays(arrays: Mapping[str, npt.NDArray[np.generic]]) -> ArrayRecord:
+    """Pack named NumPy arrays into one ``ArrayRecord`` (one array per dtype).
+
+    Parameters
+    ----------
+    arrays : Mapping[str, numpy.ndarray]
+        Arrays of dtype float32, float16, int32, int64 or uint8 (any byte
+        order or memory layout). The iteration order is the wire order.
+
+    Returns
+    -------
+    ArrayRecord
+        The same bytes :func:`encode_tensors` makes from equal tensors.
+
+    Raises
+    ------
+    ProtocolError
+        If a value is not an array of a supported dtype.
+    """
+    for name, a in arrays.items():
+        if not isinstance(a, np.ndarray):
+            raise ProtocolError(
+                f"array '{name}' is a {type(a).__name__}, not a numpy.ndarray"
+            )
+    layout = TensorLayout.of(arrays)
+    chunks = [
+        np.asarray(a, dtype=_NP_DTYPES[e.dtype]).tobytes(order="C")
+        for e, a in zip(layout.entries, arrays.values(), strict=True)
+    ]
+    return _pack(layout, chunks)
 
 
 def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -151,7 +267,7 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     Parameters
     ----------
     tensors : Mapping[str, torch.Tensor]
-        Tensors of dtype float32, float16 or bfloat16, on any device. The
+        Tensors of a dtype in :data:`SUPPORTED_DTYPES`, on any device. The
         iteration order is the wire order.
 
     Returns
@@ -164,26 +280,25 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     ProtocolError
         If a tensor has an unsupported dtype.
     """
+    import torch
+
+    if sys.byteorder != "little":  # pragma: no cover - no big-endian hosts here
+        raise ProtocolError("the codec needs a little-endian host")
     layout = TensorLayout.of(tensors)
-    groups: dict[str, list[bytes]] = {}
-    for entry, t in zip(layout.entries, tensors.values(), strict=True):
-        groups.setdefault(entry.dtype, []).append(_raw_bytes(t))
-    record = ArrayRecord()
-    for dtype, chunks in groups.items():
-        data = b"".join(chunks)
-        itemsize = torch.empty((), dtype=SUPPORTED_DTYPES[dtype]).element_size()
-        record[dtype] = Array(
-            dtype=dtype, shape=(len(data) // itemsize,), stype=RAW_STYPE, data=data
-        )
-    manifest = {
-        "version": CODEC_VERSION,
-        "tensors": [[e.name, e.dtype, list(e.shape)] for e in layout.entries],
-    }
-    blob = json.dumps(manifest, separators=(",", ":")).encode()
-    record[MANIFEST_KEY] = Array(
-        dtype="uint8", shape=(len(blob),), stype=MANIFEST_STYPE, data=blob
-    )
-    return record
+    chunks = [
+        t.detach()
+        .to("cpu")
+        .contiguous()
+        .reshape(-1)
+        .view(torch.uint8)
+        .numpy()
+        .tobytes()
+        for t in tensors.values()
+    ]
+    return _pack(layout, chunks)
+
+
+# ------------------------------------------------------------------ decoding
 
 
 def _read_manifest(record: ArrayRecord) -> TensorLayout:
@@ -231,6 +346,104 @@ def _read_manifest(record: ArrayRecord) -> TensorLayout:
     return TensorLayout(tuple(entries))
 
 
+def _unpack(
+    record: ArrayRecord, expected: TensorLayout | None, max_bytes: int
+) -> tuple[TensorLayout, dict[str, npt.NDArray[np.generic]]]:
+    """Validate ``record`` and return its layout and one fresh flat array per dtype.
+
+    bfloat16 comes back as its int16 bit patterns.
+    """
+    layout = _read_manifest(record)
+    if expected is not None:
+        expected.check(layout)
+    need: dict[str, int] = {}
+    for e in layout.entries:
+        need[e.dtype] = need.get(e.dtype, 0) + e.numel
+    extra = set(record.keys()) - set(need) - {MANIFEST_KEY}
+    if extra:
+        raise ProtocolError(f"payload has unexpected arrays {sorted(extra)}")
+    total = 0
+    flats: dict[str, npt.NDArray[np.generic]] = {}
+    for dtype, numel in need.items():
+        if dtype not in record:
+            raise ProtocolError(f"payload lacks the '{dtype}' array its manifest names")
+        arr = record[dtype]
+        nbytes = numel * SUPPORTED_DTYPES[dtype]
+        total += len(arr.data)
+        if total > max_bytes:
+            raise PayloadTooLargeError(
+                f"payload exceeds the limit of {max_bytes} bytes"
+            )
+        if arr.stype != RAW_STYPE or arr.dtype != dtype:
+            raise ProtocolError(
+                f"array '{dtype}' is tagged dtype={arr.dtype!r} stype={arr.stype!r}"
+            )
+        if len(arr.data) != nbytes:
+            raise ProtocolError(
+                f"array '{dtype}' holds {len(arr.data)} bytes, manifest needs {nbytes}"
+            )
+        flat = np.empty(numel, dtype=_NP_DTYPES[dtype])  # aligned, owns its memory
+        if nbytes:
+            flat.view(np.uint8)[:] = np.frombuffer(arr.data, dtype=np.uint8)
+        flats[dtype] = flat
+    return layout, flats
+
+
+def decode_arrays(
+    record: ArrayRecord,
+    *,
+    expected: TensorLayout | None = None,
+    max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    allow_nonfinite: bool = False,
+) -> dict[str, npt.NDArray[Any]]:
+    """Unpack an ``ArrayRecord`` into NumPy arrays, validating it (no torch needed).
+
+    Parameters
+    ----------
+    record : ArrayRecord
+        The received record.
+    expected : TensorLayout, optional
+        When given, names, dtypes and shapes must match it exactly.
+    max_bytes : int
+        Largest total tensor payload accepted, in bytes.
+    allow_nonfinite : bool
+        Accept NaN and Inf values (off by default).
+
+    Returns
+    -------
+    dict[str, numpy.ndarray]
+        Fresh writable arrays (not views of the message buffer) in manifest
+        order, of native little-endian dtypes.
+
+    Raises
+    ------
+    PayloadTooLargeError
+        If the payload exceeds ``max_bytes``.
+    ProtocolError
+        For any other violation, including a bfloat16 tensor (NumPy has no
+        bfloat16: use :func:`decode_tensors`); the message names the tensor or key.
+    """
+    layout, flats = _unpack(record, expected, max_bytes)
+    offsets = dict.fromkeys(flats, 0)
+    out: dict[str, npt.NDArray[Any]] = {}
+    for e in layout.entries:
+        if e.dtype not in _NP_NAMES:
+            raise ProtocolError(
+                f"tensor '{e.name}' has dtype {e.dtype}, which NumPy cannot hold"
+            )
+        start = offsets[e.dtype]
+        a = flats[e.dtype][start : start + e.numel].reshape(e.shape)
+        offsets[e.dtype] = start + e.numel
+        if (
+            not allow_nonfinite
+            and e.dtype in _FLOATS
+            and not bool(np.isfinite(a).all())
+        ):
+            raise ProtocolError(f"tensor '{e.name}' contains NaN or Inf values")
+        out[e.name] = a
+    return out
+
+
 def decode_tensors(
     record: ArrayRecord,
     *,
@@ -266,52 +479,15 @@ def decode_tensors(
     ProtocolError
         For any other violation; the message names the tensor or key.
     """
-    layout = _read_manifest(record)
-    if expected is not None:
-        expected.check(layout)
-    need: dict[str, int] = {}
-    for e in layout.entries:
-        need[e.dtype] = need.get(e.dtype, 0) + e.numel
-    extra = set(record.keys()) - set(need) - {MANIFEST_KEY}
-    if extra:
-        raise ProtocolError(f"payload has unexpected arrays {sorted(extra)}")
-    total = 0
-    flats: dict[str, torch.Tensor] = {}
-    for dtype, numel in need.items():
-        if dtype not in record:
-            raise ProtocolError(f"payload lacks the '{dtype}' array its manifest names")
-        arr = record[dtype]
-        tdtype = SUPPORTED_DTYPES[dtype]
-        nbytes = numel * torch.empty((), dtype=tdtype).element_size()
-        total += len(arr.data)
-        if total > max_bytes:
-            raise PayloadTooLargeError(
-                f"payload exceeds the limit of {max_bytes} bytes"
-            )
-        if arr.stype != RAW_STYPE or arr.dtype != dtype:
-            raise ProtocolError(
-                f"array '{dtype}' is tagged dtype={arr.dtype!r} stype={arr.stype!r}"
-            )
-        if len(arr.data) != nbytes:
-            raise ProtocolError(
-                f"array '{dtype}' holds {len(arr.data)} bytes, manifest needs {nbytes}"
-            )
-        if nbytes == 0:
-            flats[dtype] = torch.empty(0, dtype=tdtype)
-            continue
-        buf = torch.frombuffer(bytearray(arr.data), dtype=torch.uint8)
-        flats[dtype] = buf.view(tdtype)
-    return _split(layout, flats, allow_nonfinite=allow_nonfinite, device=device)
+    import torch
 
-
-def _split(
-    layout: TensorLayout,
-    flats: Mapping[str, torch.Tensor],
-    *,
-    allow_nonfinite: bool,
-    device: torch.device | str,
-) -> dict[str, torch.Tensor]:
-    """Cut flat per-dtype buffers into the tensors of ``layout``."""
+    if sys.byteorder != "little":  # pragma: no cover - no big-endian hosts here
+        raise ProtocolError("the codec needs a little-endian host")
+    layout, arrays = _unpack(record, expected, max_bytes)
+    tdtypes = _torch_dtypes()
+    flats = {
+        dtype: torch.from_numpy(a).view(tdtypes[dtype]) for dtype, a in arrays.items()
+    }
     offsets = dict.fromkeys(flats, 0)
     out: dict[str, torch.Tensor] = {}
     for e in layout.entries:

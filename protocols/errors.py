@@ -8,7 +8,12 @@ instruction into an error reply without crashing.
 
 from __future__ import annotations
 
-__all__ = ["PayloadTooLargeError", "ProtocolError", "SpecMismatchError"]
+__all__ = [
+    "OutOfSyncError",
+    "PayloadTooLargeError",
+    "ProtocolError",
+    "SpecMismatchError",
+]
 
 
 class ProtocolError(ValueError):
@@ -21,3 +26,7 @@ class PayloadTooLargeError(ProtocolError):
 
 class SpecMismatchError(ProtocolError):
     """Both sides disagree on a spec that must match bit for bit."""
+
+
+class OutOfSyncError(ProtocolError):
+    """The node cannot reach the target model from what it holds."""

@@ -1,7 +1,11 @@
 """Message actions, record keys and the typed payloads of each exchange.
 
-Every payload that crosses between server and client is built and read here,
-so no other module spells a record key. Decoders validate and raise
+Every payload that crosses between server and client is built and read here
+or in a sibling that owns one family of records (:mod:`protocols.privacy_messages`:
+local DP, client clipping and SecAgg+, re-exported here;
+:mod:`protocols.zo_messages`, :mod:`protocols.split_messages`), so no other
+module spells a record key. Decoders read each key through
+:mod:`protocols.record_fields`, validate, and raise
 :class:`~protocols.errors.ProtocolError` naming the offending key.
 
 Exchanges
@@ -22,12 +26,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from protocols.codecs import (
     DEFAULT_MAX_PAYLOAD_BYTES,
@@ -37,7 +39,28 @@ from protocols.codecs import (
 )
 from protocols.errors import ProtocolError
 from protocols.methods import LORA
+from protocols.privacy_messages import (
+    MESSAGE_SECURE_MEAN,
+    SECURE_MEAN_LABEL,
+    ClientClip,
+    LocalPrivacy,
+    SecAggTask,
+    SecureMean,
+    decode_secure_mean,
+    encode_secure_mean,
+    get_client_clip,
+    get_local_privacy,
+    get_secagg,
+    put_client_clip,
+    put_local_privacy,
+    put_secagg,
+    strip_secagg,
+)
+from protocols.record_fields import MAX_WIRE_FLOAT, get_field, get_record
 from protocols.specs import LoraSpec
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "ACTION_HELLO",
@@ -100,14 +123,6 @@ _HELLO_INS = "hello-ins"
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 
-MAX_WIRE_FLOAT = 1e30
-"""Largest magnitude of any float read from the wire (metrics, settings).
-
-A loss or rate beyond it is nonsense, and the bound keeps every aggregate
-finite: an example-weighted mean of values within it cannot overflow float64,
-where ``1e308`` alone overflows once weighted by two examples.
-"""
-
 MAX_LABEL_CHARS = 128
 
 
@@ -165,10 +180,10 @@ class RoundSchedule:
 
 def _schedule_fields(record: ConfigRecord) -> dict[str, int]:
     return {
-        "server_round": _get(record, "server-round", int),
-        "local_steps": _get(record, "local-steps", int),
-        "batch_size": _get(record, "batch-size", int),
-        "seed": _get(record, "seed", int),
+        "server_round": get_field(record, "server-round", int),
+        "local_steps": get_field(record, "local-steps", int),
+        "batch_size": get_field(record, "batch-size", int),
+        "seed": get_field(record, "seed", int),
     }
 
 
@@ -220,331 +235,9 @@ class LocalTrainConfig(RoundSchedule):
         """Decode and validate; raises :class:`ProtocolError` naming the key."""
         return LocalTrainConfig(
             **_schedule_fields(record),
-            learning_rate=_get(record, "learning-rate", float),
-            weight_decay=_get(record, "weight-decay", float),
+            learning_rate=get_field(record, "learning-rate", float),
+            weight_decay=get_field(record, "weight-decay", float),
         )
-
-
-def _get(record: Mapping[str, Any], key: str, kind: type) -> Any:
-    """Read ``record[key]`` as ``kind``, naming the key when it is wrong."""
-    if key not in record:
-        raise ProtocolError(f"record lacks key '{key}'")
-    value = record[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise ProtocolError(
-            f"key '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}"
-        )
-    if isinstance(value, float) and not (
-        math.isfinite(value) and abs(value) <= MAX_WIRE_FLOAT
-    ):
-        raise ProtocolError(
-            f"key '{key}' must be finite with magnitude <= {MAX_WIRE_FLOAT:g}, "
-            f"got {value!r}"
-        )
-    return value
-
-
-def _record(content: RecordDict, key: str, kind: type) -> Any:
-    if key not in content:
-        raise ProtocolError(f"message content lacks record '{key}'")
-    rec = content[key]
-    if not isinstance(rec, kind):
-        raise ProtocolError(f"record '{key}' must be a {kind.__name__}")
-    return rec
-
-
-_LOCAL_DP = "local-dp"
-
-
-@dataclass(frozen=True, slots=True)
-class LocalPrivacy:
-    """Local differential privacy a client applies to its update before replying.
-
-    Sent, as an optional ``local-dp`` record, in a training instruction of a
-    run with ``privacy.mode = "local"`` (see :mod:`strategies.privacy`): the
-    client clips its update to L2 norm ``clip_norm`` and adds Gaussian noise
-    of standard deviation ``noise_multiplier * clip_norm`` to every value.
-
-    Attributes
-    ----------
-    clip_norm : float
-        C, > 0.
-    noise_multiplier : float
-        sigma, > 0.
-    """
-
-    clip_norm: float
-    noise_multiplier: float
-
-    def __post_init__(self) -> None:
-        for name in ("clip_norm", "noise_multiplier"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and 0 < value <= MAX_WIRE_FLOAT):
-                raise ProtocolError(
-                    f"local-dp field '{name}' must be finite and > 0, got {value!r}"
-                )
-
-    def std(self) -> float:
-        """The noise's standard deviation, ``sigma * C``."""
-        return self.noise_multiplier * self.clip_norm
-
-
-def put_local_privacy(content: RecordDict, dp: LocalPrivacy | None) -> RecordDict:
-    """Add ``dp`` to an instruction's content (nothing when None); returns it."""
-    if dp is not None:
-        content[_LOCAL_DP] = ConfigRecord(
-            {"clip-norm": dp.clip_norm, "noise-multiplier": dp.noise_multiplier}
-        )
-    return content
-
-
-def get_local_privacy(content: RecordDict) -> LocalPrivacy | None:
-    """The instruction's local DP settings, or None when it asks for none.
-
-    Raises
-    ------
-    ProtocolError
-        If the record is there but malformed.
-    """
-    if _LOCAL_DP not in content:
-        return None
-    rec = _record(content, _LOCAL_DP, ConfigRecord)
-    return LocalPrivacy(
-        clip_norm=_get(rec, "clip-norm", float),
-        noise_multiplier=_get(rec, "noise-multiplier", float),
-    )
-
-
-_CLIENT_CLIP = "client-clip"
-
-
-@dataclass(frozen=True, slots=True)
-class ClientClip:
-    """The L2 bound a client clips its update to before replying (no noise).
-
-    Sent, as an optional ``client-clip`` record, in a training instruction of
-    a run with ``privacy.mode = "central"`` and ``privacy.clipping =
-    "client"`` (Flower's client-side fixed clipping; see
-    :mod:`strategies.privacy`): the server adds the noise to the sum.
-
-    Attributes
-    ----------
-    clip_norm : float
-        C, > 0.
-    """
-
-    clip_norm: float
-
-    def __post_init__(self) -> None:
-        value = self.clip_norm
-        if not (math.isfinite(value) and 0 < value <= MAX_WIRE_FLOAT):
-            raise ProtocolError(
-                f"client-clip field 'clip-norm' must be finite and > 0, got {value!r}"
-            )
-
-
-def put_client_clip(content: RecordDict, clip: ClientClip | None) -> RecordDict:
-    """Add ``clip`` to an instruction's content (nothing when None); returns it."""
-    if clip is not None:
-        content[_CLIENT_CLIP] = ConfigRecord({"clip-norm": clip.clip_norm})
-    return content
-
-
-def get_client_clip(content: RecordDict) -> ClientClip | None:
-    """The instruction's client clip, or None when it asks for none.
-
-    Raises
-    ------
-    ProtocolError
-        If the record is there but malformed.
-    """
-    if _CLIENT_CLIP not in content:
-        return None
-    rec = _record(content, _CLIENT_CLIP, ConfigRecord)
-    return ClientClip(clip_norm=_get(rec, "clip-norm", float))
-
-
-_SECAGG = "secagg"
-_SECAGGPLUS_CONFIGS = "secaggplus_configs"  # Flower's RECORD_KEY_CONFIGS (SecAgg+ mod)
-_SECURE_MEAN = "secure-mean"
-_SECURE_SUMMARY = "secure-summary"
-_SECURE_CLIENT = "secure-client"
-SECURE_MEAN_LABEL = "secure-mean"
-"""The label of the one reply a SecAgg+ round hands to a strategy."""
-MESSAGE_SECURE_MEAN = "train.secure_mean"
-"""Its message type: built by the server, never a node's reply type."""
-
-
-@dataclass(frozen=True, slots=True)
-class SecAggTask:
-    """What a SecAgg+ ``train`` instruction asks of the method's own handler.
-
-    Sent, as a ``secagg`` record, next to the method's instruction records in
-    a ``privacy.secagg`` run (:mod:`server.secure_aggregation`).
-
-    Attributes
-    ----------
-    action : str
-        The method's training action (``lora``, ``zo``) whose handler runs.
-    weight : int
-        The weight the server dictates for this node's update (>= 1); the
-        node reports it as its ``num_examples`` to Flower's SecAgg+ mod.
-    clip : float
-        SecAgg+ clipping range: each weighted value is clipped to +-clip
-        before quantization (> 0).
-    """
-
-    action: str
-    weight: int
-    clip: float
-
-    def __post_init__(self) -> None:
-        if not (self.action.isidentifier() and self.action.islower()):
-            raise ProtocolError(f"secagg action {self.action!r} is not an action")
-        if self.weight < 1:
-            raise ProtocolError(f"secagg weight must be >= 1, got {self.weight}")
-        if not (math.isfinite(self.clip) and 0 < self.clip <= MAX_WIRE_FLOAT):
-            raise ProtocolError(f"secagg clip must be finite and > 0, got {self.clip}")
-
-
-def put_secagg(content: RecordDict, task: SecAggTask) -> RecordDict:
-    """Add ``task`` to an instruction's content; returns it."""
-    content[_SECAGG] = ConfigRecord(
-        {"action": task.action, "weight": task.weight, "clip": task.clip}
-    )
-    return content
-
-
-def get_secagg(content: RecordDict) -> SecAggTask | None:
-    """The instruction's SecAgg+ task, or None when it has none.
-
-    Raises
-    ------
-    ProtocolError
-        If the record is there but malformed.
-    """
-    if _SECAGG not in content:
-        return None
-    rec = _record(content, _SECAGG, ConfigRecord)
-    return SecAggTask(
-        action=_get(rec, "action", str),
-        weight=_get(rec, "weight", int),
-        clip=_get(rec, "clip", float),
-    )
-
-
-def strip_secagg(content: RecordDict) -> RecordDict:
-    """A copy of ``content`` without the SecAgg+ records (the method's own records).
-
-    The records themselves are shared, not copied.
-    """
-    drop = {_SECAGG, _SECAGGPLUS_CONFIGS}
-    return RecordDict({k: v for k, v in content.items() if k not in drop})
-
-
-ClearValue = int | float | str | bool | bytes
-
-
-@dataclass(frozen=True)
-class SecureMean:
-    """What a SecAgg+ round reveals to the server: a mean, never an update.
-
-    Attributes
-    ----------
-    mean : np.ndarray
-        1-D float64: ``sum_i w_i x_i / sum_i w_i`` over the survivors, each
-        ``x_i`` the node's flat update (LoRA: adapter change in layout order;
-        FedKSeed: per-seed scalar sums), within the quantization error.
-    total_weight : float
-        ``sum_i w_i`` as the unmasked weight slot says (each client's slot is
-        its own claim; quantized to ``weight_step``).
-    weight_step : float
-        Quantum of one client's weight (``max_weight / quantization``).
-    survivors : tuple[str, ...]
-        Labels of the nodes whose update is in ``mean``, sorted.
-    weights : tuple[int, ...]
-        The weight the server dictated to each survivor (same order).
-    metrics : dict[str, dict[str, ClearValue]]
-        Each survivor's clear metrics (train loss, example count...), as
-        the node sent them: unvalidated.
-    dropped : dict[str, str]
-        Each sampled node left out of the mean, and why (its error reply's
-        text, or that it did not answer a stage).
-    """
-
-    mean: np.ndarray
-    total_weight: float
-    weight_step: float
-    survivors: tuple[str, ...]
-    weights: tuple[int, ...]
-    metrics: dict[str, dict[str, ClearValue]]
-    dropped: dict[str, str] = field(default_factory=dict)
-
-
-def encode_secure_mean(result: SecureMean) -> RecordDict:
-    """The content of the server-side ``secure-mean`` reply (never on the wire)."""
-    content = RecordDict(
-        {
-            _SECURE_MEAN: ArrayRecord(
-                {"mean": Array(np.ascontiguousarray(result.mean, dtype=np.float64))}
-            ),
-            _SECURE_SUMMARY: ConfigRecord(
-                {
-                    "total-weight": float(result.total_weight),
-                    "weight-step": float(result.weight_step),
-                    "survivors": list(result.survivors),
-                    "weights": [int(w) for w in result.weights],
-                    "dropped": list(result.dropped),
-                    "dropped-reasons": list(result.dropped.values()),
-                }
-            ),
-        }
-    )
-    for i, label in enumerate(result.survivors):
-        content[f"{_SECURE_CLIENT}.{i}"] = ConfigRecord(
-            dict(result.metrics.get(label, {}))
-        )
-    return content
-
-
-def decode_secure_mean(content: RecordDict) -> SecureMean:
-    """Read a ``secure-mean`` reply (values are not checked for finiteness here).
-
-    Raises
-    ------
-    ProtocolError
-        On a missing record or inconsistent lengths.
-    """
-    arrays = _record(content, _SECURE_MEAN, ArrayRecord)
-    if "mean" not in arrays:
-        raise ProtocolError("secure-mean record lacks array 'mean'")
-    mean = arrays["mean"].numpy()
-    if mean.ndim != 1 or mean.dtype != np.float64:
-        raise ProtocolError("secure mean must be a 1-D float64 array")
-    summary = _record(content, _SECURE_SUMMARY, ConfigRecord)
-    survivors = tuple(str(s) for s in summary.get("survivors", []))
-    weights = tuple(int(w) for w in summary.get("weights", []))
-    if len(weights) != len(survivors):
-        raise ProtocolError("secure-mean survivors and weights differ in length")
-    metrics = {
-        label: dict(_record(content, f"{_SECURE_CLIENT}.{i}", ConfigRecord))
-        for i, label in enumerate(survivors)
-    }
-    dropped_labels = [str(s) for s in summary.get("dropped", [])]
-    reasons = [str(s) for s in summary.get("dropped-reasons", [])]
-    if len(reasons) != len(dropped_labels):
-        raise ProtocolError("secure-mean dropped nodes and reasons differ in length")
-    return SecureMean(
-        mean=mean,
-        total_weight=float(_get(summary, "total-weight", float)),
-        weight_step=float(_get(summary, "weight-step", float)),
-        survivors=survivors,
-        weights=weights,
-        metrics=metrics,
-        dropped=dict(zip(dropped_labels, reasons, strict=True)),
-    )
 
 
 def encode_hello_ins(nonce: bytes) -> RecordDict:
@@ -562,7 +255,9 @@ def decode_hello_ins(content: RecordDict) -> bytes | None:
     """
     if _HELLO_INS not in content:
         return None
-    nonce: bytes = _get(_record(content, _HELLO_INS, ConfigRecord), "nonce", bytes)
+    nonce: bytes = get_field(
+        get_record(content, _HELLO_INS, ConfigRecord), "nonce", bytes
+    )
     if not 16 <= len(nonce) <= 64:
         raise ProtocolError(f"hello nonce must be 16-64 bytes, got {len(nonce)}")
     return nonce
@@ -605,8 +300,8 @@ def decode_hello(content: RecordDict) -> NodeHello:
         On a missing key, or a label that is empty, longer than
         :data:`MAX_LABEL_CHARS` or not printable (labels go into logs).
     """
-    rec = _record(content, _HELLO, ConfigRecord)
-    label: str = _get(rec, "label", str)
+    rec = get_record(content, _HELLO, ConfigRecord)
+    label: str = get_field(rec, "label", str)
     if not (0 < len(label) <= MAX_LABEL_CHARS and label.isprintable()):
         raise ProtocolError(
             f"'label' must be 1-{MAX_LABEL_CHARS} printable characters, "
@@ -614,8 +309,8 @@ def decode_hello(content: RecordDict) -> NodeHello:
         )
     return NodeHello(
         label=label,
-        num_examples=_get(rec, NUM_EXAMPLES, int),
-        signature=_get(rec, "signature", bytes),
+        num_examples=get_field(rec, NUM_EXAMPLES, int),
+        signature=get_field(rec, "signature", bytes),
     )
 
 
@@ -660,10 +355,12 @@ def decode_lora_train_ins(
     ProtocolError
         On a missing record, a bad spec or train config, or a bad adapter.
     """
-    spec = LoraSpec.from_config_record(_record(content, _SPEC, ConfigRecord))
-    config = LocalTrainConfig.from_config_record(_record(content, _TRAIN, ConfigRecord))
+    spec = LoraSpec.from_config_record(get_record(content, _SPEC, ConfigRecord))
+    config = LocalTrainConfig.from_config_record(
+        get_record(content, _TRAIN, ConfigRecord)
+    )
     adapter = decode_tensors(
-        _record(content, _ADAPTER, ArrayRecord), max_bytes=max_bytes
+        get_record(content, _ADAPTER, ArrayRecord), max_bytes=max_bytes
     )
     return LoraTrainIns(spec=spec, config=config, adapter=adapter)
 
@@ -696,13 +393,13 @@ def decode_lora_train_res(
         a non-positive example count, or a loss that is not finite or exceeds
         :data:`MAX_WIRE_FLOAT` in magnitude (the reason names the metric).
     """
-    metrics = _record(content, _METRICS, MetricRecord)
-    num_examples = _get(metrics, NUM_EXAMPLES, int)
+    metrics = get_record(content, _METRICS, MetricRecord)
+    num_examples = get_field(metrics, NUM_EXAMPLES, int)
     if num_examples <= 0:
         raise ProtocolError(f"'{NUM_EXAMPLES}' must be > 0, got {num_examples}")
-    train_loss = _get(metrics, TRAIN_LOSS, float)
+    train_loss = get_field(metrics, TRAIN_LOSS, float)
     adapter = decode_tensors(
-        _record(content, _ADAPTER, ArrayRecord),
+        get_record(content, _ADAPTER, ArrayRecord),
         expected=expected,
         max_bytes=max_bytes,
         device=device,

@@ -50,8 +50,9 @@ __all__ = [
     "train_actions",
 ]
 
-EXPORT_FORMATS = ("adapter", "merged", "onnx")
-"""Every export format some method offers (see :mod:`server.export`)."""
+EXPORT_FORMATS = ("adapter", "merged", "onnx", "edge")
+"""Every export format some method offers (see :mod:`server.export`); ``edge``
+is the bundle an inference-only device trains (:mod:`protocols.edge_bundle`)."""
 
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 _ACTION = re.compile(r"^[a-z_][a-z0-9_]*$")  # a Flower action: a Python identifier
@@ -216,7 +217,7 @@ def _fedkseed(name: str, summary: str, sampling: str) -> Method:
         server="server.zo_driver:ZoMethod",
         client="client.zo_handler:handle",
         artefact="model/perturbed.safetensors",
-        exports=("adapter", "merged", "onnx"),
+        exports=("adapter", "merged", "onnx", "edge"),
         options={"sampling": sampling},
     )
 

@@ -15,10 +15,12 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from protocols.errors import ProtocolError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ParamWalk"]
 

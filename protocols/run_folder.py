@@ -8,7 +8,8 @@ clients, the simulation launcher, the server CLI, export) asks a
     status.json          running | completed | failed | stopped | resuming
     metrics.jsonl        one JSON object per round (round 0: the initial model)
     metrics.png          the plot
-    partitions.json      which groups each simulated client holds
+    partitions.json      which groups each simulated client holds, which are edge
+    edge-bundle/         the edge bundle the simulated edge clients train on
     data/eval.jsonl      the server's held-out examples
     data/client-NNNN.jsonl   one simulated client's examples
     checkpoint/state.json    the last completed round's server state
@@ -25,8 +26,10 @@ Every write is atomic (:mod:`protocols.durable`); every read validates what it
 parses and raises a :class:`RunFolderError` that names the file, so a damaged
 file is never taken at its word. A checkpoint is built in a staging folder
 (tensors, then ``state.json``, then its manifest of content hashes,
-:mod:`protocols.manifest`) and swapped in whole; a checkpoint or final artefact
-whose manifest is missing or disagrees with its files is refused.
+:mod:`protocols.manifest`) and swapped in whole (:mod:`protocols.run_checkpoint`
+owns its format); a checkpoint or final artefact whose manifest is missing or
+disagrees with its files is refused. JSON files are read through
+:mod:`protocols.run_json`.
 
 One process owns a run at a time: :meth:`RunFolder.lock` holds an exclusive
 ``flock`` on ``.lock`` (which records the owner's pid) for as long as the owner
@@ -41,33 +44,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load, save
-
-from protocols.durable import (
-    atomic_write_bytes,
-    atomic_write_text,
-    committed_dir,
-    replace_dir,
-)
-from protocols.manifest import (
-    Manifest,
-    ManifestError,
-    manifest_path,
-    read_manifest,
-    seal,
-    verified_bytes,
-    verify,
-)
+from protocols.durable import atomic_write_bytes, atomic_write_text
+from protocols.manifest import ManifestError, manifest_path, seal, verify
 from protocols.metrics_log import MetricsLog, read_metrics
 from protocols.owner_lock import OwnerLockHeld, hold_lock, lock_holder
+from protocols.run_checkpoint import Checkpoint, safetensors_bytes
 from protocols.run_errors import (
     CheckpointError,
     MetricsError,
@@ -76,6 +62,10 @@ from protocols.run_errors import (
     one_line,
     wrong_type,
 )
+from protocols.run_json import read_json_object
+
+if TYPE_CHECKING:  # torch is imported where tensors are read or written:
+    import torch  # an edge client reads its run folder without torch
 
 __all__ = [
     "RUN_DIR_KEY",
@@ -99,10 +89,7 @@ RUN_STATES = ("not started", "running", "resuming", "completed", "failed", "stop
 
 ENDED_STATES = ("completed", "failed", "stopped")
 
-_MAX_JSON_BYTES = 64 * 1024 * 1024  # a status or checkpoint state is kilobytes
-
-
-_STATE_FILE = "state.json"
+_EDGE_KEY = "edge"  # partitions.json: the partitions that run the edge client
 # The types of the fields other code reads from status.json.
 _STATUS_TYPES: dict[str, tuple[type, ...]] = {
     "error": (str,),
@@ -137,42 +124,6 @@ class RunStatus:
         """The recorded error of a failed run, if any."""
         value = self.fields.get("error")
         return None if value is None else str(value)
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; FileNotFoundError passes through."""
-    size = path.stat().st_size
-    if size > _MAX_JSON_BYTES:
-        raise RunFolderError(f"{path}: {size} bytes, more than a run file can hold")
-    try:
-        data = path.read_bytes()
-    except IsADirectoryError:
-        raise RunFolderError(f"{path} is a folder, not a file") from None
-    return _parse_json_object(data, path)
-
-
-def _parse_json_object(data: bytes, path: Path) -> dict[str, Any]:
-    """The JSON object ``data`` (read from ``path``, which errors name)."""
-    try:
-        value = json.loads(data.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunFolderError(
-            f"{path} is damaged: not valid JSON ({one_line(exc)})"
-        ) from None
-    except RecursionError:
-        raise RunFolderError(f"{path} is damaged: nested too deeply") from None
-    if not isinstance(value, dict):
-        raise RunFolderError(
-            f"{path} is damaged: expected a JSON object, got {type(value).__name__}"
-        )
-    return value
-
-
-def _safetensors_bytes(
-    tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]
-) -> bytes:
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return save(cpu, metadata=dict(meta))
 
 
 class RunFolder:
@@ -240,12 +191,17 @@ class RunFolder:
     @property
     def checkpoint_dir(self) -> Path:
         """The last completed round's server state."""
-        return self.path / "checkpoint"
+        return self._checkpoint.path
 
     @property
     def checkpoint_state(self) -> Path:
         """``checkpoint/state.json``."""
-        return self.checkpoint_dir / "state.json"
+        return self._checkpoint.state_file
+
+    @property
+    def _checkpoint(self) -> Checkpoint:
+        """The checkpoint's files and format (:mod:`protocols.run_checkpoint`)."""
+        return Checkpoint(self.path)
 
     def artefact(self, relative: str) -> Path:
         """A final artefact of the method (``adapter``, ``model/x.safetensors``).
@@ -302,6 +258,11 @@ class RunFolder:
     def zo_state(self) -> Path:
         """Simulated FedKSeed clients' snapshots (scratch, removed after a run)."""
         return self.path / ".zo-state"
+
+    @property
+    def edge_bundle_dir(self) -> Path:
+        """The edge bundle of a simulation with edge clients (:meth:`edge_bundle`)."""
+        return self.path / "edge-bundle"
 
     @property
     def lock_file(self) -> Path:
@@ -382,13 +343,76 @@ class RunFolder:
             If the file is damaged, too large, or outside the run folder.
         """
         try:
-            return _read_json_object(self._inside(path))
+            return read_json_object(self._inside(path))
         except FileNotFoundError:
             return None
 
     def write_record(self, path: Path, record: Mapping[str, Any]) -> None:
         """Write a JSON object file of this run atomically."""
         atomic_write_text(self._inside(path), json.dumps(dict(record), indent=1))
+
+    # -- partitions and edge clients ------------------------------------------
+    def write_partitions(
+        self, summary: Mapping[str, Any], edge: Sequence[int] = ()
+    ) -> None:
+        """Write ``partitions.json``: ``summary`` plus the ``edge`` partitions.
+
+        ``summary`` holds ``sizes`` (examples per partition) and what else
+        preparation records; ``edge`` lists the partitions that run the edge
+        client, stored sorted.
+        """
+        record = {**summary, _EDGE_KEY: sorted(set(edge))}
+        atomic_write_text(self.partitions, json.dumps(record, indent=1))
+
+    def edge_partitions(self) -> tuple[int, ...]:
+        """The partitions ``partitions.json`` records as edge clients, checked.
+
+        Empty when the file or its ``edge`` list is absent (a deployed run, a
+        run folder from before edge clients).
+
+        Raises
+        ------
+        RunFolderError
+            If the record is damaged: ``sizes`` is not a list, or ``edge`` is
+            not a sorted list of distinct partition ids below ``len(sizes)``.
+        """
+        record = self.read_record(self.partitions)
+        if record is None or record.get(_EDGE_KEY) is None:
+            return ()
+        sizes, edge = record.get("sizes"), record[_EDGE_KEY]
+        if not isinstance(sizes, list):
+            raise RunFolderError(f"{self.partitions} is damaged: 'sizes' is {sizes!r}")
+        ok = isinstance(edge, list) and all(
+            isinstance(p, int) and not isinstance(p, bool) and 0 <= p < len(sizes)
+            for p in edge
+        )
+        if not ok or edge != sorted(set(edge)):
+            raise RunFolderError(
+                f"{self.partitions} is damaged: 'edge' must list distinct sorted "
+                f"partition ids from 0 to {len(sizes) - 1}, got {edge!r}"
+            )
+        return tuple(edge)
+
+    def edge_bundle(self, partition_id: int) -> Path | None:
+        """The bundle simulated client ``partition_id`` trains on; None: a torch client.
+
+        Raises
+        ------
+        RunFolderError
+            If the partition list is damaged (:meth:`edge_partitions`), or the
+            partition is an edge client and the bundle folder is missing or
+            resolves outside the run folder (a link planted in it).
+        """
+        if partition_id < 0:
+            raise RunFolderError(f"partition id must be >= 0, got {partition_id}")
+        if partition_id not in self.edge_partitions():
+            return None
+        path = self._inside(self.edge_bundle_dir)
+        if not path.is_dir():
+            raise RunFolderError(
+                f"partition {partition_id} is an edge client but {path} is missing"
+            )
+        return path
 
     # -- status ---------------------------------------------------------------
     def read_status(self) -> RunStatus:
@@ -400,7 +424,7 @@ class RunFolder:
             If ``status.json`` is damaged or records an unknown state.
         """
         try:
-            raw = _read_json_object(self.status_file)
+            raw = read_json_object(self.status_file)
         except FileNotFoundError:
             return RunStatus("not started")
         state = raw.pop("state", None)
@@ -439,31 +463,7 @@ class RunFolder:
         """The writer of ``metrics.jsonl``."""
         return MetricsLog(self.metrics)
 
-    # -- checkpoint -----------------------------------------------------------
-    def _checkpoint_manifest(self) -> Manifest | None:
-        """The committed checkpoint's manifest; None when there is no checkpoint.
-
-        Raises
-        ------
-        CheckpointError
-            If a checkpoint folder exists without a valid manifest.
-        """
-        live = committed_dir(self.checkpoint_dir)
-        if not live.is_dir():
-            return None
-        if not (live / _STATE_FILE).exists() and not manifest_path(live).exists():
-            return None
-        try:
-            return read_manifest(live)
-        except ManifestError as exc:
-            raise CheckpointError(f"not a usable checkpoint: {exc}") from None
-
-    def _checkpoint_bytes(self, manifest: Manifest, name: str) -> bytes:
-        try:
-            return verified_bytes(manifest, name)
-        except ManifestError as exc:
-            raise CheckpointError(str(exc)) from None
-
+    # -- checkpoint (its files and format: protocols.run_checkpoint) ----------
     def checkpoint_round(self) -> int | None:
         """The round of the last checkpoint, or None when there is none.
 
@@ -472,9 +472,7 @@ class RunFolder:
         CheckpointError
             If ``state.json`` or the manifest is damaged.
         """
-        if self._checkpoint_manifest() is None:
-            return None
-        return int(self.checkpoint_record()["round"])
+        return self._checkpoint.last_round()
 
     def verify_checkpoint(self) -> int | None:
         """Hash every file of the checkpoint; return its round (None: no checkpoint).
@@ -486,16 +484,7 @@ class RunFolder:
         CheckpointError
             If a file is missing, changed, unlisted or damaged (named).
         """
-        if self._checkpoint_manifest() is None:
-            return None
-        try:
-            verify(committed_dir(self.checkpoint_dir))
-        except ManifestError as exc:
-            raise CheckpointError(str(exc)) from None
-        state = self.checkpoint_record()
-        if state["tensors"] is not None:
-            self.read_checkpoint_tensors(state)
-        return int(state["round"])
+        return self._checkpoint.verify()
 
     def write_checkpoint(
         self,
@@ -508,43 +497,19 @@ class RunFolder:
     ) -> Path:
         """Write the round's server state (and its tensors) as ``checkpoint/``.
 
-        The new checkpoint is built beside the old one: the tensors, then
-        ``state.json`` (the round, the spec fingerprint and the tensor file,
-        ``None`` when the method's state needs no tensors, as FedKSeed's seed
-        history), then the manifest of their sha256 and the round; then it is
-        swapped in whole (:func:`protocols.durable.replace_dir`). A crash
-        leaves the previous checkpoint or this one, never a mix.
+        Built beside the old one and swapped in whole, so a crash leaves the
+        previous checkpoint or this one, never a mix; ``tensors`` None: the
+        method's state needs none, as FedKSeed's seed history
+        (:mod:`protocols.run_checkpoint` has the format).
 
         Raises
         ------
         CheckpointError
             If ``state`` holds a non-finite number or a reserved key.
         """
-        reserved = {"round", "spec_fingerprint", "tensors"} & set(state)
-        if reserved:
-            raise CheckpointError(f"checkpoint state may not set {sorted(reserved)}")
-        if "/" in filename or filename.startswith(".") or filename == _STATE_FILE:
-            raise CheckpointError(f"bad checkpoint tensor file name {filename!r}")
-        record = {
-            "round": server_round,
-            "spec_fingerprint": spec_fingerprint,
-            "tensors": filename if tensors is not None else None,
-            **state,
-        }
-        try:
-            text = json.dumps(record, indent=1, allow_nan=False)
-        except ValueError as exc:
-            raise CheckpointError(f"checkpoint state is not finite: {exc}") from None
-        stage = self.path / ".checkpoint.new"
-        shutil.rmtree(stage, ignore_errors=True)  # a crash's leftover
-        stage.mkdir(parents=True)
-        if tensors is not None:
-            meta = {"round": str(server_round), "spec": spec_fingerprint}
-            atomic_write_bytes(stage / filename, _safetensors_bytes(tensors, meta))
-        atomic_write_text(stage / _STATE_FILE, text)
-        seal(stage, {"round": server_round, "spec_fingerprint": spec_fingerprint})
-        replace_dir(stage, self.checkpoint_dir)
-        return self.checkpoint_dir
+        return self._checkpoint.write(
+            server_round, spec_fingerprint, state, tensors, filename=filename
+        )
 
     def checkpoint_record(self) -> dict[str, Any]:
         """The checkpoint's ``state.json`` as written, checked against its manifest.
@@ -554,31 +519,7 @@ class RunFolder:
         CheckpointError
             If there is none, or it is damaged (the message names the file).
         """
-        manifest = self._checkpoint_manifest()
-        if manifest is None:
-            raise CheckpointError(
-                f"no checkpoint in {self.path} (looked for {self.checkpoint_state})"
-            )
-        path = manifest.root / _STATE_FILE
-        data = self._checkpoint_bytes(manifest, _STATE_FILE)
-        try:
-            state = _parse_json_object(data, path)
-        except RunFolderError as exc:
-            raise CheckpointError(str(exc)) from None
-        rnd = _round_of(state, path)
-        if manifest.meta.get("round") != rnd:
-            raise CheckpointError(
-                f"{path} is damaged: round {rnd}, its manifest says "
-                f"{manifest.meta.get('round')!r}"
-            )
-        if not isinstance(state.get("spec_fingerprint"), str):
-            raise CheckpointError(f"{path} is damaged: no spec fingerprint")
-        name = state.get("tensors")
-        if name is not None and (
-            not isinstance(name, str) or "/" in name or name.startswith(".")
-        ):
-            raise CheckpointError(f"{path} is damaged: tensors is {name!r}")
-        return state
+        return self._checkpoint.record()
 
     def read_checkpoint(self, spec_fingerprint: str) -> dict[str, Any]:
         """The checkpoint state, checked against the run's spec.
@@ -588,14 +529,7 @@ class RunFolder:
         CheckpointError
             If there is none, it is damaged, or it belongs to another spec.
         """
-        state = self.checkpoint_record()
-        if state.get("spec_fingerprint") != spec_fingerprint:
-            raise CheckpointError(
-                f"{self.checkpoint_state} was written for spec "
-                f"{state.get('spec_fingerprint')}, this run's spec is "
-                f"{spec_fingerprint}: the config changed since the checkpoint"
-            )
-        return state
+        return self._checkpoint.read(spec_fingerprint)
 
     def read_checkpoint_tensors(
         self, state: Mapping[str, Any]
@@ -608,24 +542,7 @@ class RunFolder:
             If the state names no tensors, the file differs from the manifest
             or is unreadable, or a tensor holds NaN/Inf.
         """
-        name = state.get("tensors")
-        if not isinstance(name, str) or "/" in name or name.startswith("."):
-            raise CheckpointError(
-                f"{self.checkpoint_state} names no tensor file (tensors={name!r})"
-            )
-        manifest = self._checkpoint_manifest()
-        if manifest is None:
-            raise CheckpointError(f"no checkpoint in {self.path}")
-        path = manifest.root / name
-        data = self._checkpoint_bytes(manifest, name)
-        try:
-            tensors = _load_in_file_order(data)
-        except (SafetensorError, ValueError, KeyError, OSError) as exc:
-            raise CheckpointError(f"{path} is damaged: {one_line(exc)}") from None
-        for key, value in tensors.items():
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise CheckpointError(f"{path}: tensor {key!r} holds NaN or Inf")
-        return tensors
+        return self._checkpoint.tensors(state)
 
     # -- final artefacts ------------------------------------------------------
     def write_tensors(
@@ -637,7 +554,7 @@ class RunFolder:
         """Write a final artefact as one safetensors file, then its manifest."""
         path = self.artefact(relative)
         manifest_path(path).unlink(missing_ok=True)  # unsealed while rewritten
-        atomic_write_bytes(path, _safetensors_bytes(tensors, meta))
+        atomic_write_bytes(path, safetensors_bytes(tensors, meta))
         seal(path)
         return path
 
@@ -656,23 +573,3 @@ class RunFolder:
         except ManifestError as exc:
             raise RunFolderError(str(exc)) from None
         return path
-
-
-def _load_in_file_order(data: bytes) -> dict[str, torch.Tensor]:
-    """Safetensors ``data`` as tensors in the file's order, as ``load_file`` gives.
-
-    ``safetensors.torch.load`` orders by name; the tensor layout a checkpoint
-    is checked against is the order the tensors were written in (by offset).
-    """
-    tensors = load(data)
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + size])
-    offset = {k: v["data_offsets"][0] for k, v in header.items() if k in tensors}
-    return {k: tensors[k] for k in sorted(tensors, key=lambda k: (offset[k], k))}
-
-
-def _round_of(state: Mapping[str, Any], path: Path) -> int:
-    rnd = state.get("round")
-    if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 0:
-        raise CheckpointError(f"{path} is damaged: 'round' is {rnd!r}")
-    return rnd

@@ -95,6 +95,7 @@ from protocols.philox import (
     philox4x32,
     round_keys,
 )
+from protocols.seed_arrays import checked_terms
 
 __all__ = [
     "BACKENDS",
@@ -402,20 +403,7 @@ def apply_seed_sum_(
         floating point, or the backend is unknown or unavailable.
     """
     _check_backend_name(backend)
-    seeds = list(seeds)
-    coefficients = list(coefficients)
-    if len(seeds) != len(coefficients):
-        raise ProtocolError(
-            f"apply_seed_sum_ got {len(seeds)} seeds but {len(coefficients)} coefficients"
-        )
-    active_seeds: list[int] = []
-    active_cs: list[np.float32] = []
-    for j, (s, c) in enumerate(zip(seeds, coefficients, strict=True)):
-        seed = check_seed(s, f"seeds[{j}]")
-        c32 = float32_coefficient(c, f"coefficients[{j}]")
-        if c32 != 0:
-            active_seeds.append(seed)
-            active_cs.append(c32)
+    active_seeds, active_cs = checked_terms(seeds, coefficients)
     params = list(params)
     for name, p in params:
         _check_param(name, p)

@@ -63,15 +63,21 @@ class _Spec:
 
     SCHEMA_VERSION: ClassVar[int]
     KIND: ClassVar[str]
+    # Fields added after the schema version shipped: left out of the record
+    # and the fingerprint while at their default, so records and fingerprints
+    # of specs that do not use them are those of the earlier revision.
+    LATE_FIELDS: ClassVar[frozenset[str]] = frozenset()
     # Declared, not set: @dataclass sets it on each spec. Declaring it makes a
     # spec a typeshed ``DataclassInstance``, which dataclasses.fields() takes.
     __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def _fields(self) -> dict[str, Any]:
-        return {
-            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-            for f in dataclasses.fields(self)
-        }
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name not in self.LATE_FIELDS or v != f.default:
+                out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
 
     def fingerprint(self) -> str:
         """SHA-256 (16 hex digits) of the kind, schema version and every field."""
@@ -112,11 +118,13 @@ class _Spec:
         unknown = set(data) - set(names)
         if unknown:
             raise ProtocolError(f"{cls.KIND} spec has unknown keys {sorted(unknown)}")
-        missing = set(names) - set(data)
+        missing = set(names) - set(data) - cls.LATE_FIELDS
         if missing:
             raise ProtocolError(f"{cls.KIND} spec lacks keys {sorted(missing)}")
         values = {
-            n: _coerce(data[n], hints[n], f"{cls.KIND} spec field '{n}'") for n in names
+            n: _coerce(data[n], hints[n], f"{cls.KIND} spec field '{n}'")
+            for n in names
+            if n in data
         }
         spec = cls(**values)
         if fingerprint != spec.fingerprint():
@@ -221,10 +229,27 @@ class ZOSpec(_Spec):
         importance statistics (the paper's bias_loss_clip).
     max_length : int
         Token budget of one example.
+    adapter_rank : int
+        0: the base model's parameters are perturbed (all, or those ``include``
+        selects). r > 0: a LoRA adapter of rank r is attached to the frozen
+        base and only its A and B matrices are perturbed (the walk is theirs).
+    adapter_alpha : float
+        The adapter's scaling numerator (its update is scaled by alpha / r).
+    adapter_targets : tuple[str, ...]
+        Module names that get adapters, as PEFT's ``target_modules`` takes them.
+    adapter_seed : int
+        Seed of the adapter's initial A matrices (B starts at zero); see
+        :func:`models.zo_model.init_adapter_`.
+
+    The adapter fields came after schema version 1 shipped: a spec without an
+    adapter encodes (and fingerprints) exactly as before them.
     """
 
     SCHEMA_VERSION: ClassVar[int] = 1
     KIND: ClassVar[str] = "ZOSpec"
+    LATE_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"adapter_rank", "adapter_alpha", "adapter_targets", "adapter_seed"}
+    )
 
     model: str
     walk_fingerprint: str
@@ -237,11 +262,16 @@ class ZOSpec(_Spec):
     sampling: str = "uniform"
     grad_clip: float = 1000.0
     max_length: int = 128
+    adapter_rank: int = 0
+    adapter_alpha: float = 16.0
+    adapter_targets: tuple[str, ...] = ()
+    adapter_seed: int = 0
 
     def __post_init__(self) -> None:
         k = self.KIND
         _require(bool(self.model), k, "model", self.model, "a non-empty name")
         _require(bool(self.walk_fingerprint), k, "walk_fingerprint", "", "non-empty")
+        self._check_adapter()
         _require(bool(self.generator), k, "generator", "", "non-empty")
         _require(
             1 <= self.num_seeds <= 1 << 20,
@@ -270,6 +300,32 @@ class ZOSpec(_Spec):
         )
         _require(_positive(self.grad_clip), k, "grad_clip", self.grad_clip, "> 0")
         _require(self.max_length >= 8, k, "max_length", self.max_length, ">= 8")
+
+    def _check_adapter(self) -> None:
+        k, rank = self.KIND, self.adapter_rank
+        _require(0 <= rank <= 256, k, "adapter_rank", rank, "in [0, 256]")
+        alpha = self.adapter_alpha
+        _require(_positive(alpha), k, "adapter_alpha", alpha, "> 0")
+        seed = self.adapter_seed
+        _require(0 <= seed < 1 << 63, k, "adapter_seed", seed, "in [0, 2^63)")
+        targets = self.adapter_targets
+        if rank == 0:
+            _require(not targets, k, "adapter_targets", targets, "empty (no adapter)")
+            return
+        _require(bool(targets), k, "adapter_targets", targets, "non-empty")
+        _require(all(targets), k, "adapter_targets", targets, "non-empty names")
+        _require(
+            not self.include,
+            k,
+            "include",
+            self.include,
+            "empty with an adapter (the adapter's A and B are what is perturbed)",
+        )
+
+    @property
+    def has_adapter(self) -> bool:
+        """Whether a LoRA adapter's A and B are what is perturbed."""
+        return self.adapter_rank > 0
 
 
 @dataclass(frozen=True, slots=True)

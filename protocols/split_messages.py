@@ -27,8 +27,9 @@ from protocols.codecs import (
     encode_tensors,
 )
 from protocols.errors import ProtocolError
-from protocols.messages import _get, _record
 from protocols.methods import SFPROMPT
+from protocols.record_fields import get_field as _get
+from protocols.record_fields import get_record as _record
 from protocols.specs import SplitSpec
 
 __all__ = [

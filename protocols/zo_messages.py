@@ -20,13 +20,19 @@ model hash the node synced to before training (proof that it was in sync).
 
 Everything is validated on decode: index ranges, finiteness of every scalar,
 array lengths, history order, and sizes.
+
+The payloads hold NumPy arrays and this module needs no torch, so a client
+without it (an edge device) reads and writes the same bytes through the same
+code; torch callers convert at their boundary (``torch.from_numpy``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-import torch
+import numpy as np
+import numpy.typing as npt
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -35,21 +41,21 @@ from flwr.app import (
     RecordDict,
 )
 
-from protocols.codecs import decode_tensors, encode_tensors
+from protocols.codecs import decode_arrays, encode_arrays
 from protocols.errors import ProtocolError
 from protocols.messages import (
     MAX_WIRE_FLOAT,
     ClientClip,
     LocalPrivacy,
     RoundSchedule,
-    _get,
-    _record,
     get_client_clip,
     get_local_privacy,
     put_client_clip,
     put_local_privacy,
 )
 from protocols.methods import FEDKSEED
+from protocols.record_fields import get_field as _get
+from protocols.record_fields import get_record as _record
 from protocols.specs import ZOSpec
 
 __all__ = [
@@ -78,22 +84,58 @@ _SPEC, _TRAIN, _SYNC, _HISTORY, _PROBS = (  # noqa: RUF100
 _STEPS, _METRICS = "steps", "metrics"
 
 
-_MAX_SCALAR = float(torch.tensor(MAX_WIRE_FLOAT, dtype=torch.float32))
+_MAX_SCALAR = float(np.float32(MAX_WIRE_FLOAT))
 """:data:`~protocols.messages.MAX_WIRE_FLOAT` as float32 rounds it (1.0000000150e30):
 a scalar a client wrote as ``1e30`` is within the bound."""
+
+
+def _check_pairs(
+    what: str,
+    indices: npt.NDArray[np.int32],
+    values: npt.NDArray[np.float32],
+    names: tuple[str, str],
+) -> None:
+    """Raise TypeError unless both are 1-D NumPy arrays (int32, float32) of one length."""
+    if not (
+        isinstance(indices, np.ndarray)
+        and isinstance(values, np.ndarray)
+        and indices.dtype == np.int32
+        and values.dtype == np.float32
+        and indices.ndim == 1
+        and indices.shape == values.shape
+    ):
+        raise TypeError(
+            f"{what}: {names[0]} and {names[1]} must be 1-D numpy arrays of one "
+            f"length (int32, float32), got {_describe(indices)} and {_describe(values)}"
+        )
+
+
+def _describe(a: object) -> str:
+    if isinstance(a, np.ndarray):
+        return f"ndarray {a.dtype} {a.shape}"
+    return type(a).__name__
 
 
 @dataclass(frozen=True, slots=True)
 class RoundDelta:
     """One round's change to the global model: ``w += sum_j coefficients[j] * z(seed[indices[j]])``.
 
-    ``indices`` are strictly increasing int32 pool indices; ``coefficients``
-    float32 (the learning rate and the minus sign already folded in).
+    ``indices`` are strictly increasing int32 pool indices (1-D NumPy);
+    ``coefficients`` float32 (the learning rate and the minus sign already
+    folded in). Construction checks the types (TypeError), decoding the values.
     """
 
     round: int
-    indices: torch.Tensor
-    coefficients: torch.Tensor
+    indices: npt.NDArray[np.int32]
+    coefficients: npt.NDArray[np.float32]
+
+    def __post_init__(self) -> None:
+        _check_pairs(
+            f"RoundDelta {self.round}",
+            self.indices,
+            self.coefficients,
+            ("indices", "coefficients"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,28 +148,43 @@ class ZoTrainIns:
     target_round: int
     target_hash: str
     history: tuple[RoundDelta, ...]
-    importance: torch.Tensor | None = None
+    importance: npt.NDArray[np.uint8] | None = None
     local_privacy: LocalPrivacy | None = None  # privacy.mode = "local"
     client_clip: ClientClip | None = None  # privacy.clipping = "client"
 
-    def probabilities(self) -> torch.Tensor | None:
+    def __post_init__(self) -> None:
+        q = self.importance
+        if q is not None and not (
+            isinstance(q, np.ndarray) and q.dtype == np.uint8 and q.ndim == 1
+        ):
+            raise TypeError(
+                f"importance must be a 1-D numpy uint8 array, got {_describe(q)}"
+            )
+
+    def probabilities(self) -> npt.NDArray[np.float64] | None:
         """FedKSeed-Pro's sampling distribution, or None for uniform sampling.
 
         The server sends the min-max-scaled importances quantised to uint8
         (``q = round(255 * psi~)``, K bytes instead of 4K); the distribution is
-        ``softmax(q / 255)``, evaluated here in float64.
+        ``softmax(q / 255)``, evaluated here in float64 NumPy (max subtracted
+        first). Its last bits may differ from ``torch.softmax`` on the same
+        values: the torch client keeps computing its own from
+        :attr:`importance` so that its draws stay those of earlier runs.
         """
         if self.importance is None:
             return None
-        return torch.softmax(self.importance.double() / 255.0, dim=0)
+        x = self.importance.astype(np.float64) / 255.0
+        e = np.exp(x - x.max())
+        p: npt.NDArray[np.float64] = e / e.sum()
+        return p
 
 
 @dataclass(frozen=True, slots=True)
 class ZoTrainRes:
     """Client -> server reply: per-step (seed index, scalar) pairs and sync proof."""
 
-    indices: torch.Tensor
-    scalars: torch.Tensor
+    indices: npt.NDArray[np.int32]
+    scalars: npt.NDArray[np.float32]
     num_examples: int
     train_loss: float
     synced_round: int
@@ -135,21 +192,24 @@ class ZoTrainRes:
     skipped_steps: int = 0
     extra: dict[str, float] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        _check_pairs("ZoTrainRes", self.indices, self.scalars, ("indices", "scalars"))
+
 
 def _history_record(history: tuple[RoundDelta, ...]) -> ArrayRecord:
     counts = [len(d.indices) for d in history]
-    return encode_tensors(
+    return encode_arrays(
         {
-            "rounds": torch.tensor([d.round for d in history], dtype=torch.int32),
-            "counts": torch.tensor(counts, dtype=torch.int32),
-            "indices": torch.cat([d.indices.to(torch.int32) for d in history])
+            "rounds": np.array([d.round for d in history], dtype=np.int32),
+            "counts": np.array(counts, dtype=np.int32),
+            "indices": np.concatenate([d.indices for d in history]).astype(np.int32)
             if history
-            else torch.zeros(0, dtype=torch.int32),
-            "coefficients": torch.cat(
-                [d.coefficients.to(torch.float32) for d in history]
+            else np.zeros(0, dtype=np.int32),
+            "coefficients": np.concatenate([d.coefficients for d in history]).astype(
+                np.float32
             )
             if history
-            else torch.zeros(0, dtype=torch.float32),
+            else np.zeros(0, dtype=np.float32),
         }
     )
 
@@ -171,25 +231,39 @@ def encode_zo_train_ins(ins: ZoTrainIns) -> RecordDict:
         }
     )
     if ins.importance is not None:
-        content[_PROBS] = encode_tensors({"importance": ins.importance.to(torch.uint8)})
+        content[_PROBS] = encode_arrays({"importance": ins.importance})
     put_client_clip(content, ins.client_clip)
     return put_local_privacy(content, ins.local_privacy)
 
 
-def _check_indices(indices: torch.Tensor, k: int, what: str) -> None:
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= k):
+def _check_indices(indices: npt.NDArray[np.int32], k: int, what: str) -> None:
+    if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= k):
         bad = indices[(indices < 0) | (indices >= k)][0]
         raise ProtocolError(
             f"{what}: seed index {int(bad)} is outside the pool [0, {k})"
         )
 
 
-def _split_history(arrays: dict[str, torch.Tensor], k: int) -> tuple[RoundDelta, ...]:
+def _split_history(
+    arrays: dict[str, npt.NDArray[Any]], k: int
+) -> tuple[RoundDelta, ...]:
     rounds, counts = arrays["rounds"], arrays["counts"]
     indices, coefficients = arrays["indices"], arrays["coefficients"]
+    want: dict[str, type[np.generic]] = {
+        "rounds": np.int32,
+        "counts": np.int32,
+        "indices": np.int32,
+        "coefficients": np.float32,
+    }
+    for name, dtype in want.items():
+        if arrays[name].dtype != dtype or arrays[name].ndim != 1:
+            raise ProtocolError(
+                f"history '{name}' must be a 1-D {np.dtype(dtype).name} array, got "
+                f"{arrays[name].dtype} of shape {arrays[name].shape}"
+            )
     if rounds.shape != counts.shape or indices.shape != coefficients.shape:
         raise ProtocolError("history arrays have inconsistent lengths")
-    if int(counts.sum()) != indices.numel() or bool((counts < 0).any()):
+    if int(counts.sum(dtype=np.int64)) != indices.size or bool((counts < 0).any()):
         raise ProtocolError("history counts do not add up to its entries")
     _check_indices(indices, k, "history")
     out, start, prev = [], 0, None
@@ -217,7 +291,7 @@ def decode_zo_train_ins(content: RecordDict) -> ZoTrainIns:
     spec = ZOSpec.from_config_record(_record(content, _SPEC, ConfigRecord))
     config = RoundSchedule.from_config_record(_record(content, _TRAIN, ConfigRecord))
     sync = _record(content, _SYNC, ConfigRecord)
-    arrays = decode_tensors(
+    arrays = decode_arrays(
         _record(content, _HISTORY, ArrayRecord), max_bytes=MAX_ZO_PAYLOAD_BYTES
     )
     missing = {"rounds", "counts", "indices", "coefficients"} - set(arrays)
@@ -233,13 +307,9 @@ def decode_zo_train_ins(content: RecordDict) -> ZoTrainIns:
         raise ProtocolError(f"history rounds fall outside ({base}, {target}]")
     probs = None
     if _PROBS in content:
-        arrays = decode_tensors(_record(content, _PROBS, ArrayRecord))
+        arrays = decode_arrays(_record(content, _PROBS, ArrayRecord))
         probs = arrays.get("importance")
-        if (
-            probs is None
-            or probs.dtype != torch.uint8
-            or probs.shape != (spec.num_seeds,)
-        ):
+        if probs is None or probs.dtype != np.uint8 or probs.shape != (spec.num_seeds,):
             raise ProtocolError(f"importance must be {spec.num_seeds} uint8 values")
     return ZoTrainIns(
         spec,
@@ -264,10 +334,10 @@ def encode_zo_train_res(res: ZoTrainRes) -> RecordDict:
     }
     return RecordDict(
         {
-            _STEPS: encode_tensors(
+            _STEPS: encode_arrays(
                 {
-                    "indices": res.indices.to(torch.int32),
-                    "scalars": res.scalars.to(torch.float32),
+                    "indices": res.indices.astype(np.int32, copy=False),
+                    "scalars": res.scalars.astype(np.float32, copy=False),
                 }
             ),
             _SYNC: ConfigRecord(
@@ -291,7 +361,7 @@ def decode_zo_train_res(
         than ``max_steps``, mismatched lengths, a missing record, or a
         metric that is not finite or beyond that bound.
     """
-    steps = decode_tensors(
+    steps = decode_arrays(
         _record(content, _STEPS, ArrayRecord), max_bytes=16 * max_steps + 4096
     )
     if set(steps) != {"indices", "scalars"}:
@@ -300,25 +370,25 @@ def decode_zo_train_res(
         )
     idx, g = steps["indices"], steps["scalars"]
     if (
-        idx.dtype != torch.int32
-        or g.dtype != torch.float32
-        or idx.dim() != 1
+        idx.dtype != np.int32
+        or g.dtype != np.float32
+        or idx.ndim != 1
         or idx.shape != g.shape
     ):
         raise ProtocolError(
             "steps must be two 1-D arrays of equal length (int32, float32)"
         )
-    if idx.numel() > max_steps:
+    if idx.size > max_steps:
         raise ProtocolError(
-            f"reply holds {idx.numel()} steps, at most {max_steps} were asked for"
+            f"reply holds {idx.size} steps, at most {max_steps} were asked for"
         )
     _check_indices(idx, num_seeds, "reply")
-    # Finite (decode_tensors checked) but also bounded, so that the per-seed
+    # Finite (decode_arrays checked) but also bounded, so that the per-seed
     # sums and their float32 coefficients stay finite.
-    if g.numel() and float(g.abs().max()) > _MAX_SCALAR:
+    if g.size and float(np.abs(g).max()) > _MAX_SCALAR:
         raise ProtocolError(
             f"step scalars must have magnitude <= {MAX_WIRE_FLOAT:g}, got "
-            f"{float(g.abs().max())!r}"
+            f"{float(np.abs(g).max())!r}"
         )
     sync = _record(content, _SYNC, ConfigRecord)
     metrics = _record(content, _METRICS, MetricRecord)

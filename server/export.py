@@ -2,16 +2,21 @@
 
 ``adapter``
     What the method trained, as it was saved: the PEFT adapter folder (LoRA),
-    the tuned parameters (FedKSeed) or the prompts and tail (SFPrompt).
+    the tuned parameters (FedKSeed; over an adapter, ``zo.adapter_rank`` >
+    0, a PEFT adapter folder as for LoRA) or the prompts and tail (SFPrompt).
 ``merged``
     A plain Hugging Face model folder with the training folded in
     (``from_pretrained`` loads it with no Pollinate code): LoRA adapters
     merged into the base weights, or FedKSeed's tuned parameters written over
-    them. SFPrompt's prompts need their own forward, so use ``onnx`` for it.
+    them (its tuned adapter merged). SFPrompt's prompts need their own forward, so use ``onnx`` for it.
 ``onnx``
     ``model.onnx`` mapping ``(input_ids, attention_mask)`` to logits with
     dynamic batch and length, checked against PyTorch with ONNX Runtime on a
     probe batch; the largest difference is recorded in ``export.json``.
+``edge``
+    FedKSeed only: the bundle an inference-only device trains (w0 of the
+    run's spec, so a config file works as well as a run folder; see
+    :mod:`server.edge_bundle`).
 
 Nothing is exported from a damaged run: the final artefact must match its
 manifest of content hashes (:meth:`RunFolder.verify_artefact`, the message
@@ -212,6 +217,10 @@ def export_run(run_dir: Path, out: Path, fmt: str) -> Path:
     """
     if fmt not in FORMATS:
         raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "edge":  # w0 for the run's spec: a config file works too
+        from server.edge_bundle import export_edge
+
+        return export_edge(run_dir, out)
     if out.exists():
         raise ExportError(f"{out} exists: export into a new folder")
     folder = RunFolder(run_dir)
@@ -223,7 +232,10 @@ def export_run(run_dir: Path, out: Path, fmt: str) -> Path:
         )
     final = _final(folder, method)
     if fmt == "adapter":
-        if final.is_dir():
+        write_peft = getattr(server_method(config.run.method), "write_adapter", None)
+        if write_peft is not None and write_peft(config, final, out):
+            pass  # FedKSeed over an adapter: a PEFT adapter folder, as LoRA's
+        elif final.is_dir():
             shutil.copytree(final, out)
         else:
             out.mkdir(parents=True)

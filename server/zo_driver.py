@@ -24,7 +24,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from corpora import Example
-from models import LoadedModel, load_causal_lm
+from models import LoadedModel
+from models.zo_model import AdapterShape, attach_zo_adapter, load_zo_model, zo_walk
 from protocols import ZOSpec, state_hash
 from protocols.methods import Method
 from protocols.run_folder import CheckpointError, RunFolder
@@ -183,9 +184,19 @@ class ZoDriver:
         return self.round
 
 
+def _adapter(config: RunConfig) -> AdapterShape | None:
+    """The adapter the run's ``[zo]`` asks for, or None (base parameters)."""
+    zo = config.zo
+    if zo.adapter_rank == 0:
+        return None
+    return AdapterShape(
+        zo.adapter_rank, zo.adapter_alpha, zo.adapter_targets, zo.adapter_seed
+    )
+
+
 def _walk(config: RunConfig, model: nn.Module) -> ParamWalk:
-    """The parameters the run's ``zo.include`` globs select, in walk order."""
-    return ParamWalk.from_model(model, config.zo.include or None)
+    """The perturbed parameters (``zo.include`` or the adapter's), in walk order."""
+    return zo_walk(model, config.zo.include, _adapter(config))
 
 
 class ZoMethod:
@@ -203,6 +214,7 @@ class ZoMethod:
         return self._spec(config, _walk(config, model))
 
     def _spec(self, config: RunConfig, walk: ParamWalk) -> ZOSpec:
+        adapter = _adapter(config)
         return ZOSpec(
             model=config.model.name,
             walk_fingerprint=walk.fingerprint(),
@@ -215,6 +227,10 @@ class ZoMethod:
             sampling=self.method.option("sampling", "uniform"),
             grad_clip=config.zo.grad_clip,
             max_length=config.model.max_length,
+            adapter_rank=adapter.rank if adapter else 0,
+            adapter_alpha=adapter.alpha if adapter else 16.0,
+            adapter_targets=adapter.targets if adapter else (),
+            adapter_seed=adapter.seed if adapter else 0,
         )
 
     def driver(
@@ -233,8 +249,13 @@ class ZoMethod:
         (kept in the checkpoint).
         """
         del run_dir  # FedKSeed starts no service
-        loaded = load_causal_lm(config.model.name, dtype="float32", device=device)
-        walk = _walk(config, loaded.model)
+        loaded = load_zo_model(
+            config.model.name,
+            include=config.zo.include,
+            adapter=_adapter(config),
+            device=device,
+        )
+        walk = loaded.walk
         spec = self._spec(config, walk)
         privacy = DPSettings.from_config(config)
         noise_seed = config.privacy.noise_seed
@@ -265,10 +286,40 @@ class ZoMethod:
     def tuned_model(
         self, config: RunConfig, artefact: Path, loaded: LoadedModel
     ) -> nn.Module:
-        """The base model with the tuned parameters written over it."""
-        del config
-        params = dict(loaded.model.named_parameters())
-        with torch.no_grad():
-            for name, value in load_file(artefact).items():
-                params[name].copy_(value)
-        return loaded.model
+        """The base model with the tuned parameters written over it.
+
+        In adapter mode the tuned adapter is merged into the base weights
+        (PEFT ``merge_and_unload``), as a LoRA run's is.
+        """
+        adapter = _adapter(config)
+        model: nn.Module = loaded.model
+        if adapter is not None:
+            model = attach_zo_adapter(loaded.model, adapter)
+        _load_tuned(model, artefact)
+        if adapter is not None:
+            merged: nn.Module = model.merge_and_unload()  # type: ignore[operator]
+            return merged
+        return model
+
+    def write_adapter(self, config: RunConfig, artefact: Path, out: Path) -> bool:
+        """Write the tuned adapter of an adapter-mode run as a PEFT folder.
+
+        ``out`` is then what a LoRA run's ``adapter`` export is
+        (``PeftModel.from_pretrained(base, out)`` loads it). Returns False,
+        writing nothing, for a run that perturbs the base parameters.
+        """
+        adapter = _adapter(config)
+        if adapter is None:
+            return False
+        zo = load_zo_model(config.model.name, adapter=adapter)
+        _load_tuned(zo.model, artefact)
+        zo.model.save_pretrained(out)
+        return True
+
+
+def _load_tuned(model: nn.Module, artefact: Path) -> None:
+    """Copy the run's tuned perturbed tensors into ``model`` (by walk name)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in load_file(artefact).items():
+            params[name].copy_(value)

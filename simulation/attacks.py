@@ -295,7 +295,7 @@ def _zo(msg: Message, reply: Message, who: _Attacker) -> Message:
     gen = who.generator(ins.config.server_round)
     bad = replace(
         res,
-        scalars=attack_scalars(res.scalars, who.attack, gen),
+        scalars=attack_scalars(torch.from_numpy(res.scalars), who.attack, gen).numpy(),
         num_examples=_claimed(res.num_examples, who.attack),
     )
     return _with_content(reply, encode_zo_train_res(bad))

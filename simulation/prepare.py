@@ -7,13 +7,15 @@ file a deployed client would be given with ``--data``), ``partitions.json``
 (who holds which groups and, under ``[attack]``, which clients are malicious
 and how) and the one-time model conversion. A data attack (``label_flip``,
 ``shuffle_labels``) is applied here, to the malicious clients' files only
-(:mod:`simulation.attacks`). The engine and
+(:mod:`simulation.attacks`). With edge clients (``[federation] edge_share``
+or ``edge_clients``), ``partitions.json`` records which partitions they are
+and the run's edge bundle is exported into the run folder
+(:mod:`simulation.edge`). The engine and
 the apps then only read files, which keeps runs reproducible and restartable.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ from protocols.durable import atomic_write_text
 from protocols.run_folder import RunFolder
 from server.config import RunConfig, config_to_toml
 from simulation.attacks import describe_attack, poison_examples
+from simulation.edge import edge_partitions, ensure_edge_bundle
 from simulation.partitioning import describe, partition
 
 __all__ = ["new_run_dir", "prepare_run"]
@@ -56,6 +59,8 @@ def prepare_run(config: RunConfig, run_dir: Path | None = None) -> Path:
         If a built-in model needs a package that is not installed.
     simulation.attacks.AttackError
         If a data attack cannot be applied (``label_flip`` with one response).
+    server.export.ExportError
+        If the edge clients' bundle cannot be exported.
     """
     examples = load_examples(
         config.data.source, limit=config.data.limit, seed=config.run.seed
@@ -95,7 +100,11 @@ def prepare_run(config: RunConfig, run_dir: Path | None = None) -> Path:
             attack["malicious"],
             attack["behaviour"],
         )
-    atomic_write_text(folder.partitions, json.dumps(summary, indent=1))
+    edge = edge_partitions(config)
+    if edge:
+        log.info("edge clients: partitions %s run on ONNX Runtime", list(edge))
+    folder.write_partitions(summary, edge)
     atomic_write_text(folder.config, config_to_toml(config))
     prepare_model(config.model.name)
+    ensure_edge_bundle(run_dir)
     return run_dir

@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Error, Message
 
@@ -108,6 +109,17 @@ class _Release:
     stats: dict[str, Any]
     pro_indices: torch.Tensor
     pro_scalars: torch.Tensor
+
+
+def _round_delta(
+    server_round: int, indices: torch.Tensor, coefficients: torch.Tensor
+) -> RoundDelta:
+    """The wire's (NumPy) round delta of the kernels' int32/float32 tensors."""
+    return RoundDelta(
+        server_round,
+        indices.detach().cpu().to(torch.int32).numpy(),
+        coefficients.detach().cpu().to(torch.float32).numpy(),
+    )
 
 
 class FedKSeed:
@@ -202,7 +214,7 @@ class FedKSeed:
             batch_size=self.batch_size,
             seed=self.seed,
         )
-        importance = self.pro.quantized() if self.pro is not None else None
+        importance = self.pro.quantized().numpy() if self.pro is not None else None
         local_dp = (
             LocalPrivacy(self.privacy.clip_norm, self.privacy.noise_multiplier)
             if self.privacy is not None and self.privacy.mode == "local"
@@ -272,7 +284,12 @@ class FedKSeed:
         for who, _ in good:
             self.node_rounds[who] = current.round
         labels = [who for who, _ in good]
-        updates = [SeedUpdate(r.indices, r.scalars, r.num_examples) for _, r in good]
+        updates = [
+            SeedUpdate(
+                torch.from_numpy(r.indices), torch.from_numpy(r.scalars), r.num_examples
+            )
+            for _, r in good
+        ]
         sampled = max(self._sampled.get(server_round, len(replies)), len(good))
 
         def refuse(reason: str) -> ZoAggregate:
@@ -293,7 +310,7 @@ class FedKSeed:
         stats = release.stats
         if self.account is not None:
             stats.update(self.account.release(sampled))
-        delta = RoundDelta(server_round, indices, coefficients)
+        delta = _round_delta(server_round, indices, coefficients)
         self.history.append(delta)
         return ZoAggregate(
             delta=delta,
@@ -366,7 +383,7 @@ class FedKSeed:
             self.pro.update(indices, (coefficients.double() / -self.spec.learning_rate))
         if self.account is not None:
             stats.update(self.account.release(sampled))
-        delta = RoundDelta(server_round, indices, coefficients)
+        delta = _round_delta(server_round, indices, coefficients)
         self.history.append(delta)
         return ZoAggregate(
             delta=delta,
@@ -522,8 +539,8 @@ class FedKSeed:
         self.history = [
             RoundDelta(
                 int(d["round"]),
-                torch.tensor(d["indices"], dtype=torch.int32),
-                torch.tensor(d["coefficients"], dtype=torch.float32),
+                np.array(d["indices"], dtype=np.int32),
+                np.array(d["coefficients"], dtype=np.float32),
             )
             for d in state["history"]
         ]

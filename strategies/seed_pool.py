@@ -104,6 +104,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from strategies import seed_clip
 from strategies.robust import Bounds, clip_bound, combine
 
 __all__ = [
@@ -367,13 +368,10 @@ def clipped_seed_sums(
         (float64): the client's side of central DP with client-side clipping,
         and the clip of :func:`local_dp_pairs`.
     """
-    seeds, inverse = torch.unique(indices.long(), sorted=True, return_inverse=True)
-    values = torch.zeros(seeds.numel(), dtype=torch.float64)
-    values.index_add_(0, inverse, scalars.double())
-    norm = float(torch.linalg.vector_norm(values))
-    if norm > clip_norm:
-        values *= clip_norm / norm
-    return seeds, values
+    seeds, values = seed_clip.clipped_seed_sums(
+        indices.numpy(force=True), scalars.numpy(force=True), clip_norm
+    )
+    return torch.from_numpy(seeds), torch.from_numpy(values)
 
 
 def clipped_pairs(

@@ -347,7 +347,9 @@ def _zo_reply(
     schedule = RoundSchedule(server_round=ROUND, local_steps=4, batch_size=2, seed=SEED)
     ins = encode_zo_train_ins(ZoTrainIns(_ZO_SPEC, schedule, 2, 2, "h", ()))
     res = encode_zo_train_res(
-        ZoTrainRes(_INDICES, _SCALARS.clone(), 9, 2.5, 2, "h", skipped_steps=1)
+        ZoTrainRes(
+            _INDICES.numpy(), _SCALARS.clone().numpy(), 9, 2.5, 2, "h", skipped_steps=1
+        )
     )
     out = _through_mod(
         _run_folder(tmp_path, config), partition_id, MESSAGE_TRAIN_ZO, ins, res
@@ -379,8 +381,8 @@ def test_fedkseed_model_attacks_send_the_hand_computed_scalars(
     """Breaks if a behaviour changes the seeds, computes other scalars, or
     breaks the sync proof the server checks."""
     res = _zo_reply(tmp_path, **attack)
-    assert torch.equal(res.indices, _INDICES)
-    assert torch.equal(res.scalars, scalars.float())
+    assert torch.equal(torch.from_numpy(res.indices), _INDICES)
+    assert torch.equal(torch.from_numpy(res.scalars), scalars.float())
     assert res.num_examples == count
     assert (res.synced_round, res.synced_hash, res.skipped_steps) == (2, "h", 1)
 
@@ -392,9 +394,10 @@ def test_fedkseed_gaussian_and_honest_node(
     attacker, round); an honest partition's scalars are unchanged."""
     res = _zo_reply(tmp_path, attack__behaviour="gaussian", attack__noise_std=2.0)
     noise = torch.randn(4, generator=noise_generator(SEED, ATTACKER, ROUND))
-    assert torch.equal(res.scalars, (2.0 * noise.double()).float())
+    assert torch.equal(torch.from_numpy(res.scalars), (2.0 * noise.double()).float())
     honest = _zo_reply(tmp_path / "h", partition_id=2, attack__behaviour="gaussian")
-    assert torch.equal(honest.scalars, _SCALARS) and honest.num_examples == 9
+    assert torch.equal(torch.from_numpy(honest.scalars), _SCALARS)
+    assert honest.num_examples == 9
 
 
 # -- SFPrompt replies ------------------------------------------------------------

@@ -175,7 +175,7 @@ def _forged(
     reply: Message, *, index: int | None = None, scalar: float | None = None
 ) -> Message:
     res = decode_zo_train_res(reply.content, num_seeds=K, max_steps=4)
-    idx, g = res.indices.clone(), res.scalars.clone()
+    idx, g = res.indices.copy(), res.scalars.copy()
     if index is not None:
         idx[0] = index
     if scalar is not None:

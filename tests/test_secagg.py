@@ -450,7 +450,9 @@ def test_a_fedkseed_reply_becomes_its_per_seed_sums(flower_identity: None) -> No
     scalars = torch.tensor([0.5, -1.25, 2.0, 4.0], dtype=torch.float32)
 
     def fake_zo(msg: Message, context: Context) -> Message:
-        res = ZoTrainRes(indices, scalars, 9, 2.5, 2, "h", skipped_steps=1)
+        res = ZoTrainRes(
+            indices.numpy(), scalars.numpy(), 9, 2.5, 2, "h", skipped_steps=1
+        )
         return Message(encode_zo_train_res(res), reply_to=msg)
 
     content = put_secagg(

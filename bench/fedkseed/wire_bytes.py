@@ -89,7 +89,6 @@ def section_bytes(walk: Any, global_hash: str) -> dict[str, Any]:
         ``paper_accounting``.
     """
     import numpy as np
-    import torch
 
     from protocols import payload_bytes
     from protocols.zo_messages import RoundDelta, ZoTrainRes, encode_zo_train_res
@@ -107,7 +106,7 @@ def section_bytes(walk: Any, global_hash: str) -> dict[str, Any]:
         idx = np.sort(rng.choice(PAPER_K, size=d, replace=False)).astype(np.int32)
         g = rng.normal(0.0, 5.0, size=d)
         coeff = (-PAPER_LR * g).astype(np.float32)
-        history.append(RoundDelta(r, torch.from_numpy(idx), torch.from_numpy(coeff)))
+        history.append(RoundDelta(r, idx, coeff))
         scalars_per_round.append((idx, g.astype(np.float32)))
 
     out: dict[str, Any] = {
@@ -142,10 +141,8 @@ def section_bytes(walk: Any, global_hash: str) -> dict[str, Any]:
             }
         out["ins"][method] = rows
 
-    tau_idx = torch.from_numpy(
-        rng.integers(0, PAPER_K, size=PAPER_TAU).astype(np.int32)
-    )
-    tau_g = torch.from_numpy(rng.normal(0.0, 5.0, size=PAPER_TAU).astype(np.float32))
+    tau_idx = rng.integers(0, PAPER_K, size=PAPER_TAU).astype(np.int32)
+    tau_g = rng.normal(0.0, 5.0, size=PAPER_TAU).astype(np.float32)
     res = ZoTrainRes(
         indices=tau_idx,
         scalars=tau_g,

@@ -9,7 +9,8 @@ small modules behind it:
   resident memory, :func:`best_time`, :func:`generation_throughput` of the
   seed generator and :func:`bytes_by_record` of a message's content;
 - :mod:`~bench.harness.examples`: :func:`full_length_examples`, real rows
-  of an exact token length for timed batches;
+  of an exact token length for timed batches (:func:`exact_length_rows`
+  with any tokenizing function, for a torch-free child);
 - :mod:`~bench.harness.machine`: :func:`machine_info`, what the numbers
   were measured on;
 - :mod:`~bench.harness.results`: :func:`write_json` / :func:`read_json`,
@@ -47,7 +48,7 @@ from bench.harness.cli import (
     run_mode,
     stamped_log,
 )
-from bench.harness.examples import full_length_examples
+from bench.harness.examples import exact_length_rows, full_length_examples
 from bench.harness.machine import (
     DEFAULT_PACKAGES,
     SHARED_NOTE,
@@ -101,6 +102,7 @@ __all__ = [
     "chosen_sections",
     "cpu",
     "cpu_model",
+    "exact_length_rows",
     "finish_run",
     "full_length_examples",
     "generation_throughput",

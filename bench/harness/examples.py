@@ -7,6 +7,7 @@ this module keeps a parent process lean.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +40,34 @@ def full_length_examples(
     list[models.TokenizedExample]
         ``n`` tokenized examples, or fewer when fewer reach ``length`` tokens.
     """
-    from corpora import load_examples
     from models import tokenize_example
+
+    return exact_length_rows(
+        path, lambda e, budget: tokenize_example(e, tokenizer, budget), n, length, seed
+    )
+
+
+def exact_length_rows(
+    path: Path,
+    tokenize: Callable[[Any, int], Any],
+    n: int,
+    length: int,
+    seed: int,
+) -> list[Any]:
+    """:func:`full_length_examples` with any tokenizing function (torch-free).
+
+    ``tokenize(example, length)`` returns a ``models.text.TokenizedExample``
+    (an edge device's ``tokenizers`` path builds them with
+    ``models.text.tokenize_ids``); ``corpora`` imports no torch.
+    """
+    from corpora import load_examples
 
     examples = load_examples(str(path))
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     chosen = []
     for i in order:
-        t = tokenize_example(examples[i], tokenizer, length)
+        t = tokenize(examples[i], length)
         if len(t.input_ids) == length:
             chosen.append(t)
             if len(chosen) == n:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from cryptography.hazmat.primitives import serialization
@@ -152,8 +153,8 @@ def test_zo_scalars_and_metrics_are_bounded_at_decode() -> None:
     def res(scalar: float, loss: float) -> RecordDict:
         return encode_zo_train_res(
             ZoTrainRes(
-                indices=torch.tensor([1], dtype=torch.int32),
-                scalars=torch.tensor([scalar]),
+                indices=np.array([1], dtype=np.int32),
+                scalars=np.array([scalar], dtype=np.float32),
                 num_examples=2,
                 train_loss=loss,
                 synced_round=0,
@@ -871,8 +872,8 @@ def test_a_fedkseed_round_whose_coefficients_overflow_is_refused_whole(
     strategy = FedKSeed(spec=spec, local_steps=2, batch_size=1)
     (ins,) = strategy.configure(1, {7: "a"}, ZoGlobal(0, "h"))
     res = ZoTrainRes(
-        indices=torch.tensor([1, 1], dtype=torch.int32),
-        scalars=torch.tensor([1e29, 1e29]),
+        indices=np.array([1, 1], dtype=np.int32),
+        scalars=np.array([1e29, 1e29], dtype=np.float32),
         num_examples=2,
         train_loss=1.0,
         synced_round=0,
