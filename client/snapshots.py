@@ -133,8 +133,9 @@ class SyncedSeedModel(ABC):
         a safetensors error on a damaged file.
         """
 
+    @abstractmethod
     def check_spec(self, spec: ZOSpec) -> None:
-        """Refuse an instruction's spec this model was not built for (default: none)."""
+        """Refuse an instruction's spec this model was not built for (a ProtocolError)."""
 
     # -- the rules -------------------------------------------------------------
     def _reset_to_w0(self) -> None:
