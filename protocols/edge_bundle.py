@@ -72,6 +72,9 @@ __all__ = [
 FORMAT_VERSION = 1
 FORMAT_NAME = "pollinate-edge-bundle"
 BUNDLE_FILE = "bundle.json"
+MAX_RECORD_BYTES = 16 * 1024 * 1024
+"""Largest ``bundle.json`` read (a full walk of a 1B-parameter model lists
+a few hundred names: ~100 KB)."""
 MODEL_FILE = "model.onnx"
 W0_FILE = "w0.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
@@ -319,7 +322,13 @@ def _record(path: Path) -> dict[str, Any]:
     """``bundle.json`` parsed, with its keys and their types checked."""
     file = path / BUNDLE_FILE
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        with file.open("rb") as f:
+            raw = f.read(MAX_RECORD_BYTES + 1)
+        if len(raw) > MAX_RECORD_BYTES:
+            raise EdgeBundleError(
+                f"bundle {path}: {BUNDLE_FILE} is larger than {MAX_RECORD_BYTES} bytes"
+            )
+        data = json.loads(raw.decode("utf-8"))
     except OSError:
         raise EdgeBundleError(f"bundle {path} has no readable {BUNDLE_FILE}") from None
     except ValueError as exc:

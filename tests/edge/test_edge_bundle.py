@@ -237,3 +237,16 @@ def test_adapter_mode_bundle_perturbs_only_the_adapter(tmp_path: Path) -> None:
     got = model.loss(collate(examples, model.pad_id))
     assert abs(got - zo.batch_loss(examples)) <= LOSS_TOLERANCE
     assert read_bundle(out).spec.adapter_rank == 2
+
+
+def test_oversized_bundle_json_is_refused_before_parsing(
+    bundle_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import protocols.edge_bundle as edge_bundle
+
+    record = bundle_copy / "bundle.json"
+    size = record.stat().st_size
+    read_bundle(bundle_copy)  # within the limit: accepted
+    monkeypatch.setattr(edge_bundle, "MAX_RECORD_BYTES", size - 1)
+    with pytest.raises(EdgeBundleError, match="larger than"):
+        read_bundle(bundle_copy)
