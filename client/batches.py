@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from client.seeding import derive_seed
+from client.seeding import batches_of, derive_seed
 
 __all__ = ["derive_seed", "index_batches"]
 
@@ -21,8 +21,6 @@ def index_batches(
     n: int, batch_size: int, generator: torch.Generator
 ) -> Iterator[list[int]]:
     """Endless index batches: a fresh permutation each pass, no ragged tail."""
-    size = min(batch_size, n)
-    while True:
-        order = torch.randperm(n, generator=generator).tolist()
-        for start in range(0, n - size + 1, size):
-            yield order[start : start + size]
+    return batches_of(
+        n, batch_size, lambda m: torch.randperm(m, generator=generator).tolist()
+    )

@@ -18,14 +18,14 @@ server accepts any draw from the pool; only the replay must be bit-exact).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from client.edge.engine import EdgeBatch, EdgeModel, collate
-from client.seeding import derive_seed
+from client.seeding import batches_of, derive_seed
 from models.text import TokenizedExample
 from protocols.messages import RoundSchedule
 from protocols.seed_arrays import perturb_arrays
@@ -63,17 +63,6 @@ def mezo_step(
     g = (loss_plus - loss_minus) / (2.0 * eps)
     perturb_arrays(params, seed, eps - learning_rate * g)
     return g, 0.5 * (loss_plus + loss_minus)
-
-
-def _index_batches(
-    n: int, batch_size: int, rng: np.random.Generator
-) -> Iterator[list[int]]:
-    """Endless index batches: a fresh permutation each pass, no ragged tail."""
-    size = min(batch_size, n)
-    while True:
-        order = rng.permutation(n).tolist()
-        for start in range(0, n - size + 1, size):
-            yield order[start : start + size]
 
 
 def _draws(
@@ -135,7 +124,9 @@ def edge_local_steps(
         derive_seed(config.seed, config.server_round, label, "zo")
     )
     draws = _draws(rng, len(seeds), config.local_steps, probabilities)
-    batches = _index_batches(len(examples), config.batch_size, rng)
+    batches = batches_of(
+        len(examples), config.batch_size, lambda m: rng.permutation(m).tolist()
+    )
     kept_idx: list[int] = []
     kept_g: list[float] = []
     losses: list[float] = []
