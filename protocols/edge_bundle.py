@@ -34,7 +34,6 @@ only, so a device without torch can use it. Every check fails with one
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -49,6 +48,7 @@ from safetensors.numpy import load_file, save_file
 
 from protocols.durable import atomic_write_text
 from protocols.errors import ProtocolError
+from protocols.manifest import file_sha256
 from protocols.param_walk import ParamWalk
 from protocols.philox import GENERATOR_VERSION
 from protocols.specs import ZOSpec
@@ -100,14 +100,6 @@ Float32Array = npt.NDArray[np.float32]
 
 class EdgeBundleError(ProtocolError):
     """A bundle that is damaged, altered, or made for another run."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_array(where: Path, name: str, shape: tuple[int, ...], a: Any) -> None:
@@ -216,7 +208,7 @@ def write_bundle_json(
     for name in _HASHED:
         if not (out / name).is_file():
             raise EdgeBundleError(f"bundle {out} has no {name}")
-        files[name] = _sha256(out / name)
+        files[name] = file_sha256(out / name)
     record: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -391,7 +383,7 @@ def _check_files(path: Path, files: Mapping[str, Any]) -> None:
         file = path / name
         if not file.is_file():
             raise EdgeBundleError(f"bundle {path} has no {name}")
-        got = _sha256(file)
+        got = file_sha256(file)
         if got != files[name]:
             raise EdgeBundleError(
                 f"bundle {path}: {name} sha256 {got[:16]}... differs from "

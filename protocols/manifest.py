@@ -29,6 +29,7 @@ from typing import Any
 from protocols.durable import atomic_write_text
 
 __all__ = [
+    "file_sha256",
     "MANIFEST_NAME",
     "Manifest",
     "ManifestError",
@@ -79,7 +80,8 @@ def manifest_path(target: Path) -> Path:
     return target.with_name(f"{target.name}.{MANIFEST_NAME}")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read 1 MiB at a time."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -113,7 +115,7 @@ def seal(target: Path, meta: Mapping[str, Any] | None = None) -> Path:
     if not target.exists():
         raise ManifestError(f"cannot seal {target}: it does not exist")
     files = {
-        name: {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        name: {"sha256": file_sha256(path), "bytes": path.stat().st_size}
         for name, path in _members(target).items()
     }
     record = {
@@ -227,7 +229,7 @@ def verify(target: Path) -> Manifest:
     for name in manifest.files:
         path = manifest.root / name
         try:
-            digest = _sha256(path)
+            digest = file_sha256(path)
         except OSError as exc:
             raise ManifestError(f"{path} is missing or unreadable: {exc}") from None
         if digest != manifest.files[name]:

@@ -202,12 +202,10 @@ def _history_record(history: tuple[RoundDelta, ...]) -> ArrayRecord:
         {
             "rounds": np.array([d.round for d in history], dtype=np.int32),
             "counts": np.array(counts, dtype=np.int32),
-            "indices": np.concatenate([d.indices for d in history]).astype(np.int32)
+            "indices": np.concatenate([d.indices for d in history])
             if history
             else np.zeros(0, dtype=np.int32),
-            "coefficients": np.concatenate([d.coefficients for d in history]).astype(
-                np.float32
-            )
+            "coefficients": np.concatenate([d.coefficients for d in history])
             if history
             else np.zeros(0, dtype=np.float32),
         }
@@ -336,8 +334,8 @@ def encode_zo_train_res(res: ZoTrainRes) -> RecordDict:
         {
             _STEPS: encode_arrays(
                 {
-                    "indices": res.indices.astype(np.int32, copy=False),
-                    "scalars": res.scalars.astype(np.float32, copy=False),
+                    "indices": res.indices,
+                    "scalars": res.scalars,
                 }
             ),
             _SYNC: ConfigRecord(
@@ -385,10 +383,10 @@ def decode_zo_train_res(
     _check_indices(idx, num_seeds, "reply")
     # Finite (decode_arrays checked) but also bounded, so that the per-seed
     # sums and their float32 coefficients stay finite.
-    if g.size and float(np.abs(g).max()) > _MAX_SCALAR:
+    peak = float(np.abs(g).max()) if g.size else 0.0
+    if peak > _MAX_SCALAR:
         raise ProtocolError(
-            f"step scalars must have magnitude <= {MAX_WIRE_FLOAT:g}, got "
-            f"{float(np.abs(g).max())!r}"
+            f"step scalars must have magnitude <= {MAX_WIRE_FLOAT:g}, got {peak!r}"
         )
     sync = _record(content, _SYNC, ConfigRecord)
     metrics = _record(content, _METRICS, MetricRecord)
