@@ -119,9 +119,10 @@ def check_runtime(s: JoinSettings) -> None:
         raise ValueError("runtime 'onnx' needs the edge bundle (pollinate export)")
     from protocols.edge_bundle import read_bundle
 
-    wrong = [m for m in s.methods if m not in edge_methods()]
+    edge = edge_methods()
+    wrong = [m for m in s.methods if m not in edge]
     if wrong:
-        raise ValueError(f"runtime 'onnx' trains {list(edge_methods())}, not {wrong}")
+        raise ValueError(f"runtime 'onnx' trains {list(edge)}, not {wrong}")
     read_bundle(s.bundle)
 
 

@@ -188,12 +188,19 @@ def zo_walk(
     With an adapter, ``model`` is wrapped in place (see
     :func:`attach_zo_adapter`) and the walk is the adapter's tensors.
     """
+    return _perturbed(model, include, adapter)[1]
+
+
+def _perturbed(
+    model: nn.Module, include: Sequence[str], adapter: AdapterShape | None
+) -> tuple[nn.Module, ParamWalk]:
+    """``model`` (PEFT-wrapped with an adapter) and the walk of what it perturbs."""
     if adapter is None:
-        return ParamWalk.from_model(model, include or None)
+        return model, ParamWalk.from_model(model, include or None)
     if include:
         raise ProtocolError("zo.include cannot be combined with an adapter")
     wrapped = attach_zo_adapter(model, adapter)  # type: ignore[arg-type]
-    return ParamWalk.from_model(wrapped, trainable_only=True)
+    return wrapped, ParamWalk.from_model(wrapped, trainable_only=True)
 
 
 def load_zo_model(
@@ -213,15 +220,9 @@ def load_zo_model(
         If ``include`` selects nothing, or is given with an adapter.
     """
     loaded = load_causal_lm(model_name, dtype="float32", device=device)
-    if adapter is None:
-        walk = ParamWalk.from_model(loaded.model, include or None)
-        return ZoModel(loaded.model, loaded.tokenizer, walk)
-    if include:
-        raise ProtocolError("zo.include cannot be combined with an adapter")
-    peft_model = attach_zo_adapter(loaded.model, adapter)
-    peft_model.eval()
-    walk = ParamWalk.from_model(peft_model, trainable_only=True)
-    return ZoModel(peft_model, loaded.tokenizer, walk)  # type: ignore[arg-type]
+    model, walk = _perturbed(loaded.model, include, adapter)
+    model.eval()
+    return ZoModel(model, loaded.tokenizer, walk)  # type: ignore[arg-type]
 
 
 def zo_model_for(spec: ZOSpec, device: torch.device | str = "cpu") -> ZoModel:

@@ -78,12 +78,7 @@ def export_edge(source: Path, out: Path) -> Path:
         spec = build_spec(config)
         if not isinstance(spec, ZOSpec):  # pragma: no cover - registry says ZO
             raise ExportError(f"method {method.name} has no ZOSpec")
-        zo = zo_model_for(spec)
-        if zo.walk.fingerprint() != spec.walk_fingerprint:
-            raise ExportError(
-                f"the loaded model's walk {zo.walk.fingerprint()} differs from the "
-                f"spec's {spec.walk_fingerprint}"
-            )
+        zo = zo_model_for(spec)  # export_edge_bundle checks its walk vs the spec
         tokenized = [
             tokenize_example(e, zo.tokenizer, spec.max_length) for e in examples
         ]

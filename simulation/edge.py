@@ -84,6 +84,7 @@ def ensure_edge_bundle(run_dir: Path) -> Path | None:
         export_edge(folder.path, stage)
         stage.rename(target)
         log.info("edge bundle exported to %s", target)
+        return target  # just written and checked by the export
     try:
         read_bundle(target)
     except EdgeBundleError as exc:
