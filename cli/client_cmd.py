@@ -20,6 +20,8 @@ EPILOG = """examples:
   pollinate client join --server 127.0.0.1:9092 --data my.jsonl --insecure   # local only
   pollinate client join --server 10.0.0.5:9092 --data my.jsonl --root-cert certs/ca.crt \
       --runtime onnx --bundle bundles/edge          # FedKSeed without torch (edge device)
+  pollinate client join --server 10.0.0.5:9092 --data my.jsonl --root-cert certs/ca.crt \
+      --lora-rank 4                                 # a small device trains LoRA rank 4
 """
 
 
@@ -69,6 +71,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=Path,
         help="--runtime onnx: the edge bundle (pollinate export RUN --format edge)",
     )
+    join.add_argument(
+        "--lora-rank",
+        type=_lora_rank,
+        help="LoRA: the adapter rank this node trains (one the server's "
+        "lora.client_ranks allows; default: the run's lora.rank)",
+    )
     join.add_argument("--state-dir", type=Path, default=Path(".pollinate-node"))
     join.add_argument(
         "--local-port", type=int, default=9094, help="SuperNode's local API port"
@@ -84,6 +92,21 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "(default: this host's name)",
     )
     keygen.set_defaults(handler=_keygen)
+
+
+def _lora_rank(text: str) -> int:
+    """``--lora-rank``: an int in 1..MAX_LORA_RANK (the bound a hello may report)."""
+    from protocols.messages import MAX_LORA_RANK
+
+    try:
+        rank = int(text)
+    except ValueError:
+        rank = 0
+    if not 1 <= rank <= MAX_LORA_RANK:
+        raise argparse.ArgumentTypeError(
+            f"must be an int in 1..{MAX_LORA_RANK}, got {text!r}"
+        )
+    return rank
 
 
 def _join(args: argparse.Namespace, console: Console) -> int:
@@ -118,6 +141,7 @@ def _join(args: argparse.Namespace, console: Console) -> int:
         methods=tuple(args.method),
         runtime=args.runtime,
         bundle=args.bundle,
+        lora_rank=args.lora_rank,
     )
     try:  # the bundle is checked here, before any process starts
         check_runtime(settings)

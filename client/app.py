@@ -158,7 +158,7 @@ def _guarded(
 
 def _hello(runtime: _Runtime) -> Callable[[Message, Context], Message]:
     def hello(msg: Message, context: Context) -> Message:
-        """Say who this node is and how many examples it holds.
+        """Say who this node is, how many examples it holds (and its LoRA rank).
 
         With a node key (``auth-key``) and a nonce in the instruction, the
         node signs (nonce, label, node id): a server that authenticates
@@ -174,7 +174,7 @@ def _hello(runtime: _Runtime) -> Callable[[Message, Context], Message]:
                 signature = sign_hello(key, nonce, node.label, context.node_id)
             except IdentityError as exc:
                 raise NodeConfigError(f"node config 'auth-key': {exc}") from None
-        hello = NodeHello(node.label, count, signature)
+        hello = NodeHello(node.label, count, signature, lora_rank=node.lora_rank)
         return Message(encode_hello(hello), reply_to=msg)
 
     return hello

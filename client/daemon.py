@@ -77,6 +77,10 @@ class JoinSettings:
         One of :data:`RUNTIMES`: ``torch``, or ``onnx`` for the edge client.
     bundle : Path | None
         The edge bundle (``pollinate export --format edge``); with ``onnx`` only.
+    lora_rank : int | None
+        The LoRA rank this node trains (node config ``lora-rank``, reported
+        at hello; the server refuses a rank its run does not allow); None:
+        the run's global rank.
     """
 
     server: str
@@ -91,6 +95,7 @@ class JoinSettings:
     methods: tuple[str, ...] = ()
     runtime: str = "torch"
     bundle: Path | None = None
+    lora_rank: int | None = None
 
 
 def check_runtime(s: JoinSettings) -> None:
@@ -155,6 +160,8 @@ def supernode_command(s: JoinSettings) -> list[str]:
     if s.runtime != "torch":
         bundle = s.bundle.resolve() if s.bundle is not None else ""
         node_config += f' runtime="{s.runtime}" bundle="{bundle}"'
+    if s.lora_rank is not None:
+        node_config += f" lora-rank={s.lora_rank}"
     cmd = [
         str(tool),
         "--superlink",

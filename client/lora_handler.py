@@ -1,5 +1,10 @@
 """LoRA on the device: train the received global adapter, send it back.
 
+The node trains the rank the instruction names (``client_rank``, one of the
+spec's allowed ranks) on a model built from ``spec.at_rank(client_rank)``:
+same ``alpha``, so its update is ``(alpha / r) * B @ A`` at every rank. A node
+started with ``lora-rank`` refuses an instruction for another rank.
+
 The handler the method registry names for ``train.lora``; it raises on a bad
 instruction or a node that lacks something, and :mod:`client.app` answers
 with the matching error reply.
@@ -31,6 +36,7 @@ from client.runtime import ClientRuntime
 from models import adapter_layout, adapter_tensors, load_adapter_tensors
 from protocols import (
     LoraTrainRes,
+    ProtocolError,
     TensorLayout,
     decode_lora_train_ins,
     encode_lora_train_res,
@@ -44,7 +50,7 @@ from protocols.messages import (
 from strategies.privacy import fresh_noise_seed, gaussian_noise, noise_generator
 from strategies.robust import clip_to_norm
 
-__all__ = ["clip_update", "handle", "privatize"]
+__all__ = ["check_rank", "clip_update", "handle", "privatize"]
 
 
 def handle(
@@ -53,9 +59,10 @@ def handle(
     """Load the global adapter, train it on local data, reply with it."""
     del context
     ins = decode_lora_train_ins(msg.content)
+    check_rank(ins.client_rank, node)
     dp = get_local_privacy(msg.content)
     client_clip = get_client_clip(msg.content)
-    lora = runtime.lora_model(ins.spec, node.device)
+    lora = runtime.lora_model(ins.spec.at_rank(ins.client_rank), node.device)
     adapter_layout(lora.model).check(TensorLayout.of(ins.adapter))
     data = runtime.local_data(node.data_path, ins.spec, lora.tokenizer)
     load_adapter_tensors(lora.model, ins.adapter)
@@ -83,6 +90,23 @@ def handle(
         train_loss=stats.mean_loss,
     )
     return Message(encode_lora_train_res(res), reply_to=msg)
+
+
+def check_rank(client_rank: int, node: NodeSettings) -> None:
+    """Refuse an instruction to train another rank than the node's ``lora-rank``.
+
+    A node without ``lora-rank`` trains the rank it is told.
+
+    Raises
+    ------
+    ProtocolError
+        If the node has a ``lora-rank`` and ``client_rank`` is not it.
+    """
+    if node.lora_rank is not None and client_rank != node.lora_rank:
+        raise ProtocolError(
+            f"the instruction says LoRA rank {client_rank}, but this node trains "
+            f"rank {node.lora_rank} (node config 'lora-rank')"
+        )
 
 
 def privatize(

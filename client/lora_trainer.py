@@ -4,6 +4,14 @@ Pure torch over an already-built model: no Flower, no files. Batches are drawn
 without replacement from a permutation that is reshuffled each pass, from a
 generator seeded by (run seed, round, node label), and dropout runs under a
 private RNG seeded the same way, so a node's round is reproducible.
+
+With ``config.proximal_mu > 0`` the objective is FedProx's (Li et al. 2020,
+"Federated Optimization in Heterogeneous Networks"): task loss plus
+(mu / 2) * sum ||w - w0||^2 over the trainable (adapter) tensors, w0 being
+their values when the call starts (the global adapter just loaded). The
+squared norm is the paper's and Flower's FedProx docstring formula (its code
+sketch sums unsquared norms). The reported loss stays the task loss, so
+losses compare across mu. With mu == 0 the step is exactly the plain one.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from client.batches import derive_seed, index_batches
 from models import TokenizedExample, collate_train
 from protocols import LocalTrainConfig
 
-__all__ = ["TrainStats", "train_lora"]
+__all__ = ["TrainStats", "proximal_term", "train_lora"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +36,20 @@ class TrainStats:
     mean_loss: float
     steps: int
     examples_seen: int
+
+
+def proximal_term(
+    params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], mu: float
+) -> torch.Tensor:
+    """FedProx's (mu / 2) * sum_i ||params_i - anchors_i||^2, differentiable in params.
+
+    Its gradient with respect to ``params_i`` is ``mu * (params_i - anchors_i)``.
+    ``anchors`` are detached snapshots of ``params``, one per tensor.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=params[0].device)
+    for p, p0 in zip(params, anchors, strict=True):
+        total = total + (p.float() - p0.float()).pow(2).sum()
+    return total * (mu / 2.0)
 
 
 def train_lora(
@@ -48,7 +70,9 @@ def train_lora(
     examples : Sequence[TokenizedExample]
         The node's tokenized examples (at least one).
     config : LocalTrainConfig
-        Steps, batch size, optimiser settings, run seed and round.
+        Steps, batch size, optimiser settings, run seed and round; its
+        ``proximal_mu`` > 0 adds FedProx's proximal term to the loss (the
+        reported ``mean_loss`` is still the task loss).
     pad_id : int
         Token id used for padding.
     label : str
@@ -71,6 +95,8 @@ def train_lora(
     optimizer = torch.optim.AdamW(
         params, lr=config.learning_rate, weight_decay=config.weight_decay
     )
+    mu = config.proximal_mu
+    anchors = [p.detach().clone() for p in params] if mu > 0 else None
     losses: list[torch.Tensor] = []
     batches = index_batches(len(examples), config.batch_size, generator)
     model.train()
@@ -85,7 +111,10 @@ def train_lora(
                 attention_mask=batch.attention_mask,
                 labels=batch.labels,
             )
-            out.loss.backward()
+            if anchors is None:
+                out.loss.backward()
+            else:
+                (out.loss + proximal_term(params, anchors, mu)).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(out.loss.detach())

@@ -68,6 +68,10 @@ class NodeSettings:
         FedKSeed on ONNX Runtime without torch.
     bundle : Path | None
         The edge bundle folder of an ``onnx`` node (None for ``torch``).
+    lora_rank : int | None
+        The LoRA rank this node trains (node config ``lora-rank``; a
+        simulated node's comes from its run folder), reported at hello; None:
+        the run's global rank.
     """
 
     data_path: Path
@@ -78,6 +82,7 @@ class NodeSettings:
     auth_key: Path | None = None
     runtime: str = "torch"
     bundle: Path | None = None
+    lora_rank: int | None = None
 
     @property
     def device(self) -> torch.device:
@@ -157,6 +162,7 @@ class NodeSettings:
                 auth_key=auth_key,
                 runtime=runtime,
                 bundle=bundle,
+                lora_rank=_lora_rank(cfg.get("lora-rank")),
             )
         if "partition-id" in cfg:
             from protocols.run_errors import RunFolderError
@@ -172,6 +178,7 @@ class NodeSettings:
             folder = RunFolder(str(run_dir))
             try:
                 bundle = folder.edge_bundle(pid)
+                rank = folder.lora_rank(pid)
             except RunFolderError as exc:
                 raise NodeConfigError(f"run folder: {exc}") from None
             runtime = "torch" if bundle is None else "onnx"
@@ -186,11 +193,35 @@ class NodeSettings:
                 auth_key=auth_key,
                 runtime=runtime,
                 bundle=bundle,
+                lora_rank=rank,
             )
         raise NodeConfigError(
             "node config has neither 'data-path' nor 'partition-id': start the node "
             "with --node-config 'data-path=\"/path/to/data.jsonl\"'"
         )
+
+
+def _lora_rank(value: object) -> int | None:
+    """Node config ``lora-rank``: a positive int up to the hello's bound, or None.
+
+    Raises
+    ------
+    NodeConfigError
+        If it is given but not an int in ``1..MAX_LORA_RANK``.
+    """
+    if value is None or value == "":
+        return None
+    from protocols.messages import MAX_LORA_RANK
+
+    try:
+        rank = int(str(value)) if not isinstance(value, bool) else 0
+    except ValueError:
+        rank = 0
+    if not 1 <= rank <= MAX_LORA_RANK:
+        raise NodeConfigError(
+            f"node config 'lora-rank' is {value!r}, not an int in 1..{MAX_LORA_RANK}"
+        )
+    return rank
 
 
 def _runtime(cfg: Mapping[str, object]) -> tuple[str, Path | None]:

@@ -34,10 +34,14 @@ __all__ = ["ZO_STATE_ENV", "ClientRuntime", "LocalData", "LoraModel", "SplitPart
 
 @dataclass
 class LoraModel:
-    """A base model wrapped with adapters, and its tokenizer."""
+    """A base model wrapped with adapters, and its tokenizer.
+
+    ``base`` is (model name, dtype, device) of the base model under the adapters.
+    """
 
     model: PeftModel
     tokenizer: PreTrainedTokenizerBase
+    base: tuple[str, str, str] = ("", "", "")
 
 
 @dataclass
@@ -59,15 +63,32 @@ class ClientRuntime:
         self._data = DataCache(max_datasets)
 
     def lora_model(self, spec: LoraSpec, device: torch.device) -> LoraModel:
-        """The model for ``spec`` on ``device``, built on first use."""
+        """The model for ``spec`` on ``device``, built on first use.
+
+        A client of rank ``r`` passes ``spec.at_rank(r)``. When only the
+        adapter's shape changed (simulated nodes of other ranks in one
+        process), the cached base model is unwrapped and given new adapters
+        instead of being loaded again.
+        """
         key = (spec.fingerprint(), str(device))
         if key not in self._models:
+            base_key = (spec.model, spec.model_dtype, str(device))
+            reuse = next(
+                (m for m in self._models.values() if m.base == base_key),
+                None,
+            )
             self._models.clear()  # one base model per process is the budget
             self._zo.clear()
             self._split.clear()
-            loaded = load_causal_lm(spec.model, dtype=spec.model_dtype, device=device)
-            model = attach_lora(loaded.model, spec)
-            self._models[key] = LoraModel(model=model, tokenizer=loaded.tokenizer)
+            if reuse is not None:  # PEFT's unload() restores the base modules
+                base, tokenizer = reuse.model.unload(), reuse.tokenizer
+            else:
+                loaded = load_causal_lm(
+                    spec.model, dtype=spec.model_dtype, device=device
+                )
+                base, tokenizer = loaded.model, loaded.tokenizer
+            model = attach_lora(base, spec)
+            self._models[key] = LoraModel(model, tokenizer, base_key)
         return self._models[key]
 
     def zo_state(

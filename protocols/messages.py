@@ -69,6 +69,7 @@ __all__ = [
     "ERROR_OUT_OF_SYNC",
     "ACTION_LORA",
     "MAX_LABEL_CHARS",
+    "MAX_LORA_RANK",
     "MAX_WIRE_FLOAT",
     "ClientClip",
     "LocalPrivacy",
@@ -83,6 +84,7 @@ __all__ = [
     "decode_hello_ins",
     "decode_lora_train_ins",
     "decode_lora_train_res",
+    "check_adapter_rank",
     "encode_hello",
     "encode_hello_ins",
     "encode_lora_train_ins",
@@ -122,8 +124,12 @@ _HELLO = "hello"
 _HELLO_INS = "hello-ins"
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
+_PROXIMAL_MU = "proximal-mu"  # the key of Flower's FedProx
 
 MAX_LABEL_CHARS = 128
+MAX_LORA_RANK = 4096
+"""The largest LoRA rank a node may report at hello."""
+_LORA_RANK = "lora-rank"  # hello: the node's rank; train.lora: the rank to train
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,10 +212,16 @@ class LocalTrainConfig(RoundSchedule):
         AdamW learning rate (> 0).
     weight_decay : float
         AdamW decoupled weight decay (>= 0).
+    proximal_mu : float
+        FedProx's proximal weight mu (>= 0; Li et al. 2020): the client adds
+        (mu / 2) * ||w - w_global||^2 over its trainable tensors to its loss.
+        On the wire as ``"proximal-mu"`` (Flower's FedProx key), written only
+        when non-zero, so a message without it means 0.
     """
 
     learning_rate: float
     weight_decay: float
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
         RoundSchedule.__post_init__(self)
@@ -220,6 +232,8 @@ class LocalTrainConfig(RoundSchedule):
                 and math.isfinite(self.learning_rate),
                 "weight_decay": self.weight_decay >= 0
                 and math.isfinite(self.weight_decay),
+                "proximal_mu": self.proximal_mu >= 0
+                and math.isfinite(self.proximal_mu),
             },
         )
 
@@ -228,6 +242,8 @@ class LocalTrainConfig(RoundSchedule):
         record = RoundSchedule.to_config_record(self)
         record["learning-rate"] = self.learning_rate
         record["weight-decay"] = self.weight_decay
+        if self.proximal_mu != 0.0:
+            record[_PROXIMAL_MU] = self.proximal_mu
         return record
 
     @classmethod
@@ -237,6 +253,9 @@ class LocalTrainConfig(RoundSchedule):
             **_schedule_fields(record),
             learning_rate=get_field(record, "learning-rate", float),
             weight_decay=get_field(record, "weight-decay", float),
+            proximal_mu=get_field(record, _PROXIMAL_MU, float)
+            if _PROXIMAL_MU in record
+            else 0.0,
         )
 
 
@@ -269,26 +288,29 @@ class NodeHello:
 
     ``signature`` is the node's signature of (nonce, label, node id)
     (:func:`protocols.identity.sign_hello`), empty when it has no key.
+    ``lora_rank`` is the LoRA rank the node trains (node config
+    ``lora-rank``), None when it did not say (it then trains the run's
+    global rank); on the wire only when set.
     """
 
     label: str
     num_examples: int
     signature: bytes = b""
+    lora_rank: int | None = None
 
 
 def encode_hello(hello: NodeHello) -> RecordDict:
     """Client -> server reply to ``query.hello``."""
-    return RecordDict(
+    record = ConfigRecord(
         {
-            _HELLO: ConfigRecord(
-                {
-                    "label": hello.label,
-                    NUM_EXAMPLES: hello.num_examples,
-                    "signature": hello.signature,
-                }
-            )
+            "label": hello.label,
+            NUM_EXAMPLES: hello.num_examples,
+            "signature": hello.signature,
         }
     )
+    if hello.lora_rank is not None:
+        record[_LORA_RANK] = hello.lora_rank
+    return RecordDict({_HELLO: record})
 
 
 def decode_hello(content: RecordDict) -> NodeHello:
@@ -297,8 +319,9 @@ def decode_hello(content: RecordDict) -> NodeHello:
     Raises
     ------
     ProtocolError
-        On a missing key, or a label that is empty, longer than
-        :data:`MAX_LABEL_CHARS` or not printable (labels go into logs).
+        On a missing key, a label that is empty, longer than
+        :data:`MAX_LABEL_CHARS` or not printable (labels go into logs), or a
+        LoRA rank outside ``1..MAX_LORA_RANK``.
     """
     rec = get_record(content, _HELLO, ConfigRecord)
     label: str = get_field(rec, "label", str)
@@ -307,20 +330,50 @@ def decode_hello(content: RecordDict) -> NodeHello:
             f"'label' must be 1-{MAX_LABEL_CHARS} printable characters, "
             f"got {label[:MAX_LABEL_CHARS]!r}"
         )
+    rank: int | None = None
+    if _LORA_RANK in rec:
+        rank = get_field(rec, _LORA_RANK, int)
+        if not 1 <= rank <= MAX_LORA_RANK:
+            raise ProtocolError(
+                f"'{_LORA_RANK}' must be in 1..{MAX_LORA_RANK}, got {rank}"
+            )
     return NodeHello(
         label=label,
         num_examples=get_field(rec, NUM_EXAMPLES, int),
         signature=get_field(rec, "signature", bytes),
+        lora_rank=rank,
     )
 
 
 @dataclass(frozen=True, slots=True)
 class LoraTrainIns:
-    """Server -> client: train this adapter under this spec."""
+    """Server -> client: train this adapter under this spec.
+
+    ``client_rank`` is the rank this node trains, one of
+    ``spec.allowed_ranks()``; ``adapter`` has that rank (``lora_A`` rows,
+    ``lora_B`` columns). 0, the default, means ``spec.rank`` (it is replaced
+    by it). On the wire only when it is not ``spec.rank``, so a same-rank
+    instruction encodes as before per-client ranks.
+
+    Raises
+    ------
+    ProtocolError
+        If ``client_rank`` is not one of ``spec.allowed_ranks()``.
+    """
 
     spec: LoraSpec
     config: LocalTrainConfig
     adapter: dict[str, torch.Tensor]
+    client_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.client_rank == 0:
+            object.__setattr__(self, "client_rank", self.spec.rank)
+        if self.client_rank not in self.spec.allowed_ranks():
+            raise ProtocolError(
+                f"'{_LORA_RANK}' {self.client_rank} is not one of the spec's "
+                f"allowed ranks {list(self.spec.allowed_ranks())}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,13 +387,16 @@ class LoraTrainRes:
 
 def encode_lora_train_ins(ins: LoraTrainIns) -> RecordDict:
     """Build the content of a ``train.lora`` instruction."""
-    return RecordDict(
+    content = RecordDict(
         {
             _SPEC: ins.spec.to_config_record(),
             _TRAIN: ins.config.to_config_record(),
             _ADAPTER: encode_tensors(ins.adapter),
         }
     )
+    if ins.client_rank != ins.spec.rank:
+        content[_LORA_RANK] = ConfigRecord({"rank": ins.client_rank})
+    return content
 
 
 def decode_lora_train_ins(
@@ -353,7 +409,12 @@ def decode_lora_train_ins(
     Raises
     ------
     ProtocolError
-        On a missing record, a bad spec or train config, or a bad adapter.
+        On a missing record, a bad spec or train config, a bad adapter, a
+        client rank the spec does not allow, or (with a client rank on the
+        wire) an adapter tensor of another rank, named in the message. An
+        instruction at the global rank decodes as before per-client ranks:
+        the client's layout check (its model at that rank) refuses a tensor
+        of another shape.
     """
     spec = LoraSpec.from_config_record(get_record(content, _SPEC, ConfigRecord))
     config = LocalTrainConfig.from_config_record(
@@ -362,7 +423,31 @@ def decode_lora_train_ins(
     adapter = decode_tensors(
         get_record(content, _ADAPTER, ArrayRecord), max_bytes=max_bytes
     )
-    return LoraTrainIns(spec=spec, config=config, adapter=adapter)
+    if _LORA_RANK not in content:  # the global rank: decoded as it always was
+        return LoraTrainIns(spec=spec, config=config, adapter=adapter)
+    rank = get_field(get_record(content, _LORA_RANK, ConfigRecord), "rank", int)
+    ins = LoraTrainIns(spec=spec, config=config, adapter=adapter, client_rank=rank)
+    check_adapter_rank(adapter, rank)
+    return ins
+
+
+def check_adapter_rank(adapter: Mapping[str, torch.Tensor], rank: int) -> None:
+    """Check that every ``lora_A`` has ``rank`` rows and every ``lora_B`` columns.
+
+    Raises
+    ------
+    ProtocolError
+        Naming the first tensor of another rank (or not a matrix).
+    """
+    for name, tensor in adapter.items():
+        axis = 0 if ".lora_A." in name else 1 if ".lora_B." in name else None
+        if axis is None:
+            continue
+        shape = tuple(tensor.shape)
+        if len(shape) != 2 or shape[axis] != rank:
+            raise ProtocolError(
+                f"adapter tensor {name!r} has shape {list(shape)}, not rank {rank}"
+            )
 
 
 def encode_lora_train_res(res: LoraTrainRes) -> RecordDict:

@@ -4,8 +4,12 @@
 
     state.json      the round, the spec fingerprint, the tensor file's name
                     (None when the method's state needs no tensors, as
-                    FedKSeed's seed history) and the method's own state
+                    FedKSeed's seed history), the extra tensor files' names
+                    (``extra_tensors``, only when there are any) and the
+                    method's own state
     <tensors>       one safetensors file, in the order it was written
+    <extra>         more safetensors files of the same state (a LoRA server
+                    optimizer's moments), each named in ``extra_tensors``
     manifest.json   the sha256 of both and the round, written last
 
 A new checkpoint is built in ``.checkpoint.new`` beside it (tensors, then
@@ -142,6 +146,8 @@ class Checkpoint:
         state = self.record()
         if state["tensors"] is not None:
             self.tensors(state)
+        for name in state.get("extra_tensors", ()):
+            self.tensors(state, file=name)
         return int(state["round"])
 
     def write(
@@ -152,27 +158,37 @@ class Checkpoint:
         tensors: Mapping[str, torch.Tensor] | None = None,
         *,
         filename: str = "adapter.safetensors",
+        extra_tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     ) -> Path:
         """Write the round's server state (and its tensors); return the folder.
 
         ``state.json`` records the round, the spec fingerprint and the tensor
-        file (``None`` when ``tensors`` is None) beside ``state``'s own keys.
+        file (``None`` when ``tensors`` is None) beside ``state``'s own keys;
+        ``extra_tensors`` (file name -> tensors) become more safetensors
+        files of the same checkpoint, listed in ``extra_tensors``.
 
         Raises
         ------
         CheckpointError
-            If ``state`` holds a non-finite number or a reserved key, or
-            ``filename`` is not a plain file name.
+            If ``state`` holds a non-finite number or a reserved key, or a
+            tensor file name is not a plain file name or is used twice.
         """
-        reserved = {"round", "spec_fingerprint", "tensors"} & set(state)
-        if reserved:
-            raise CheckpointError(f"checkpoint state may not set {sorted(reserved)}")
-        if "/" in filename or filename.startswith(".") or filename == STATE_FILE:
-            raise CheckpointError(f"bad checkpoint tensor file name {filename!r}")
+        reserved = {"round", "spec_fingerprint", "tensors", "extra_tensors"}
+        if reserved & set(state):
+            raise CheckpointError(
+                f"checkpoint state may not set {sorted(reserved & set(state))}"
+            )
+        extra = dict(extra_tensors or {})
+        for name in (filename, *extra):
+            if not _plain_name(name) or name == STATE_FILE:
+                raise CheckpointError(f"bad checkpoint tensor file name {name!r}")
+        if tensors is not None and filename in extra:
+            raise CheckpointError(f"checkpoint tensor file {filename!r} given twice")
         record = {
             "round": server_round,
             "spec_fingerprint": spec_fingerprint,
             "tensors": filename if tensors is not None else None,
+            **({"extra_tensors": sorted(extra)} if extra else {}),
             **state,
         }
         try:
@@ -185,6 +201,9 @@ class Checkpoint:
         if tensors is not None:
             meta = {"round": str(server_round), "spec": spec_fingerprint}
             atomic_write_bytes(stage / filename, safetensors_bytes(tensors, meta))
+        for name, more in extra.items():
+            meta = {"round": str(server_round), "spec": spec_fingerprint}
+            atomic_write_bytes(stage / name, safetensors_bytes(more, meta))
         atomic_write_text(stage / STATE_FILE, text)
         seal(stage, {"round": server_round, "spec_fingerprint": spec_fingerprint})
         replace_dir(stage, self.path)
@@ -218,10 +237,11 @@ class Checkpoint:
         if not isinstance(state.get("spec_fingerprint"), str):
             raise CheckpointError(f"{path} is damaged: no spec fingerprint")
         name = state.get("tensors")
-        if name is not None and (
-            not isinstance(name, str) or "/" in name or name.startswith(".")
-        ):
+        if name is not None and not _plain_name(name):
             raise CheckpointError(f"{path} is damaged: tensors is {name!r}")
+        extra = state.get("extra_tensors", [])
+        if not isinstance(extra, list) or not all(_plain_name(n) for n in extra):
+            raise CheckpointError(f"{path} is damaged: extra_tensors is {extra!r}")
         return state
 
     def read(self, spec_fingerprint: str) -> dict[str, Any]:
@@ -241,21 +261,28 @@ class Checkpoint:
             )
         return state
 
-    def tensors(self, state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def tensors(
+        self, state: Mapping[str, Any], *, file: str | None = None
+    ) -> dict[str, torch.Tensor]:
         """The tensors ``state`` names, verified, finite, in the file's order.
+
+        ``file`` picks one of the state's ``extra_tensors`` files instead of
+        its main tensor file.
 
         Raises
         ------
         CheckpointError
-            If the state names no tensors, the file differs from the manifest
-            or is unreadable, or a tensor holds NaN/Inf.
+            If the state names no such tensor file, the file differs from the
+            manifest or is unreadable, or a tensor holds NaN/Inf.
         """
         import torch
 
-        name = state.get("tensors")
-        if not isinstance(name, str) or "/" in name or name.startswith("."):
+        name = state.get("tensors") if file is None else file
+        listed = file is None or file in state.get("extra_tensors", ())
+        if not isinstance(name, str) or not _plain_name(name) or not listed:
             raise CheckpointError(
-                f"{self.state_file} names no tensor file (tensors={name!r})"
+                f"{self.state_file} names no tensor file "
+                f"({'tensors' if file is None else 'extra_tensors'}: {name!r})"
             )
         manifest = self.manifest()
         if manifest is None:
@@ -285,6 +312,11 @@ def _load_in_file_order(data: bytes) -> dict[str, torch.Tensor]:
     header = json.loads(data[8 : 8 + size])
     offset = {k: v["data_offsets"][0] for k, v in header.items() if k in tensors}
     return {k: tensors[k] for k in sorted(tensors, key=lambda k: (offset[k], k))}
+
+
+def _plain_name(name: object) -> bool:
+    """A file name inside the checkpoint folder: no path, not hidden."""
+    return isinstance(name, str) and bool(name) and "/" not in name and name[0] != "."
 
 
 def _round_of(state: Mapping[str, Any], path: Path) -> int:

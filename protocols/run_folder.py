@@ -68,6 +68,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are read or written:
     import torch  # an edge client reads its run folder without torch
 
 __all__ = [
+    "PARTITION_RANKS_KEY",
     "RUN_DIR_KEY",
     "ENDED_STATES",
     "RUN_STATES",
@@ -90,6 +91,7 @@ RUN_STATES = ("not started", "running", "resuming", "completed", "failed", "stop
 ENDED_STATES = ("completed", "failed", "stopped")
 
 _EDGE_KEY = "edge"  # partitions.json: the partitions that run the edge client
+_RANKS_KEY = PARTITION_RANKS_KEY = "lora_ranks"  # partitions.json: partition ranks
 # The types of the fields other code reads from status.json.
 _STATUS_TYPES: dict[str, tuple[type, ...]] = {
     "error": (str,),
@@ -414,6 +416,19 @@ class RunFolder:
             )
         return path
 
+    def lora_rank(self, partition_id: int) -> int | None:
+        """A partition's rank in ``partitions.json`` (None: none); RunFolderError if bad."""
+        record = self.read_record(self.partitions) or {}
+        ranks, n = record.get(_RANKS_KEY), len(record.get("sizes") or ())
+        ok = isinstance(ranks, list) and len(ranks) == n
+        if ranks is not None and not (
+            ok and all(type(r) is int and r > 0 for r in ranks)
+        ):
+            raise RunFolderError(
+                f"{self.partitions} is damaged: {_RANKS_KEY} {ranks!r}"
+            )
+        return ranks[partition_id] if ranks and 0 <= partition_id < n else None
+
     # -- status ---------------------------------------------------------------
     def read_status(self) -> RunStatus:
         """The run's recorded state (``not started`` when there is none).
@@ -494,13 +509,15 @@ class RunFolder:
         tensors: Mapping[str, torch.Tensor] | None = None,
         *,
         filename: str = "adapter.safetensors",
+        extra_tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     ) -> Path:
         """Write the round's server state (and its tensors) as ``checkpoint/``.
 
         Built beside the old one and swapped in whole, so a crash leaves the
         previous checkpoint or this one, never a mix; ``tensors`` None: the
-        method's state needs none, as FedKSeed's seed history
-        (:mod:`protocols.run_checkpoint` has the format).
+        method's state needs none, as FedKSeed's seed history;
+        ``extra_tensors``: more tensor files by name, e.g. a server
+        optimizer's moments (:mod:`protocols.run_checkpoint` has the format).
 
         Raises
         ------
@@ -508,7 +525,12 @@ class RunFolder:
             If ``state`` holds a non-finite number or a reserved key.
         """
         return self._checkpoint.write(
-            server_round, spec_fingerprint, state, tensors, filename=filename
+            server_round,
+            spec_fingerprint,
+            state,
+            tensors,
+            filename=filename,
+            extra_tensors=extra_tensors,
         )
 
     def checkpoint_record(self) -> dict[str, Any]:
@@ -532,17 +554,19 @@ class RunFolder:
         return self._checkpoint.read(spec_fingerprint)
 
     def read_checkpoint_tensors(
-        self, state: Mapping[str, Any]
+        self, state: Mapping[str, Any], *, file: str | None = None
     ) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint's ``state`` names, verified and finite.
+
+        ``file``: one of the state's ``extra_tensors`` files instead.
 
         Raises
         ------
         CheckpointError
-            If the state names no tensors, the file differs from the manifest
-            or is unreadable, or a tensor holds NaN/Inf.
+            If the state names no such tensors, the file differs from the
+            manifest or is unreadable, or a tensor holds NaN/Inf.
         """
-        return self._checkpoint.tensors(state)
+        return self._checkpoint.tensors(state, file=file)
 
     # -- final artefacts ------------------------------------------------------
     def write_tensors(

@@ -26,7 +26,14 @@ from flwr.app import ConfigRecord
 
 from protocols.errors import ProtocolError, SpecMismatchError
 
-__all__ = ["LoraSpec", "SplitSpec", "ZOSpec"]
+__all__ = [
+    "LORA_AGGREGATIONS",
+    "LORA_SAME_RANK_AGGREGATIONS",
+    "LoraSpec",
+    "SplitSpec",
+    "ZOSpec",
+    "lora_rank_problem",
+]
 
 _FINGERPRINT_KEY = "fingerprint"
 _SCHEMA_KEY = "schema-version"
@@ -55,11 +62,17 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
         ):
             raise ProtocolError(f"{where} must be a list of str, got {value!r}")
         return tuple(value)
+    if kind == tuple[int, ...]:
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise ProtocolError(f"{where} must be a list of int, got {value!r}")
+        return tuple(value)
     raise ProtocolError(f"{where} has an unsupported type {kind!r}")  # pragma: no cover
 
 
 class _Spec:
-    """Wire encoding shared by all specs (fields must be int/float/str/tuple[str])."""
+    """Wire encoding shared by all specs (int/float/str/tuple[str]/tuple[int] fields)."""
 
     SCHEMA_VERSION: ClassVar[int]
     KIND: ClassVar[str]
@@ -144,6 +157,41 @@ def _positive(x: float) -> bool:
     return math.isfinite(x) and x > 0
 
 
+LORA_AGGREGATIONS = ("fedavg", "exact", "ffa", "hetlora", "flexlora")
+"""The LoRA aggregation rules a spec may name (``strategies.lora_rules.RULES``)."""
+
+LORA_SAME_RANK_AGGREGATIONS = ("fedavg", "exact", "ffa")
+"""Rules that need every client at the global rank (mixed ranks: hetlora, flexlora)."""
+
+
+def lora_rank_problem(
+    rank: int, client_ranks: tuple[int, ...], aggregation: str
+) -> str | None:
+    """Why these LoRA rank settings cannot work together, or None if they can.
+
+    ``client_ranks`` (the ranks clients may train; empty: ``rank`` alone)
+    must be distinct, sorted and each in ``1..rank``; ``aggregation`` one of
+    :data:`LORA_AGGREGATIONS`, and one of :data:`LORA_SAME_RANK_AGGREGATIONS`
+    only if every client trains ``rank``. The spec and the run config both ask
+    here; the message names the config keys.
+    """
+    if aggregation not in LORA_AGGREGATIONS:
+        return f"lora.aggregation {aggregation!r} is not one of {LORA_AGGREGATIONS}"
+    if list(client_ranks) != sorted(set(client_ranks)):
+        return f"lora.client_ranks {list(client_ranks)} must be sorted and distinct"
+    bad = [r for r in client_ranks if not 1 <= r <= rank]
+    if bad:
+        return f"lora.client_ranks {bad} must each be in 1..lora.rank ({rank})"
+    mixed = bool(client_ranks) and tuple(client_ranks) != (rank,)
+    if mixed and aggregation in LORA_SAME_RANK_AGGREGATIONS:
+        return (
+            f"lora.aggregation {aggregation!r} needs every client at lora.rank "
+            f"({rank}), but lora.client_ranks is {list(client_ranks)}: mixed ranks "
+            "need 'hetlora' or 'flexlora'"
+        )
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class LoraSpec(_Spec):
     """What a LoRA federation agrees on.
@@ -164,10 +212,25 @@ class LoraSpec(_Spec):
         Names of the linear modules that get adapters.
     max_length : int
         Token budget of one example (prompt plus response).
+    client_ranks : tuple[int, ...]
+        The ranks clients may train (sorted, distinct, each in ``1..rank``);
+        empty: ``rank`` alone. ``rank`` stays the global rank ``r_max`` the
+        server's adapter has.
+    aggregation : str
+        How the server combines adapters (:data:`LORA_AGGREGATIONS`); the
+        same-rank rules (:data:`LORA_SAME_RANK_AGGREGATIONS`) refuse mixed
+        ``client_ranks``.
+
+    Rank and scale convention: ``alpha`` is shared by every rank, and a
+    rank-``r`` adapter's update is ``(alpha / r) * B @ A`` (PEFT's scaling),
+    so a client of rank ``r`` trains :meth:`at_rank` ``(r)``. The rank fields
+    came after schema version 1 shipped: at their defaults a spec encodes
+    (and fingerprints) exactly as before them.
     """
 
     SCHEMA_VERSION: ClassVar[int] = 1
     KIND: ClassVar[str] = "LoraSpec"
+    LATE_FIELDS: ClassVar[frozenset[str]] = frozenset({"client_ranks", "aggregation"})
 
     model: str
     model_dtype: str = "float32"
@@ -176,11 +239,16 @@ class LoraSpec(_Spec):
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     max_length: int = 128
+    client_ranks: tuple[int, ...] = ()
+    aggregation: str = "fedavg"
 
     def __post_init__(self) -> None:
         k = self.KIND
         _require(bool(self.model), k, "model", self.model, "a non-empty name")
         _require(self.rank > 0, k, "rank", self.rank, "> 0")
+        problem = lora_rank_problem(self.rank, self.client_ranks, self.aggregation)
+        if problem is not None:
+            raise ProtocolError(f"{k}: {problem}")
         _require(_positive(self.alpha), k, "alpha", self.alpha, "> 0")
         ok = math.isfinite(self.dropout) and 0.0 <= self.dropout < 1.0
         _require(ok, k, "dropout", self.dropout, "in [0, 1)")
@@ -193,6 +261,28 @@ class LoraSpec(_Spec):
             self.model_dtype,
             f"one of {_DTYPES}",
         )
+
+    def allowed_ranks(self) -> tuple[int, ...]:
+        """The ranks a client may train: ``client_ranks``, or ``(rank,)``."""
+        return self.client_ranks or (self.rank,)
+
+    def at_rank(self, rank: int) -> LoraSpec:
+        """The spec a rank-``rank`` client builds its adapter from.
+
+        Same model, ``alpha``, dropout and targets; ``rank`` replaced and
+        ``client_ranks`` dropped (a client trains one rank).
+
+        Raises
+        ------
+        ProtocolError
+            If ``rank`` is not one of :meth:`allowed_ranks`.
+        """
+        if rank not in self.allowed_ranks():
+            raise ProtocolError(
+                f"{self.KIND}: rank {rank} is not one of the allowed ranks "
+                f"{list(self.allowed_ranks())}"
+            )
+        return dataclasses.replace(self, rank=rank, client_ranks=())
 
 
 @dataclass(frozen=True, slots=True)

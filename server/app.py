@@ -16,13 +16,14 @@ import logging
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import psutil
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from corpora import DatasetError, Example, read_jsonl
-from protocols import ByteLedger
+from protocols import ByteLedger, LoraSpec
 from protocols.installation import check_installation
 from protocols.run_folder import (
     RUN_DIR_KEY,
@@ -109,6 +110,26 @@ def owned(folder: RunFolder) -> Iterator[None]:
         yield
 
 
+@runtime_checkable
+class _RankedStrategy(Protocol):
+    """A strategy whose nodes each train their own LoRA rank (LoRA's).
+
+    ``hello_ranks`` (label to the rank the node trains) is filled in, like
+    ``hello_counts``, once the federation has assembled.
+    """
+
+    spec: Any
+    hello_ranks: dict[str, int]
+
+
+def _lora_spec(driver: RoundDriver) -> LoraSpec | None:
+    """The LoRA spec whose ranks hellos are checked against (None: no LoRA)."""
+    strategy = driver.strategy
+    if isinstance(strategy, _RankedStrategy) and isinstance(strategy.spec, LoraSpec):
+        return strategy.spec
+    return None
+
+
 def _eval_examples(folder: RunFolder) -> list[Example]:
     """The held-out set; a damaged file is a :class:`RunFolderError` naming it."""
     try:
@@ -147,6 +168,8 @@ def _run_owned(
         # On resume the hello goes to a scratch ledger: round 0 is already counted.
         hello_ledger = ByteLedger() if resume else ledger
         counts: dict[str, int] = {}
+        ranks: dict[str, int] = {}
+        lora = _lora_spec(driver)
         labels = discover_nodes(
             grid,
             expected=config.federation.clients,
@@ -157,9 +180,13 @@ def _run_owned(
             ledger=hello_ledger,
             auth_keys=node_auth_keys(folder),  # labels are key names then
             counts=counts,
+            lora=lora,  # refuses a node whose LoRA rank the spec does not allow
+            ranks=ranks,
         )
         # A reply's example count (its weight) is capped by what hello said.
         driver.strategy.hello_counts.update(counts)
+        if isinstance(driver.strategy, _RankedStrategy):
+            driver.strategy.hello_ranks.update(ranks)  # label -> its LoRA rank
         nodes = NodeBook(
             labels,
             fraction=config.federation.fraction,

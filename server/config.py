@@ -2,7 +2,8 @@
 
 A run is described by a TOML file whose tables mirror :class:`RunConfig`
 (``[run]``, ``[model]``, ``[data]``, ``[federation]``, ``[train]``,
-``[lora]``, ``[zo]``, ``[split]``, ``[eval]``, ``[privacy]``, ``[attack]``) plus command-line overrides written as dotted keys
+``[lora]``, ``[server_opt]``, ``[zo]``, ``[split]``, ``[eval]``, ``[privacy]``,
+``[attack]``) plus command-line overrides written as dotted keys
 (``federation.clients=8``). Every table's fields and defaults live in
 :mod:`server.config_sections` (re-exported here); this module owns the whole
 run: the checks across tables, reading and writing. Parsing collects every
@@ -30,6 +31,7 @@ from server.config_sections import (
     ModelSection,
     PrivacySection,
     RunSection,
+    ServerOptSection,
     SplitSection,
     TrainSection,
     ZOSection,
@@ -47,12 +49,14 @@ __all__ = [
     "PrivacySection",
     "RunConfig",
     "RunSection",
+    "ServerOptSection",
     "SplitSection",
     "TrainSection",
     "ZOSection",
     "config_to_toml",
     "load_config",
     "sampled_per_round",
+    "simulated_lora_ranks",
 ]
 
 
@@ -71,6 +75,7 @@ class RunConfig(BaseModel):
     federation: FederationSection = FederationSection()
     train: TrainSection = TrainSection()
     lora: LoraSection = LoraSection()
+    server_opt: ServerOptSection = ServerOptSection()
     zo: ZOSection = ZOSection()
     split: SplitSection = SplitSection()
     eval: EvalSection = EvalSection()
@@ -86,6 +91,8 @@ class RunConfig(BaseModel):
         problems += _privacy_problems(self)
         problems += _attack_problems(self.attack, self.federation)
         problems += _edge_problems(self)
+        problems += _lora_rank_problems(self)
+        problems += _lora_only_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -299,6 +306,55 @@ def _attack_problems(attack: AttackSection, fed: FederationSection) -> list[str]
     return []
 
 
+def _lora_rank_problems(config: RunConfig) -> list[str]:
+    """Simulated clients' LoRA ranks the run does not allow (or does not use)."""
+    fed, lora = config.federation, config.lora
+    if not fed.lora_ranks:
+        return []
+    if config.run.method != "lora":
+        return [
+            f"federation.lora_ranks: per-client ranks are for lora, not "
+            f"{config.run.method!r}"
+        ]
+    if len(fed.lora_ranks) > fed.clients:
+        return [
+            f"federation.lora_ranks has {len(fed.lora_ranks)} ranks for "
+            f"{fed.clients} clients (federation.clients): give one per client "
+            "or fewer, cycled"
+        ]
+    bad = sorted({r for r in fed.lora_ranks if r not in lora.allowed_ranks()})
+    if bad:
+        return [
+            f"federation.lora_ranks {bad} are not allowed: lora.client_ranks "
+            f"(or lora.rank) allows {list(lora.allowed_ranks())}"
+        ]
+    return []
+
+
+def simulated_lora_ranks(config: RunConfig) -> tuple[int, ...]:
+    """Each simulated client's LoRA rank, in partition order; empty: none said.
+
+    Client ``k`` gets ``federation.lora_ranks[k % len]``. With no
+    ``federation.lora_ranks`` the clients say no rank and train ``lora.rank``.
+
+    Raises
+    ------
+    ConfigError
+        If no ranks are given but ``lora.client_ranks`` does not allow
+        ``lora.rank`` (every client would be refused at hello).
+    """
+    lora = config.lora
+    if config.run.method != "lora" or config.federation.lora_ranks:
+        return config.federation.client_lora_ranks()
+    if lora.rank not in lora.allowed_ranks():
+        raise ConfigError(
+            f"federation.lora_ranks is empty, so every simulated client trains "
+            f"lora.rank ({lora.rank}), which lora.client_ranks "
+            f"{list(lora.client_ranks)} does not allow: give federation.lora_ranks"
+        )
+    return ()
+
+
 def _edge_problems(config: RunConfig) -> list[str]:
     """Edge clients of a method without a bundle, or that do not exist."""
     fed = config.federation
@@ -326,6 +382,25 @@ def _edge_problems(config: RunConfig) -> list[str]:
             "SecAgg+ yet (privacy.secagg = true)"
         ]
     return []
+
+
+def _lora_only_problems(config: RunConfig) -> list[str]:
+    """Server optimizers and FedProx's proximal term wired for LoRA alone."""
+    method = config.run.method
+    if method == "lora":
+        return []
+    problems: list[str] = []
+    if config.server_opt.name != "none":
+        problems.append(
+            f"server_opt.name {config.server_opt.name!r}: server optimizers "
+            f"cover lora, not {method!r} (set server_opt.name 'none')"
+        )
+    if config.train.proximal_mu > 0:
+        problems.append(
+            f"train.proximal_mu {config.train.proximal_mu:g}: FedProx's proximal "
+            f"term covers lora, not {method!r} (set it to 0)"
+        )
+    return problems
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

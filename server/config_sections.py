@@ -15,6 +15,7 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from protocols.methods import LORA, get_method
+from protocols.specs import lora_rank_problem
 
 __all__ = [
     "ATTACK_BEHAVIOURS",
@@ -27,6 +28,7 @@ __all__ = [
     "ModelSection",
     "PrivacySection",
     "RunSection",
+    "ServerOptSection",
     "SplitSection",
     "TrainSection",
     "ZOSection",
@@ -203,6 +205,20 @@ class FederationSection(_Section):
     edge_clients: tuple[int, ...] = Field(
         (), description="Partition ids of the edge clients (wins over edge_share)."
     )
+    lora_ranks: tuple[int, ...] = Field(
+        (),
+        description="Simulation, lora: the LoRA rank of each client, in "
+        "partition order: one per client, or a shorter list cycled over them "
+        "(client k trains lora_ranks[k % len]); each one of lora.client_ranks "
+        "(or lora.rank). Empty: every client trains lora.rank.",
+    )
+
+    def client_lora_ranks(self) -> tuple[int, ...]:
+        """The rank of each simulated client (partition id order); empty if unset."""
+        if not self.lora_ranks:
+            return ()
+        n = len(self.lora_ranks)
+        return tuple(self.lora_ranks[k % n] for k in range(self.clients))
 
 
 class TrainSection(_Section):
@@ -212,15 +228,99 @@ class TrainSection(_Section):
     batch_size: int = Field(8, ge=1, description="Examples per step.")
     learning_rate: float = Field(2e-3, gt=0, le=1, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    proximal_mu: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="FedProx's proximal weight mu (Li et al. 2020, 'Federated "
+        "Optimization in Heterogeneous Networks'): each client adds (mu / 2) x "
+        "||w - w_global||^2 over its trainable tensors to its loss (0 = off). "
+        "LoRA only for now.",
+    )
 
 
 class LoraSection(_Section):
-    """LoRA adapter shape."""
+    """LoRA adapter shape, the ranks clients may train and how they are combined."""
 
-    rank: int = Field(8, ge=1, le=1024)
-    alpha: float = Field(16.0, gt=0)
+    rank: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="Global rank r_max: the server's adapter has it, and so "
+        "does every client unless client_ranks allows others.",
+    )
+    alpha: float = Field(
+        16.0,
+        gt=0,
+        description="Scaling numerator shared by every rank: a rank-r adapter's "
+        "update is (alpha / r) B A.",
+    )
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: tuple[str, ...] = Field(("q_proj", "v_proj"), min_length=1)
+    client_ranks: tuple[int, ...] = Field(
+        (),
+        description="Ranks a client may train (sorted, distinct, each in "
+        "1..rank); empty: rank alone. Mixed ranks need aggregation 'hetlora' "
+        "or 'flexlora'. A node says its rank with `pollinate client join "
+        "--lora-rank N` (none: rank); simulated nodes get federation.lora_ranks.",
+    )
+    aggregation: Literal["fedavg", "exact", "ffa", "hetlora", "flexlora"] = Field(
+        "fedavg",
+        description="How the server combines adapters: 'fedavg' (mean of A and "
+        "of B), 'exact' (FedEx-LoRA), 'ffa' (FFA-LoRA: A frozen), 'hetlora' "
+        "(zero-padding to rank), 'flexlora' (SVD of the mean update).",
+    )
+
+    @model_validator(mode="after")
+    def _ranks_fit(self) -> LoraSection:
+        problem = lora_rank_problem(self.rank, self.client_ranks, self.aggregation)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+    def allowed_ranks(self) -> tuple[int, ...]:
+        """The ranks a client may train: ``client_ranks``, or ``(rank,)``."""
+        return self.client_ranks or (self.rank,)
+
+
+class ServerOptSection(_Section):
+    """A server optimizer on the round's aggregate (strategies.server_opt); LoRA.
+
+    The aggregate the round released (bounded, robustly combined, DP-noised,
+    or SecAgg+'s mean) gives the pseudo-gradient ``aggregate - global`` and
+    the server takes one optimizer step with Flower's update rules (Reddi et
+    al. 2021, 'Adaptive Federated Optimization': FedAdam, FedYogi, FedAdagrad;
+    Hsu et al. 2019: FedAvgM). With central DP the step is post-processing of
+    the private release, so the privacy guarantee is unchanged.
+    """
+
+    name: Literal["none", "fedadam", "fedyogi", "fedadagrad", "fedavgm"] = Field(
+        "none",
+        description="'none' keeps the aggregate (FedAvg); fedadam, fedyogi, "
+        "fedadagrad (Reddi et al. 2021), fedavgm (Hsu et al. 2019).",
+    )
+    eta: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Server learning rate; none = the optimizer's default "
+        "(1e-2 fedadam/fedyogi, 1e-1 fedadagrad, 1.0 fedavgm).",
+    )
+    beta_1: float = Field(
+        0.9, ge=0, lt=1, description="fedadam, fedyogi: first-moment decay."
+    )
+    beta_2: float = Field(
+        0.99, ge=0, lt=1, description="fedadam, fedyogi: second-moment decay."
+    )
+    tau: float = Field(
+        1e-3,
+        gt=0,
+        allow_inf_nan=False,
+        description="fedadam, fedyogi, fedadagrad: adaptivity (Reddi et al.: 1e-3).",
+    )
+    momentum: float = Field(
+        0.9, ge=0, lt=1, description="fedavgm: server momentum (Hsu et al.: 0.9)."
+    )
 
 
 class ZOSection(_Section):

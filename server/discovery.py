@@ -38,12 +38,14 @@ from protocols.identity import (
 )
 from protocols.messages import encode_hello_ins
 from protocols.run_folder import RunFolder
+from protocols.specs import LoraSpec
 from strategies.sampling import settle_label_claims
 
 __all__ = [
     "FederationError",
     "check_hello_identity",
     "discover_nodes",
+    "hello_rank",
     "node_auth_keys",
 ]
 
@@ -153,8 +155,35 @@ class _Discovery:
         )
 
 
+def hello_rank(hello: NodeHello, lora: LoraSpec) -> int:
+    """The LoRA rank ``hello``'s node trains under ``lora``.
+
+    The rank it reported, or the global rank ``lora.rank`` if it reported
+    none.
+
+    Raises
+    ------
+    FederationError
+        If that rank is not one of ``lora.allowed_ranks()``; the message names
+        the label, the rank and the allowed ranks.
+    """
+    rank = lora.rank if hello.lora_rank is None else hello.lora_rank
+    allowed = lora.allowed_ranks()
+    if rank not in allowed:
+        said = "reports" if hello.lora_rank is not None else "reports no rank, so"
+        raise FederationError(
+            f"label {hello.label!r} {said} LoRA rank {rank}, not one of the "
+            f"run's ranks {list(allowed)} (pollinate client join --lora-rank N)"
+        )
+    return rank
+
+
 def _checked_hello(
-    node: int, reply: Message, nonce: bytes, auth_keys: Path | None
+    node: int,
+    reply: Message,
+    nonce: bytes,
+    auth_keys: Path | None,
+    lora: LoraSpec | None = None,
 ) -> NodeHello | None:
     """``node``'s hello reply (not an error), or None (logged) if refused."""
     try:
@@ -168,6 +197,12 @@ def _checked_hello(
         except IdentityError as exc:
             log.warning("node %d left out: claims label %r: %s", node, hello.label, exc)
             return None
+    if lora is not None:
+        try:
+            hello_rank(hello, lora)
+        except FederationError as exc:
+            log.warning("node %d left out: %s", node, exc)
+            return None
     return hello
 
 
@@ -178,6 +213,7 @@ def _hello_pass(
     *,
     timeout_s: float,
     auth_keys: Path | None,
+    lora: LoraSpec | None = None,
 ) -> dict[int, tuple[NodeHello, int]]:
     """Send one hello to each of ``nodes``; return node id to (hello, reply bytes).
 
@@ -209,7 +245,7 @@ def _hello_pass(
         if reply.has_error():
             book.fail(node, reply.error.reason or f"error {reply.error.code}")
             continue
-        hello = _checked_hello(node, reply, nonces[node], auth_keys)
+        hello = _checked_hello(node, reply, nonces[node], auth_keys, lora)
         if hello is None:
             book.refused.add(node)
         else:
@@ -230,6 +266,8 @@ def discover_nodes(
     minimum: int | None = None,
     late_join_s: float | None = None,
     counts: dict[str, int] | None = None,
+    lora: LoraSpec | None = None,
+    ranks: dict[str, int] | None = None,
 ) -> dict[int, str]:
     """Ask connecting nodes for their labels until ``expected`` are accepted.
 
@@ -258,6 +296,9 @@ def discover_nodes(
 
     ``counts``, when given, receives each accepted label's example count as
     its hello reported it (the cap on the weight its updates can claim).
+    With ``lora`` (a LoRA run's spec) a node whose LoRA rank the spec does
+    not allow is refused (:func:`hello_rank`), and ``ranks``, when given,
+    receives each accepted label's rank.
 
     Returns node id to label, every label once, in node id order: at least
     ``expected`` nodes (more if more answered the last hellos together), or,
@@ -297,7 +338,7 @@ def discover_nodes(
             settled_since = time.monotonic()
         if ask and (book.sent or len(connected) >= expected):
             claims = _hello_pass(
-                grid, ask, book, timeout_s=timeout_s, auth_keys=auth_keys
+                grid, ask, book, timeout_s=timeout_s, auth_keys=auth_keys, lora=lora
             )
             wanted = {node: hello.label for node, (hello, _) in claims.items()}
             labels, refused = settle_label_claims(wanted, held=book.accepted)
@@ -312,6 +353,8 @@ def discover_nodes(
                 ledger.record(0, label, "up", claims[node][1])
                 if counts is not None:
                     counts[label] = claims[node][0].num_examples
+                if ranks is not None and lora is not None:
+                    ranks[label] = hello_rank(claims[node][0], lora)
             if len(book.accepted) >= expected:
                 return dict(sorted(book.accepted.items()))
         late = (

@@ -2,11 +2,16 @@
 
 :class:`LoraMethod` is the method's server plug-in (named in
 :mod:`protocols.methods`): it builds the spec, the driver and the model that
-export writes. :class:`LoraDriver` holds the global adapter during a run.
+export writes. :class:`LoraDriver` holds the global adapter during a run and,
+with ``[server_opt]``, the server optimizer that turns each round's released
+aggregate into the new global adapter (:mod:`strategies.server_opt`); its
+moments are checkpointed in ``checkpoint/server_opt.safetensors`` and its
+settings and round in ``state.json``'s ``server_opt`` entry.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,12 +36,16 @@ from protocols.run_folder import CheckpointError, RunFolder
 from server.checkpoints import restore_tensors, save_peft_adapter
 from server.config import RunConfig
 from server.evaluation import CentralEvaluator, EvalResult, build_evaluator
-from server.federation import RoundResult, require_update
+from server.federation import FederationError, RoundResult, require_update
 from strategies import LabelledReply, LocalTrainSettings, LoraFedAvg, Nodes
 from strategies.privacy import DPSettings
 from strategies.robust import Bounds
+from strategies.server_opt import ServerOptError, ServerOptimizer, ServerOptSettings
 
-__all__ = ["LoraDriver", "LoraMethod"]
+__all__ = ["SERVER_OPT_FILE", "LoraDriver", "LoraMethod"]
+
+SERVER_OPT_FILE = "server_opt.safetensors"
+"""The checkpoint's file of server optimizer tensors (moments, momentum)."""
 
 
 class LoraDriver:
@@ -53,6 +62,9 @@ class LoraDriver:
         Scores the global adapter.
     method : Method
         The registry entry the driver serves.
+    server_opt : ServerOptimizer, optional
+        Steps the global adapter with each round's aggregate (None: FedAvg,
+        the aggregate itself).
     """
 
     def __init__(
@@ -61,7 +73,9 @@ class LoraDriver:
         strategy: LoraFedAvg,
         evaluator: CentralEvaluator,
         method: Method,
+        server_opt: ServerOptimizer | None = None,
     ) -> None:
+        self.server_opt = server_opt or ServerOptimizer(ServerOptSettings())
         self.method = method.name
         self.entry = method
         self.model = model
@@ -84,22 +98,52 @@ class LoraDriver:
     def apply(self, server_round: int, replies: Sequence[LabelledReply]) -> RoundResult:
         """Bounded FedAvg of the valid adapters becomes the global adapter.
 
-        The round's bounds (and epsilon, with DP) go into its metrics row.
+        With a server optimizer the aggregate (the round's release) is its
+        pseudo-gradient and its step is the new global adapter. The round's
+        bounds (and epsilon, with DP; the optimizer's name) go into its
+        metrics row.
 
         Raises
         ------
         server.federation.FederationError
-            If no reply was usable or the aggregate was refused (the adapter
-            is kept).
+            If no reply was usable, or the aggregate or the optimizer's step
+            was refused (the adapter and the optimizer state are kept).
         """
         result = self.strategy.aggregate(server_round, replies, self.adapter)
-        self.adapter = require_update(server_round, result, result.adapter)
+        aggregate = require_update(server_round, result, result.adapter)
+        extra = dict(result.stats)
+        name = self.server_opt.settings.name
+        if name != "none":
+            aggregate = self._server_step(server_round, aggregate)
+            extra["server_opt"] = name
+        self.adapter = aggregate
         return RoundResult(
-            len(result.accepted),
-            len(result.rejected),
-            result.train_loss,
-            extra=dict(result.stats),
+            len(result.accepted), len(result.rejected), result.train_loss, extra=extra
         )
+
+    def _server_step(
+        self, server_round: int, aggregate: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The optimizer's step from ``aggregate``; all or nothing.
+
+        The step runs on a copy of the optimizer, kept only if the new
+        adapter is finite in the adapter's own dtype (a float64 step can
+        overflow when cast back).
+        """
+        optimizer = copy.deepcopy(self.server_opt)
+        name = optimizer.settings.name
+        try:
+            new = optimizer.step(server_round, self.adapter, aggregate)
+            bad = [k for k, v in new.items() if not bool(torch.isfinite(v).all())]
+            if bad:
+                raise ServerOptError(f"the new adapter is not finite in {bad[0]!r}")
+        except ServerOptError as exc:
+            raise FederationError(
+                f"round {server_round}: {name} refused the aggregate: "
+                f"{' '.join(str(exc).split())}; the global adapter is kept"
+            ) from None
+        self.server_opt = optimizer
+        return new
 
     def evaluate(self) -> EvalResult:
         """Score the global adapter."""
@@ -110,12 +154,23 @@ class LoraDriver:
     ) -> None:
         """Save the global adapter and state atomically.
 
-        With DP the state holds the noise seed and the accountant.
+        With DP the state holds the noise seed and the accountant; with a
+        server optimizer its ``meta`` (``server_opt``) and its tensors
+        (:data:`SERVER_OPT_FILE`), in the same checkpoint swap.
         """
         privacy = self.strategy.privacy_state()
-        state = {**extra, "privacy": privacy} if privacy is not None else extra
+        state = {**extra, "privacy": privacy} if privacy is not None else dict(extra)
+        more = None
+        if self.server_opt.settings.name != "none":
+            opt = self.server_opt.state()
+            state["server_opt"] = opt["meta"]
+            more = {SERVER_OPT_FILE: opt["tensors"]}
         folder.write_checkpoint(
-            server_round, self.strategy.spec.fingerprint(), state, self.adapter
+            server_round,
+            self.strategy.spec.fingerprint(),
+            state,
+            self.adapter,
+            extra_tensors=more,
         )
 
     def finish(self, folder: RunFolder) -> None:
@@ -130,25 +185,69 @@ class LoraDriver:
     def restore(self, folder: RunFolder) -> int:
         """Load the last checkpointed global adapter; return its round.
 
-        With DP, the noise seed and the accountant are restored too.
+        With DP, the noise seed and the accountant are restored too; with a
+        server optimizer, its state.
 
         Raises
         ------
         CheckpointError
             If the checkpoint is missing, damaged, of another spec, or lacks
-            the privacy state this run's DP settings need.
+            the privacy or server optimizer state this run's settings need.
         """
         done, adapter, state = restore_tensors(
             folder,
             self.strategy.spec.fingerprint(),
             self.strategy.fedavg,
         )
+        server_opt = _restored_server_opt(folder, state, done, self.server_opt.settings)
         try:
             self.strategy.load_privacy_state(state.get("privacy"))
         except ValueError as exc:
             raise CheckpointError(f"{folder.checkpoint_state}: {exc}") from None
+        self.server_opt = server_opt
         self.adapter = adapter
         return done
+
+
+def _restored_server_opt(
+    folder: RunFolder, state: dict[str, Any], done: int, settings: ServerOptSettings
+) -> ServerOptimizer:
+    """A fresh optimizer with the checkpoint's state, all of it checked.
+
+    Raises
+    ------
+    CheckpointError
+        If the checkpoint's server optimizer state is missing (this run has
+        one), present (this run has none), damaged, or of other settings.
+    """
+    where = folder.checkpoint_state
+    optimizer = ServerOptimizer(settings)
+    meta = state.get("server_opt")
+    if settings.name == "none":
+        if meta is not None:
+            raise CheckpointError(
+                f"{where}: the checkpoint holds server optimizer state "
+                f"({meta.get('settings') if isinstance(meta, dict) else meta!r}), "
+                "this run's server_opt.name is 'none'"
+            )
+        return optimizer
+    if meta is None:
+        raise CheckpointError(
+            f"{where}: the checkpoint holds no server optimizer state, this run's "
+            f"server_opt.name is {settings.name!r} (was it 'none' then?)"
+        )
+    tensors = folder.read_checkpoint_tensors(state, file=SERVER_OPT_FILE)
+    try:
+        optimizer.load_state({"meta": meta, "tensors": tensors})
+    except ServerOptError as exc:
+        raise CheckpointError(f"{where}: {' '.join(str(exc).split())}") from None
+    last = meta.get("last_round") if isinstance(meta, dict) else None
+    if last != done:
+        raise CheckpointError(
+            f"{where}: server optimizer state is of round {last}, the "
+            f"checkpoint of round {done}"
+        )
+    return optimizer
 
 
 def _check_targets(spec: LoraSpec, model: nn.Module) -> None:
@@ -177,6 +276,8 @@ class LoraMethod:
             dropout=config.lora.dropout,
             target_modules=config.lora.target_modules,
             max_length=config.model.max_length,
+            client_ranks=config.lora.client_ranks,
+            aggregation=config.lora.aggregation,
         )
         _check_targets(spec, model)
         return spec
@@ -191,6 +292,7 @@ class LoraMethod:
     ) -> LoraDriver:
         """Load the model, attach the initial adapter, wire FedAvg."""
         del run_dir  # LoRA starts no service
+        server_opt = ServerOptSettings(**config.server_opt.model_dump())
         loaded = load_causal_lm(
             config.model.name, dtype=config.model.dtype, device=device
         )
@@ -209,15 +311,19 @@ class LoraMethod:
                 batch_size=config.train.batch_size,
                 learning_rate=config.train.learning_rate,
                 weight_decay=config.train.weight_decay,
+                proximal_mu=config.train.proximal_mu,
             ),
             seed=config.run.seed,
             device=device,
             max_payload_bytes=int(config.federation.max_payload_mb * 1e6),
+            server_opt=server_opt,
         )
         evaluator = build_evaluator(
             config, model, loaded.tokenizer, eval_examples, device
         )
-        return LoraDriver(model, strategy, evaluator, self.method)
+        return LoraDriver(
+            model, strategy, evaluator, self.method, ServerOptimizer(server_opt)
+        )
 
     def tuned_model(
         self, config: RunConfig, artefact: Path, loaded: LoadedModel

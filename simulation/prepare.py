@@ -10,7 +10,8 @@ and how) and the one-time model conversion. A data attack (``label_flip``,
 (:mod:`simulation.attacks`). With edge clients (``[federation] edge_share``
 or ``edge_clients``), ``partitions.json`` records which partitions they are
 and the run's edge bundle is exported into the run folder
-(:mod:`simulation.edge`). The engine and
+(:mod:`simulation.edge`). With ``[federation] lora_ranks`` it records each
+client's LoRA rank, which the simulated node reports at hello. The engine and
 the apps then only read files, which keeps runs reproducible and restartable.
 """
 
@@ -23,8 +24,8 @@ from pathlib import Path
 from corpora import load_examples, split_holdout, write_jsonl
 from models import prepare_model
 from protocols.durable import atomic_write_text
-from protocols.run_folder import RunFolder
-from server.config import RunConfig, config_to_toml
+from protocols.run_folder import PARTITION_RANKS_KEY, RunFolder
+from server.config import RunConfig, config_to_toml, simulated_lora_ranks
 from simulation.attacks import describe_attack, poison_examples
 from simulation.edge import edge_partitions, ensure_edge_bundle
 from simulation.partitioning import describe, partition
@@ -61,7 +62,11 @@ def prepare_run(config: RunConfig, run_dir: Path | None = None) -> Path:
         If a data attack cannot be applied (``label_flip`` with one response).
     server.export.ExportError
         If the edge clients' bundle cannot be exported.
+    server.config.ConfigError
+        If the simulated clients' LoRA ranks are not allowed
+        (:func:`server.config.simulated_lora_ranks`).
     """
+    ranks = simulated_lora_ranks(config)  # before any work: a bad rank fails fast
     examples = load_examples(
         config.data.source, limit=config.data.limit, seed=config.run.seed
     )
@@ -100,6 +105,8 @@ def prepare_run(config: RunConfig, run_dir: Path | None = None) -> Path:
             attack["malicious"],
             attack["behaviour"],
         )
+    if ranks:  # each simulated node reads its rank here (client.node)
+        summary[PARTITION_RANKS_KEY] = list(ranks)
     edge = edge_partitions(config)
     if edge:
         log.info("edge clients: partitions %s run on ONNX Runtime", list(edge))

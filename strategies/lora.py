@@ -69,6 +69,7 @@ from strategies.secure_mean import (
     secure_train_loss,
     unflatten,
 )
+from strategies.server_opt import ServerOptSettings
 from strategies.strategy import Aggregate, LabelledReply, Nodes
 
 __all__ = ["LocalTrainSettings", "LoraAggregate", "LoraFedAvg"]
@@ -85,6 +86,7 @@ class LocalTrainSettings:
     batch_size: int
     learning_rate: float
     weight_decay: float = 0.0
+    proximal_mu: float = 0.0  # FedProx's mu, sent to every client (0: off)
 
 
 @dataclass
@@ -121,6 +123,9 @@ class LoraFedAvg:
         Differential privacy (None: off).
     noise_seed : int, optional
         Central DP's secret noise seed (None: a fresh random one).
+    server_opt : ServerOptSettings, optional
+        The server optimizer the driver steps with the aggregate (named in
+        :meth:`summary` only; the driver owns the optimizer).
     """
 
     def __init__(
@@ -135,8 +140,10 @@ class LoraFedAvg:
         bounds: Bounds | None = None,
         dp: DPSettings | None = None,
         noise_seed: int | None = None,
+        server_opt: ServerOptSettings | None = None,
     ) -> None:
         self.spec = spec
+        self.server_opt = server_opt
         self.train = train
         self.seed = seed
         self.fedavg = TensorFedAvg(
@@ -154,6 +161,8 @@ class LoraFedAvg:
                 noise_seed if noise_seed is not None else fresh_noise_seed()
             )
         self.hello_counts: dict[str, int] = {}
+        # Label -> the LoRA rank its node trains (server.app fills it at hello).
+        self.hello_ranks: dict[str, int] = {}
         self._sampled: dict[int, int] = {}
 
     def configure(
@@ -175,6 +184,7 @@ class LoraFedAvg:
             batch_size=self.train.batch_size,
             learning_rate=self.train.learning_rate,
             weight_decay=self.train.weight_decay,
+            proximal_mu=self.train.proximal_mu,
             seed=self.seed,
         )
         content = encode_lora_train_ins(
@@ -354,4 +364,10 @@ class LoraFedAvg:
             f"{self.fedavg.bounds.summary()}"
             + (f" {self.dp.summary()}" if self.dp is not None else "")
             + (" (central DP clips to C)" if self.fedavg.central is not None else "")
+            + (f" mu={self.train.proximal_mu:g}" if self.train.proximal_mu else "")
+            + (
+                f" server_opt={self.server_opt.name}(eta={self.server_opt.server_lr:g})"
+                if self.server_opt is not None and self.server_opt.name != "none"
+                else ""
+            )
         )
