@@ -43,9 +43,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def run(args: argparse.Namespace, console: Console) -> int:
     """Export; a run that cannot be exported raises a user-facing error."""
     # Here, not at import: --help stays light.
-    from server.export import export_run
+    from server.export import adapter_note, export_run
 
     # ExportError, ConfigError, RunFolderError: one line and exit 2 (cli.main).
     out = export_run(args.run_dir, args.out, args.fmt)
     console.print(f"exported {args.run_dir} as {args.fmt}: {out}")
+    note = adapter_note(out) if args.fmt == "adapter" else None
+    if note:
+        console.print(note)
     return 0

@@ -17,6 +17,12 @@ adapter. The noise of a simulated node comes from
 deployed node draws a fresh secret seed every round (the server, which knows
 the run seed, must not be able to subtract it).
 
+Under FedEx-LoRA (``lora.aggregation = "exact"``) the instruction carries the
+run's cumulative residual per adapted module; before training, the node sets
+those modules' frozen base weights to their pristine copies plus the residual
+(:func:`apply_residual`), and puts every other module back to its pristine
+copy, so a model reused across rounds and ranks never trains on a stale one.
+
 With client-side clipping (central DP, ``privacy.clipping = "client"``: the
 instruction carries :class:`~protocols.messages.ClientClip`), the node
 replies with ``global + clip(update, C)`` and adds no noise (the server adds
@@ -32,7 +38,7 @@ from flwr.app import Context, Message
 
 from client.lora_trainer import train_lora
 from client.node import NodeSettings
-from client.runtime import ClientRuntime
+from client.runtime import ClientRuntime, LoraModel
 from models import adapter_layout, adapter_tensors, load_adapter_tensors
 from protocols import (
     LoraTrainRes,
@@ -47,10 +53,11 @@ from protocols.messages import (
     get_client_clip,
     get_local_privacy,
 )
+from strategies.lora_rules import LoraRuleError, fold_residual
 from strategies.privacy import fresh_noise_seed, gaussian_noise, noise_generator
 from strategies.robust import clip_to_norm
 
-__all__ = ["check_rank", "clip_update", "handle", "privatize"]
+__all__ = ["apply_residual", "check_rank", "clip_update", "handle", "privatize"]
 
 
 def handle(
@@ -65,6 +72,7 @@ def handle(
     lora = runtime.lora_model(ins.spec.at_rank(ins.client_rank), node.device)
     adapter_layout(lora.model).check(TensorLayout.of(ins.adapter))
     data = runtime.local_data(node.data_path, ins.spec, lora.tokenizer)
+    apply_residual(lora, ins.residual)
     load_adapter_tensors(lora.model, ins.adapter)
     stats = train_lora(
         lora.model,
@@ -73,17 +81,24 @@ def handle(
         pad_id=int(lora.tokenizer.pad_token_id),
         label=node.label,
         device=node.device,
+        freeze_a=ins.spec.aggregation == "ffa",
     )
     adapter = adapter_tensors(lora.model)
+    # FFA-LoRA: A is frozen, so only B is clipped and noised; A goes back as sent
+    # (noise on it would only make the server refuse the reply).
+    frozen = ins.spec.aggregation == "ffa"
+    trained = {k: t for k, t in adapter.items() if not (frozen and ".lora_A." in k)}
+    start = {k: ins.adapter[k] for k in trained}
     if dp is not None:
         # A simulated node has a run-folder scratch space; a deployed one not.
         seed = ins.config.seed if node.state_dir is not None else fresh_noise_seed()
         generator = noise_generator(
             seed, ins.config.server_round, stream=f"local:{node.label}"
         )
-        adapter = privatize(adapter, ins.adapter, dp, generator)
+        trained = privatize(trained, start, dp, generator)
     elif client_clip is not None:
-        adapter = clip_update(adapter, ins.adapter, client_clip)
+        trained = clip_update(trained, start, client_clip)
+    adapter = {k: trained.get(k, ins.adapter[k]) for k in adapter}
     res = LoraTrainRes(
         adapter=adapter,
         num_examples=len(data.examples),
@@ -107,6 +122,36 @@ def check_rank(client_rank: int, node: NodeSettings) -> None:
             f"the instruction says LoRA rank {client_rank}, but this node trains "
             f"rank {node.lora_rank} (node config 'lora-rank')"
         )
+
+
+def apply_residual(lora: LoraModel, residual: Mapping[str, torch.Tensor]) -> None:
+    """Base weights := pristine + ``residual`` per module; others pristine.
+
+    ``residual`` maps module prefixes to dense ``(out, in)`` tensors (empty:
+    every module back to its pristine weight, bit for bit). The fold is
+    :func:`strategies.lora_rules.fold_residual` of the pristine copy, never of
+    the live weight, so nothing accumulates across rounds. Nothing is written
+    unless every module is found and fits.
+
+    Raises
+    ------
+    ProtocolError
+        If a residual names a module the model does not have, or does not fit
+        its base weight (one line).
+    """
+    base = lora.base_weights
+    try:
+        folded = {
+            prefix: fold_residual(
+                base.pristine(prefix), r, fan_in_fan_out=base.fan_in_fan_out(prefix)
+            )
+            for prefix, r in residual.items()
+        }
+        base.assign(folded)
+    except (ValueError, LoraRuleError) as exc:
+        raise ProtocolError(
+            f"cannot fold the instruction's residual: {' '.join(str(exc).split())}"
+        ) from None
 
 
 def privatize(

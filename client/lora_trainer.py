@@ -60,6 +60,7 @@ def train_lora(
     pad_id: int,
     label: str,
     device: torch.device,
+    freeze_a: bool = False,
 ) -> TrainStats:
     """Train the adapter of ``model`` in place for ``config.local_steps`` steps.
 
@@ -79,6 +80,10 @@ def train_lora(
         The node's stable label (part of its seed).
     device : torch.device
         Where the model lives.
+    freeze_a : bool
+        FFA-LoRA (``lora.aggregation = "ffa"``): the ``lora_A`` matrices are
+        left out of the optimiser and get no gradient, so they come back
+        bit-identical and only B trains.
 
     Raises
     ------
@@ -87,9 +92,34 @@ def train_lora(
     """
     if not examples:
         raise ValueError("the node has no training examples")
-    params = [p for p in model.parameters() if p.requires_grad]
+    frozen = [
+        p
+        for name, p in model.named_parameters()
+        if freeze_a and p.requires_grad and ".lora_A." in name
+    ]
+    held = {id(p) for p in frozen}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in held]
     if not params:
         raise ValueError("the model has no trainable (adapter) parameters")
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        return _train(model, params, examples, config, pad_id, label, device)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _train(
+    model: PeftModel,
+    params: list[torch.Tensor],
+    examples: Sequence[TokenizedExample],
+    config: LocalTrainConfig,
+    pad_id: int,
+    label: str,
+    device: torch.device,
+) -> TrainStats:
+    """:func:`train_lora`'s loop over the trainable ``params``."""
     seed = derive_seed(config.seed, config.server_round, label)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(

@@ -4,13 +4,14 @@ A ClientApp handler runs once per message. Loading a model per message would
 dominate the round, so this cache keeps, for the life of the process, one
 LoRA-wrapped model per spec fingerprint and one tokenized dataset per
 (file, model) pair. In simulation one process serves many virtual clients;
-they share the model (each message loads the global adapter into it first)
-but never share data.
+they share the model (each message loads the global adapter into it first,
+and sets its base weights to pristine + the instruction's FedEx-LoRA
+residual, :attr:`LoraModel.base_weights`) but never share data.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from models import (
     load_causal_lm,
     tokenize_example,
 )
+from models.lora import BaseWeights
 from models.split import DeviceHead, DeviceTail, device_parts
 from protocols import LoraSpec, SplitSpec, ZOSpec
 
@@ -37,11 +39,17 @@ class LoraModel:
     """A base model wrapped with adapters, and its tokenizer.
 
     ``base`` is (model name, dtype, device) of the base model under the adapters.
+    ``base_weights`` keeps pristine copies of the adapted modules' base weights
+    that a residual was folded into (built with the model, empty).
     """
 
     model: PeftModel
     tokenizer: PreTrainedTokenizerBase
     base: tuple[str, str, str] = ("", "", "")
+    base_weights: BaseWeights = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.base_weights = BaseWeights(self.model)
 
 
 @dataclass
@@ -81,6 +89,8 @@ class ClientRuntime:
             self._zo.clear()
             self._split.clear()
             if reuse is not None:  # PEFT's unload() restores the base modules
+                # ... as they are: take any folded residual out first.
+                reuse.base_weights.restore()
                 base, tokenizer = reuse.model.unload(), reuse.tokenizer
             else:
                 loaded = load_causal_lm(

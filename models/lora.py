@@ -21,9 +21,11 @@ from transformers import PreTrainedModel
 from protocols import LoraSpec, TensorLayout
 
 __all__ = [
+    "BaseWeights",
     "adapter_layout",
     "adapter_tensors",
     "attach_lora",
+    "load_adapter_folder",
     "load_adapter_tensors",
     "merge_adapter_folder",
     "peft_config",
@@ -84,12 +86,103 @@ def attach_lora(
     return peft_model
 
 
+def load_adapter_folder(model: PreTrainedModel, folder: Path) -> PeftModel:
+    """``model`` wrapped with the PEFT adapter saved in ``folder`` (in place)."""
+    with _peft_probe_quiet():
+        peft_model: PeftModel = PeftModel.from_pretrained(model, folder)
+    return peft_model
+
+
 def merge_adapter_folder(model: PreTrainedModel, folder: Path) -> PreTrainedModel:
     """``model`` with the PEFT adapter saved in ``folder`` merged into it."""
-    with _peft_probe_quiet():
-        peft_model = PeftModel.from_pretrained(model, folder)
-    merged: PreTrainedModel = peft_model.merge_and_unload()
+    merged: PreTrainedModel = load_adapter_folder(model, folder).merge_and_unload()
     return merged
+
+
+class BaseWeights:
+    """The frozen base weights of a PEFT model's adapted modules, restorable.
+
+    Modules are named by their adapter prefix, the PEFT state-dict name less
+    ``.lora_A.weight`` (e.g. ``base_model.model.model.layers.0.self_attn.q_proj``),
+    which is the module's own name in ``model``. FedEx-LoRA's residual is added
+    to these weights: :meth:`pristine` keeps a copy of a module's weight the
+    first time it is asked for, and :meth:`assign` writes new weights and puts
+    every other kept module back to its copy bit for bit, so a model reused
+    across rounds never carries a stale residual. The arithmetic of the fold
+    is the caller's (``strategies.lora_rules.fold_residual``).
+
+    Parameters
+    ----------
+    model : PeftModel
+        The model whose base weights are managed; nothing is copied yet.
+    """
+
+    def __init__(self, model: PeftModel) -> None:
+        self._model = model
+        self._pristine: dict[str, torch.Tensor] = {}
+
+    def _base(self, prefix: str) -> tuple[torch.Tensor, bool]:
+        """The module's base weight (a live parameter) and its ``fan_in_fan_out``."""
+        try:
+            module = self._model.get_submodule(prefix)
+        except AttributeError:
+            module = None
+        get_base = getattr(module, "get_base_layer", None)
+        if module is None or not callable(get_base):
+            raise ValueError(f"the model has no LoRA module {prefix!r}")
+        weight = getattr(get_base(), "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise ValueError(f"LoRA module {prefix!r} has no base weight")
+        return weight, bool(getattr(module, "fan_in_fan_out", False))
+
+    def fan_in_fan_out(self, prefix: str) -> bool:
+        """Whether the module's weight is ``(in, out)`` (GPT-2 ``Conv1D``).
+
+        Raises
+        ------
+        ValueError
+            If the model has no LoRA module ``prefix``.
+        """
+        return self._base(prefix)[1]
+
+    def pristine(self, prefix: str) -> torch.Tensor:
+        """The module's base weight as it was before any :meth:`assign`.
+
+        Raises
+        ------
+        ValueError
+            If the model has no LoRA module ``prefix``.
+        """
+        if prefix not in self._pristine:
+            self._pristine[prefix] = self._base(prefix)[0].detach().clone()
+        return self._pristine[prefix]
+
+    def assign(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Set these modules' base weights; put every other kept one back.
+
+        ``weights`` maps prefixes to tensors of each weight's shape (cast to
+        its dtype); a module not named whose pristine copy is kept gets that
+        copy back. Every prefix is checked before any weight is written.
+
+        Raises
+        ------
+        ValueError
+            If a prefix names no LoRA module or a shape does not match.
+        """
+        for prefix, value in weights.items():
+            want = self.pristine(prefix).shape
+            if value.shape != want:
+                raise ValueError(
+                    f"base weight of {prefix!r} is {tuple(want)}, got "
+                    f"{tuple(value.shape)}"
+                )
+        with torch.no_grad():
+            for prefix, kept in self._pristine.items():
+                self._base(prefix)[0].copy_(weights.get(prefix, kept))
+
+    def restore(self) -> None:
+        """Every kept module's base weight back to its pristine copy."""
+        self.assign({})
 
 
 def adapter_tensors(model: PeftModel) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -85,6 +85,7 @@ __all__ = [
     "decode_lora_train_ins",
     "decode_lora_train_res",
     "check_adapter_rank",
+    "check_residual",
     "encode_hello",
     "encode_hello_ins",
     "encode_lora_train_ins",
@@ -130,6 +131,7 @@ MAX_LABEL_CHARS = 128
 MAX_LORA_RANK = 4096
 """The largest LoRA rank a node may report at hello."""
 _LORA_RANK = "lora-rank"  # hello: the node's rank; train.lora: the rank to train
+_LORA_RESIDUAL = "lora-residual"  # train.lora: FedEx-LoRA's cumulative residual
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,16 +357,25 @@ class LoraTrainIns:
     by it). On the wire only when it is not ``spec.rank``, so a same-rank
     instruction encodes as before per-client ranks.
 
+    ``residual`` is FedEx-LoRA's cumulative residual (``spec.aggregation ==
+    "exact"`` only): per adapted module prefix (the adapter's names less
+    ``.lora_A.weight``), a dense float32 ``(out, in)`` tensor the client adds
+    to that module's frozen base weight
+    (:func:`strategies.lora_rules.fold_residual`). On the wire (record
+    ``lora-residual``, the adapter's codec) only when non-empty.
+
     Raises
     ------
     ProtocolError
-        If ``client_rank`` is not one of ``spec.allowed_ranks()``.
+        If ``client_rank`` is not one of ``spec.allowed_ranks()``, or the
+        residual does not fit the spec and adapter (:func:`check_residual`).
     """
 
     spec: LoraSpec
     config: LocalTrainConfig
     adapter: dict[str, torch.Tensor]
     client_rank: int = 0
+    residual: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.client_rank == 0:
@@ -374,6 +385,8 @@ class LoraTrainIns:
                 f"'{_LORA_RANK}' {self.client_rank} is not one of the spec's "
                 f"allowed ranks {list(self.spec.allowed_ranks())}"
             )
+        if self.residual:
+            check_residual(self.residual, self.adapter, self.spec)
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,6 +409,8 @@ def encode_lora_train_ins(ins: LoraTrainIns) -> RecordDict:
     )
     if ins.client_rank != ins.spec.rank:
         content[_LORA_RANK] = ConfigRecord({"rank": ins.client_rank})
+    if ins.residual:
+        content[_LORA_RESIDUAL] = encode_tensors(ins.residual)
     return content
 
 
@@ -414,7 +429,9 @@ def decode_lora_train_ins(
         wire) an adapter tensor of another rank, named in the message. An
         instruction at the global rank decodes as before per-client ranks:
         the client's layout check (its model at that rank) refuses a tensor
-        of another shape.
+        of another shape. A residual larger than ``max_bytes``, not under
+        ``exact``, or not fitting the adapter (:func:`check_residual`) is
+        refused naming the tensor.
     """
     spec = LoraSpec.from_config_record(get_record(content, _SPEC, ConfigRecord))
     config = LocalTrainConfig.from_config_record(
@@ -423,12 +440,65 @@ def decode_lora_train_ins(
     adapter = decode_tensors(
         get_record(content, _ADAPTER, ArrayRecord), max_bytes=max_bytes
     )
+    residual: dict[str, torch.Tensor] = {}
+    if _LORA_RESIDUAL in content:
+        residual = decode_tensors(
+            get_record(content, _LORA_RESIDUAL, ArrayRecord), max_bytes=max_bytes
+        )
+        if not residual:
+            raise ProtocolError(f"'{_LORA_RESIDUAL}' is on the wire but empty")
     if _LORA_RANK not in content:  # the global rank: decoded as it always was
-        return LoraTrainIns(spec=spec, config=config, adapter=adapter)
+        return LoraTrainIns(
+            spec=spec, config=config, adapter=adapter, residual=residual
+        )
     rank = get_field(get_record(content, _LORA_RANK, ConfigRecord), "rank", int)
-    ins = LoraTrainIns(spec=spec, config=config, adapter=adapter, client_rank=rank)
+    ins = LoraTrainIns(
+        spec=spec, config=config, adapter=adapter, client_rank=rank, residual=residual
+    )
     check_adapter_rank(adapter, rank)
     return ins
+
+
+def check_residual(
+    residual: Mapping[str, torch.Tensor],
+    adapter: Mapping[str, torch.Tensor],
+    spec: LoraSpec,
+) -> None:
+    """Check an ``exact`` residual against the spec and the adapter it goes with.
+
+    Every key must be the prefix of an adapter module (``<key>.lora_A.weight``
+    ``(r, in)`` and ``<key>.lora_B.weight`` ``(out, r)`` present), the tensor
+    float32 of shape ``(out, in)`` and finite; only under
+    ``spec.aggregation == "exact"``. The total size is bounded where it is
+    decoded (the payload limit).
+
+    Raises
+    ------
+    ProtocolError
+        Naming the first offending residual tensor.
+    """
+    import torch
+
+    if spec.aggregation != "exact":
+        raise ProtocolError(
+            f"'{_LORA_RESIDUAL}' is only sent under lora.aggregation 'exact', "
+            f"not {spec.aggregation!r}"
+        )
+    for key, tensor in residual.items():
+        a = adapter.get(f"{key}.lora_A.weight")
+        b = adapter.get(f"{key}.lora_B.weight")
+        if a is None or b is None or a.ndim != 2 or b.ndim != 2:
+            raise ProtocolError(
+                f"residual tensor {key!r} names no LoRA module of the adapter"
+            )
+        want = (int(b.shape[0]), int(a.shape[1]))
+        if tuple(tensor.shape) != want or tensor.dtype != torch.float32:
+            raise ProtocolError(
+                f"residual tensor {key!r} is {tensor.dtype} {list(tensor.shape)}, "
+                f"not torch.float32 {list(want)}"
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            raise ProtocolError(f"residual tensor {key!r} contains NaN or Inf values")
 
 
 def check_adapter_rank(adapter: Mapping[str, torch.Tensor], rank: int) -> None:

@@ -10,11 +10,13 @@ dependency the bottom layer does not take).
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel
+from safetensors.torch import save_file
 
 from protocols import ProtocolError, TensorLayout
 from protocols.durable import replace_dir
@@ -52,16 +54,41 @@ def restore_tensors(
     )
 
 
-def save_peft_adapter(folder: Path, model: PeftModel) -> Path:
+def save_peft_adapter(
+    folder: Path,
+    model: PeftModel,
+    *,
+    extra_tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+) -> Path:
     """Write ``model``'s adapter as a sealed PEFT folder, replacing ``folder`` whole.
 
     ``PeftModel.from_pretrained(base, folder)`` loads the result. The folder
     is built beside the target, sealed with a manifest of its files' sha256
     (:mod:`protocols.manifest`, which export verifies), and swapped into place.
+    ``extra_tensors`` (file name -> tensors, e.g. FedEx-LoRA's
+    ``residual.safetensors``) are written into it before it is sealed.
+
+    Raises
+    ------
+    ValueError
+        If an extra file name is not a plain ``*.safetensors`` name or is one
+        PEFT writes.
     """
+    for name in extra_tensors or {}:
+        if (
+            Path(name).name != name
+            or not name.endswith(".safetensors")
+            or name.startswith((".", "adapter_"))
+        ):
+            raise ValueError(f"bad extra adapter file name {name!r}")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     model.save_pretrained(tmp)
+    for name, tensors in (extra_tensors or {}).items():
+        save_file(
+            {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+            tmp / name,
+        )
     seal(tmp)
     replace_dir(tmp, folder)
     return folder

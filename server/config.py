@@ -93,6 +93,7 @@ class RunConfig(BaseModel):
         problems += _edge_problems(self)
         problems += _lora_rank_problems(self)
         problems += _lora_only_problems(self)
+        problems += _lora_aggregation_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -329,6 +330,57 @@ def _lora_rank_problems(config: RunConfig) -> list[str]:
             f"(or lora.rank) allows {list(lora.allowed_ranks())}"
         ]
     return []
+
+
+def _lora_aggregation_problems(config: RunConfig) -> list[str]:
+    """LoRA aggregation rules that cannot compose with the robust/DP settings.
+
+    ``exact`` and ``flexlora`` combine each client's product ``B_i A_i``:
+    only with the ``mean`` aggregator, without central DP (which releases
+    only a noisy sum of factors), without SecAgg+ (the server sees only a
+    sum) and without a server optimizer (their global factors are
+    re-factorised each round, so a factor-space pseudo-gradient is
+    meaningless). ``hetlora`` pads factors before the combine, which SecAgg+'s
+    sum of unpadded updates cannot do.
+    """
+    if config.run.method != "lora" or config.lora.aggregation == "fedavg":
+        return []
+    rule = f"lora.aggregation {config.lora.aggregation!r}"
+    problems: list[str] = []
+    products = config.lora.aggregation in ("exact", "flexlora")
+    if products and config.federation.aggregator != "mean":
+        problems.append(
+            f"{rule} needs federation.aggregator 'mean', not "
+            f"{config.federation.aggregator!r}: it combines each client's "
+            "product B_i A_i, which a robust rule of the factors does not bound"
+        )
+    if products and config.privacy.mode == "central":
+        problems.append(
+            f"{rule} cannot run with privacy.mode 'central': the products need "
+            "each client's factors, central DP releases only a noisy sum"
+        )
+    if config.privacy.secagg and config.lora.aggregation not in ("ffa",):
+        problems.append(
+            f"{rule} cannot run with privacy.secagg: the server sees only the sum "
+            "of the updates (SecAgg+ composes with 'fedavg' and 'ffa')"
+        )
+    if config.lora.sparsity_weighted and config.federation.aggregator != "mean":
+        problems.append(
+            "lora.sparsity_weighted needs federation.aggregator 'mean', not "
+            f"{config.federation.aggregator!r}: its weights are per module"
+        )
+    if config.lora.sparsity_weighted and config.privacy.mode == "central":
+        problems.append(
+            "lora.sparsity_weighted cannot run with privacy.mode 'central': "
+            "weights taken from the updates' norms would change the sum's sensitivity"
+        )
+    if products and config.server_opt.name != "none":
+        problems.append(
+            f"{rule} cannot run with server_opt.name {config.server_opt.name!r}: "
+            "its adapter is re-factorised each round, so a factor-space "
+            "pseudo-gradient is meaningless"
+        )
+    return problems
 
 
 def simulated_lora_ranks(config: RunConfig) -> tuple[int, ...]:

@@ -270,12 +270,24 @@ class LoraSection(_Section):
         "of B), 'exact' (FedEx-LoRA), 'ffa' (FFA-LoRA: A frozen), 'hetlora' "
         "(zero-padding to rank), 'flexlora' (SVD of the mean update).",
     )
+    sparsity_weighted: bool = Field(
+        False,
+        description="hetlora only: HetLoRA's sparsity-weighted aggregation (Cho "
+        "et al. 2024): per module, each client's weight is multiplied by the "
+        "Frobenius norm of its update (alpha/r) B A, then renormalised; off: plain "
+        "zero-padding average. Needs federation.aggregator 'mean', no central DP.",
+    )
 
     @model_validator(mode="after")
     def _ranks_fit(self) -> LoraSection:
         problem = lora_rank_problem(self.rank, self.client_ranks, self.aggregation)
         if problem is not None:
             raise ValueError(problem)
+        if self.sparsity_weighted and self.aggregation != "hetlora":
+            raise ValueError(
+                "lora.sparsity_weighted is HetLoRA's weighting: it needs "
+                f"lora.aggregation 'hetlora', not {self.aggregation!r}"
+            )
         return self
 
     def allowed_ranks(self) -> tuple[int, ...]:

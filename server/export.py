@@ -1,14 +1,19 @@
 """Exporting a finished run: the adapter, a merged model folder, or ONNX.
 
 ``adapter``
-    What the method trained, as it was saved: the PEFT adapter folder (LoRA),
+    What the method trained, as it was saved: the PEFT adapter folder (LoRA;
+    under ``lora.aggregation = "exact"``, FedEx-LoRA, with
+    ``residual.safetensors`` beside it: per adapted module, the dense
+    ``(out, in)`` float32 residual to add to the frozen base weight, so the
+    adapter alone is not the trained model: :func:`adapter_note`),
     the tuned parameters (FedKSeed; over an adapter, ``zo.adapter_rank`` >
     0, a PEFT adapter folder as for LoRA) or the prompts and tail (SFPrompt).
 ``merged``
     A plain Hugging Face model folder with the training folded in
     (``from_pretrained`` loads it with no Pollinate code): LoRA adapters
     merged into the base weights, or FedKSeed's tuned parameters written over
-    them (its tuned adapter merged). SFPrompt's prompts need their own forward, so use ``onnx`` for it.
+    them (its tuned adapter merged). For every LoRA aggregator the merged
+    weight is base + residual (``exact`` only) + ``(alpha / r) B A``. SFPrompt's prompts need their own forward, so use ``onnx`` for it.
 ``onnx``
     ``model.onnx`` mapping ``(input_ids, attention_mask)`` to logits with
     dynamic batch and length, checked against PyTorch with ONNX Runtime on a
@@ -46,7 +51,7 @@ from protocols.run_folder import RunFolder
 from server.config import RunConfig, load_config
 from server.methods import server_method
 
-__all__ = ["FORMATS", "ExportError", "export_run", "tuned_model"]
+__all__ = ["FORMATS", "ExportError", "adapter_note", "export_run", "tuned_model"]
 
 FORMATS = EXPORT_FORMATS
 ONNX_TOLERANCE = 1e-3
@@ -204,6 +209,24 @@ def max_logit_diff(
             f"ONNX logits differ from PyTorch by {worst:.2e} > {ONNX_TOLERANCE}"
         )
     return worst
+
+
+def adapter_note(out: Path) -> str | None:
+    """One line for the user when an exported adapter is not the whole model.
+
+    A FedEx-LoRA adapter folder holds ``residual.safetensors``, which must be
+    added to the base weights as well (``merged`` export does it); None when
+    ``out`` has no residual.
+    """
+    from server.lora_driver import RESIDUAL_FILE
+
+    if not (out / RESIDUAL_FILE).is_file():
+        return None
+    return (
+        f"note: {out} holds {RESIDUAL_FILE} (FedEx-LoRA): the adapter alone is "
+        "not the model; add the residual to the base weights or export --format "
+        "merged"
+    )
 
 
 def export_run(run_dir: Path, out: Path, fmt: str) -> Path:

@@ -7,6 +7,16 @@ with ``[server_opt]``, the server optimizer that turns each round's released
 aggregate into the new global adapter (:mod:`strategies.server_opt`); its
 moments are checkpointed in ``checkpoint/server_opt.safetensors`` and its
 settings and round in ``state.json``'s ``server_opt`` entry.
+
+Under FedEx-LoRA (``lora.aggregation = "exact"``) the driver also holds the
+cumulative residual, one dense float32 ``(out, in)`` tensor per adapted
+module: the sum of every round's increment (``LoraAggregate.residual``). It
+is sent with every instruction, folded into the server model's frozen base
+weights (``pristine + residual``, recomputed from a pristine copy each time,
+so the model evaluated is base + residual + adapter), checkpointed in
+``checkpoint/residual.safetensors`` and written beside the final PEFT adapter
+as ``residual.safetensors`` (:data:`RESIDUAL_FILE`), which ``merged`` export
+folds in. The adapter alone is not the model then.
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ from typing import Any
 
 import torch
 from peft import PeftModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from corpora import Example
@@ -29,7 +41,7 @@ from models import (
     load_adapter_tensors,
     load_causal_lm,
 )
-from models.lora import merge_adapter_folder
+from models.lora import BaseWeights, load_adapter_folder
 from protocols import LoraSpec, ProtocolError
 from protocols.methods import Method
 from protocols.run_folder import CheckpointError, RunFolder
@@ -38,14 +50,24 @@ from server.config import RunConfig
 from server.evaluation import CentralEvaluator, EvalResult, build_evaluator
 from server.federation import FederationError, RoundResult, require_update
 from strategies import LabelledReply, LocalTrainSettings, LoraFedAvg, Nodes
+from strategies.lora_rules import fold_residual
 from strategies.privacy import DPSettings
 from strategies.robust import Bounds
 from strategies.server_opt import ServerOptError, ServerOptimizer, ServerOptSettings
 
-__all__ = ["SERVER_OPT_FILE", "LoraDriver", "LoraMethod"]
+__all__ = [
+    "RESIDUAL_FILE",
+    "SERVER_OPT_FILE",
+    "LoraDriver",
+    "LoraMethod",
+    "read_residual",
+]
 
 SERVER_OPT_FILE = "server_opt.safetensors"
 """The checkpoint's file of server optimizer tensors (moments, momentum)."""
+
+RESIDUAL_FILE = "residual.safetensors"
+"""FedEx-LoRA's cumulative residual, in the checkpoint and the final artefact."""
 
 
 class LoraDriver:
@@ -84,39 +106,61 @@ class LoraDriver:
         self.adapter = {
             k: v.to(strategy.fedavg.device) for k, v in adapter_tensors(model).items()
         }
+        # FedEx-LoRA's cumulative residual (float32, per module prefix) and the
+        # pristine base weights of the modules it is folded into.
+        self.residual: dict[str, torch.Tensor] = {}
+        self.base_weights = BaseWeights(model)
 
     def configure(self, server_round: int, nodes: Nodes) -> list[Any]:
-        """Send the global adapter to the sampled nodes.
+        """Send the global adapter (and any residual) to the sampled nodes.
 
         Raises
         ------
         strategies.privacy.PrivacyBudgetExhausted
             If the round would spend past ``privacy.target_epsilon``.
         """
-        return self.strategy.configure(server_round, nodes, self.adapter)
+        return self.strategy.configure(
+            server_round, nodes, self.adapter, residual=self.residual
+        )
 
     def apply(self, server_round: int, replies: Sequence[LabelledReply]) -> RoundResult:
         """Bounded FedAvg of the valid adapters becomes the global adapter.
 
         With a server optimizer the aggregate (the round's release) is its
-        pseudo-gradient and its step is the new global adapter. The round's
-        bounds (and epsilon, with DP; the optimizer's name) go into its
-        metrics row.
+        pseudo-gradient and its step is the new global adapter. Under
+        ``exact`` the round's residual increment is added to the cumulative
+        residual and the model's base weights are re-folded from their
+        pristine copies, with the adapter or not at all. The round's bounds
+        (and epsilon, with DP; the optimizer's name) go into its metrics row.
 
         Raises
         ------
         server.federation.FederationError
-            If no reply was usable, or the aggregate or the optimizer's step
-            was refused (the adapter and the optimizer state are kept).
+            If no reply was usable, or the aggregate, the residual or the
+            optimizer's step was refused (the adapter, the residual and the
+            optimizer state are kept).
         """
         result = self.strategy.aggregate(server_round, replies, self.adapter)
         aggregate = require_update(server_round, result, result.adapter)
+        residual, folded = self.residual, None
+        if result.residual:
+            try:
+                residual = _accumulate(self.residual, result.residual)
+                folded = _folded(self.base_weights, residual)
+            except ValueError as exc:
+                raise FederationError(
+                    f"round {server_round}: the residual was refused: "
+                    f"{' '.join(str(exc).split())}; the global adapter is kept"
+                ) from None
         extra = dict(result.stats)
         name = self.server_opt.settings.name
         if name != "none":
             aggregate = self._server_step(server_round, aggregate)
             extra["server_opt"] = name
         self.adapter = aggregate
+        if folded is not None:
+            self.residual = residual
+            self.base_weights.assign(folded)
         return RoundResult(
             len(result.accepted), len(result.rejected), result.train_loss, extra=extra
         )
@@ -146,7 +190,7 @@ class LoraDriver:
         return new
 
     def evaluate(self) -> EvalResult:
-        """Score the global adapter."""
+        """Score the global adapter (over base + residual under ``exact``)."""
         return self.evaluator.evaluate(self.adapter)
 
     def checkpoint(
@@ -156,28 +200,39 @@ class LoraDriver:
 
         With DP the state holds the noise seed and the accountant; with a
         server optimizer its ``meta`` (``server_opt``) and its tensors
-        (:data:`SERVER_OPT_FILE`), in the same checkpoint swap.
+        (:data:`SERVER_OPT_FILE`); with a non-empty residual,
+        :data:`RESIDUAL_FILE`; all in the same checkpoint swap.
         """
         privacy = self.strategy.privacy_state()
         state = {**extra, "privacy": privacy} if privacy is not None else dict(extra)
-        more = None
+        more: dict[str, dict[str, torch.Tensor]] = {}
         if self.server_opt.settings.name != "none":
             opt = self.server_opt.state()
             state["server_opt"] = opt["meta"]
-            more = {SERVER_OPT_FILE: opt["tensors"]}
+            more[SERVER_OPT_FILE] = opt["tensors"]
+        if self.residual:
+            more[RESIDUAL_FILE] = self.residual
         folder.write_checkpoint(
             server_round,
             self.strategy.spec.fingerprint(),
             state,
             self.adapter,
-            extra_tensors=more,
+            extra_tensors=more or None,
         )
 
     def finish(self, folder: RunFolder) -> None:
-        """Write the final adapter as a PEFT folder."""
+        """Write the final adapter as a PEFT folder (sealed with its manifest).
+
+        With a residual, :data:`RESIDUAL_FILE` goes in the same folder, under
+        the same manifest.
+        """
         with torch.no_grad():
             load_adapter_tensors(self.model, self.adapter)
-        save_peft_adapter(folder.artefact(self.entry.artefact), self.model)
+        save_peft_adapter(
+            folder.artefact(self.entry.artefact),
+            self.model,
+            extra_tensors={RESIDUAL_FILE: self.residual} if self.residual else None,
+        )
 
     def close(self) -> None:
         """Nothing to release."""
@@ -186,13 +241,15 @@ class LoraDriver:
         """Load the last checkpointed global adapter; return its round.
 
         With DP, the noise seed and the accountant are restored too; with a
-        server optimizer, its state.
+        server optimizer, its state; under ``exact``, the residual (folded
+        into the model's base weights again).
 
         Raises
         ------
         CheckpointError
             If the checkpoint is missing, damaged, of another spec, or lacks
-            the privacy or server optimizer state this run's settings need.
+            the privacy or server optimizer state this run's settings need,
+            or its residual does not fit the model (one line each).
         """
         done, adapter, state = restore_tensors(
             folder,
@@ -200,13 +257,125 @@ class LoraDriver:
             self.strategy.fedavg,
         )
         server_opt = _restored_server_opt(folder, state, done, self.server_opt.settings)
+        residual: dict[str, torch.Tensor] = {}
+        if RESIDUAL_FILE in state.get("extra_tensors", ()):
+            if self.strategy.spec.aggregation != "exact":
+                raise CheckpointError(
+                    f"{folder.checkpoint_state}: the checkpoint holds a residual, "
+                    f"this run's lora.aggregation is {self.strategy.spec.aggregation!r}"
+                )
+            tensors = folder.read_checkpoint_tensors(state, file=RESIDUAL_FILE)
+            residual = {
+                k: v.to(self.strategy.fedavg.device) for k, v in tensors.items()
+            }
+        try:
+            folded = _folded(self.base_weights, _checked_residual(residual, adapter))
+        except ValueError as exc:
+            raise CheckpointError(
+                f"{folder.checkpoint_dir / RESIDUAL_FILE}: {' '.join(str(exc).split())}"
+            ) from None
         try:
             self.strategy.load_privacy_state(state.get("privacy"))
         except ValueError as exc:
             raise CheckpointError(f"{folder.checkpoint_state}: {exc}") from None
         self.server_opt = server_opt
         self.adapter = adapter
+        self.residual = residual
+        self.base_weights.assign(folded)
         return done
+
+
+def _folded(
+    base: BaseWeights, residual: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The base weights ``pristine + residual`` of the residual's modules.
+
+    Always from the pristine copies (:func:`strategies.lora_rules.fold_residual`),
+    never the live weights, so no rounding accumulates across rounds.
+
+    Raises
+    ------
+    ValueError
+        If a module is not one of the model's LoRA modules or its residual
+        does not fit the base weight.
+    """
+    return {
+        prefix: fold_residual(
+            base.pristine(prefix), r, fan_in_fan_out=base.fan_in_fan_out(prefix)
+        )
+        for prefix, r in residual.items()
+    }
+
+
+def _accumulate(
+    total: dict[str, torch.Tensor], increment: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``total + increment`` per module in float32 (a new dict; finite).
+
+    Raises
+    ------
+    ValueError
+        If a shape differs from the running total's or a value is not finite.
+    """
+    out = dict(total)
+    for prefix, inc in increment.items():
+        inc32 = inc.to(torch.float32)
+        old = total.get(prefix)
+        if old is not None and old.shape != inc32.shape:
+            raise ValueError(
+                f"increment of {prefix!r} is {tuple(inc32.shape)}, the residual "
+                f"{tuple(old.shape)}"
+            )
+        new = inc32.clone() if old is None else old + inc32.to(old.device)
+        if not bool(torch.isfinite(new).all()):
+            raise ValueError(f"residual of {prefix!r} is not finite")
+        out[prefix] = new
+    return out
+
+
+def _checked_residual(
+    residual: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``residual`` if each tensor is float32 ``(out, in)`` of an adapter module.
+
+    Raises
+    ------
+    ValueError
+        Naming the first tensor that is not.
+    """
+    for prefix, r in residual.items():
+        a = adapter.get(f"{prefix}.lora_A.weight")
+        b = adapter.get(f"{prefix}.lora_B.weight")
+        if a is None or b is None:
+            raise ValueError(f"residual {prefix!r} names no module of the adapter")
+        want = (b.shape[0], a.shape[1])
+        if r.dtype != torch.float32 or tuple(r.shape) != want:
+            raise ValueError(
+                f"residual {prefix!r} is {r.dtype} {tuple(r.shape)}, not "
+                f"torch.float32 {want}"
+            )
+        if not bool(torch.isfinite(r).all()):
+            raise ValueError(f"residual {prefix!r} holds NaN or Inf")
+    return residual
+
+
+def read_residual(artefact: Path) -> dict[str, torch.Tensor]:
+    """The final artefact's residual (empty when it has none).
+
+    The artefact is verified by the caller (export checks its manifest).
+
+    Raises
+    ------
+    CheckpointError
+        If the file is not readable safetensors.
+    """
+    path = artefact / RESIDUAL_FILE
+    if not path.exists():
+        return {}
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is damaged: {exc}") from None
 
 
 def _restored_server_opt(
@@ -317,6 +486,7 @@ class LoraMethod:
             device=device,
             max_payload_bytes=int(config.federation.max_payload_mb * 1e6),
             server_opt=server_opt,
+            sparsity_weighted=config.lora.sparsity_weighted,
         )
         evaluator = build_evaluator(
             config, model, loaded.tokenizer, eval_examples, device
@@ -328,6 +498,23 @@ class LoraMethod:
     def tuned_model(
         self, config: RunConfig, artefact: Path, loaded: LoadedModel
     ) -> nn.Module:
-        """The base model with the trained adapter merged in."""
+        """The base model with the residual (``exact``) and adapter merged in.
+
+        Raises
+        ------
+        CheckpointError
+            If the artefact's residual does not fit the model.
+        """
         del config
-        return merge_adapter_folder(loaded.model, artefact)
+        residual = read_residual(artefact)
+        peft_model = load_adapter_folder(loaded.model, artefact)
+        if residual:
+            base = BaseWeights(peft_model)
+            try:
+                base.assign(_folded(base, residual))
+            except ValueError as exc:
+                raise CheckpointError(
+                    f"{artefact / RESIDUAL_FILE}: {' '.join(str(exc).split())}"
+                ) from None
+        merged: nn.Module = peft_model.merge_and_unload()
+        return merged

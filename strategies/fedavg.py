@@ -225,17 +225,15 @@ class TensorFedAvg:
         kept, deltas = self._updates(server_round, good, tensors, base, rejected)
         if not kept:
             return FedAvgRound([], rejected)
-        dp = self.central
-        if dp is not None and noise_seed is None:
-            raise ValueError("central differential privacy needs a noise seed")
         try:
-            if dp is not None and noise_seed is not None:
-                m = max(sampled or replied, len(kept))
-                combined, stats = self._central(
-                    dp, server_round, kept, deltas, m, noise_seed
-                )
-            else:
-                combined, stats = self._bounded(kept, deltas, reported or {})
+            combined, stats = self.combine_updates(
+                server_round,
+                kept,
+                deltas,
+                sampled=sampled or replied,
+                reported=reported or {},
+                noise_seed=noise_seed,
+            )
         except AggregationError as exc:
             return self._refuse(
                 server_round, kept, rejected, f"aggregation failed: {exc}", {}
@@ -281,6 +279,52 @@ class TensorFedAvg:
                 )
         return kept, deltas
 
+    def combine_updates(
+        self,
+        server_round: int,
+        kept: Sequence[tuple[str, R]],
+        deltas: Sequence[Tensors],
+        *,
+        sampled: int,
+        reported: Mapping[str, int],
+        noise_seed: int | None = None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Steps 3 or 4 over computed updates: the combined update and its stats.
+
+        ``deltas`` (one per kept reply, float32) may hold any subset of the
+        layout's tensors (e.g. only LoRA's B factors); the result has those.
+        ``sampled`` is central DP's denominator (at least ``len(kept)`` is used).
+
+        Raises
+        ------
+        ValueError
+            In central DP mode without ``noise_seed``.
+        AggregationError
+            If the aggregator cannot combine them.
+        """
+        dp = self.central
+        if dp is not None and noise_seed is None:
+            raise ValueError("central differential privacy needs a noise seed")
+        if dp is not None and noise_seed is not None:
+            m = max(sampled, len(kept))
+            return self._central(dp, server_round, kept, deltas, m, noise_seed)
+        return self._bounded(kept, deltas, reported)
+
+    def weigh(
+        self, kept: Sequence[tuple[str, R]], reported: Mapping[str, int]
+    ) -> tuple[list[float], int]:
+        """The kept replies' capped weights, and how many caps bound (step 3)."""
+        counts = [r.num_examples for _, r in kept]
+        weights = capped_weights(
+            counts, self.bounds, [reported.get(who) for who, _ in kept]
+        )
+        capped = (
+            sum(w < c for w, c in zip(weights, counts, strict=True))
+            if self.bounds.weighting == "examples"
+            else 0
+        )
+        return weights, capped
+
     def _bounded(
         self,
         kept: Sequence[tuple[str, R]],
@@ -291,14 +335,8 @@ class TensorFedAvg:
         bounds = self.bounds
         bound = clip_bound([update_norm(d) for d in deltas], bounds)
         clipped = [clip_to_norm(d, bound) for d in deltas]
-        counts = [r.num_examples for _, r in kept]
-        weights = capped_weights(counts, bounds, [reported.get(who) for who, _ in kept])
+        weights, capped = self.weigh(kept, reported)
         combined = combine([c for c, _ in clipped], weights, bounds, device=self.device)
-        capped = (
-            sum(w < c for w, c in zip(weights, counts, strict=True))
-            if bounds.weighting == "examples"
-            else 0
-        )
         stats = {
             "clip_bound": bound,
             "clipped": sum(f < 1.0 for _, f in clipped),
@@ -320,8 +358,8 @@ class TensorFedAvg:
         clip = self.central_clip(dp)
         clipped = [clip_to_norm(d, clip) for d in deltas]
         total = {
-            k: torch.zeros(deltas[0][k].shape, dtype=torch.float32, device=self.device)
-            for k in self.layout.names
+            k: torch.zeros(t.shape, dtype=torch.float32, device=self.device)
+            for k, t in deltas[0].items()
         }
         for update, _ in clipped:
             for k, t in total.items():

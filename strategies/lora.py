@@ -1,4 +1,15 @@
-"""Federated LoRA: bounded FedAvg of adapter tensors, optionally private.
+"""Federated LoRA: bounded aggregation of adapter tensors, optionally private.
+
+``spec.aggregation`` picks the rule. ``fedavg`` (the default) is
+example-weighted FedAvg of A and B as below, bit-identical to what it was
+before the other rules. ``exact`` (FedEx-LoRA), ``ffa`` (FFA-LoRA),
+``hetlora`` and ``flexlora`` run :mod:`strategies.lora_family`: every node
+trains the rank it said at hello (:attr:`LoraFedAvg.hello_ranks`) from the
+truncation of the global adapter, its reply is decoded at that rank, clipped
+in padded canonical space and weight-capped, then combined by
+:mod:`strategies.lora_rules`. ``exact`` also returns the round's residual
+increment (:attr:`LoraAggregate.residual`), which the driver accumulates and
+:meth:`LoraFedAvg.configure` sends back to every node.
 
 A :class:`~strategies.strategy.Strategy`: it builds ``train.lora``
 instructions, decodes and validates replies through :mod:`protocols`, and
@@ -32,7 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 
 from protocols import (
     DEFAULT_MAX_PAYLOAD_BYTES,
@@ -53,6 +64,8 @@ from protocols.messages import (
     put_local_privacy,
 )
 from strategies.fedavg import TensorFedAvg
+from strategies.lora_family import decode_replies, family_round
+from strategies.lora_rules import client_adapter
 from strategies.privacy import (
     DPSettings,
     PrivacyAccount,
@@ -60,6 +73,7 @@ from strategies.privacy import (
     gaussian_noise,
     noise_generator,
 )
+from strategies.replies import weighted_loss
 from strategies.robust import Bounds
 from strategies.secure_mean import (
     SecureMeanError,
@@ -77,6 +91,8 @@ __all__ = ["LocalTrainSettings", "LoraAggregate", "LoraFedAvg"]
 Adapter = Mapping[str, torch.Tensor]
 """Adapter tensors by PEFT parameter name."""
 
+_LORA_A = ".lora_A.weight"
+
 
 @dataclass(frozen=True, slots=True)
 class LocalTrainSettings:
@@ -93,11 +109,16 @@ class LocalTrainSettings:
 class LoraAggregate(Aggregate):
     """Outcome of one round.
 
-    ``adapter`` is the new global adapter, or ``None`` when no reply was
-    usable (the caller then keeps the previous one).
+    ``adapter`` is the new canonical global adapter (rank ``spec.rank``), or
+    ``None`` when no reply was usable (the caller then keeps the previous
+    one). ``residual`` is this round's FedEx-LoRA residual increment per
+    module prefix (``exact`` only, float32 ``(out, in)``; None otherwise or
+    when the round was refused): the caller adds it to its cumulative
+    residual.
     """
 
     adapter: dict[str, torch.Tensor] | None = None
+    residual: dict[str, torch.Tensor] | None = None
 
 
 class LoraFedAvg:
@@ -126,6 +147,9 @@ class LoraFedAvg:
     server_opt : ServerOptSettings, optional
         The server optimizer the driver steps with the aggregate (named in
         :meth:`summary` only; the driver owns the optimizer).
+    sparsity_weighted : bool
+        ``hetlora``: HetLoRA's sparsity-weighted aggregation instead of the
+        plain zero-padding average (``lora.sparsity_weighted``).
     """
 
     def __init__(
@@ -141,8 +165,10 @@ class LoraFedAvg:
         dp: DPSettings | None = None,
         noise_seed: int | None = None,
         server_opt: ServerOptSettings | None = None,
+        sparsity_weighted: bool = False,
     ) -> None:
         self.spec = spec
+        self.sparsity_weighted = sparsity_weighted
         self.server_opt = server_opt
         self.train = train
         self.seed = seed
@@ -165,10 +191,23 @@ class LoraFedAvg:
         self.hello_ranks: dict[str, int] = {}
         self._sampled: dict[int, int] = {}
 
+    def rank_of(self, label: str) -> int:
+        """The LoRA rank the node ``label`` trains (``spec.rank`` if it did not say)."""
+        return self.hello_ranks.get(label, self.spec.rank)
+
     def configure(
-        self, server_round: int, nodes: Nodes, current: Adapter
+        self,
+        server_round: int,
+        nodes: Nodes,
+        current: Adapter,
+        residual: Mapping[str, torch.Tensor] | None = None,
     ) -> list[Message]:
-        """The round's ``train.lora`` messages, carrying the global adapter.
+        """The round's ``train.lora`` messages, each node's adapter at its rank.
+
+        A node of rank ``r`` (:meth:`rank_of`) gets
+        :func:`strategies.lora_rules.client_adapter` of ``current`` (the
+        global adapter itself when ``r == spec.rank``) and ``residual``, the
+        cumulative FedEx-LoRA residual (``exact`` only; None or empty: none).
 
         Raises
         ------
@@ -187,8 +226,42 @@ class LoraFedAvg:
             proximal_mu=self.train.proximal_mu,
             seed=self.seed,
         )
+        contents: dict[int, RecordDict] = {}  # one per rank, shared by its nodes
+        messages = []
+        for node, label in nodes.items():
+            rank = self.rank_of(label)
+            if rank not in contents:
+                contents[rank] = self._instruction(config, current, rank, residual)
+            messages.append(
+                Message(
+                    content=contents[rank],
+                    dst_node_id=node,
+                    message_type=MESSAGE_TRAIN_LORA,
+                )
+            )
+        return messages
+
+    def _instruction(
+        self,
+        config: LocalTrainConfig,
+        current: Adapter,
+        rank: int,
+        residual: Mapping[str, torch.Tensor] | None,
+    ) -> RecordDict:
+        """The ``train.lora`` content for a node of ``rank``."""
+        adapter = (
+            dict(current)
+            if rank == self.spec.rank
+            else client_adapter(current, self.spec.rank, rank)
+        )
         content = encode_lora_train_ins(
-            LoraTrainIns(spec=self.spec, config=config, adapter=dict(current))
+            LoraTrainIns(
+                spec=self.spec,
+                config=config,
+                adapter=adapter,
+                client_rank=rank,
+                residual=dict(residual or {}),
+            )
         )
         if self.dp is not None and self.dp.mode == "local":
             put_local_privacy(
@@ -196,10 +269,7 @@ class LoraFedAvg:
             )
         if self.dp is not None and self.dp.client_clip:
             put_client_clip(content, ClientClip(self.fedavg.central_clip(self.dp)))
-        return [
-            Message(content=content, dst_node_id=node, message_type=MESSAGE_TRAIN_LORA)
-            for node in nodes
-        ]
+        return content
 
     def aggregate(
         self,
@@ -219,6 +289,8 @@ class LoraFedAvg:
         secure = find_secure_mean(replies)
         if secure is not None:
             return self._secure_round(server_round, secure, current)
+        if self.spec.aggregation != "fedavg":
+            return self._family_round(server_round, replies, current)
         r = self.fedavg.round(
             server_round,
             replies,
@@ -246,6 +318,55 @@ class LoraFedAvg:
             stats=stats,
         )
 
+    def _family_round(
+        self,
+        server_round: int,
+        replies: Sequence[LabelledReply],
+        current: Adapter | None,
+    ) -> LoraAggregate:
+        """A round of ``exact``, ``ffa``, ``hetlora`` or ``flexlora``.
+
+        Each reply is decoded at its node's rank and bounded before the rule
+        (:mod:`strategies.lora_family`); ``stats`` add ``aggregation`` and
+        ``ranks`` (label to the rank of each accepted client).
+        """
+        if current is None:
+            raise ValueError(
+                f"lora.aggregation {self.spec.aggregation!r} needs the current "
+                "global adapter"
+            )
+        good, rejected = decode_replies(
+            self.fedavg, server_round, replies, self.hello_ranks, self.spec.rank
+        )
+        sampled = self._sampled.get(server_round, len(good) + len(rejected))
+        r = family_round(
+            self.fedavg,
+            self.spec,
+            server_round,
+            good,
+            rejected,
+            ranks=self.hello_ranks,
+            current=current,
+            sampled=sampled,
+            reported=self.hello_counts,
+            noise_seed=self.noise_seed,
+            sparsity_weighted=self.sparsity_weighted,
+        )
+        stats = dict(r.stats)
+        if self.account is not None:
+            released = r.adapter is not None
+            stats.update(self.account.release(sampled if released else None))
+        losses = [(res.train_loss, res.num_examples) for _, res in r.kept]
+        return LoraAggregate(
+            adapter=r.adapter,
+            residual=r.residual,
+            accepted=[who for who, _ in r.kept],
+            rejected=r.rejected,
+            train_loss=weighted_loss(losses) if losses else None,
+            num_examples=sum(n for _, n in losses),
+            stats=stats,
+        )
+
     def _secure_round(
         self, server_round: int, secure: SecureMean, current: Adapter | None
     ) -> LoraAggregate:
@@ -260,6 +381,10 @@ class LoraFedAvg:
         validation requires) the survivors' sum is ``mean x survivors``, and
         the new adapter is ``current + (sum + N(0, (sigma C)^2)) / m``, ``m``
         the clients sampled, the noise drawn as the server-side path draws it.
+        Under ``ffa`` (the only other rule SecAgg+ composes with) the global A
+        is kept: the mean's A part is ignored (it is zero from honest clients;
+        the server cannot tell who sent a non-zero one) and no noise is drawn
+        for it.
         """
         if current is None:
             raise ValueError("a SecAgg+ round needs the current global adapter")
@@ -271,6 +396,11 @@ class LoraFedAvg:
                     server_round, secure, current, sampled
                 )
             adapter = lora_update(current, secure)
+            if self.spec.aggregation == "ffa":  # A is frozen: its part is ignored
+                adapter = {
+                    k: current[k].clone() if k.endswith(_LORA_A) else t
+                    for k, t in adapter.items()
+                }
         except SecureMeanError as exc:
             return LoraAggregate(
                 rejected={SECURE_MEAN_LABEL: str(exc), **secure.dropped}
@@ -313,12 +443,22 @@ class LoraFedAvg:
                 "'equal'): the sum is the mean times the survivors"
             )
         delta = unflatten(secure.mean, current)
-        total = {k: delta[k] * len(secure.survivors) for k in self.fedavg.layout.names}
+        ffa = self.spec.aggregation == "ffa"  # noise on B only, as ffa's own path
+        total = {
+            k: delta[k] * len(secure.survivors)
+            for k in self.fedavg.layout.names
+            if not (ffa and k.endswith(_LORA_A))
+        }
         std = dp.noise_multiplier * dp.clip_norm
         noise = gaussian_noise(total, std, noise_generator(seed, server_round))
         m = max(sampled, len(secure.survivors))
         noisy = np.concatenate(
-            [((total[k] + noise[k]) / m).flatten().numpy() for k in current]
+            [
+                ((total[k] + noise[k]) / m).flatten().numpy()
+                if k in total
+                else np.zeros(delta[k].numel(), dtype=np.float32)
+                for k in current
+            ]
         ).astype(np.float64)
         return replace(secure, mean=noisy), std / m
 
@@ -356,9 +496,17 @@ class LoraFedAvg:
 
     def summary(self) -> str:
         """The strategy's settings in one line."""
+        family = self.spec.aggregation != "fedavg" or self.spec.client_ranks
         return (
             f"LoraFedAvg: rank={self.spec.rank} alpha={self.spec.alpha} "
-            f"targets={','.join(self.spec.target_modules)} "
+            + (
+                f"aggregation={self.spec.aggregation}"
+                f"{'(sparsity-weighted)' if self.sparsity_weighted else ''} "
+                f"client_ranks={','.join(map(str, self.spec.allowed_ranks()))} "
+                if family
+                else ""
+            )
+            + f"targets={','.join(self.spec.target_modules)} "
             f"steps={self.train.local_steps} batch={self.train.batch_size} "
             f"lr={self.train.learning_rate:g} device={self.fedavg.device} "
             f"{self.fedavg.bounds.summary()}"

@@ -301,8 +301,18 @@ class ServerOptimizer:
                 {k: _to_numpy(current[k]) for k in names},
                 ArrayRecord({k: Array(_to_numpy(aggregated[k])) for k in names}),
             )
-            produced = {**new, **self._flower_state()}
-            bad = [k for k, v in produced.items() if not np.isfinite(v).all()]
+            # Checked after the cast to each tensor's dtype: a float64 step can
+            # be finite and still overflow float32 (or bfloat16).
+            out = {
+                k: torch.from_numpy(np.ascontiguousarray(new[k])).to(
+                    dtype=current[k].dtype, device=current[k].device
+                )
+                for k in current
+            }
+            bad = [
+                k for k, v in self._flower_state().items() if not np.isfinite(v).all()
+            ]
+            bad += [k for k, v in out.items() if not bool(torch.isfinite(v).all())]
             if bad:
                 raise ServerOptError(
                     f"{self.settings.name} step of round {server_round} is not "
@@ -313,12 +323,7 @@ class ServerOptimizer:
             self._shapes = saved_shapes
             raise
         self._last_round = server_round
-        return {
-            k: torch.from_numpy(np.ascontiguousarray(new[k])).to(
-                dtype=current[k].dtype, device=current[k].device
-            )
-            for k in current
-        }
+        return out
 
     def _check_inputs(
         self,

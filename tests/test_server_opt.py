@@ -237,6 +237,19 @@ def test_non_finite_step_leaves_state_unchanged() -> None:
     assert all(torch.equal(out[k], want[k]) for k in out)
 
 
+def test_step_that_overflows_its_dtype_is_refused() -> None:
+    """A step finite in float64 but past float32's range is refused, state kept."""
+    settings = ServerOptSettings("fedadam", eta=1e300)
+    opt = ServerOptimizer(settings)
+    cur = _tensors(10)
+    before = opt.state()
+    with pytest.raises(ServerOptError, match="not finite"):
+        opt.step(1, cur, {k: v + 0.01 for k, v in cur.items()})
+    after = opt.state()
+    assert after["meta"] == before["meta"]
+    assert after["tensors"].keys() == before["tensors"].keys()
+
+
 def test_step_refusals() -> None:
     opt = ServerOptimizer(ServerOptSettings("fedyogi"))
     cur = _tensors(9)
