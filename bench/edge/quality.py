@@ -34,8 +34,8 @@ from bench.edge.settings import METHODS, NI_PATH, Scale, method_overrides
 from bench.harness import (
     module_command,
     now,
-    read_run,
     run_and_read,
+    run_in_process,
     simulate_args,
 )
 
@@ -79,28 +79,9 @@ def cli_args(
 def run_here(cli: list[str], out_dir: Path, labels: dict[str, Any]) -> dict[str, Any]:
     """The in-process round loop in this process; what its run folder holds."""
     from bench.fedkseed.inproc import overrides_from_cli
-    from client.app import app as client_app
-    from server.app import run_server
-    from server.config import load_config
-    from simulation.inprocess import InProcessGrid
-    from simulation.prepare import prepare_run
 
-    config = load_config(None, overrides_from_cli(cli))
-    t0 = now()
-    run_dir = prepare_run(config)
-    grid = InProcessGrid(client_app, config.federation.clients, run_dir=run_dir)
-    error = None
-    try:
-        run_server(grid, config, run_dir, simulation=True)
-    except Exception as exc:  # the run's outcome is a result here
-        error = f"{type(exc).__name__}: {exc}"
-    return {
-        **labels,
-        "harness": "here",
-        "wall_s": now() - t0,
-        "error": error,
-        **read_run(Path(run_dir)),
-    }
+    run = run_in_process(overrides_from_cli(cli))
+    return {**labels, "harness": "here", **run}
 
 
 def run_method(

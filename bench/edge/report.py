@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.harness import REPORT_COLUMNS, markdown_table, report_row
+from bench.harness import REPORT_COLUMNS, markdown_table, report_row, save_figure
 
 _WALK_LABELS = {"full": "full", "subset": "subset", "adapter": "adapter"}
 
@@ -310,11 +310,7 @@ def _plot(results: dict[str, Any], plot_dir: Path) -> str | None:
             ax.set_ylabel(f"held-out {what}")
             ax.set_title(f"{what} at equal wall-clock")
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = plot_dir / f"{results.get('stem', 'edge')}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return save_figure(fig, plot_dir, results.get("stem", "edge"))
 
 
 def render(results: dict[str, Any], plot_dir: Path | None = None) -> str:

@@ -39,18 +39,15 @@ def overrides_from_cli(cli_args: list[str]) -> dict[str, Any]:
 def inproc_main(spec: dict[str, Any]) -> int:
     """Child process: one run without Ray (same prepare, server loop, ClientApp).
 
-    The one place this bench starts the server's round loop
-    (``server.app.run_server``) and prepares a run (``prepare_run``).
+    The run is :func:`bench.harness.serve_in_process` (the one place the
+    benchmarks prepare an in-process run and start its round loop); what
+    stops it is raised, so the child fails with its traceback in the log.
     """
-    from client.app import app as client_app
-    from server.app import run_server
-    from server.config import load_config
-    from simulation.inprocess import InProcessGrid
-    from simulation.prepare import prepare_run
+    from bench.harness import serve_in_process
 
-    config = load_config(None, overrides_from_cli(spec["cli"]))
-    run_dir = prepare_run(config)
-    print(f"run folder: {run_dir}", flush=True)
-    grid = InProcessGrid(client_app, config.federation.clients, run_dir=run_dir)
-    run_server(grid, config, run_dir)
+    serve_in_process(
+        overrides_from_cli(spec["cli"]),
+        simulation=False,
+        on_run_dir=lambda run_dir: print(f"run folder: {run_dir}", flush=True),
+    )
     return 0

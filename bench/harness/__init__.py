@@ -1,6 +1,6 @@
 """The shared benchmark harness: what every benchmark measures with and writes to.
 
-One import for the benchmarks (``from bench.harness import ...``), eight
+One import for the benchmarks (``from bench.harness import ...``), eleven
 small modules behind it:
 
 - :mod:`~bench.harness.paths`: :data:`REPO`, :data:`RESULTS_DIR`,
@@ -24,9 +24,18 @@ small modules behind it:
   :func:`read_run`, on top of :class:`protocols.run_folder.RunFolder`, and
   :func:`simulate_args` and :func:`run_and_read` (a ``pollinate simulate``
   command line; a logged simulation and its run folder);
+- :mod:`~bench.harness.inprocess`: :class:`RunScale` (the size of a mode's
+  federations), :func:`serve_in_process` and :func:`run_in_process` (one
+  federation on an in-process grid, in this process; timed, its error and
+  run folder read) and :func:`one_line_error`;
+- :mod:`~bench.harness.run_list`: a benchmark of many runs saved one by one
+  (:func:`resume_runs`, :func:`run_pending`, :func:`finish_runs`,
+  :func:`utc_stamp`);
+- :mod:`~bench.harness.plots`: :func:`save_figure` (``<stem>.png`` beside a
+  report);
 - :mod:`~bench.harness.cli`: the command line of a sectioned benchmark
   (:func:`benchmark_parser`, :func:`add_render_option`,
-  :func:`chosen_sections`, :func:`run_mode`, :func:`result_stem`,
+  :func:`add_resume_options`, :func:`chosen_sections`, :func:`run_mode`, :func:`result_stem`,
   :func:`stamped_log`, :func:`finish_run`, :func:`render_saved`,
   :func:`quiet_environment`).
 
@@ -39,6 +48,7 @@ need them.
 
 from bench.harness.cli import (
     add_render_option,
+    add_resume_options,
     benchmark_parser,
     chosen_sections,
     finish_run,
@@ -49,6 +59,12 @@ from bench.harness.cli import (
     stamped_log,
 )
 from bench.harness.examples import exact_length_rows, full_length_examples
+from bench.harness.inprocess import (
+    RunScale,
+    one_line_error,
+    run_in_process,
+    serve_in_process,
+)
 from bench.harness.machine import (
     DEFAULT_PACKAGES,
     SHARED_NOTE,
@@ -66,6 +82,7 @@ from bench.harness.measure import (
     rss_mib,
 )
 from bench.harness.paths import REPO, RESULTS_DIR, SHARED_DATA
+from bench.harness.plots import save_figure
 from bench.harness.processes import (
     last_json_line,
     module_command,
@@ -87,6 +104,12 @@ from bench.harness.run_folders import (
     run_and_read,
     simulate_args,
 )
+from bench.harness.run_list import (
+    finish_runs,
+    resume_runs,
+    run_pending,
+    utc_stamp,
+)
 
 __all__ = [
     "DEFAULT_PACKAGES",
@@ -95,7 +118,9 @@ __all__ = [
     "RESULTS_DIR",
     "SHARED_DATA",
     "SHARED_NOTE",
+    "RunScale",
     "add_render_option",
+    "add_resume_options",
     "benchmark_parser",
     "best_time",
     "bytes_by_record",
@@ -104,6 +129,7 @@ __all__ = [
     "cpu_model",
     "exact_length_rows",
     "finish_run",
+    "finish_runs",
     "full_length_examples",
     "generation_throughput",
     "git_commit",
@@ -115,19 +141,26 @@ __all__ = [
     "module_command",
     "newest_run_dir",
     "now",
+    "one_line_error",
     "quiet_environment",
     "read_json",
     "read_run",
     "render_saved",
     "report_row",
     "result_stem",
+    "resume_runs",
     "rss_mib",
     "run_and_read",
+    "run_in_process",
     "run_json_child",
     "run_logged",
     "run_mode",
+    "run_pending",
+    "save_figure",
+    "serve_in_process",
     "simulate_args",
     "stamped_log",
+    "utc_stamp",
     "write_json",
     "write_results",
 ]

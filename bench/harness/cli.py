@@ -1,7 +1,8 @@
 """The command line of a sectioned benchmark (``python -m bench.<name>``).
 
-What the FedKSeed and SFPrompt benchmarks share around their sections: the
-parser's frame and ``--render`` flag, the choice of sections and the results
+What the benchmarks share around their sections or runs: the parser's frame,
+its ``--render`` flag (and ``--resume`` / ``--max-runs`` where every run is
+saved as it finishes), the choice of sections and the results
 stem it leads to, the timestamped log, and writing (or re-rendering) the
 report.
 """
@@ -48,6 +49,19 @@ def add_render_option(parser: argparse.ArgumentParser, benchmark: str) -> None:
         help="only rewrite the markdown beside a results JSON "
         f"(default results/{benchmark}.json)",
     )
+
+
+def add_resume_options(parser: argparse.ArgumentParser) -> None:
+    """``--resume`` and ``--max-runs N``, of a benchmark that saves every run.
+
+    ``--resume`` keeps the finished runs of the results JSON (the benchmark
+    says which count as finished); ``--max-runs`` stops after ``N`` new runs
+    (``0``: no limit).
+    """
+    parser.add_argument(
+        "--resume", action="store_true", help="keep finished runs of the results JSON"
+    )
+    parser.add_argument("--max-runs", type=int, default=0, help="stop after N new runs")
 
 
 def quiet_environment() -> None:

@@ -22,18 +22,22 @@ again by ``--resume``). ``--render`` only rewrites the markdown and plot.
 from __future__ import annotations
 
 import sys
-from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from bench.harness import (
     RESULTS_DIR,
     add_render_option,
+    add_resume_options,
     benchmark_parser,
+    finish_runs,
     machine_info,
     quiet_environment,
-    read_json,
-    write_results,
+    render_saved,
+    resume_runs,
+    run_pending,
+    utc_stamp,
 )
 from bench.lora_family.settings import (
     CONFIGS,
@@ -104,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         help="configurations (of the chosen comparisons) to run",
     )
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 of each run")
-    parser.add_argument(
-        "--resume", action="store_true", help="keep completed runs of the results JSON"
-    )
-    parser.add_argument("--max-runs", type=int, default=0, help="stop after N new runs")
+    add_resume_options(parser)
     parser.add_argument(
         "--out-dir", type=Path, default=RESULTS_DIR, help="where results go"
     )
@@ -115,11 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.lora_family.report import config_table, render
 
     if args.render:
-        saved = read_json(args.render)
-        table = render(saved, plot_dir=args.render.parent)
-        args.render.with_suffix(".md").write_text(table)
-        print(table)
-        return 0
+        return render_saved(args.render, partial(render, plot_dir=args.render.parent))
     quiet_environment()
     sections = set(_list(args.only, SECTIONS, "comparisons"))
     datasets = _list(args.data, tuple(DATASETS), "datasets")
@@ -135,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"{NAME}-quick" if args.quick else NAME
     path = args.out_dir / f"{stem}.json"
     results: dict[str, Any] = {
-        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "started": utc_stamp(),
         "machine": machine_info(),
         "stem": stem,
         "scale": vars(scale),
@@ -144,43 +141,30 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     if args.resume and path.exists():
-        old = read_json(path)
+        old = resume_runs(results, path, lambda r: r["result"]["status"] == "completed")
         if old.get("scale") != results["scale"]:
             parser.error(f"{path} was run at another scale; move it or drop --resume")
-        results["runs"] = [
-            r for r in old.get("runs", []) if r["result"]["status"] == "completed"
-        ]
-        results["started"] = old.get("started", results["started"])
         results["seeds"] = max(args.seeds, int(old.get("seeds", 1)))
-    done = {key(r) for r in results["runs"]}
-    todo = [
-        r for r in plan(sections, datasets, configs, args.seeds) if key(r) not in done
-    ]
-    if args.max_runs:
-        todo = todo[: args.max_runs]
-    from bench.lora_family.runs import run_once, scratch
+    from bench.lora_family.runs import run_once
 
-    for i, run in enumerate(todo, 1):
-        print(f"[{i}/{len(todo)}] {key(run)}", file=sys.stderr, flush=True)
-        with scratch() as work:
-            overrides = run_overrides(
-                scale, dataset=run["dataset"], config=run["config"], seed=run["seed"]
-            )
-            run["result"] = run_once(overrides, Path(work))
-        res = run["result"]
-        print(
-            f"    -> {res['status']}, Rouge-L {res['metric_last']}, "
-            f"loss {res['eval_loss_last']}, {res['seconds']:.0f} s",
-            file=sys.stderr,
-            flush=True,
+    def run_one(run: dict[str, Any], work: Path) -> dict[str, Any]:
+        overrides = run_overrides(
+            scale, dataset=run["dataset"], config=run["config"], seed=run["seed"]
         )
-        results["runs"].append(run)
-        write_results(stem, results, out_dir=args.out_dir)
-    results["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
-    table = render(results, plot_dir=args.out_dir)
-    write_results(stem, results, table, out_dir=args.out_dir)
-    print(table)
-    return 0
+        return run_once(overrides, work)
+
+    run_pending(
+        results,
+        plan(sections, datasets, configs, args.seeds),
+        key=key,
+        run_one=run_one,
+        stem=stem,
+        out_dir=args.out_dir,
+        max_runs=args.max_runs,
+        scratch_prefix="pollinate-lora-family-",
+        metric_label="Rouge-L",
+    )
+    return finish_runs(results, stem, render, args.out_dir)
 
 
 if __name__ == "__main__":

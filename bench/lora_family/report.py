@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.harness import markdown_table
+from bench.harness import markdown_table, save_figure
 from bench.lora_family.settings import (
     CONFIGS,
     DATASET_NAMES,
@@ -336,8 +336,4 @@ def _plot(results: dict[str, Any], plot_dir: Path) -> str | None:
     ax.set_xlabel("MB per client-round (log)")
     ax.set_title("bytes per client-round", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = plot_dir / f"{results.get('stem', 'lora_family')}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return save_figure(fig, plot_dir, results.get("stem", "lora_family"))

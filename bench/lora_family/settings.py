@@ -46,7 +46,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bench.harness import SHARED_DATA
+from bench.harness import SHARED_DATA, RunScale
 
 NAME = "lora_family"
 
@@ -154,18 +154,9 @@ LOSS_TIE = 0.005
 
 
 @dataclass(frozen=True)
-class Scale:
-    """The size of every run of one mode (full or ``--quick``)."""
+class Scale(RunScale):
+    """The size of every run of one mode, and its local learning rate."""
 
-    model: str
-    clients: int
-    rounds: int
-    local_steps: int
-    batch_size: int
-    max_length: int
-    limit: int
-    eval_examples: int
-    new_tokens: int
     learning_rate: float
 
 

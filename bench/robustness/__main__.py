@@ -25,17 +25,22 @@ only rewrites the markdown and the plot from the JSON.
 from __future__ import annotations
 
 import sys
-from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 from bench.harness import (
     RESULTS_DIR,
     add_render_option,
+    add_resume_options,
     benchmark_parser,
+    finish_runs,
     machine_info,
     quiet_environment,
-    read_json,
-    write_results,
+    render_saved,
+    resume_runs,
+    run_pending,
+    utc_stamp,
 )
 from bench.robustness.settings import FULL, NAME, QUICK, Scale, run_overrides
 
@@ -167,19 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     add_render_option(parser, NAME)
     parser.add_argument("--quick", action="store_true", help="tiny model, a few runs")
     parser.add_argument("--only", default=",".join(SECTIONS), help="sections to run")
-    parser.add_argument(
-        "--resume", action="store_true", help="keep finished runs of the results JSON"
-    )
-    parser.add_argument("--max-runs", type=int, default=0, help="stop after N new runs")
+    add_resume_options(parser)
     args = parser.parse_args(argv)
     from bench.robustness.report import render
 
     if args.render:
-        results = read_json(args.render)
-        table = render(results, plot_dir=args.render.parent)
-        args.render.with_suffix(".md").write_text(table)
-        print(table)
-        return 0
+        return render_saved(args.render, partial(render, plot_dir=args.render.parent))
     quiet_environment()
     sections = {s for s in args.only.split(",") if s}
     unknown = sections - set(SECTIONS)
@@ -189,50 +187,39 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"{NAME}-quick" if args.quick else NAME
     path = RESULTS_DIR / f"{stem}.json"
     results: dict[str, Any] = {
-        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "started": utc_stamp(),
         "machine": machine_info(),
         "stem": stem,
         "scale": {k: v for k, v in vars(scale).items() if k != "extra"},
         "runs": [],
     }
     if args.resume and path.exists():
-        old = read_json(path)
         # A run an attack stopped (FederationError) is a result; other
         # failures (a crash, an interrupted run) are run again.
-        results["runs"] = [
-            r
-            for r in old.get("runs", [])
-            if r["result"]["status"] == "completed"
-            or r["result"]["status"].startswith("FederationError")
-        ]
-        results["started"] = old.get("started", results["started"])
-    done = {key(r) for r in results["runs"]}
-    todo = [r for r in plan(scale, sections) if key(r) not in done]
-    if args.max_runs:
-        todo = todo[: args.max_runs]
-    from bench.robustness.runs import run_once, scratch
-
-    for i, run in enumerate(todo, 1):
-        print(f"[{i}/{len(todo)}] {key(run)}", file=sys.stderr, flush=True)
-        with scratch() as work:
-            from pathlib import Path
-
-            run["result"] = run_once(
-                overrides_of(scale, run, results["runs"]), Path(work)
-            )
-        print(
-            f"    -> {run['result']['status']}, metric {run['result']['metric_last']}, "
-            f"loss {run['result']['eval_loss_last']}, {run['result']['seconds']:.0f} s",
-            file=sys.stderr,
-            flush=True,
+        resume_runs(
+            results,
+            path,
+            lambda r: (
+                r["result"]["status"] == "completed"
+                or r["result"]["status"].startswith("FederationError")
+            ),
         )
-        results["runs"].append(run)
-        write_results(stem, results)
-    results["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
-    table = render(results, plot_dir=RESULTS_DIR)
-    write_results(stem, results, table)
-    print(table)
-    return 0
+    from bench.robustness.runs import run_once
+
+    def run_one(run: dict[str, Any], work: Path) -> dict[str, Any]:
+        return run_once(overrides_of(scale, run, results["runs"]), work)
+
+    run_pending(
+        results,
+        plan(scale, sections),
+        key=key,
+        run_one=run_one,
+        stem=stem,
+        out_dir=RESULTS_DIR,
+        max_runs=args.max_runs,
+        scratch_prefix="pollinate-robustness-",
+    )
+    return finish_runs(results, stem, render, RESULTS_DIR)
 
 
 if __name__ == "__main__":

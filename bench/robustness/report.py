@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.harness import markdown_table
+from bench.harness import markdown_table, save_figure
 
 
 def _pct(value: Any) -> str:
@@ -251,7 +251,7 @@ def _plot(results: dict[str, Any], plot_dir: Path) -> str | None:
         ax.set_title(f"{method}: attacks by aggregator")
         ax.legend(fontsize=7)
     if not dp:
-        return _save(fig, plt, plot_dir, results)
+        return save_figure(fig, plot_dir, results.get("stem", "robustness"))
     ax = axes[-1]
     for method in methods:
         pts = sorted(
@@ -268,16 +268,7 @@ def _plot(results: dict[str, Any], plot_dir: Path) -> str | None:
     ax.set_ylabel("final eval loss")
     ax.set_title("central DP: utility vs epsilon")
     ax.legend(fontsize=7)
-    return _save(fig, plt, plot_dir, results)
-
-
-def _save(fig: Any, plt: Any, plot_dir: Path, results: dict[str, Any]) -> str:
-    """Write the figure as ``<stem>.png`` in ``plot_dir``; its file name."""
-    fig.tight_layout()
-    path = plot_dir / f"{results.get('stem', 'robustness')}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return save_figure(fig, plot_dir, results.get("stem", "robustness"))
 
 
 def render(results: dict[str, Any], plot_dir: Path | None = None) -> str:

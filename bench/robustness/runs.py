@@ -1,16 +1,17 @@
 """One benchmark run: a real federation in this process, summarised.
 
-The one place this benchmark prepares a run folder and starts the server's
-round loop; models stay cached in the ClientApp's runtime between runs, so
-only the first run pays for loading SmolLM2.
+The run itself is :func:`bench.harness.run_in_process` (the one place the
+benchmarks prepare an in-process run and start the server's round loop),
+with the simulation's attack app as the ClientApp; models stay cached in its
+runtime between runs, so only the first run pays for loading SmolLM2.
 """
 
 from __future__ import annotations
 
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
+
+from bench.harness import run_in_process
 
 
 def run_once(overrides: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -25,28 +26,16 @@ def run_once(overrides: dict[str, Any], work: Path) -> dict[str, Any]:
         ``bytes_per_round`` (up + down, mean over trained rounds) and
         ``seconds`` (wall time of the whole run).
     """
-    from protocols.run_folder import RunFolder
-    from server.app import run_server
-    from server.config import load_config
     from simulation.attacks import app as attack_app
-    from simulation.inprocess import InProcessGrid
-    from simulation.prepare import prepare_run
 
-    config = load_config(None, {**overrides, "run.output_dir": str(work)})
-    t0 = time.perf_counter()
-    run_dir = prepare_run(config)
-    grid = InProcessGrid(attack_app, config.federation.clients, run_dir=run_dir)
-    status = "completed"
-    try:
-        run_server(grid, config, run_dir, simulation=True)
-    except Exception as exc:  # the run's outcome is a result here
-        status = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-    seconds = time.perf_counter() - t0
-    rows = RunFolder(run_dir).read_metrics()
+    run = run_in_process(
+        {**overrides, "run.output_dir": str(work)}, client_app=attack_app
+    )
+    rows = run.get("metrics") or []
     trained = [r for r in rows if r.get("round", 0) >= 1]
     first, last = (rows[0], rows[-1]) if rows else ({}, {})
     return {
-        "status": status,
+        "status": run["error"] or "completed",
         "rounds_done": len(trained),
         "metric_name": first.get("eval_metric_name"),
         "metric_first": first.get("eval_metric"),
@@ -64,10 +53,5 @@ def run_once(overrides: dict[str, Any], work: Path) -> dict[str, Any]:
             else None
         ),
         "round_seconds": [r.get("seconds") for r in trained],
-        "seconds": seconds,
+        "seconds": run["wall_s"],
     }
-
-
-def scratch() -> tempfile.TemporaryDirectory[str]:
-    """A folder for one run's run folder (deleted after it is read)."""
-    return tempfile.TemporaryDirectory(prefix="pollinate-robustness-")

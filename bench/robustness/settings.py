@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.harness import SHARED_DATA
+from bench.harness import SHARED_DATA, RunScale
 
 NAME = "robustness"
 MODEL = "smollm2-135m"
@@ -27,18 +27,9 @@ DATA = SHARED_DATA / "natural-instructions-v1" / "ni-v1-61tasks-cap200.jsonl.gz"
 
 
 @dataclass(frozen=True)
-class Scale:
-    """The size of every run of one mode (full or ``--quick``)."""
+class Scale(RunScale):
+    """The size of every run of one mode, and what the sections vary."""
 
-    model: str
-    clients: int
-    rounds: int
-    local_steps: int
-    batch_size: int
-    max_length: int
-    limit: int
-    eval_examples: int
-    new_tokens: int
     fractions: tuple[float, ...]
     behaviours: tuple[str, ...]
     methods: tuple[str, ...]
