@@ -447,11 +447,9 @@ def decode_lora_train_ins(
         )
         if not residual:
             raise ProtocolError(f"'{_LORA_RESIDUAL}' is on the wire but empty")
-    if _LORA_RANK not in content:  # the global rank: decoded as it always was
-        return LoraTrainIns(
-            spec=spec, config=config, adapter=adapter, residual=residual
-        )
-    rank = get_field(get_record(content, _LORA_RANK, ConfigRecord), "rank", int)
+    rank = spec.rank
+    if _LORA_RANK in content:
+        rank = get_field(get_record(content, _LORA_RANK, ConfigRecord), "rank", int)
     ins = LoraTrainIns(
         spec=spec, config=config, adapter=adapter, client_rank=rank, residual=residual
     )

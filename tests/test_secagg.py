@@ -63,7 +63,7 @@ from strategies.secure_mean import (
 )
 
 N = 5
-SHAPES = {"a.lora_A.weight": (4, 3), "b.lora_B.weight": (2, 5)}
+SHAPES = {"a.lora_A.weight": (2, 6), "b.lora_B.weight": (5, 2)}
 SPEC = LoraSpec(model="tiny-llama", rank=2, target_modules=("q_proj",))
 CONFIG = LocalTrainConfig(
     server_round=1,
