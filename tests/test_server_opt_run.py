@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,22 +20,19 @@ import pytest
 import torch
 from flwr.app import Message
 
-from client.app import app as client_app
 from corpora import generate_tasks
 from protocols import (
-    MESSAGE_TRAIN_LORA,
     LoraTrainRes,
     decode_lora_train_ins,
     encode_lora_train_res,
 )
 from protocols.run_folder import CheckpointError, RunFolder
-from server.app import build_driver, run_server
+from server.app import build_driver
 from server.config import ConfigError, RunConfig, load_config
 from server.federation import FederationError
 from server.lora_driver import SERVER_OPT_FILE, LoraDriver
-from simulation.inprocess import InProcessGrid
-from simulation.prepare import prepare_run
 from strategies.server_opt import SERVER_OPTIMIZERS, ServerOptSettings
+from tests.lora_runs import run
 
 CLIENTS = 2
 
@@ -61,37 +57,9 @@ def _config(tmp_path: Path, name: str, overrides: dict[str, Any]) -> RunConfig:
     )
 
 
-class _StoppingGrid(InProcessGrid):
-    """Stops the server (as ``server stop`` does) when round ``stop_at`` is sent."""
-
-    def __init__(self, stop_at: int, run_dir: Path) -> None:
-        super().__init__(client_app, CLIENTS, run_dir=run_dir)
-        self.stop_at, self.train_rounds = stop_at, 0
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        messages = list(messages)
-        if any(m.metadata.message_type == MESSAGE_TRAIN_LORA for m in messages):
-            self.train_rounds += 1
-            if self.train_rounds == self.stop_at:
-                raise KeyboardInterrupt("stopped by the test")
-        return super().send_and_receive(messages, timeout=timeout)
-
-
 def _run(config: RunConfig, stop_at: int | None = None) -> RunFolder:
-    run_dir = prepare_run(config)
-    if stop_at is None:
-        grid = InProcessGrid(client_app, CLIENTS, run_dir=run_dir)
-        run_server(grid, config, run_dir, simulation=True)
-        return RunFolder(run_dir)
-    with pytest.raises(KeyboardInterrupt):
-        run_server(_StoppingGrid(stop_at, run_dir), config, run_dir, simulation=True)
-    folder = RunFolder(run_dir)
-    assert folder.checkpoint_round() == stop_at - 1
-    grid = InProcessGrid(client_app, CLIENTS, run_dir=run_dir)
-    run_server(grid, config, run_dir, resume=True, simulation=True)
-    return folder
+    """The run whole, or stopped when round ``stop_at`` is sent and resumed."""
+    return run(config, stop_at).folder
 
 
 def _adapter(folder: RunFolder) -> dict[str, torch.Tensor]:
