@@ -50,7 +50,7 @@ from server.config import RunConfig
 from server.evaluation import CentralEvaluator, EvalResult, build_evaluator
 from server.federation import FederationError, RoundResult, require_update
 from strategies import LabelledReply, LocalTrainSettings, LoraFedAvg, Nodes
-from strategies.lora_rules import fold_residual
+from strategies.lora_rules import fold_residuals
 from strategies.privacy import DPSettings
 from strategies.robust import Bounds
 from strategies.server_opt import ServerOptError, ServerOptimizer, ServerOptSettings
@@ -146,7 +146,7 @@ class LoraDriver:
         if result.residual:
             try:
                 residual = _accumulate(self.residual, result.residual)
-                folded = _folded(self.base_weights, residual)
+                folded = fold_residuals(self.base_weights, residual)
             except ValueError as exc:
                 raise FederationError(
                     f"round {server_round}: the residual was refused: "
@@ -269,7 +269,9 @@ class LoraDriver:
                 k: v.to(self.strategy.fedavg.device) for k, v in tensors.items()
             }
         try:
-            folded = _folded(self.base_weights, _checked_residual(residual, adapter))
+            folded = fold_residuals(
+                self.base_weights, _checked_residual(residual, adapter)
+            )
         except ValueError as exc:
             raise CheckpointError(
                 f"{folder.checkpoint_dir / RESIDUAL_FILE}: {' '.join(str(exc).split())}"
@@ -283,28 +285,6 @@ class LoraDriver:
         self.residual = residual
         self.base_weights.assign(folded)
         return done
-
-
-def _folded(
-    base: BaseWeights, residual: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """The base weights ``pristine + residual`` of the residual's modules.
-
-    Always from the pristine copies (:func:`strategies.lora_rules.fold_residual`),
-    never the live weights, so no rounding accumulates across rounds.
-
-    Raises
-    ------
-    ValueError
-        If a module is not one of the model's LoRA modules or its residual
-        does not fit the base weight.
-    """
-    return {
-        prefix: fold_residual(
-            base.pristine(prefix), r, fan_in_fan_out=base.fan_in_fan_out(prefix)
-        )
-        for prefix, r in residual.items()
-    }
 
 
 def _accumulate(
@@ -511,7 +491,7 @@ class LoraMethod:
         if residual:
             base = BaseWeights(peft_model)
             try:
-                base.assign(_folded(base, residual))
+                base.assign(fold_residuals(base, residual))
             except ValueError as exc:
                 raise CheckpointError(
                     f"{artefact / RESIDUAL_FILE}: {' '.join(str(exc).split())}"

@@ -58,8 +58,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from models.lora import BaseWeights
 
 __all__ = [
     "RULES",
@@ -69,6 +73,7 @@ __all__ = [
     "client_adapter",
     "effective_delta",
     "fold_residual",
+    "fold_residuals",
     "pad_to",
     "pair_factors",
     "truncate_to",
@@ -400,6 +405,18 @@ def fold_residual(
     acc = torch.float64 if wide else torch.float32
     total = base_weight.to(acc) + r.to(base_weight.device, acc)
     return total.to(base_weight.dtype)
+
+
+def fold_residuals(
+    bases: BaseWeights, residual: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``pristine + residual`` per module: from pristine copies, so no rounding piles up."""
+    return {
+        prefix: fold_residual(
+            bases.pristine(prefix), r, fan_in_fan_out=bases.fan_in_fan_out(prefix)
+        )
+        for prefix, r in residual.items()
+    }
 
 
 # -- rules ----------------------------------------------------------------------------
