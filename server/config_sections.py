@@ -316,7 +316,7 @@ class ServerOptSection(_Section):
         gt=0,
         allow_inf_nan=False,
         description="Server learning rate; none = the optimizer's default "
-        "(1e-2 fedadam/fedyogi, 1e-1 fedadagrad, 1.0 fedavgm).",
+        "(1e-2 fedadam/fedyogi/fedadagrad, 1.0 fedavgm).",
     )
     beta_1: float = Field(
         0.9, ge=0, lt=1, description="fedadam, fedyogi: first-moment decay."

@@ -128,7 +128,7 @@ def test_fedyogi_equals_hand_computation() -> None:
 
 def test_fedadagrad_equals_hand_computation() -> None:
     """No momentum (beta_1 = 0 in Flower); v accumulates d^2."""
-    eta, tau = 0.1, 1e-3
+    eta, tau = 0.05, 1e-3
 
     def rule(t: int, x: Arrays, agg: Arrays, s: dict[str, Arrays]) -> Arrays:
         out = {}
@@ -140,7 +140,7 @@ def test_fedadagrad_equals_hand_computation() -> None:
         return out
 
     start, deltas = _tensors(2), _rounds(2)
-    got = _run(ServerOptimizer(ServerOptSettings("fedadagrad")), start, deltas)
+    got = _run(ServerOptimizer(ServerOptSettings("fedadagrad", eta=eta)), start, deltas)
     _hand(rule, start, deltas, got)
 
 
@@ -346,3 +346,5 @@ def test_paper_defaults() -> None:
     m = ServerOptSettings("fedavgm")
     assert (m.server_lr, m.momentum) == (1.0, 0.9)
     assert ServerOptSettings("fedyogi").server_lr == 1e-2
+    # not Flower's 1e-1, which diverged on SmolLM2 adapters (bench.lora_family)
+    assert ServerOptSettings("fedadagrad").server_lr == 1e-2
