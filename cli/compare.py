@@ -1,8 +1,10 @@
 """``pollinate compare``: several runs in one table and one plot.
 
 Reads each run folder's ``metrics.jsonl`` and puts the methods side by side:
-final metric, eval loss, total traffic and traffic per client-round, plus a
-plot of the metric per round and against cumulative communication.
+final metric (with its bootstrap 95% interval), eval loss, total traffic and
+traffic per client-round, then one line per pair of runs saying whether their
+final metrics differ beyond their intervals, plus a plot of the metric per
+round and against cumulative communication.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     # Here, not at import: --help stays light.
     from protocols.run_folder import RunFolder
     from simulation import compare_table, plot_comparison, read_metrics
-    from simulation.reports import ReportError
+    from simulation.reports import ReportError, interval_verdicts
 
     runs: dict[str, list[dict[str, object]]] = {}
     for run_dir in args.runs:
@@ -63,6 +65,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
             raise CommandError(f"cannot read {run_dir}: {exc}") from None
         runs[_label(run_dir, rows)] = rows
     console.print(compare_table(runs, title="Pollinate runs"))
+    for line in interval_verdicts(runs):
+        console.print(line, markup=False, highlight=False)
     try:
         plot = plot_comparison(runs, args.out, title="Metric per round and per MB")
     except OSError as exc:

@@ -1,10 +1,11 @@
 """``pollinate validate``: check a config without starting anything.
 
 Builds the whole config, reads the data the way a run will (every record,
-gzip integrity, schema) and splits it as configured (held-out set, one
-partition per client, each at least ``data.min_partition_size`` examples),
-checks where run folders go, and builds the configured method's spec on a
-weightless skeleton of the model, so every method's settings are checked
+gzip integrity, schema) and splits it as configured (held-out set or held-out
+groups, one partition per client, each at least ``data.min_partition_size``
+examples), checks where run folders go, and builds the configured method's
+spec on a weightless skeleton of the model (at the longest length
+``model.max_length = "auto"`` can give), so every method's settings are checked
 against the real architecture in a moment. Every problem is reported
 together, on one line, with exit status 2.
 """
@@ -92,42 +93,60 @@ def _check_output_dir(output_dir: Path) -> list[str]:
 def _check_data(config: RunConfig, *, partitioned: bool = True) -> list[str]:
     """Read the data and split it exactly as ``prepare_run`` will."""
     # Here, not at import: --help stays light.
-    from corpora import DatasetError, load_examples, split_holdout
-    from simulation.partitioning import PartitionError, partition
+    from corpora import DatasetError, eval_size, load_examples, split_for_run
 
-    data, clients = config.data, config.federation.clients
+    data = config.data
     try:
         examples = load_examples(data.source, limit=data.limit, seed=config.run.seed)
     except DatasetError as exc:
         return [f"data.source: {exc}"]
     where = f"the {len(examples)} examples of {data.source}"
-    if data.eval_examples >= len(examples):
-        return [
-            f"data.eval_examples ({data.eval_examples}) must be smaller than {where}"
-        ]
+    n_eval = eval_size(data.eval_examples, len(examples))
+    if n_eval >= len(examples):
+        return [f"data.eval_examples ({n_eval}) must be smaller than {where}"]
+    try:
+        split = split_for_run(
+            examples,
+            heldout_groups=data.heldout_groups,
+            heldout_group_count=data.heldout_group_count,
+            n_eval=data.eval_examples,
+            seed=config.run.seed,
+        )
+    except DatasetError as exc:
+        return [f"data.{exc}"]  # its message starts with the field's name
     if not partitioned:
         return []
-    train, _ = split_holdout(examples, data.eval_examples, config.run.seed)
-    where = (
-        f"the {len(train)} training examples of {data.source} "
-        f"(after data.eval_examples={data.eval_examples} held out)"
+    held = (
+        f"{len(split.heldout_groups)} groups held out whole"
+        if split.heldout_groups
+        else f"data.eval_examples={n_eval} held out"
     )
-    groups = len({e.group for e in train})
-    if clients > len(train):
+    return _check_partitions(config, [e.group for e in split.train], held)
+
+
+def _check_partitions(config: RunConfig, groups: list[str], held: str) -> list[str]:
+    """The training examples (their ``groups``) shared as ``prepare_run`` will."""
+    from simulation.partitioning import PartitionError, partition
+
+    data, clients = config.data, config.federation.clients
+    where = f"the {len(groups)} training examples of {data.source} (after {held})"
+    if clients > len(groups):
         return [f"federation.clients ({clients}) exceeds {where}"]
-    if clients * data.min_partition_size > len(train):
+    if clients * data.min_partition_size > len(groups):
         return [
             f"data.min_partition_size ({data.min_partition_size}) x federation.clients "
             f"({clients}) = {clients * data.min_partition_size} exceeds {where}"
         ]
-    if data.partitioning == "task" and clients > groups:
+    distinct = len(set(groups))
+    if data.partitioning == "task" and clients > distinct:
         return [
             f"data.partitioning 'task' gives every client whole groups, but "
-            f"federation.clients ({clients}) exceeds the {groups} groups of {data.source}"
+            f"federation.clients ({clients}) exceeds the {distinct} groups of "
+            f"{data.source} left for training (after {held})"
         ]
     try:
         partition(
-            [e.group for e in train],
+            groups,
             clients,
             data.partitioning,
             alpha=data.alpha,
@@ -170,9 +189,15 @@ def _check_device(config: RunConfig) -> list[str]:
 def _check_spec(config: RunConfig) -> list[str]:
     """Build the configured method's spec; its refusal names the bad setting."""
     from models import ModelLoadError
+    from models.batching import FIT_MAX_LENGTH
     from protocols.errors import ProtocolError
     from server.methods import build_spec
 
+    if config.model.max_length == "auto":
+        # Fitted to the data when the run is prepared: check the spec at the
+        # longest length "auto" can give.
+        model = config.model.model_copy(update={"max_length": FIT_MAX_LENGTH})
+        config = config.model_copy(update={"model": model})
     try:
         build_spec(config)
     except ProtocolError as exc:

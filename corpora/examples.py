@@ -4,7 +4,9 @@ This module owns the unit of text data shared by clients and server
 (:class:`Example`), the package's error type (:class:`DatasetError`),
 gzip-transparent text reading (:func:`read_text`, :func:`open_text`), reading and atomically
 writing the canonical JSONL format (:func:`read_jsonl`, :func:`write_jsonl`),
-and the seeded, group-stratified train/eval split (:func:`split_holdout`).
+the seeded, group-stratified train/eval split (:func:`split_holdout`), the
+split that holds whole groups out (:func:`split_heldout_groups`), and the one
+rule a run is split by (:func:`split_for_run`).
 
 The canonical format is one JSON object per line with exactly the string keys
 ``prompt``, ``response`` and ``group``. Files whose name ends in ``.gz`` are
@@ -299,3 +301,159 @@ def split_holdout(
     train = [ex for index, ex in enumerate(examples) if index not in held_out]
     evaluation = [ex for index, ex in enumerate(examples) if index in held_out]
     return train, evaluation
+
+
+DEFAULT_EVAL_EXAMPLES = 256
+"""Held-out examples when ``data.eval_examples`` is not set (at most a quarter)."""
+
+
+def eval_size(n_eval: int | None, total: int) -> int:
+    """The held-out set's size: ``n_eval``, or ``min(256, total // 4)`` (at least 1)."""
+    if n_eval is not None:
+        return n_eval
+    return min(DEFAULT_EVAL_EXAMPLES, max(1, total // 4))
+
+
+def pick_heldout_groups(
+    examples: Sequence[Example],
+    *,
+    groups: Sequence[str] = (),
+    count: int = 0,
+    seed: int = 0,
+) -> tuple[str, ...]:
+    """The groups held out whole: those named, or ``count`` drawn by ``seed``.
+
+    Parameters
+    ----------
+    examples : sequence of Example
+        The full dataset; its groups are the ones that can be held out.
+    groups : sequence of str
+        Groups named by the caller (exclusive with ``count``).
+    count : int
+        How many groups a seeded draw picks (exclusive with ``groups``).
+    seed : int
+        Seed of the :class:`random.Random` that draws ``count`` groups.
+
+    Returns
+    -------
+    tuple of str
+        The held-out groups, sorted; empty when neither is given.
+
+    Raises
+    ------
+    DatasetError
+        If both are given, a name is not a group of the data, or the groups
+        held out would leave no group to train on.
+    """
+    if groups and count:
+        raise DatasetError(
+            "heldout_groups and heldout_group_count are exclusive: give one"
+        )
+    known = sorted({e.group for e in examples})
+    if count < 0 or (count and count >= len(known)):
+        raise DatasetError(
+            f"heldout_group_count ({count}) must leave at least one of the "
+            f"{len(known)} groups of the data for training"
+        )
+    if count:
+        return tuple(sorted(random.Random(seed).sample(known, count)))
+    unknown = sorted(set(groups) - set(known))
+    if unknown:
+        shown = ", ".join(known[:5]) + (", ..." if len(known) > 5 else "")
+        raise DatasetError(
+            f"heldout_groups {unknown} are not groups of the data; its "
+            f"{len(known)} groups include {shown}"
+        )
+    if groups and len(set(groups)) >= len(known):
+        raise DatasetError(
+            f"heldout_groups holds out all {len(known)} groups of the data: "
+            "leave at least one for training"
+        )
+    return tuple(sorted(set(groups)))
+
+
+def split_heldout_groups(
+    examples: Sequence[Example], groups: Sequence[str], n_eval: int, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """Hold out whole groups: train on the others, evaluate on these alone.
+
+    The evaluation part is ``n_eval`` examples of the held-out groups (all of
+    them when they have fewer), stratified by group as in
+    :func:`split_holdout`; no example of a held-out group is trained on.
+    Both parts keep the original relative order of the examples.
+
+    Parameters
+    ----------
+    examples : sequence of Example
+        The full dataset.
+    groups : sequence of str
+        The held-out groups (see :func:`pick_heldout_groups`), non-empty.
+    n_eval : int
+        Most held-out examples, ``>= 1``.
+    seed : int
+        Seed of the draw of evaluation examples.
+
+    Returns
+    -------
+    tuple of (list of Example, list of Example)
+        ``(train, eval)``.
+
+    Raises
+    ------
+    DatasetError
+        If ``groups`` is empty or ``n_eval < 1``.
+    """
+    if not groups or n_eval < 1:
+        raise DatasetError(
+            f"split_heldout_groups: need held-out groups and n_eval >= 1, got "
+            f"{list(groups)} and {n_eval}"
+        )
+    held = set(groups)
+    train = [e for e in examples if e.group not in held]
+    pool = [e for e in examples if e.group in held]
+    if n_eval >= len(pool):
+        return train, pool
+    _, evaluation = split_holdout(pool, n_eval, seed)
+    return train, evaluation
+
+
+@dataclass(frozen=True, slots=True)
+class RunSplit:
+    """How a run's examples are shared: training, evaluation, held-out groups."""
+
+    train: list[Example]
+    evaluation: list[Example]
+    heldout_groups: tuple[str, ...]
+
+
+def split_for_run(
+    examples: Sequence[Example],
+    *,
+    heldout_groups: Sequence[str] = (),
+    heldout_group_count: int = 0,
+    n_eval: int | None = None,
+    seed: int = 0,
+) -> RunSplit:
+    """A run's split, the one rule every preparation and check applies.
+
+    Without held-out groups, ``n_eval`` examples stratified over every group
+    are held out (:func:`split_holdout`); with them, no client trains on
+    those groups and the evaluation set comes from them alone
+    (:func:`split_heldout_groups`). ``n_eval=None`` means
+    :func:`eval_size` (``min(256, len(examples) // 4)``).
+
+    Raises
+    ------
+    DatasetError
+        If the held-out groups are refused (:func:`pick_heldout_groups`) or
+        ``n_eval`` is not smaller than the number of examples.
+    """
+    size = eval_size(n_eval, len(examples))
+    groups = pick_heldout_groups(
+        examples, groups=heldout_groups, count=heldout_group_count, seed=seed
+    )
+    if groups:
+        train, evaluation = split_heldout_groups(examples, groups, size, seed)
+    else:
+        train, evaluation = split_holdout(examples, size, seed)
+    return RunSplit(train, evaluation, groups)

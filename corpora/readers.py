@@ -12,7 +12,9 @@ this order (first match wins):
 schema                    fields -> Example
 ========================  ==================================================
 ``dolly``                 instruction, context, response, category
-``natural_instructions``  task, input, targets (list; first is the response)
+``natural_instructions``  task, input, targets (list; first is the response);
+                          the prompt is the task's definition (from
+                          ``tasks.json`` beside the file) plus the input
 ``alpaca``                instruction, [input], output, [category | task]
 ``generic``               prompt, response | completion | output,
                           [group | task | category | label]
@@ -30,6 +32,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -43,6 +46,13 @@ from corpora.tasks import generate_tasks
 BUILTIN_SOURCES: tuple[str, ...] = ("builtin:tasks",)
 DEFAULT_BUILTIN_SIZE = 2400
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".json", ".jsonl", ".csv")
+NI_TASKS_FILE = "tasks.json"
+"""Natural Instructions: the task definitions, beside the data file."""
+MAX_TASKS_JSON_BYTES = 16 * 1024 * 1024
+"""Largest ``tasks.json`` read (the 61 tasks of NI v1 take 68 kB)."""
+
+log = logging.getLogger(__name__)
+_WARNED_NO_TASKS: set[Path] = set()
 
 Record = Mapping[str, Any]
 _Mapper = Callable[[Record, str], Example]
@@ -118,6 +128,101 @@ def _map_natural_instructions(record: Record, where: str) -> Example:
     return Example(
         _text(record, "input", where), targets[0], _label(record, "task", where)
     )
+
+
+def ni_prompt(definition: str, text: str) -> str:
+    """The Natural Instructions prompt: the task's definition, then the input.
+
+    As FedKSeed's Alpaca-style prompt: the definition is the instruction
+    (:data:`models.text.PROMPT_TEMPLATE` wraps the whole prompt).
+    """
+    return f"{definition.strip()}\n\nInput: {text}"
+
+
+def read_ni_definitions(path: Path) -> dict[str, str]:
+    """Each task's definition from a Natural Instructions ``tasks.json``.
+
+    Parameters
+    ----------
+    path : Path
+        A JSON object with a ``tasks`` list of ``{"task": str, "definition":
+        str, ...}`` objects, at most :data:`MAX_TASKS_JSON_BYTES` bytes.
+
+    Returns
+    -------
+    dict of str to str
+        Task name to definition.
+
+    Raises
+    ------
+    DatasetError
+        If the file is too large, not JSON, or not of that shape (one line
+        naming the file and the fault).
+    """
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if size > MAX_TASKS_JSON_BYTES:
+        raise DatasetError(
+            f"{path}: {size} bytes, more than the {MAX_TASKS_JSON_BYTES} a "
+            "task list may have"
+        )
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as exc:
+        raise DatasetError(
+            f"{path} line {exc.lineno}: invalid JSON ({exc.msg})"
+        ) from None
+    tasks = data.get("tasks") if isinstance(data, dict) else None
+    if not isinstance(tasks, list):
+        raise DatasetError(f"{path}: expected a JSON object with a 'tasks' list")
+    definitions: dict[str, str] = {}
+    for number, entry in enumerate(tasks, start=1):
+        task = entry.get("task") if isinstance(entry, dict) else None
+        definition = entry.get("definition") if isinstance(entry, dict) else None
+        if not isinstance(task, str) or not isinstance(definition, str):
+            raise DatasetError(
+                f"{path}: tasks entry {number} must be an object with string "
+                "'task' and 'definition'"
+            )
+        definitions[task] = definition
+    return definitions
+
+
+def _with_definitions(
+    examples: list[Example], file: Path, records: list[tuple[str, Record]]
+) -> list[Example]:
+    """NI examples whose prompt is their task's definition plus the input.
+
+    The definitions come from ``tasks.json`` beside ``file``; without one the
+    bare inputs are kept (with a warning, once per file).
+    """
+    tasks_file = file.parent / NI_TASKS_FILE
+    if not tasks_file.is_file():
+        if file not in _WARNED_NO_TASKS:
+            _WARNED_NO_TASKS.add(file)
+            log.warning(
+                "%s: no %s beside it: prompts are the bare inputs, without "
+                "the task definitions",
+                file,
+                NI_TASKS_FILE,
+            )
+        return examples
+    definitions = read_ni_definitions(tasks_file)
+    out = []
+    for example, (where, _) in zip(examples, records, strict=True):
+        definition = definitions.get(example.group)
+        if definition is None:
+            raise DatasetError(
+                f"{where}: task {example.group!r} has no definition in {tasks_file}"
+            )
+        out.append(
+            Example(
+                ni_prompt(definition, example.prompt), example.response, example.group
+            )
+        )
+    return out
 
 
 def _first_group(record: Record, keys: tuple[str, ...], where: str) -> str:
@@ -335,7 +440,10 @@ def read_records(path: str | os.PathLike[str]) -> list[Example]:
     except DatasetError as exc:
         raise DatasetError(f"{first_where}: {exc}") from exc
     mapper = _mappers()[schema]
-    return [mapper(record, where) for where, record in records]
+    examples = [mapper(record, where) for where, record in records]
+    if schema == "natural_instructions":
+        return _with_definitions(examples, file, records)
+    return examples
 
 
 def _subset(examples: list[Example], limit: int, seed: int) -> list[Example]:

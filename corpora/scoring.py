@@ -1,24 +1,30 @@
-"""Task metrics on generated strings: exact match, accuracy and ROUGE-L.
+"""Task metrics on generated strings: exact match, accuracy, Rouge-L, intervals.
 
 This module owns the string-level metrics used for per-task evaluation on
 clients and server: answer normalisation (:func:`normalize_answer`), the
-per-pair metrics (:func:`exact_match`, :func:`rouge_l`), the registry
-:data:`METRICS` and the mean over a batch (:func:`score`).
+per-pair metrics (:func:`exact_match`, :func:`rouge_l`,
+:func:`rouge_l_fedkseed`), the registry :data:`METRICS`, the per-pair scores
+of a batch (:func:`per_example_scores`), their mean (:func:`score`) and its
+bootstrap interval (:func:`bootstrap_interval`).
 
-ROUGE-L follows the ``rouge-score`` package's defaults (no stemming):
-text is lowercased, every run of characters outside ``[a-z0-9]`` becomes a
-word boundary, and F1 is computed from the longest common subsequence of the
-resulting word tokens.
+Both Rouge-L variants are computed by the packages the papers use, on the
+whole answer: ``rouge_l`` by ``rouge-score`` (Super-NaturalInstructions'
+evaluation), ``rouge_l_fedkseed`` by ``rouge`` 1.0.1 (FedKSeed's reference
+code). Pollinate has no Rouge-L of its own.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
+from typing import Any
+
+import numpy as np
 
 _WHITESPACE = re.compile(r"\s+")
-_NON_ALNUM = re.compile(r"[^a-z0-9]+")
 
 
 class ScoringError(ValueError):
@@ -66,43 +72,14 @@ def exact_match(prediction: str, reference: str) -> float:
     return 1.0 if normalize_answer(prediction) == normalize_answer(reference) else 0.0
 
 
-def rouge_tokens(text: str) -> list[str]:
-    """Tokenise text like ``rouge-score``'s default tokenizer.
-
-    Parameters
-    ----------
-    text : str
-        Any text.
-
-    Returns
-    -------
-    list of str
-        Lowercased alphanumeric (ASCII) word tokens.
-    """
-    return [token for token in _NON_ALNUM.sub(" ", text.lower()).split() if token]
-
-
-def _lcs_length(first: Sequence[str], second: Sequence[str]) -> int:
-    """Length of the longest common subsequence of two token lists."""
-    if len(first) < len(second):
-        first, second = second, first
-    previous = [0] * (len(second) + 1)
-    for token in first:
-        current = [0]
-        for column, other in enumerate(second, start=1):
-            if token == other:
-                current.append(previous[column - 1] + 1)
-            else:
-                current.append(max(previous[column], current[column - 1]))
-        previous = current
-    return previous[-1]
-
-
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 between a prediction and a reference.
+    """Rouge-L F-measure of the ``rouge-score`` package on the whole answer.
 
-    Precision is ``LCS / len(prediction tokens)``, recall is
-    ``LCS / len(reference tokens)`` and the result is their harmonic mean.
+    ``rouge_score.rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)``,
+    as Super-NaturalInstructions' evaluation scores: text is lowercased, every
+    run of characters outside ``[a-z0-9]`` separates words (so non-ASCII
+    letters are dropped), and F1 comes from the longest common subsequence of
+    the two word sequences.
 
     Parameters
     ----------
@@ -114,17 +91,70 @@ def rouge_l(prediction: str, reference: str) -> float:
     Returns
     -------
     float
-        F1 in ``[0, 1]``; 0.0 when either side has no tokens.
+        F1 in ``[0, 1]``; 0.0 when either side has no word.
     """
-    predicted, expected = rouge_tokens(prediction), rouge_tokens(reference)
-    if not predicted or not expected:
+    scored = _rouge_score_scorer().score(reference, prediction)
+    return float(scored["rougeL"].fmeasure)
+
+
+@functools.cache
+def _rouge_score_scorer() -> Any:
+    """The one ``rouge-score`` scorer (imported on first use: it loads nltk)."""
+    from rouge_score import rouge_scorer  # type: ignore[import-untyped]
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+@functools.cache
+def _rouge_package() -> Any:
+    """The one ``rouge`` (1.0.1) scorer, as FedKSeed's reference code builds it."""
+    from rouge import Rouge  # type: ignore[import-untyped]
+
+    return Rouge()
+
+
+def rouge_l_fedkseed(prediction: str, reference: str) -> float:
+    """Rouge-L F of the ``rouge`` package (1.0.1), as FedKSeed's code scores.
+
+    ``rouge.Rouge().get_scores(prediction, reference)[0]["rouge-l"]["f"]`` on
+    the whole answer. That package splits each text into sentences at ``"."``
+    and into words at whitespace (case and punctuation other than ``"."``
+    are kept), and computes the summary-level union LCS over *distinct*
+    words, so it differs from :func:`rouge_l`.
+
+    The package raises on a text without words (empty, whitespace or only
+    ``"."``) and cannot reconstruct its LCS past Python's recursion limit;
+    here a side without words scores 0.0, and the limit is raised for the
+    call when a sentence pair is long.
+
+    Parameters
+    ----------
+    prediction : str
+        Model output (the package's hypothesis).
+    reference : str
+        Expected answer.
+
+    Returns
+    -------
+    float
+        F in ``[0, 1]``; 0.0 when either side has no word.
+    """
+    hyp_words = prediction.replace(".", " ").split()
+    ref_words = reference.replace(".", " ").split()
+    if not hyp_words or not ref_words:
         return 0.0
-    common = _lcs_length(predicted, expected)
-    if common == 0:
+    needed = len(hyp_words) + len(ref_words) + 200  # _recon_lcs recurses once a word
+    limit = sys.getrecursionlimit()
+    if needed > limit:
+        sys.setrecursionlimit(needed)
+    try:
+        scored = _rouge_package().get_scores(prediction, reference)
+    except ValueError:  # "Hypothesis is empty." and the like
         return 0.0
-    precision = common / len(predicted)
-    recall = common / len(expected)
-    return 2 * precision * recall / (precision + recall)
+    finally:
+        if needed > limit:
+            sys.setrecursionlimit(limit)
+    return float(scored[0]["rouge-l"]["f"])
 
 
 METRICS: Mapping[str, Callable[[str, str], float]] = MappingProxyType(
@@ -132,15 +162,16 @@ METRICS: Mapping[str, Callable[[str, str], float]] = MappingProxyType(
         "accuracy": exact_match,
         "exact_match": exact_match,
         "rouge_l": rouge_l,
+        "rouge_l_fedkseed": rouge_l_fedkseed,
     }
 )
 """Read-only registry of per-pair metrics; ``accuracy`` is exact match on labels."""
 
 
-def score(
+def per_example_scores(
     metric_name: str, predictions: Sequence[str], references: Sequence[str]
-) -> float:
-    """Mean of a metric over paired predictions and references.
+) -> list[float]:
+    """A metric's score of each prediction against its reference.
 
     Parameters
     ----------
@@ -153,8 +184,8 @@ def score(
 
     Returns
     -------
-    float
-        The mean per-pair score.
+    list of float
+        One score per pair, in order.
 
     Raises
     ------
@@ -174,7 +205,92 @@ def score(
     if not predictions:
         raise ScoringError(f"score({metric_name!r}): no predictions to score")
     metric = METRICS[metric_name]
-    total = sum(
+    return [
         metric(pred, ref) for pred, ref in zip(predictions, references, strict=True)
-    )
-    return total / len(predictions)
+    ]
+
+
+def score(
+    metric_name: str, predictions: Sequence[str], references: Sequence[str]
+) -> float:
+    """Mean of a metric over paired predictions and references.
+
+    Parameters
+    ----------
+    metric_name : str
+        A key of :data:`METRICS`.
+    predictions : sequence of str
+        Model outputs.
+    references : sequence of str
+        Expected answers, same length as ``predictions``.
+
+    Returns
+    -------
+    float
+        The mean of :func:`per_example_scores`.
+
+    Raises
+    ------
+    ScoringError
+        As :func:`per_example_scores`.
+    """
+    scores = per_example_scores(metric_name, predictions, references)
+    return sum(scores) / len(scores)
+
+
+def bootstrap_interval(
+    scores: Sequence[float],
+    *,
+    level: float = 0.95,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-example scores.
+
+    Draws ``resamples`` samples of ``n = len(scores)`` indices with
+    replacement, ``numpy.random.default_rng(seed).integers(0, n,
+    size=(resamples, n))``, takes each sample's mean and returns the
+    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of those means
+    (numpy's default linear interpolation). Deterministic for a seed.
+
+    Parameters
+    ----------
+    scores : sequence of float
+        Per-example scores (:func:`per_example_scores`).
+    level : float, optional
+        Coverage, strictly between 0 and 1.
+    resamples : int, optional
+        Number of bootstrap samples, at least 1.
+    seed : int, optional
+        Seed of the index draws.
+
+    Returns
+    -------
+    tuple of float
+        ``(low, high)``, with ``low <= mean <= high`` up to resampling noise.
+
+    Raises
+    ------
+    ScoringError
+        If ``scores`` is empty or not finite, or ``level`` or ``resamples`` is
+        out of range.
+    """
+    if not 0.0 < level < 1.0:
+        raise ScoringError(f"bootstrap_interval: level must be in (0, 1), got {level}")
+    if resamples < 1:
+        raise ScoringError(
+            f"bootstrap_interval: resamples must be >= 1, got {resamples}"
+        )
+    values = np.asarray(scores, dtype=np.float64)
+    if values.size == 0:
+        raise ScoringError("bootstrap_interval: no scores to resample")
+    if not np.isfinite(values).all():
+        raise ScoringError("bootstrap_interval: scores must be finite")
+    n = values.size
+    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    means = values[draws].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    # A mean lies within the scores' range; clipping removes rounding only.
+    floor, ceiling = float(values.min()), float(values.max())
+    return min(max(float(low), floor), ceiling), min(max(float(high), floor), ceiling)

@@ -9,6 +9,7 @@ into torch tensors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,12 +26,14 @@ from models.text import (
 )
 
 __all__ = [
+    "FIT_MAX_LENGTH",
     "IGNORE_INDEX",
     "PROMPT_TEMPLATE",
     "TokenizedExample",
     "TrainBatch",
     "collate_prompts",
     "collate_train",
+    "fit_max_length",
     "format_prompt",
     "tokenize_example",
 ]
@@ -108,3 +111,63 @@ def collate_prompts(
         ids[i, width - len(r) :] = torch.tensor(r)
         mask[i, width - len(r) :] = 1
     return ids, mask
+
+
+FIT_MAX_LENGTH = 1024
+"""The longest sequence :func:`fit_max_length` gives (FedKSeed's setting)."""
+
+
+def fit_max_length(
+    examples: Sequence[_TextPair],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    quantile: float = 0.99,
+    multiple: int = 32,
+    lo: int = 64,
+    hi: int = FIT_MAX_LENGTH,
+) -> int:
+    """The sequence length that fits ``quantile`` of the examples whole.
+
+    An example's length is that of its formatted prompt, its response and the
+    end-of-sequence token (what :func:`tokenize_example` keeps when nothing
+    is cut). The result is the smallest multiple of ``multiple`` that is at
+    least the ``quantile`` of those lengths, clamped to ``[lo, hi]``.
+
+    Parameters
+    ----------
+    examples : sequence of objects with ``prompt`` and ``response``
+        The examples the length must fit (training and evaluation).
+    tokenizer : PreTrainedTokenizerBase
+        The model's tokenizer.
+    quantile : float, default 0.99
+        Share of the examples that must fit, in ``(0, 1]``.
+    multiple, lo, hi : int
+        Rounding step and bounds of the result.
+
+    Returns
+    -------
+    int
+        The length, ``lo <= result <= hi``; ``lo`` when there are no examples.
+
+    Raises
+    ------
+    ValueError
+        If ``quantile`` is outside ``(0, 1]`` or the bounds are inconsistent.
+    """
+    if not 0 < quantile <= 1 or multiple < 1 or not 0 < lo <= hi:
+        raise ValueError(
+            f"fit_max_length: need 0 < quantile <= 1, multiple >= 1 and "
+            f"0 < lo <= hi, got {quantile}, {multiple}, {lo}, {hi}"
+        )
+    if not examples:
+        return lo
+    prompts = tokenizer(
+        [format_prompt(e.prompt) for e in examples], add_special_tokens=False
+    )["input_ids"]
+    answers = tokenizer(
+        [e.response.strip() for e in examples], add_special_tokens=False
+    )["input_ids"]
+    lengths = sorted(len(p) + len(a) + 1 for p, a in zip(prompts, answers, strict=True))
+    covering = lengths[max(0, math.ceil(quantile * len(lengths)) - 1)]
+    rounded = -(-covering // multiple) * multiple
+    return min(hi, max(lo, rounded))

@@ -31,7 +31,12 @@ _ROW_TYPES: dict[str, tuple[type, ...]] = {
     "eval_loss": (*_NUMBER, type(None)),
     "eval_metric": (*_NUMBER, type(None)),
     "seconds": (*_NUMBER, type(None)),
-    "eval_metric_name": (str,),
+    # Null on a round not evaluated (eval.every).
+    "eval_metric_name": (str, type(None)),
+    "eval_metric_low": (*_NUMBER, type(None)),
+    "eval_metric_high": (*_NUMBER, type(None)),
+    "eval_examples": (int, type(None)),
+    "eval_s": (*_NUMBER, type(None)),
     "method": (str,),
 }
 

@@ -206,6 +206,8 @@ def _run_owned(
             hold_after=int(hold) if hold else None,
             min_replies=config.federation.min_replies,
             exchange=_exchange(config, counts),
+            eval_every=config.eval.every,
+            tracking=config.run.tracking,
         )
     except (KeyboardInterrupt, SystemExit) as exc:
         # Told to stop (``server stop``, Ctrl-C, the SuperLink going away):

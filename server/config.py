@@ -5,7 +5,8 @@ A run is described by a TOML file whose tables mirror :class:`RunConfig`
 ``[lora]``, ``[server_opt]``, ``[zo]``, ``[split]``, ``[eval]``, ``[privacy]``,
 ``[attack]``) plus command-line overrides written as dotted keys
 (``federation.clients=8``). Every table's fields and defaults live in
-:mod:`server.config_sections` (re-exported here); this module owns the whole
+:mod:`server.config_sections` and :mod:`server.config_method_sections`
+(re-exported here); this module owns the whole
 run: the checks across tables, reading and writing. Parsing collects every
 problem at once and raises :class:`ConfigError`, whose message names each bad
 field, the value given and what is allowed.
@@ -21,20 +22,22 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from server.config_method_sections import (
+    LoraSection,
+    ServerOptSection,
+    SplitSection,
+    ZOSection,
+)
 from server.config_sections import (
     ATTACK_BEHAVIOURS,
     AttackSection,
     DataSection,
     EvalSection,
     FederationSection,
-    LoraSection,
     ModelSection,
     PrivacySection,
     RunSection,
-    ServerOptSection,
-    SplitSection,
     TrainSection,
-    ZOSection,
 )
 
 __all__ = [
@@ -133,24 +136,44 @@ def _federation_problems(fed: FederationSection) -> list[str]:
 
 
 def _data_problems(data: DataSection, fed: FederationSection) -> list[str]:
-    """Data sizes that cannot be split as configured (``data.limit`` known)."""
+    """Held-out settings that exclude each other; sizes no split can meet.
+
+    Sizes are checked here when ``data.limit`` fixes them; otherwise
+    ``pollinate validate`` checks them against the data.
+    """
+    problems: list[str] = []
+    if data.heldout_groups and data.heldout_group_count:
+        problems.append(
+            f"data.heldout_groups ({list(data.heldout_groups)}) and "
+            f"data.heldout_group_count ({data.heldout_group_count}) exclude each "
+            "other: give one"
+        )
+    if len(set(data.heldout_groups)) != len(data.heldout_groups):
+        problems.append(
+            f"data.heldout_groups {list(data.heldout_groups)} names a group twice"
+        )
     if data.limit is None:
-        return []  # the data's own size is checked by ``pollinate validate``
-    if data.eval_examples >= data.limit:
-        return [
+        return problems
+    from corpora.examples import eval_size  # the one rule; light, no torch
+
+    n_eval = eval_size(data.eval_examples, data.limit)
+    if n_eval >= data.limit:
+        return problems + [
             f"data.eval_examples ({data.eval_examples}) must be smaller than "
             f"data.limit ({data.limit}): the held-out set is taken from them"
         ]
-    train = data.limit - data.eval_examples
+    if data.heldout_groups or data.heldout_group_count:
+        return problems  # the training set is the other groups': data decides
+    train = data.limit - n_eval
     need = fed.clients * data.min_partition_size
     if train < need:
-        return [
+        problems.append(
             f"data.limit ({data.limit}) minus data.eval_examples "
-            f"({data.eval_examples}) leaves {train} training examples, fewer than "
+            f"({n_eval}) leaves {train} training examples, fewer than "
             f"data.min_partition_size ({data.min_partition_size}) x "
             f"federation.clients ({fed.clients}) = {need}"
-        ]
-    return []
+        )
+    return problems
 
 
 def _robust_problems(config: RunConfig) -> list[str]:

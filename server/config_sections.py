@@ -4,7 +4,9 @@ Each model holds one table's fields, with their defaults, bounds and
 descriptions, and the checks that need that table alone (``[run]`` name,
 ``[zo]`` adapter, ``[split]`` TLS and quotas). Checks across tables, and
 reading and writing a whole configuration, live in :mod:`server.config`,
-which re-exports every name here.
+which re-exports every name here. The tables of the methods (``[lora]``,
+``[server_opt]``, ``[zo]``, ``[split]``) are in
+:mod:`server.config_method_sections`.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from protocols.methods import LORA, get_method
-from protocols.specs import lora_rank_problem
+from server.tracking import TrackerName, tracker_problem
 
 __all__ = [
     "ATTACK_BEHAVIOURS",
@@ -24,22 +26,20 @@ __all__ = [
     "DataSection",
     "EvalSection",
     "FederationSection",
-    "LoraSection",
     "ModelSection",
     "PrivacySection",
     "RunSection",
-    "ServerOptSection",
-    "SplitSection",
     "TrainSection",
-    "ZOSection",
 ]
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A TOML table: frozen, unknown keys refused."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class RunSection(_Section):
+class RunSection(Section):
     """Identity and length of the run."""
 
     name: str = Field(
@@ -56,6 +56,20 @@ class RunSection(_Section):
     output_dir: Path = Field(
         Path("runs"), description="Folder that receives run folders."
     )
+    tracking: tuple[TrackerName, ...] = Field(
+        (),
+        description="Trackers that also log each metrics row, offline, into the "
+        "run folder's tracking/: tensorboard, mlflow (server.tracking).",
+    )
+
+    @field_validator("tracking")
+    @classmethod
+    def _trackers(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        """No repeats; each tracker's library installed (the error names the extra)."""
+        problem = tracker_problem(names)
+        if problem is not None:
+            raise ValueError(problem)
+        return names
 
     @field_validator("method")
     @classmethod
@@ -86,17 +100,30 @@ class RunSection(_Section):
         return name
 
 
-class ModelSection(_Section):
+class ModelSection(Section):
     """The base model, named as in :func:`models.load_causal_lm`."""
 
     name: str = Field(
         "smollm2-135m", min_length=1, description="Built-in name, HF id or path."
     )
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    max_length: int = Field(96, ge=16, le=8192, description="Tokens per example.")
+    max_length: int | Literal["auto"] = Field(
+        "auto",
+        description="Tokens per example; 'auto': when the run is prepared, the "
+        "smallest multiple of 32 that fits 99% of its examples, in [64, 1024] "
+        "(the run folder's config.toml holds the number).",
+    )
+
+    @field_validator("max_length", mode="before")
+    @classmethod
+    def _max_length(cls, value: object) -> object:
+        """'auto' or an integer in [16, 8192], refused in one message."""
+        if value == "auto" or (type(value) is int and 16 <= value <= 8192):
+            return value
+        raise ValueError("must be 'auto' or an integer from 16 to 8192")
 
 
-class DataSection(_Section):
+class DataSection(Section):
     """Where the examples come from and how clients share them."""
 
     source: str = Field(
@@ -105,8 +132,22 @@ class DataSection(_Section):
     limit: int | None = Field(
         None, ge=10, description="Use a seeded subset of this size."
     )
-    eval_examples: int = Field(
-        64, ge=1, description="Held-out examples for central evaluation."
+    eval_examples: int | None = Field(
+        None,
+        ge=1,
+        description="Held-out examples for central evaluation; unset: "
+        "min(256, a quarter of the examples), fixed when the run is prepared.",
+    )
+    heldout_groups: tuple[str, ...] = Field(
+        (),
+        description="Groups (NI tasks, Dolly categories) held out whole: no "
+        "client trains on them and the evaluation set is drawn from them alone.",
+    )
+    heldout_group_count: int = Field(
+        0,
+        ge=0,
+        description="Hold out this many groups, drawn with run.seed "
+        "(exclusive with heldout_groups).",
     )
     partitioning: Literal["iid", "dirichlet", "task"] = "dirichlet"
     alpha: float = Field(
@@ -117,7 +158,7 @@ class DataSection(_Section):
     )
 
 
-class FederationSection(_Section):
+class FederationSection(Section):
     """How many clients exist and how many train each round."""
 
     clients: int = Field(4, ge=1, le=100_000, description="Number of clients.")
@@ -221,7 +262,7 @@ class FederationSection(_Section):
         return tuple(self.lora_ranks[k % n] for k in range(self.clients))
 
 
-class TrainSection(_Section):
+class TrainSection(Section):
     """Local training on each client."""
 
     local_steps: int = Field(8, ge=1, description="Optimizer steps per round.")
@@ -239,230 +280,23 @@ class TrainSection(_Section):
     )
 
 
-class LoraSection(_Section):
-    """LoRA adapter shape, the ranks clients may train and how they are combined."""
+class EvalSection(Section):
+    """Central evaluation on the server: round 0, every ``every`` rounds, the last."""
 
-    rank: int = Field(
-        8,
+    metric: Literal[
+        "auto", "exact_match", "rouge_l", "rouge_l_fedkseed", "accuracy"
+    ] = Field(
+        "auto",
+        description="'auto': exact match for short answers, Rouge-L otherwise. "
+        "'rouge_l': the rouge-score package's Rouge-L F on the whole answer "
+        "(Super-NaturalInstructions); 'rouge_l_fedkseed': the rouge 1.0.1 "
+        "package's, as FedKSeed's code scores.",
+    )
+    every: int = Field(
+        1,
         ge=1,
-        le=1024,
-        description="Global rank r_max: the server's adapter has it, and so "
-        "does every client unless client_ranks allows others.",
-    )
-    alpha: float = Field(
-        16.0,
-        gt=0,
-        description="Scaling numerator shared by every rank: a rank-r adapter's "
-        "update is (alpha / r) B A.",
-    )
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: tuple[str, ...] = Field(("q_proj", "v_proj"), min_length=1)
-    client_ranks: tuple[int, ...] = Field(
-        (),
-        description="Ranks a client may train (sorted, distinct, each in "
-        "1..rank); empty: rank alone. Mixed ranks need aggregation 'hetlora' "
-        "or 'flexlora'. A node says its rank with `pollinate client join "
-        "--lora-rank N` (none: rank); simulated nodes get federation.lora_ranks.",
-    )
-    aggregation: Literal["fedavg", "exact", "ffa", "hetlora", "flexlora"] = Field(
-        "fedavg",
-        description="How the server combines adapters: 'fedavg' (mean of A and "
-        "of B), 'exact' (FedEx-LoRA), 'ffa' (FFA-LoRA: A frozen), 'hetlora' "
-        "(zero-padding to rank), 'flexlora' (SVD of the mean update).",
-    )
-    sparsity_weighted: bool = Field(
-        False,
-        description="hetlora only: HetLoRA's sparsity-weighted aggregation (Cho "
-        "et al. 2024): per module, each client's weight is multiplied by the "
-        "Frobenius norm of its update (alpha/r) B A, then renormalised; off: plain "
-        "zero-padding average. Needs federation.aggregator 'mean', no central DP.",
-    )
-
-    @model_validator(mode="after")
-    def _ranks_fit(self) -> LoraSection:
-        problem = lora_rank_problem(self.rank, self.client_ranks, self.aggregation)
-        if problem is not None:
-            raise ValueError(problem)
-        if self.sparsity_weighted and self.aggregation != "hetlora":
-            raise ValueError(
-                "lora.sparsity_weighted is HetLoRA's weighting: it needs "
-                f"lora.aggregation 'hetlora', not {self.aggregation!r}"
-            )
-        return self
-
-    def allowed_ranks(self) -> tuple[int, ...]:
-        """The ranks a client may train: ``client_ranks``, or ``(rank,)``."""
-        return self.client_ranks or (self.rank,)
-
-
-class ServerOptSection(_Section):
-    """A server optimizer on the round's aggregate (strategies.server_opt); LoRA.
-
-    The aggregate the round released (bounded, robustly combined, DP-noised,
-    or SecAgg+'s mean) gives the pseudo-gradient ``aggregate - global`` and
-    the server takes one optimizer step with Flower's update rules (Reddi et
-    al. 2021, 'Adaptive Federated Optimization': FedAdam, FedYogi, FedAdagrad;
-    Hsu et al. 2019: FedAvgM). With central DP the step is post-processing of
-    the private release, so the privacy guarantee is unchanged.
-    """
-
-    name: Literal["none", "fedadam", "fedyogi", "fedadagrad", "fedavgm"] = Field(
-        "none",
-        description="'none' keeps the aggregate (FedAvg); fedadam, fedyogi, "
-        "fedadagrad (Reddi et al. 2021), fedavgm (Hsu et al. 2019).",
-    )
-    eta: float | None = Field(
-        None,
-        gt=0,
-        allow_inf_nan=False,
-        description="Server learning rate; none = the optimizer's default "
-        "(1e-2 fedadam/fedyogi/fedadagrad, 1.0 fedavgm).",
-    )
-    beta_1: float = Field(
-        0.9, ge=0, lt=1, description="fedadam, fedyogi: first-moment decay."
-    )
-    beta_2: float = Field(
-        0.99, ge=0, lt=1, description="fedadam, fedyogi: second-moment decay."
-    )
-    tau: float = Field(
-        1e-3,
-        gt=0,
-        allow_inf_nan=False,
-        description="fedadam, fedyogi, fedadagrad: adaptivity (Reddi et al.: 1e-3).",
-    )
-    momentum: float = Field(
-        0.9, ge=0, lt=1, description="fedavgm: server momentum (Hsu et al.: 0.9)."
-    )
-
-
-class ZOSection(_Section):
-    """Seed-based zeroth-order tuning (FedKSeed, FedKSeed-Pro); paper defaults."""
-
-    num_seeds: int = Field(4096, ge=1, le=1 << 20, description="K, candidate seeds.")
-    eps: float = Field(5e-4, gt=0, description="Perturbation scale.")
-    learning_rate: float = Field(3e-7, gt=0, description="eta of w -= eta * g * z.")
-    include: tuple[str, ...] = Field(
-        (), description="Globs of perturbed parameter names (empty = all)."
-    )
-    grad_clip: float = Field(1000.0, gt=0, description="Clip of |g| in Pro statistics.")
-    max_abs_grad: float | None = Field(
-        None,
-        gt=0,
-        description="Largest |scalar gradient| aggregated (needed by "
-        "federation.clip 'fixed', an upper cap for 'adaptive').",
-    )
-    adapter_rank: int = Field(
-        0,
-        ge=0,
-        le=256,
-        description="Rank of a LoRA adapter whose A and B are the perturbed "
-        "parameters (0 = perturb the base model's, all or zo.include).",
-    )
-    adapter_alpha: float = Field(16.0, gt=0, description="Adapter scale numerator.")
-    adapter_targets: tuple[str, ...] = Field(
-        ("q_proj", "v_proj"), description="Modules that get an adapter."
-    )
-    adapter_seed: int = Field(
-        0, ge=0, lt=1 << 63, description="Seed of the adapter's initial A."
-    )
-
-    @model_validator(mode="after")
-    def _adapter_fits(self) -> ZOSection:
-        if self.adapter_rank == 0:
-            return self
-        problems = []
-        if self.include:
-            problems.append(
-                f"zo.include ({list(self.include)}) cannot be combined with "
-                f"zo.adapter_rank {self.adapter_rank}: with an adapter only its "
-                "A and B matrices are perturbed"
-            )
-        if not self.adapter_targets or not all(self.adapter_targets):
-            problems.append(
-                f"zo.adapter_targets ({list(self.adapter_targets)}) must name at "
-                f"least one module when zo.adapter_rank is {self.adapter_rank}"
-            )
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-
-class SplitSection(_Section):
-    """Split learning (SFPrompt): where the model is cut, what the device trains."""
-
-    num_prompts: int = Field(8, ge=1, le=4096, description="Soft prompt vectors.")
-    client_blocks: int = Field(
-        0, ge=0, description="Decoder blocks kept on the device."
-    )
-    tail: Literal["norm", "norm+head"] = Field(
-        "norm+head", description="Train the final norm and LM head, or the norm only."
-    )
-    gamma: float = Field(0.5, gt=0, le=1, description="Share of examples kept by EL2N.")
-    local_loss_steps: int = Field(2, ge=0, description="Local-loss steps per round.")
-    host: str = Field("127.0.0.1", description="Interface the trunk service binds.")
-    port: int = Field(0, ge=0, le=65535, description="Trunk service port (0 = free).")
-    max_message_mb: float = Field(64.0, gt=0, description="Largest trunk message, MB.")
-    tls_certfile: Path | None = Field(
-        None, description="Trunk TLS certificate chain (PEM)."
-    )
-    tls_keyfile: Path | None = Field(None, description="Trunk TLS private key (PEM).")
-    tls_ca_certfile: Path | None = Field(
-        None, description="CA that signed the certificate, sent to devices (PEM)."
-    )
-    # Trunk quotas (defaults = server.trunk_sessions.TrunkLimits, where the
-    # table explains each) and its gRPC pool (server.trunk_service).
-    max_sessions: int = Field(64, ge=1, description="Open trunk sessions in all.")
-    sessions_per_node: int = Field(2, ge=1, description="Open sessions per node.")
-    pending_per_node: int = Field(
-        1, ge=1, description="Graphs per node awaiting their Backward."
-    )
-    calls_per_node: int = Field(2, ge=1, description="Calls per node served at once.")
-    node_memory_mb: float = Field(
-        2048.0, gt=0, description="Activation memory one node may hold, MiB."
-    )
-    memory_budget_mb: float = Field(
-        6144.0, gt=0, description="Activation memory of all sessions, MiB."
-    )
-    idle_timeout_s: float = Field(
-        120.0, gt=0, description="Close a session unused this long, seconds."
-    )
-    pending_timeout_s: float = Field(
-        60.0, gt=0, description="Free a graph whose Backward is this late, seconds."
-    )
-    workers: int = Field(32, ge=1, description="Trunk threads (= concurrent calls).")
-    max_concurrent_streams: int = Field(
-        4, ge=1, description="Calls one connection may have open at once."
-    )
-    max_connection_age_s: float = Field(
-        600.0, gt=0, description="Connections are recycled after this, seconds."
-    )
-
-    @model_validator(mode="after")
-    def _tls_all_or_nothing(self) -> SplitSection:
-        given = [self.tls_certfile, self.tls_keyfile, self.tls_ca_certfile]
-        if any(given) and not all(given):
-            raise ValueError(
-                "split.tls_certfile, split.tls_keyfile and split.tls_ca_certfile "
-                "go together: give all three or none"
-            )
-        if self.node_memory_mb > self.memory_budget_mb:
-            raise ValueError(
-                f"split.node_memory_mb ({self.node_memory_mb:g}) exceeds "
-                f"split.memory_budget_mb ({self.memory_budget_mb:g})"
-            )
-        if self.max_concurrent_streams > self.workers:
-            raise ValueError(
-                f"split.max_concurrent_streams ({self.max_concurrent_streams}) "
-                f"exceeds split.workers ({self.workers})"
-            )
-        return self
-
-
-class EvalSection(_Section):
-    """Central evaluation on the server after every round."""
-
-    metric: Literal["auto", "exact_match", "rouge_l", "accuracy"] = Field(
-        "auto", description="'auto': exact match for short answers, Rouge-L otherwise."
+        description="Evaluate rounds that are multiples of this, plus round 0 and "
+        "the last round; other rounds' eval fields are null.",
     )
     max_new_tokens: int = Field(16, ge=1, le=1024)
     batch_size: int = Field(32, ge=1)
@@ -471,7 +305,7 @@ class EvalSection(_Section):
     )
 
 
-class PrivacySection(_Section):
+class PrivacySection(Section):
     """Client-level differential privacy (LoRA, FedKSeed; strategies.privacy)."""
 
     mode: Literal["off", "central", "local"] = Field(
@@ -555,7 +389,7 @@ ATTACK_BEHAVIOURS: tuple[str, ...] = get_args(AttackBehaviour)
 """Every ``attack.behaviour`` (simulation.attacks implements them)."""
 
 
-class AttackSection(_Section):
+class AttackSection(Section):
     """Simulated hostile clients (simulation only; simulation.attacks)."""
 
     behaviour: AttackBehaviour = Field(

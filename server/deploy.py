@@ -19,6 +19,7 @@ their check are :mod:`server.certificates`'s.
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import get_type_hints
 
-from corpora import load_examples, split_holdout, write_jsonl
+from corpora import write_jsonl
 from models import prepare_model
 from protocols.durable import atomic_write_bytes
 from protocols.run_folder import RunFolder, RunFolderError
@@ -41,6 +42,7 @@ from server.processes import (
     stop_process_tree,
     wait_for_port,
 )
+from server.run_data import load_run_data
 
 __all__ = [
     "ServerInfo",
@@ -52,6 +54,8 @@ __all__ = [
     "stop_server",
     "write_server_info",
 ]
+
+log = logging.getLogger(__name__)
 
 _GATEWAY_MODULE = "server.gateway"
 
@@ -108,16 +112,20 @@ def prepare_server_run(config: RunConfig, run_dir: Path) -> Path:
     """A run folder for a deployed server: config and the held-out set only.
 
     Clients hold their own data in deployment; the server keeps the held-out
-    examples of ``data.source`` for central evaluation.
+    examples of ``data.source`` for central evaluation. The config written is
+    resolved by that data (:func:`server.run_data.load_run_data`).
     """
-    examples = load_examples(
-        config.data.source, limit=config.data.limit, seed=config.run.seed
-    )
-    _, held_out = split_holdout(examples, config.data.eval_examples, config.run.seed)
+    data = load_run_data(config)
+    if data.heldout_groups:
+        log.warning(
+            "held-out groups %s: evaluated on, but the devices' own data decides "
+            "what they train on",
+            list(data.heldout_groups),
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     folder = RunFolder(run_dir)
-    write_jsonl(held_out, folder.eval_data)
-    atomic_write_bytes(folder.config, config_to_toml(config).encode())
+    write_jsonl(data.evaluation, folder.eval_data)
+    atomic_write_bytes(folder.config, config_to_toml(data.config).encode())
     prepare_model(config.model.name)
     return run_dir
 

@@ -1,21 +1,25 @@
 """Central evaluation of the global adapter on held-out data.
 
-Two numbers per round: the mean token cross-entropy of the reference answers
-(prompt tokens masked, exactly as in training) and a task metric on greedy
-generations (exact match, accuracy or Rouge-L, from :mod:`corpora.scoring`).
-Runs on the server's device: CUDA when present, otherwise the CPU.
+Two numbers per evaluation: the mean token cross-entropy of the reference
+answers (prompt tokens masked, exactly as in training) and a task metric on
+greedy generations (exact match, accuracy or Rouge-L, from
+:mod:`corpora.scoring`) with its bootstrap 95% interval. The metric scores the
+whole decoded answer, stripped of surrounding whitespace only. Generation is
+batched over left-padded prompts with the KV cache. Runs on the server's
+device: CUDA when present, otherwise the CPU.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from corpora import Example, score
+from corpora import Example, bootstrap_interval, per_example_scores
 from models import (
     IGNORE_INDEX,
     collate_prompts,
@@ -63,12 +67,23 @@ def pick_metric(name: str, examples: Sequence[Example]) -> str:
 
 @dataclass(frozen=True, slots=True)
 class EvalResult:
-    """Loss and task metric of one evaluation."""
+    """Loss and task metric of one evaluation.
+
+    ``metric`` is the mean of ``scores`` (one per held-out example, in order)
+    and ``metric_low``/``metric_high`` its percentile bootstrap 95% interval
+    (:func:`corpora.bootstrap_interval`, seed 0; ``None`` when not computed).
+    ``seconds`` is the evaluation's wall time; it is left out of equality, so
+    two evaluations of the same model compare equal.
+    """
 
     loss: float
     metric: float
     metric_name: str
     num_examples: int
+    metric_low: float | None = None
+    metric_high: float | None = None
+    seconds: float = field(default=0.0, compare=False)
+    scores: tuple[float, ...] = ()
 
 
 class CentralEvaluator:
@@ -118,16 +133,24 @@ class CentralEvaluator:
     @torch.no_grad()
     def evaluate(self, adapter: Mapping[str, torch.Tensor] | None = None) -> EvalResult:
         """Score the model, after loading ``adapter`` into it when one is given."""
+        start = time.perf_counter()
         if adapter is not None:
             load_adapter_tensors(self.model, adapter)  # type: ignore[arg-type]
         self.model.eval()
+        loss = self._loss()
+        scores = per_example_scores(
+            self.metric, self._generate(), [e.response for e in self.examples]
+        )
+        low, high = bootstrap_interval(scores)
         return EvalResult(
-            loss=self._loss(),
-            metric=score(
-                self.metric, self._generate(), [e.response for e in self.examples]
-            ),
+            loss=loss,
+            metric=sum(scores) / len(scores),
             metric_name=self.metric,
             num_examples=len(self.examples),
+            metric_low=low,
+            metric_high=high,
+            seconds=time.perf_counter() - start,
+            scores=tuple(scores),
         )
 
     def _loss(self) -> float:
@@ -151,6 +174,7 @@ class CentralEvaluator:
         return float(total) / max(tokens, 1)
 
     def _generate(self) -> list[str]:
+        """Greedy answers, whole and whitespace-stripped, batch by batch."""
         answers: list[str] = []
         for start in range(0, len(self.examples), self.batch_size):
             prompts = [e.prompt for e in self.examples[start : start + self.batch_size]]
@@ -160,12 +184,13 @@ class CentralEvaluator:
                 attention_mask=mask.to(self.device),
                 max_new_tokens=self.max_new_tokens,
                 do_sample=False,
+                use_cache=True,
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=self.tokenizer.eos_token_id,
             )
-            for row in out[:, ids.shape[1] :]:
+            for row in out[:, ids.shape[1] :]:  # left padding: answers start here
                 text = self.tokenizer.decode(row, skip_special_tokens=True)
-                answers.append(text.strip().split("\n")[0].strip())
+                answers.append(text.strip())
         return answers
 
 
@@ -177,12 +202,14 @@ def build_evaluator(
     device: torch.device,
 ) -> CentralEvaluator:
     """The evaluator a run's ``[eval]`` and ``[model]`` settings describe."""
+    from server.run_data import resolved_max_length  # a prepared run's: a number
+
     return CentralEvaluator(
         model,  # type: ignore[arg-type]
         tokenizer,
         examples,
         metric=pick_metric(config.eval.metric, examples),
-        max_length=config.model.max_length,
+        max_length=resolved_max_length(config),
         max_new_tokens=config.eval.max_new_tokens,
         batch_size=config.eval.batch_size,
         device=device,

@@ -40,6 +40,7 @@ from server.discovery import (
     node_auth_keys,
 )
 from server.evaluation import EvalResult
+from server.tracking import RunTracker, TrackerName, open_tracker
 from strategies import Aggregate, LabelledReply, NodeBook, Nodes, Strategy
 from strategies.privacy import PrivacyBudgetExhausted
 
@@ -152,15 +153,27 @@ def _json_safe(value: Any, where: str, fixed: list[str]) -> Any:
     return str(value)
 
 
+def _evaluates(server_round: int, rounds: int, every: int) -> bool:
+    """Whether ``server_round`` is evaluated: round 0, multiples of ``every``, the last."""
+    return server_round == 0 or server_round % every == 0 or server_round == rounds
+
+
 def _row(
     server_round: int,
     result: RoundResult,
-    ev: EvalResult,
+    ev: EvalResult | None,
     ledger: ByteLedger,
     seconds: float,
     method: str,
+    eval_seconds: float | None = None,
 ) -> dict[str, Any]:
     """The round's ``metrics.jsonl`` row, always JSON-able (strict, no NaN).
+
+    ``ev`` is None on a round not evaluated (``eval.every``): every ``eval_*``
+    field is then null. ``eval_metric_low``/``eval_metric_high`` are the
+    metric's bootstrap 95% interval, ``eval_examples`` the held-out examples
+    scored and ``eval_s`` the seconds the evaluation took (``eval_seconds``,
+    measured around the driver's evaluate; else the result's own time).
 
     Sanitized rather than validated: the row records what happened, and a
     value JSON cannot hold (an evaluation that diverged to NaN, an infinite
@@ -174,9 +187,15 @@ def _row(
         "round": server_round,
         "clients": result.clients,
         "train_loss": result.train_loss,
-        "eval_loss": ev.loss,
-        "eval_metric": ev.metric,
-        "eval_metric_name": ev.metric_name,
+        "eval_loss": None if ev is None else ev.loss,
+        "eval_metric": None if ev is None else ev.metric,
+        "eval_metric_name": None if ev is None else ev.metric_name,
+        "eval_metric_low": None if ev is None else ev.metric_low,
+        "eval_metric_high": None if ev is None else ev.metric_high,
+        "eval_examples": None if ev is None else ev.num_examples,
+        "eval_s": None
+        if ev is None
+        else (ev.seconds if eval_seconds is None else eval_seconds),
         "bytes_up": up,
         "bytes_down": down,
         "seconds": seconds,
@@ -253,6 +272,8 @@ def run_rounds(
     hold_after: int | None = None,
     min_replies: int = 1,
     exchange: Exchange = plain_exchange,
+    eval_every: int = 1,
+    tracking: Sequence[TrackerName] = (),
 ) -> int:
     """Run rounds ``start_round + 1 .. rounds`` of ``driver``'s method; the last round done.
 
@@ -268,6 +289,8 @@ def run_rounds(
     instructions and returns the labelled replies, recording every payload
     in ``ledger`` (:func:`plain_exchange`; SecAgg+ runs pass
     :func:`server.secure_aggregation.secure_exchange`).
+    ``eval_every`` (``eval.every``) evaluates round 0, the rounds that are its
+    multiples and round ``rounds``; the others' rows have null ``eval_*``.
 
     A run with a privacy budget (``privacy.target_epsilon``) ends early, as a
     completed run with its final artefacts, when the driver refuses to
@@ -275,25 +298,78 @@ def run_rounds(
     (:class:`~strategies.privacy.PrivacyBudgetExhausted`); the return value
     says how many rounds were done.
 
+    ``tracking`` (``run.tracking``) names the trackers that also log every
+    row, as it is recorded (:mod:`server.tracking`); they are closed when the
+    rounds end, however they end.
+
     Raises
     ------
     FederationError
         If a round has no usable update.
+    TrackingError
+        If a tracker cannot be opened (before any round).
     """
+    tracker = open_tracker(
+        folder, tracking, start_round=start_round, method=driver.method
+    )
+    try:
+        done = _play_rounds(
+            grid,
+            driver,
+            nodes,
+            rounds=rounds,
+            folder=folder,
+            timeout_s=timeout_s,
+            ledger=ledger,
+            start_round=start_round,
+            crash_after=crash_after,
+            hold_after=hold_after,
+            min_replies=min_replies,
+            exchange=exchange,
+            eval_every=eval_every,
+            tracker=tracker,
+        )
+    except (KeyboardInterrupt, SystemExit):
+        tracker.close("KILLED")
+        raise
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    tracker.close("FINISHED")
+    return done
+
+
+def _play_rounds(
+    grid: Grid,
+    driver: RoundDriver,
+    nodes: NodeBook,
+    *,
+    rounds: int,
+    folder: RunFolder,
+    timeout_s: float,
+    ledger: ByteLedger,
+    start_round: int,
+    crash_after: int | None,
+    hold_after: int | None,
+    min_replies: int,
+    exchange: Exchange,
+    eval_every: int,
+    tracker: RunTracker,
+) -> int:
+    """:func:`run_rounds` with its trackers open."""
+    if eval_every < 1:
+        raise ValueError(f"eval_every must be >= 1, got {eval_every}")
     metrics = folder.metrics_log()
     if start_round == 0:
         metrics.truncate_after(-1)
         t0 = time.monotonic()
         first = driver.evaluate()
+        spent = time.monotonic() - t0
         row0 = _row(
-            0,
-            RoundResult(0, 0, None),
-            first,
-            ledger,
-            time.monotonic() - t0,
-            driver.method,
+            0, RoundResult(0, 0, None), first, ledger, spent, driver.method, spent
         )
         metrics.append(row0)
+        tracker.log_row(row0)
     else:
         metrics.truncate_after(start_round)
     done = start_round
@@ -323,14 +399,25 @@ def run_rounds(
         for who, (up, down) in sorted(result.side_bytes.items()):
             ledger.record(server_round, who, "up", up, channel="side")
             ledger.record(server_round, who, "down", down, channel="side")
-        ev = driver.evaluate()
+        ev, eval_s = None, None
+        if _evaluates(server_round, rounds, eval_every):
+            t_eval = time.monotonic()
+            ev = driver.evaluate()
+            eval_s = time.monotonic() - t_eval
         row = _row(
-            server_round, result, ev, ledger, time.monotonic() - t0, driver.method
+            server_round,
+            result,
+            ev,
+            ledger,
+            time.monotonic() - t0,
+            driver.method,
+            eval_s,
         )
         driver.checkpoint(
             folder, server_round, {"metrics": row, "ledger": ledger.to_json()}
         )
         metrics.append(row)
+        tracker.log_row(row)
         log.info("round %d/%d: %s", server_round, rounds, row)
         if crash_after == server_round:
             log.error(

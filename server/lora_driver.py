@@ -49,6 +49,7 @@ from server.checkpoints import restore_tensors, save_peft_adapter
 from server.config import RunConfig
 from server.evaluation import CentralEvaluator, EvalResult, build_evaluator
 from server.federation import FederationError, RoundResult, require_update
+from server.run_data import resolved_max_length
 from strategies import LabelledReply, LocalTrainSettings, LoraFedAvg, Nodes
 from strategies.lora_rules import fold_residuals
 from strategies.privacy import DPSettings
@@ -424,7 +425,7 @@ class LoraMethod:
             alpha=config.lora.alpha,
             dropout=config.lora.dropout,
             target_modules=config.lora.target_modules,
-            max_length=config.model.max_length,
+            max_length=resolved_max_length(config),
             client_ranks=config.lora.client_ranks,
             aggregation=config.lora.aggregation,
         )

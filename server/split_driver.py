@@ -41,6 +41,7 @@ from server.checkpoints import restore_tensors
 from server.config import RunConfig, SplitSection
 from server.evaluation import CentralEvaluator, EvalResult, build_evaluator
 from server.federation import RoundResult, require_update
+from server.run_data import resolved_max_length
 from server.trunk_service import TrunkService, start_trunk_server
 from server.trunk_sessions import TrunkLimits
 from server.trunk_transport import TrunkTransport
@@ -237,7 +238,7 @@ class SplitMethod:
             config.model.name,
             num_prompts=split.num_prompts,
             client_blocks=split.client_blocks,
-            max_length=config.model.max_length,
+            max_length=resolved_max_length(config),
             tail=split.tail,
         )
 

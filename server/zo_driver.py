@@ -38,6 +38,7 @@ from protocols.seeds import (
 from server.config import RunConfig
 from server.evaluation import CentralEvaluator, EvalResult, build_evaluator
 from server.federation import RoundResult, require_update
+from server.run_data import resolved_max_length
 from strategies import LabelledReply, Nodes
 from strategies.fedkseed import FedKSeed, ZoGlobal
 from strategies.privacy import DPSettings, fresh_noise_seed
@@ -226,7 +227,7 @@ class ZoMethod:
             learning_rate=config.zo.learning_rate,
             sampling=self.method.option("sampling", "uniform"),
             grad_clip=config.zo.grad_clip,
-            max_length=config.model.max_length,
+            max_length=resolved_max_length(config),
             adapter_rank=adapter.rank if adapter else 0,
             adapter_alpha=adapter.alpha if adapter else 16.0,
             adapter_targets=adapter.targets if adapter else (),

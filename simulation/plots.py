@@ -1,9 +1,11 @@
 """PNG charts of federated runs built from ``metrics.jsonl`` rows.
 
-This module owns the figures: :func:`plot_run` (one run: metric and eval
-loss per round, cumulative communication per round) and
-:func:`plot_comparison` (several runs: metric per round and per cumulative
-MB). It uses matplotlib's object-oriented API (:class:`~matplotlib.figure.Figure`
+This module owns the figures: :func:`plot_run` (one run: metric with its
+bootstrap 95% interval as error bars and eval loss per round, cumulative
+communication per round) and :func:`plot_comparison` (several runs: metric
+per round and per cumulative MB, with error bars). Rounds not evaluated
+(``eval.every``) are left out of the metric and loss curves, which join the
+evaluated rounds. It uses matplotlib's object-oriented API (:class:`~matplotlib.figure.Figure`
 with an Agg canvas), so no global pyplot state or backend is touched, and
 writes files atomically. Parsing and numeric helpers come from
 :mod:`simulation.reports`.
@@ -96,16 +98,61 @@ def _save_atomic(fig: Figure, out_path: Path) -> Path:
     return out_path
 
 
-def _draw_metric_panel(ax: Axes, rows: Sequence[Row], name: str) -> None:
-    """Draw metric (percent, solid) and eval loss (twin axis, dashed) per round."""
-    rounds = _rounds(rows)
-    (metric_line,) = ax.plot(
-        rounds,
+def _evaluated(rows: Sequence[Row]) -> list[Row]:
+    """The rows whose round was evaluated (a finite metric or eval loss)."""
+    return [
+        r
+        for r in rows
+        if math.isfinite(_value(r, "eval_metric"))
+        or math.isfinite(_value(r, "eval_loss"))
+    ]
+
+
+def _metric_errors(rows: Sequence[Row]) -> list[list[float]] | None:
+    """Error bar lengths (percent points, below and above) of the metric.
+
+    Zero where a row has no interval; ``None`` when no row has one.
+    """
+    below: list[float] = []
+    above: list[float] = []
+    for r in rows:
+        value = _value(r, "eval_metric", 100.0)
+        low = _value(r, "eval_metric_low", 100.0)
+        high = _value(r, "eval_metric_high", 100.0)
+        known = all(math.isfinite(x) for x in (value, low, high))
+        below.append(max(value - low, 0.0) if known else 0.0)
+        above.append(max(high - value, 0.0) if known else 0.0)
+    return [below, above] if any(below) or any(above) else None
+
+
+def _metric_curve(
+    ax: Axes, x: Sequence[float], rows: Sequence[Row], **style: Any
+) -> Any:
+    """Plot the metric (percent) at ``x`` with its interval as error bars.
+
+    Returns the :class:`~matplotlib.container.ErrorbarContainer` (a legend
+    handle; ``.lines[0]`` is the data line).
+    """
+    return ax.errorbar(
+        x,
         [_value(r, "eval_metric", 100.0) for r in rows],
+        yerr=_metric_errors(rows),
         marker="o",
-        color="tab:blue",
-        label=f"{name} (%)",
+        capsize=3,
+        **style,
     )
+
+
+def _draw_metric_panel(ax: Axes, rows: Sequence[Row], name: str) -> None:
+    """Draw metric (percent, 95% error bars) and eval loss (twin axis, dashed).
+
+    Only evaluated rounds are drawn; the x axis spans every round.
+    """
+    all_rounds = _rounds(rows)
+    rows = _evaluated(rows)
+    rounds = _rounds(rows)
+    label = f"{name} (%)" if _metric_errors(rows) is None else f"{name} (%, 95% CI)"
+    metric_line = _metric_curve(ax, rounds, rows, color="tab:blue", label=label)
     loss_ax = ax.twinx()
     (loss_line,) = loss_ax.plot(
         rounds,
@@ -116,7 +163,7 @@ def _draw_metric_panel(ax: Axes, rows: Sequence[Row], name: str) -> None:
         color="tab:red",
         label="eval loss",
     )
-    _round_axis(ax, rounds)
+    _round_axis(ax, all_rounds)
     ax.set_ylabel(f"{name} (%)")
     loss_ax.set_ylabel("Eval loss")
     ax.grid(True, alpha=0.3)
@@ -217,9 +264,21 @@ def plot_comparison(
     fig = _new_figure()
     by_round, by_mb = fig.subplots(1, 2, sharey=True)
     for label, rows in present.items():
-        metric = [_value(r, "eval_metric", 100.0) for r in rows]
-        by_round.plot(_rounds(rows), metric, marker="o", label=label)
-        by_mb.plot([t[2] for t in cumulative_mb(rows)], metric, marker="o", label=label)
+        mb = [t[2] for t in cumulative_mb(rows)]  # over every row, evaluated or not
+        kept = [
+            (row, total)
+            for row, total in zip(rows, mb, strict=True)
+            if math.isfinite(_value(row, "eval_metric"))
+        ]
+        shown = [row for row, _ in kept]
+        curve = _metric_curve(by_round, _rounds(shown), shown, label=label)
+        _metric_curve(
+            by_mb,
+            [total for _, total in kept],
+            shown,
+            label=label,
+            color=curve.lines[0].get_color(),
+        )
     _round_axis(by_round, [r for rows in present.values() for r in _rounds(rows)])
     by_mb.set_xlabel("Cumulative communication, up + down (MB)")
     if _wide_spread([cumulative_mb(rows)[-1][2] for rows in present.values()]):

@@ -1,11 +1,13 @@
 """Preparing a simulation run folder: config, held-out set and partitions.
 
 Everything a run reads is materialised here, once, before any process
-starts: the resolved ``config.toml``, ``data/eval.jsonl`` (held out for the
-server), one ``data/client-NNNN.jsonl`` per simulated client (exactly the
-file a deployed client would be given with ``--data``), ``partitions.json``
-(who holds which groups and, under ``[attack]``, which clients are malicious
-and how) and the one-time model conversion. A data attack (``label_flip``,
+starts: the resolved ``config.toml`` (``model.max_length``,
+``data.eval_examples`` and the held-out groups settled by the data:
+:mod:`server.run_data`), ``data/eval.jsonl`` (held out for the server), one
+``data/client-NNNN.jsonl`` per simulated client (exactly the file a deployed
+client would be given with ``--data``), ``partitions.json`` (who holds which
+groups, which groups are held out whole and, under ``[attack]``, which
+clients are malicious and how) and the one-time model conversion. A data attack (``label_flip``,
 ``shuffle_labels``) is applied here, to the malicious clients' files only
 (:mod:`simulation.attacks`). With edge clients (``[federation] edge_share``
 or ``edge_clients``), ``partitions.json`` records which partitions they are
@@ -21,11 +23,12 @@ import logging
 import time
 from pathlib import Path
 
-from corpora import load_examples, split_holdout, write_jsonl
+from corpora import write_jsonl
 from models import prepare_model
 from protocols.durable import atomic_write_text
 from protocols.run_folder import PARTITION_RANKS_KEY, RunFolder
 from server.config import RunConfig, config_to_toml, simulated_lora_ranks
+from server.run_data import load_run_data
 from simulation.attacks import describe_attack, poison_examples
 from simulation.edge import edge_partitions, ensure_edge_bundle
 from simulation.partitioning import describe, partition
@@ -67,12 +70,8 @@ def prepare_run(config: RunConfig, run_dir: Path | None = None) -> Path:
         (:func:`server.config.simulated_lora_ranks`).
     """
     ranks = simulated_lora_ranks(config)  # before any work: a bad rank fails fast
-    examples = load_examples(
-        config.data.source, limit=config.data.limit, seed=config.run.seed
-    )
-    train, held_out = split_holdout(
-        examples, config.data.eval_examples, config.run.seed
-    )
+    data = load_run_data(config)
+    config, train, held_out = data.config, data.train, data.evaluation
     parts = partition(
         [e.group for e in train],
         config.federation.clients,
@@ -97,6 +96,8 @@ def prepare_run(config: RunConfig, run_dir: Path | None = None) -> Path:
         "sizes": [len(p) for p in parts],
         "groups": describe(parts, [e.group for e in train]),
     }
+    if data.heldout_groups:
+        summary["heldout_groups"] = list(data.heldout_groups)
     attack = describe_attack(config)
     if attack is not None:
         summary["attack"] = attack

@@ -15,8 +15,13 @@ natural width, one line per row.
 
 Each line of ``metrics.jsonl`` is one JSON object per round with at least
 ``round``, ``clients``, ``train_loss``, ``eval_loss``, ``eval_metric``,
-``eval_metric_name``, ``bytes_up``, ``bytes_down`` and ``seconds``. Unknown
-keys are ignored; missing or ``null`` values are shown as ``"-"``.
+``eval_metric_name``, ``bytes_up``, ``bytes_down`` and ``seconds``; an
+evaluated row also has ``eval_metric_low``/``eval_metric_high`` (the metric's
+bootstrap 95% interval), ``eval_examples`` and ``eval_s``, and a row not
+evaluated (``eval.every``) has them all null. Unknown keys are ignored;
+missing or ``null`` values are shown as ``"-"``. A metric with an interval
+reads ``value% [low, high]``; :func:`interval_verdicts` says whether runs'
+final metrics differ beyond their intervals.
 
 Sizes are reported in decimal megabytes (1 MB = 1,000,000 bytes).
 """
@@ -36,6 +41,7 @@ __all__ = [
     "ReportError",
     "compare_table",
     "cumulative_mb",
+    "interval_verdicts",
     "metric_name",
     "read_metrics",
     "run_summary",
@@ -93,6 +99,14 @@ def _fmt_pct(value: Any) -> str:
     """Format a metric in [0, 1] as a percentage with one decimal."""
     number = _num(value)
     return _MISSING if number is None else f"{number * 100:.1f}%"
+
+
+def _fmt_interval(value: Any, low: Any, high: Any) -> str:
+    """A metric as ``"45.0% [40.0, 50.0]"`` (percent), or bare without an interval."""
+    lo, hi = _num(low), _num(high)
+    if _num(value) is None or lo is None or hi is None:
+        return _fmt_pct(value)
+    return f"{_fmt_pct(value)} [{lo * 100:.1f}, {hi * 100:.1f}]"
 
 
 def metric_name(rows: Sequence[Row], default: str = "metric") -> str:
@@ -163,10 +177,12 @@ def summary_table(rows: Sequence[Row], title: str) -> Table:
     -------
     rich.table.Table
         One row per round with columns: round, clients, train loss, eval loss,
-        the metric (header = metric name, value in percent), up MB, down MB,
-        cumulative MB (up + down) and seconds; then, when any row has them,
-        the clients whose update was clipped and the cumulative epsilon of a
-        differentially private run. Missing values are ``"-"``.
+        the metric (header = metric name, value in percent, followed by its
+        bootstrap 95% interval ``[low, high]`` when the row has one), up MB,
+        down MB, cumulative MB (up + down) and seconds; then, when any row has
+        them, the seconds of the evaluation, the clients whose update was
+        clipped and the cumulative epsilon of a differentially private run.
+        Missing values (rounds not evaluated too) are ``"-"``.
     """
     table = Table(title=title)
     optional = [
@@ -193,7 +209,11 @@ def summary_table(rows: Sequence[Row], title: str) -> Table:
             _fmt(row.get("clients"), ".0f"),
             _fmt(row.get("train_loss"), ".4f"),
             _fmt(row.get("eval_loss"), ".4f"),
-            _fmt_pct(row.get("eval_metric")),
+            _fmt_interval(
+                row.get("eval_metric"),
+                row.get("eval_metric_low"),
+                row.get("eval_metric_high"),
+            ),
             _fmt_mb(_mb_or_none(row.get("bytes_up"))),
             _fmt_mb(_mb_or_none(row.get("bytes_down"))),
             _fmt_mb(cum_total),
@@ -204,6 +224,7 @@ def summary_table(rows: Sequence[Row], title: str) -> Table:
 
 
 _OPTIONAL_COLUMNS = (
+    ("eval_s", "Eval s", ".1f"),
     ("clipped", "Clipped", ".0f"),
     ("epsilon", "Epsilon", ".3g"),
 )
@@ -241,6 +262,8 @@ def run_summary(rows: Sequence[Row]) -> dict[str, Any]:
         Keys: ``metric_name``; ``first_metric``, ``last_metric``,
         ``best_metric`` and ``best_round`` (first and last finite
         ``eval_metric`` in row order, its maximum and the round reaching it);
+        ``last_metric_low``, ``last_metric_high`` (the interval of the last
+        evaluated row, ``None`` when it has none) and ``last_metric_round``;
         ``first_eval_loss``, ``last_eval_loss``; ``bytes_up``, ``bytes_down``,
         ``total_bytes`` (sums over all rows); ``rounds`` (rows with
         ``round >= 1``, i.e. training rounds); ``client_rounds`` (sum of
@@ -250,6 +273,8 @@ def run_summary(rows: Sequence[Row]) -> dict[str, Any]:
         run without DP.
     """
     metrics = _finite([row.get("eval_metric") for row in rows])
+    evaluated = [row for row in rows if _finite([row.get("eval_metric")])]
+    last_row = evaluated[-1] if evaluated else {}
     losses = _finite([row.get("eval_loss") for row in rows])
     best_metric = max(metrics) if metrics else None
     best_round = None
@@ -267,6 +292,9 @@ def run_summary(rows: Sequence[Row]) -> dict[str, Any]:
         "metric_name": metric_name(rows),
         "first_metric": metrics[0] if metrics else None,
         "last_metric": metrics[-1] if metrics else None,
+        "last_metric_low": _num(last_row.get("eval_metric_low")),
+        "last_metric_high": _num(last_row.get("eval_metric_high")),
+        "last_metric_round": last_row.get("round"),
         "best_metric": best_metric,
         "best_round": best_round,
         "first_eval_loss": losses[0] if losses else None,
@@ -296,7 +324,8 @@ def compare_table(
     Returns
     -------
     rich.table.Table
-        Columns: run, metric name, final metric (percent), best metric
+        Columns: run, metric name, final metric (percent, with its bootstrap
+        95% interval when recorded), best metric
         (percent), final eval loss, rounds, total MB (up + down) and MB per
         client-round (total MB divided by the sum of ``clients``; ``"-"`` when
         no client replied), and the final epsilon when any run is
@@ -324,7 +353,11 @@ def compare_table(
         table.add_row(
             label,
             summary["metric_name"],
-            _fmt_pct(summary["last_metric"]),
+            _fmt_interval(
+                summary["last_metric"],
+                summary["last_metric_low"],
+                summary["last_metric_high"],
+            ),
             _fmt_pct(summary["best_metric"]),
             _fmt(summary["last_eval_loss"], ".4f"),
             str(summary["rounds"]),
@@ -333,3 +366,62 @@ def compare_table(
             *((_fmt(summary["epsilon"], ".3g"),) if private else ()),
         )
     return table
+
+
+def _final(label: str, summary: Mapping[str, Any]) -> str:
+    """``"label 45.0% [40.0, 50.0]"``: a run's final metric for a verdict line."""
+    value = _fmt_interval(
+        summary["last_metric"], summary["last_metric_low"], summary["last_metric_high"]
+    )
+    return f"{label} {value}"
+
+
+def _verdict(
+    first: str, a: Mapping[str, Any], second: str, b: Mapping[str, Any]
+) -> str:
+    """One line on whether two run summaries' final metrics differ beyond intervals."""
+    head = f"{first} vs {second}: "
+    if a["last_metric"] is None or b["last_metric"] is None:
+        return head + "no evaluated round in one of the runs: cannot tell"
+    if a["metric_name"] != b["metric_name"]:
+        names = f"{a['metric_name']} vs {b['metric_name']}"
+        return head + f"different metrics ({names}): not comparable"
+    values = f" ({_final(first, a)}, {_final(second, b)})"
+    a_low, a_high = a["last_metric_low"], a["last_metric_high"]
+    b_low, b_high = b["last_metric_low"], b["last_metric_high"]
+    if None in (a_low, a_high, b_low, b_high):
+        return head + "no interval recorded: cannot tell" + values
+    if a_low > b_high:
+        return head + f"{first} above {second} beyond both 95% intervals" + values
+    if b_low > a_high:
+        return head + f"{second} above {first} beyond both 95% intervals" + values
+    return head + "intervals overlap: no clear difference" + values
+
+
+def interval_verdicts(runs: Mapping[str, Sequence[Row]]) -> list[str]:
+    """Say, for each pair of runs, whether their final task metrics differ.
+
+    Uses each run's last evaluated row (:func:`run_summary`). Two runs differ
+    when one's bootstrap 95% interval lies wholly above the other's (the
+    intervals do not overlap); otherwise there is no clear difference.
+
+    Parameters
+    ----------
+    runs : mapping of str to sequence of mapping
+        Run label to that run's rows, in the order to compare them.
+
+    Returns
+    -------
+    list of str
+        One line per pair ``(A, B)``, A before B in ``runs``: ``"A vs B: A
+        above B beyond both 95% intervals (...)"``, ``"A vs B: intervals
+        overlap: no clear difference (...)"``, or why it cannot tell (no
+        evaluated round, no interval recorded, different metrics).
+    """
+    summaries = {label: run_summary(rows) for label, rows in runs.items()}
+    labels = list(summaries)
+    return [
+        _verdict(first, summaries[first], second, summaries[second])
+        for i, first in enumerate(labels)
+        for second in labels[i + 1 :]
+    ]

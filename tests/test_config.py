@@ -33,13 +33,16 @@ def _write(tmp_path: Path, text: str, name: str = "run.toml") -> Path:
 
 
 def test_defaults_valid() -> None:
-    """The defaults must validate on their own and give a valid LoRA spec."""
+    """The defaults must validate on their own and give a valid LoRA spec
+    (``model.max_length`` is "auto" until the run is prepared: given here)."""
     config = load_config()
     assert config == RunConfig()
     assert config.federation.min_clients <= config.federation.clients
-    spec = build_spec(config)
+    assert config.model.max_length == "auto" and config.data.eval_examples is None
+    sized = load_config(None, {"model.max_length": 96})
+    spec = build_spec(sized)
     assert isinstance(spec, LoraSpec)
-    assert spec.rank == config.lora.rank and spec.max_length == config.model.max_length
+    assert spec.rank == config.lora.rank and spec.max_length == 96
 
 
 def test_toml_round_trip(tmp_path: Path) -> None:

@@ -73,8 +73,9 @@ def test_dolly_counts_and_mapping() -> None:
 
 
 def test_natural_instructions_counts_and_first_target() -> None:
-    """NI v1 must give 12,017 instances over 61 tasks, prompt=input and the first
-    target as response; mapping the wrong field or dropping records breaks it."""
+    """NI v1 must give 12,017 instances over 61 tasks, prompt = the task's
+    definition (tasks.json) plus the input, and the first target as response;
+    mapping the wrong field or dropping records breaks it."""
     examples = load_examples(str(shared_data() / NI_V1))
     assert len(examples) == 12017
     counts = Counter(e.group for e in examples)
@@ -82,11 +83,13 @@ def test_natural_instructions_counts_and_first_target() -> None:
     assert counts["subtask053_multirc_correct_bad_question"] == 58
     with gzip.open(shared_data() / NI_V1, "rt", encoding="utf-8") as handle:
         raw = [json.loads(line) for line in handle]
+    tasks_file = (shared_data() / NI_V1).parent / "tasks.json"
+    tasks = json.loads(tasks_file.read_text(encoding="utf-8"))["tasks"]
+    definition = {t["task"]: t["definition"] for t in tasks}
     for index in (0, 5000, 12016):
         record = raw[index]
-        assert examples[index] == Example(
-            record["input"], record["targets"][0], record["task"]
-        )
+        prompt = f"{definition[record['task']].strip()}\n\nInput: {record['input']}"
+        assert examples[index] == Example(prompt, record["targets"][0], record["task"])
 
 
 def test_banking77_csv_matches_direct_read() -> None:

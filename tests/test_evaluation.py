@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import models
-from corpora import Example, generate_tasks
+from corpora import Example, bootstrap_interval, generate_tasks
 from protocols import LoraSpec
 from protocols.durable import atomic_write_bytes
 from protocols.run_folder import MetricsLog, RunFolder
@@ -85,8 +85,7 @@ def _greedy(model: PeftModel, tokenizer, prompt: str, max_new: int) -> str:
         if nxt == tokenizer.eos_token_id:
             break
         new.append(nxt)
-    text = tokenizer.decode(new, skip_special_tokens=True)
-    return text.strip().split("\n")[0].strip()
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +170,85 @@ def test_metric_scores_greedy_generations(setup: dict) -> None:
     ]
     result = _evaluator(setup, examples, batch_size=2).evaluate(strong)
     assert result.metric == pytest.approx(0.6)
+
+
+def test_metric_carries_per_example_scores_interval_and_time(setup: dict) -> None:
+    """The result keeps one score per example (their mean is the metric), the
+    bootstrap 95% interval of those scores and the evaluation's wall time;
+    breaks if the interval is missing, computed on other numbers, or does
+    not contain the mean."""
+    base = generate_tasks(6, seed=4)
+    strong = _adapter(setup["model"], seed=5, scale=1.5)
+    models.load_adapter_tensors(setup["ref"], strong)
+    answers = [_greedy(setup["ref"], setup["tok"], e.prompt, 4) for e in base]
+    models.load_adapter_tensors(setup["ref"], setup["adapter"])
+    examples = [
+        Example(e.prompt, a if i % 2 == 0 else a + " never", e.group)
+        for i, (e, a) in enumerate(zip(base, answers, strict=True))
+    ]
+    result = _evaluator(setup, examples, batch_size=4).evaluate(strong)
+    assert result.scores == (1.0, 0.0, 1.0, 0.0, 1.0, 0.0)
+    assert result.metric == pytest.approx(0.5)
+    assert (result.metric_low, result.metric_high) == bootstrap_interval(
+        list(result.scores)
+    )
+    assert result.metric_low is not None and result.metric_high is not None
+    assert result.metric_low < result.metric < result.metric_high
+    assert result.seconds > 0.0
+
+
+class _Scripted(torch.nn.Module):
+    """The tiny model for the loss, with generate answering a fixed text and
+    recording how it was called."""
+
+    def __init__(self, model: PeftModel, answer_ids: list[int]) -> None:
+        super().__init__()
+        self.inner = model
+        self.answer = torch.tensor(answer_ids)
+        self.calls: list[dict] = []
+
+    def forward(self, **kwargs: torch.Tensor) -> object:
+        return self.inner(**kwargs)
+
+    def generate(self, input_ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        self.calls.append({"input_ids": input_ids, **kwargs})
+        tail = self.answer.expand(input_ids.shape[0], -1)
+        return torch.cat([input_ids, tail], dim=1)
+
+
+def test_metric_scores_the_whole_answer_with_batched_cached_generation(
+    setup: dict,
+) -> None:
+    """A multi-line answer is scored whole (whitespace stripped only): "The
+    answer is:\nPositive" against "Positive" is Rouge-L 0.4, where a
+    first-line cut scores 0.0. Generation gets left-padded batches and the
+    KV cache explicitly."""
+    tok = setup["tok"]
+    ids = tok("  The answer is:\nPositive \n", add_special_tokens=False)["input_ids"]
+    scripted = _Scripted(setup["model"], ids)
+    examples = [
+        Example("Say it.", "Positive", "g"),
+        Example("Say it, please, with a much longer prompt than the first.", "x", "g"),
+        Example("Again.", "positive", "g"),
+    ]
+    evaluator = CentralEvaluator(
+        scripted,  # type: ignore[arg-type]
+        tok,
+        examples,
+        metric="rouge_l",
+        max_length=MAX_LENGTH,
+        max_new_tokens=len(ids),
+        batch_size=2,
+        device=CPU,
+    )
+    result = evaluator.evaluate()
+    assert result.scores == pytest.approx((0.4, 0.0, 0.4))
+    assert [c["input_ids"].shape[0] for c in scripted.calls] == [2, 1]
+    first = scripted.calls[0]
+    assert first["use_cache"] is True and first["do_sample"] is False
+    mask = first["attention_mask"]
+    assert int(mask[0, 0]) == 0 and int(mask[0, -1]) == 1  # short prompt: left pads
+    assert bool(mask[1].all())
 
 
 def test_evaluator_rejects_empty_and_foreign_adapter(setup: dict) -> None:

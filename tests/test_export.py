@@ -20,6 +20,7 @@ from server.checkpoints import save_peft_adapter
 from server.config import config_to_toml, load_config
 from server.export import ExportError, export_run, tuned_model
 from server.methods import build_spec
+from server.run_data import resolved_max_length
 
 IDS = torch.tensor([[5, 6, 7, 8, 9], [1, 2, 3, 4, 5]])
 MASK = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
@@ -51,7 +52,7 @@ def _run_dir(tmp_path: Path, method: str) -> Path:
             "tiny-llama",
             num_prompts=8,
             client_blocks=0,
-            max_length=config.model.max_length,
+            max_length=resolved_max_length(config),
         )
         head, _, tail = build_split(lm.model, spec)
         with torch.no_grad():

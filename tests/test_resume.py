@@ -62,7 +62,7 @@ def _prepared(tmp_path: Path, *extra: str) -> Path:
 
 def _strip(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     return [
-        {k: v for k, v in r.items() if k not in ("seconds", "replay_seconds")}
+        {k: v for k, v in r.items() if k not in ("seconds", "replay_seconds", "eval_s")}
         for r in rows
     ]
 

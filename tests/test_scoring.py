@@ -8,7 +8,6 @@ import random
 import pytest
 
 from corpora import METRICS, ScoringError, exact_match, normalize_answer, rouge_l, score
-from corpora.scoring import rouge_tokens
 
 
 def test_normalize_answer() -> None:
@@ -45,7 +44,7 @@ def test_rouge_l_hand_computed() -> None:
 def test_rouge_l_tokenization_and_edge_cases() -> None:
     """Case and punctuation must be ignored like rouge-score's tokenizer; empty
     or disjoint inputs score 0.0."""
-    assert rouge_tokens("Don't STOP-now!") == ["don", "t", "stop", "now"]
+    assert rouge_l("Don't STOP-now!", "don t stop now") == 1.0
     assert rouge_l("Hello, World!", "hello world") == 1.0
     assert rouge_l("", "hello") == 0.0
     assert rouge_l("hello", "...") == 0.0
@@ -75,8 +74,8 @@ def test_rouge_l_matches_brute_force_lcs() -> None:
 
 
 def test_score_means_and_registry() -> None:
-    """score() must average the named metric; METRICS must offer the three names."""
-    assert set(METRICS) == {"exact_match", "rouge_l", "accuracy"}
+    """score() must average the named metric; METRICS must offer the four names."""
+    assert set(METRICS) == {"exact_match", "rouge_l", "rouge_l_fedkseed", "accuracy"}
     assert score("exact_match", ["a", "b", "c", "d"], ["a", "x", "c", "d"]) == 0.75
     labels = ["card_arrival", "card_arrival"]
     assert score("accuracy", ["card_arrival", "lost_card"], labels) == 0.5

@@ -68,7 +68,8 @@ def _adapter(folder: RunFolder) -> dict[str, torch.Tensor]:
 
 def _rows(folder: RunFolder) -> list[dict[str, Any]]:
     return [
-        {k: v for k, v in r.items() if k != "seconds"} for r in folder.read_metrics()
+        {k: v for k, v in r.items() if k not in ("seconds", "eval_s")}
+        for r in folder.read_metrics()
     ]
 
 

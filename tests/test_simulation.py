@@ -104,7 +104,9 @@ def test_seeded_runs_are_identical(tmp_path: Path) -> None:
     second = _run_cli(tmp_path / "b", "--fraction", "0.5")
 
     def strip(rows: list[dict[str, object]]) -> list[dict[str, object]]:
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+        return [
+            {k: v for k, v in r.items() if k not in ("seconds", "eval_s")} for r in rows
+        ]
 
     a = strip(read_metrics(first / "metrics.jsonl"))
     b = strip(read_metrics(second / "metrics.jsonl"))

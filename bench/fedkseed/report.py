@@ -437,8 +437,10 @@ def notes(results: dict[str, Any]) -> list[str]:
                 "larger one was not tried, so FedKSeed may move faster than shown."
             )
         out.append(
-            "- Rouge-L is Pollinate's own `corpora.scoring.rouge_l` (not the `rouge` "
-            "package the paper used), on 32 held-out examples (unseen mix of the same "
-            "61 tasks), greedy, 32 new tokens."
+            "- Rouge-L is the scorer Pollinate had when this was recorded (its own, on "
+            "the first line of the answer; today `rouge_l` is the `rouge-score` package "
+            "on the whole answer, and `bench.fedkseed_protocol` uses the `rouge` package "
+            "as the paper did), on 32 held-out examples (unseen mix of the same 61 "
+            "tasks), greedy, 32 new tokens."
         )
     return out

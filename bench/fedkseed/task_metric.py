@@ -52,19 +52,17 @@ def _probe_setup() -> _ProbeSetup:
     """Same data as the simulation, and the server's held-out loss on it.
 
     The seeded 1,200-example subset, the same 32 held-out examples, client 0
-    of the task split, the default ``model.max_length``. The one place this
-    bench reads the server's config defaults (``server.config.RunConfig``)
-    and uses its evaluator (``server.evaluation.CentralEvaluator._loss``).
+    of the task split, ``model.max_length`` 96 (the default when this was
+    recorded). The one place this bench uses the server's evaluator (``server.evaluation.CentralEvaluator._loss``).
     """
     import torch
 
     from corpora import load_examples, split_holdout
     from models import load_causal_lm, tokenize_example
-    from server.config import RunConfig
     from server.evaluation import CentralEvaluator
     from simulation.partitioning import partition
 
-    max_length = RunConfig().model.max_length
+    max_length = 96  # the default model.max_length when fedkseed.json was recorded
     examples = load_examples(str(NI_PATH), limit=SIM_LIMIT, seed=0)
     train, held = split_holdout(examples, SIM_EVAL, 0)
     parts = partition([e.group for e in train], SIM_CLIENTS, "task", seed=0)

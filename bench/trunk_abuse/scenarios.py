@@ -19,7 +19,7 @@ from bench.harness import rss_mib
 
 MiB = 1 << 20
 LABELS = ("dev-0", "dev-1", "dev-2", "dev-3", "device")
-TOKENS = 96  # the default model.max_length
+TOKENS = 96  # model.max_length of the recorded results (the default before "auto")
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The FedKSeed paper's protocol (Table 2) as one benchmark command."""
