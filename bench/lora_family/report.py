@@ -283,6 +283,7 @@ def _plot(results: dict[str, Any], plot_dir: Path) -> str | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     configs = _configs(results)
     datasets = sorted({d for per in table.values() for d in per})
@@ -333,6 +334,8 @@ def _plot(results: dict[str, Any], plot_dir: Path) -> str | None:
     ax.set_yticks(ys)
     ax.set_yticklabels(names, fontsize=7)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: no overlap
+    ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.set_xlabel("MB per client-round (log)")
     ax.set_title("bytes per client-round", fontsize=9)
     ax.legend(fontsize=7)
