@@ -165,7 +165,7 @@ def _row(
     ledger: ByteLedger,
     seconds: float,
     method: str,
-    eval_seconds: float | None = None,
+    eval_seconds: float | None,
 ) -> dict[str, Any]:
     """The round's ``metrics.jsonl`` row, always JSON-able (strict, no NaN).
 
@@ -173,7 +173,7 @@ def _row(
     field is then null. ``eval_metric_low``/``eval_metric_high`` are the
     metric's bootstrap 95% interval, ``eval_examples`` the held-out examples
     scored and ``eval_s`` the seconds the evaluation took (``eval_seconds``,
-    measured around the driver's evaluate; else the result's own time).
+    measured around the driver's evaluate, so a driver's own work counts).
 
     Sanitized rather than validated: the row records what happened, and a
     value JSON cannot hold (an evaluation that diverged to NaN, an infinite
@@ -193,9 +193,7 @@ def _row(
         "eval_metric_low": None if ev is None else ev.metric_low,
         "eval_metric_high": None if ev is None else ev.metric_high,
         "eval_examples": None if ev is None else ev.num_examples,
-        "eval_s": None
-        if ev is None
-        else (ev.seconds if eval_seconds is None else eval_seconds),
+        "eval_s": None if ev is None else eval_seconds,
         "bytes_up": up,
         "bytes_down": down,
         "seconds": seconds,
