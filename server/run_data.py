@@ -20,6 +20,7 @@ process that reads it (server, clients, resume, edge export) sees numbers.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -148,6 +149,16 @@ def resolved_max_length(config: RunConfig) -> int:
     """
     if config.model.max_length != "auto":
         return config.model.max_length
+    return _fit_unprepared(config)
+
+
+@functools.lru_cache(maxsize=8)
+def _fit_unprepared(config: RunConfig) -> int:
+    """:func:`resolved_max_length` of an unprepared config, once per process.
+
+    The driver and its evaluator both ask; the config is frozen and hashable,
+    so the data is read and the tokenizer loaded once.
+    """
     split = _split(config)
     log.info(
         "model.max_length 'auto' fitted to %s (the run was not prepared)",
