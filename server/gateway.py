@@ -22,8 +22,15 @@ What it guarantees:
 - Request bodies are bounded (``max_body_bytes``, 413) and must arrive
   within ``body_timeout_s`` (408); at most ``max_requests`` are handled at
   once (so at most that many bodies are held in memory), connections are
-  bounded by ``max_connections`` (503 above it) and idle keep-alive by
+  bounded by ``max_connections`` (503 above it) and ``max_connections_per_peer``
+  from one address (closed at once above it), and idle keep-alive by
   ``keep_alive_s``.
+- A connection must deliver each request's line and headers within
+  ``header_timeout_s`` of opening or of that request's first byte, or it is
+  closed (:class:`_DeadlineH11Protocol`): uvicorn bounds neither a connection
+  that never sends a byte nor one that trickles its headers, so without this
+  a few hundred such sockets would fill ``max_connections`` and every device
+  would get 503s (slowloris).
 - With TLS it terminates TLS with the server certificate and talks TLS to
   the SuperLink, verifying it with the run's CA (node authentication needs
   the SuperLink to keep TLS); the SuperLink's certificate must cover
@@ -44,14 +51,17 @@ import contextlib
 import logging
 import ssl
 import sys
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import h11
 import httpx
 import psutil
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -106,6 +116,10 @@ _LOG = logging.getLogger("pollinate.gateway")
 
 #: Default bound on a request body: Flower's array chunks are 5 MiB.
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+#: Default time a connection has to deliver a request's line and headers.
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+#: Default bound on the connections one address holds open.
+DEFAULT_MAX_CONNECTIONS_PER_PEER = 64
 
 Scope = MutableMapping[str, Any]
 AsgiMessage = MutableMapping[str, Any]
@@ -150,6 +164,13 @@ class GatewaySettings:
         Open connections (each SuperNode keeps a few); more are answered 503.
     keep_alive_s : int
         Idle keep-alive connections are closed after this.
+    header_timeout_s : float
+        Time a connection has to deliver a request's line and headers, from
+        the moment it opens (first request) or sends the request's first byte
+        (later ones); then it is closed.
+    max_connections_per_peer : int
+        Open connections from one IP address; more are closed as they open
+        (SuperNodes behind one NAT share it: raise it for large sites).
     """
 
     host: str
@@ -165,6 +186,8 @@ class GatewaySettings:
     max_requests: int = 64
     max_connections: int = 1024
     keep_alive_s: int = 15
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER
 
     def __post_init__(self) -> None:
         files = (self.certfile, self.keyfile, self.cafile)
@@ -181,11 +204,12 @@ class GatewaySettings:
             "max_body_bytes",
             "max_requests",
             "max_connections",
+            "max_connections_per_peer",
             "keep_alive_s",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("body_timeout_s", "upstream_timeout_s"):
+        for name in ("body_timeout_s", "upstream_timeout_s", "header_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
@@ -352,6 +376,86 @@ async def _answer(send: Send, status: int, text: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class _DeadlineH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a header deadline and a per-peer cap.
+
+    uvicorn starts its keep-alive timer only after a response, and any byte
+    cancels it: a connection that opens and stays silent, or trickles one
+    header byte at a time, is held forever. Here every request's line and
+    headers must arrive within :attr:`header_timeout_s` of the connection
+    opening (first request) or of the request's first byte (later ones).
+    :attr:`max_per_peer` bounds the connections one address holds at once.
+    :func:`_bounded_protocol` makes the subclass that carries one gateway's
+    values and its own count of open connections per peer.
+    """
+
+    header_timeout_s: ClassVar[float] = DEFAULT_HEADER_TIMEOUT_S
+    max_per_peer: ClassVar[int] = DEFAULT_MAX_CONNECTIONS_PER_PEER
+    open_per_peer: ClassVar[Counter[str]] = Counter()
+
+    def connection_made(  # type: ignore[override]  # as uvicorn's
+        self, transport: asyncio.Transport
+    ) -> None:
+        super().connection_made(transport)
+        self._header_deadline: asyncio.TimerHandle | None = None
+        self._peer = str(self.client[0]) if self.client else "?"
+        self.open_per_peer[self._peer] += 1
+        if self.open_per_peer[self._peer] > self.max_per_peer:
+            _LOG.warning(
+                "closed a connection from %s: over %d open from one address",
+                self._peer,
+                self.max_per_peer,
+            )
+            transport.close()
+            return
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self.open_per_peer[self._peer] -= 1
+        if self.open_per_peer[self._peer] <= 0:
+            del self.open_per_peer[self._peer]
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._header_deadline is None and self.conn.their_state is h11.IDLE:
+            self._arm()  # the first byte of a request after a response
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:
+            self._disarm()  # the request line and headers are in
+
+    def _arm(self) -> None:
+        self._header_deadline = self.loop.call_later(
+            self.header_timeout_s, self._headers_late
+        )
+
+    def _disarm(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_late(self) -> None:
+        self._header_deadline = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            _LOG.warning(
+                "closed a connection from %s: no complete request headers within %g s",
+                self._peer,
+                self.header_timeout_s,
+            )
+            self.transport.close()
+
+
+def _bounded_protocol(settings: GatewaySettings) -> type[_DeadlineH11Protocol]:
+    """The HTTP protocol class of one gateway: its bounds, its own counts."""
+
+    class Bounded(_DeadlineH11Protocol):
+        header_timeout_s = settings.header_timeout_s
+        max_per_peer = settings.max_connections_per_peer
+        open_per_peer: ClassVar[Counter[str]] = Counter()
+
+    return Bounded
+
+
 def _upstream_client(settings: GatewaySettings) -> httpx.AsyncClient:
     """The client for the SuperLink: its CA only, no proxies from the env."""
     verify: ssl.SSLContext | bool = False
@@ -394,7 +498,7 @@ async def serve(settings: GatewaySettings) -> None:
             port=settings.port,
             ssl_certfile=str(settings.certfile) if settings.certfile else None,
             ssl_keyfile=str(settings.keyfile) if settings.keyfile else None,
-            http="h11",
+            http=_bounded_protocol(settings),
             ws="none",
             lifespan="off",
             proxy_headers=False,
@@ -440,6 +544,18 @@ def _parse(argv: Sequence[str] | None) -> GatewaySettings:
         default=DEFAULT_MAX_BODY_BYTES,
         help="largest request body forwarded",
     )
+    parser.add_argument(
+        "--header-timeout-s",
+        type=float,
+        default=DEFAULT_HEADER_TIMEOUT_S,
+        help="time a connection has to send a request's headers",
+    )
+    parser.add_argument(
+        "--max-connections-per-peer",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS_PER_PEER,
+        help="open connections from one address",
+    )
     args = parser.parse_args(argv)
     try:
         return GatewaySettings(
@@ -451,6 +567,8 @@ def _parse(argv: Sequence[str] | None) -> GatewaySettings:
             cafile=args.cafile,
             watch_pid=args.watch_pid,
             max_body_bytes=args.max_body_bytes,
+            header_timeout_s=args.header_timeout_s,
+            max_connections_per_peer=args.max_connections_per_peer,
         )
     except ValueError as exc:
         parser.error(str(exc))

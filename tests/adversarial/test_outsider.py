@@ -271,6 +271,107 @@ def test_gateway_bounds_request_bodies(gateway: Gateway) -> None:
     assert len(gateway.upstream.seen) == 1
 
 
+def _tls_socket(gw: Gateway, source: str = "127.0.0.1") -> ssl.SSLSocket:
+    """A TLS connection to the gateway from ``source`` that has sent nothing."""
+    context = ssl.create_default_context(cafile=str(gw.pki.ca_cert))
+    raw = socket.create_connection(
+        ("127.0.0.1", gw.port), timeout=30, source_address=(source, 0)
+    )
+    return context.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def _closed_by_peer(sock: ssl.SSLSocket) -> bool:
+    """Whether the gateway closes ``sock`` within its 30 s timeout, unanswered.
+
+    A gateway that keeps the connection open makes ``recv`` time out, which
+    fails the calling test.
+    """
+    try:
+        return sock.recv(4096) == b""
+    except (ssl.SSLEOFError, ConnectionResetError):
+        return True
+
+
+@pytest.fixture
+def bounded_gateway(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Gateway]:
+    """A gateway started with the extra flags the test parametrizes it with."""
+    pki = make_dev_pki(tmp_path)
+    upstream, server = _start_upstream(pki)
+    port, proc = _start_gateway(pki, upstream.port, *request.param)
+    try:
+        yield Gateway(port, pki, upstream)
+    finally:
+        _stop(proc)
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    "bounded_gateway", [("--header-timeout-s", "1")], indirect=True
+)
+def test_gateway_closes_connections_that_withhold_their_headers(
+    bounded_gateway: Gateway,
+) -> None:
+    """Slowloris: a connection that sends nothing, or a request line and part
+    of its headers, is closed once ``--header-timeout-s`` has passed, and an
+    honest request is still served.
+
+    Breaks if such connections were held open (uvicorn alone holds them
+    forever), so a few hundred of them would fill ``max_connections`` and
+    every device would be answered 503.
+    """
+    gw = bounded_gateway
+    silent = _tls_socket(gw)
+    partial = _tls_socket(gw)
+    partial.sendall(b"POST /v1/fleet/pull-messages HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    try:
+        assert _closed_by_peer(silent)
+        assert _closed_by_peer(partial)
+    finally:
+        silent.close()
+        partial.close()
+    status, _, _ = gw.request("POST", "/v1/fleet/pull-messages", b"x", NODE_HEADERS)
+    assert status == 200
+    assert len(gw.upstream.seen) == 1  # the withheld request never went upstream
+
+
+@pytest.mark.parametrize(
+    "bounded_gateway",
+    [("--max-connections-per-peer", "2", "--header-timeout-s", "300")],
+    indirect=True,
+)
+def test_gateway_bounds_connections_per_address(bounded_gateway: Gateway) -> None:
+    """One address holds at most ``--max-connections-per-peer`` connections:
+    the next one from it is closed at once, while another address is served.
+
+    Breaks if one host could take every connection slot of the gateway.
+    """
+    gw = bounded_gateway
+    held = [_tls_socket(gw), _tls_socket(gw)]
+    try:
+        extra = _tls_socket(gw)
+        try:
+            assert _closed_by_peer(extra)  # the header deadline is 300 s away
+        finally:
+            extra.close()
+        other = http.client.HTTPSConnection(
+            "127.0.0.1",
+            gw.port,
+            context=ssl.create_default_context(cafile=str(gw.pki.ca_cert)),
+            source_address=("127.0.0.2", 0),
+        )
+        try:
+            other.request("POST", "/v1/fleet/get-run", body=b"x", headers=NODE_HEADERS)
+            assert other.getresponse().status == 200
+        finally:
+            other.close()
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def test_gateway_refuses_a_superlink_signed_by_another_ca(tmp_path: Path) -> None:
     """The gateway verifies the loopback SuperLink with the run's CA: a
     SuperLink whose certificate another CA signed gets nothing (502).
