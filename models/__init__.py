@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         ModelLoadError,
         default_cache_dir,
         load_causal_lm,
+        load_tokenizer,
         prepare_model,
     )
     from models.lora import (
@@ -63,6 +64,7 @@ __all__ = [
     "format_prompt",
     "load_adapter_tensors",
     "load_causal_lm",
+    "load_tokenizer",
     "load_zo_model",
     "peft_config",
     "prepare_model",
@@ -91,6 +93,7 @@ _LAZY = {
     "format_prompt": "models.text",
     "load_adapter_tensors": "models.lora",
     "load_causal_lm": "models.loading",
+    "load_tokenizer": "models.loading",
     "peft_config": "models.lora",
     "prepare_model": "models.loading",
     "tokenize_example": "models.batching",

@@ -47,6 +47,7 @@ __all__ = [
     "ModelLoadError",
     "default_cache_dir",
     "load_causal_lm",
+    "load_tokenizer",
     "model_skeleton",
     "prepare_model",
 ]
@@ -205,12 +206,43 @@ def load_causal_lm(
             tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as exc:
         raise _unresolved(f"cannot load model {name!r}", exc) from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    _ensure_pad(tokenizer)
     model = model.to(device=device, dtype=_DTYPES[dtype])
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(name=name, model=model, tokenizer=tokenizer)
+
+
+def load_tokenizer(
+    name: str, *, cache_dir: Path | None = None
+) -> PreTrainedTokenizerBase:
+    """The tokenizer :func:`load_causal_lm` would return, without the weights.
+
+    For counting tokens (``model.max_length = "auto"``): a 7B model's
+    tokenizer loads in a second where its weights take minutes and gigabytes.
+
+    Raises
+    ------
+    ModelLoadError
+        If the name resolves to nothing with a loadable tokenizer.
+    """
+    cache_dir = cache_dir or default_cache_dir()
+    try:
+        if name == "tiny-llama":
+            tokenizer: PreTrainedTokenizerBase = byte_tokenizer()
+        else:
+            folder: str | Path = prepare_model(name, cache_dir) or name
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise _unresolved(f"cannot load the tokenizer of model {name!r}", exc) from exc
+    _ensure_pad(tokenizer)
+    return tokenizer
+
+
+def _ensure_pad(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give a tokenizer without a pad token its end-of-sequence token as one."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
 
 
 def model_skeleton(name: str, *, cache_dir: Path | None = None) -> PreTrainedModel:

@@ -21,6 +21,7 @@ clients, the simulation launcher, the server CLI, export) asks a
     app/                 the two-line Flower app that ``flwr run`` submits
     .flwr-superlink/, .flwr-cli/   Flower homes of the run's processes
     .zo-state/           simulated FedKSeed clients' seed snapshots (scratch)
+    tracking/            TensorBoard event files and the MLflow store, if tracked
 
 Every write is atomic (:mod:`protocols.durable`); every read validates what it
 parses and raises a :class:`RunFolderError` that names the file, so a damaged
@@ -63,6 +64,12 @@ from protocols.run_errors import (
     wrong_type,
 )
 from protocols.run_json import read_json_object
+from protocols.run_partitions import (
+    RANKS_KEY,
+    edge_partitions,
+    lora_rank,
+    partitions_text,
+)
 
 if TYPE_CHECKING:  # torch is imported where tensors are read or written:
     import torch  # an edge client reads its run folder without torch
@@ -90,8 +97,7 @@ RUN_STATES = ("not started", "running", "resuming", "completed", "failed", "stop
 
 ENDED_STATES = ("completed", "failed", "stopped")
 
-_EDGE_KEY = "edge"  # partitions.json: the partitions that run the edge client
-_RANKS_KEY = PARTITION_RANKS_KEY = "lora_ranks"  # partitions.json: partition ranks
+PARTITION_RANKS_KEY = RANKS_KEY  # partitions.json: partition ranks
 # The types of the fields other code reads from status.json.
 _STATUS_TYPES: dict[str, tuple[type, ...]] = {
     "error": (str,),
@@ -267,6 +273,11 @@ class RunFolder:
         return self.path / "edge-bundle"
 
     @property
+    def tracking_dir(self) -> Path:
+        """``tracking/``: the run's TensorBoard events and MLflow store (``[run] tracking``)."""
+        return self.path / "tracking"
+
+    @property
     def lock_file(self) -> Path:
         """``.lock``: flock'ed by the run's owner, holding its pid."""
         return self.path / ".lock"
@@ -357,43 +368,18 @@ class RunFolder:
     def write_partitions(
         self, summary: Mapping[str, Any], edge: Sequence[int] = ()
     ) -> None:
-        """Write ``partitions.json``: ``summary`` plus the ``edge`` partitions.
-
-        ``summary`` holds ``sizes`` (examples per partition) and what else
-        preparation records; ``edge`` lists the partitions that run the edge
-        client, stored sorted.
-        """
-        record = {**summary, _EDGE_KEY: sorted(set(edge))}
-        atomic_write_text(self.partitions, json.dumps(record, indent=1))
+        """Write ``partitions.json`` (:func:`protocols.run_partitions.partitions_text`)."""
+        atomic_write_text(self.partitions, partitions_text(summary, edge))
 
     def edge_partitions(self) -> tuple[int, ...]:
-        """The partitions ``partitions.json`` records as edge clients, checked.
-
-        Empty when the file or its ``edge`` list is absent (a deployed run, a
-        run folder from before edge clients).
+        """The partitions ``partitions.json`` lists as edge clients, checked.
 
         Raises
         ------
         RunFolderError
-            If the record is damaged: ``sizes`` is not a list, or ``edge`` is
-            not a sorted list of distinct partition ids below ``len(sizes)``.
+            If the record is damaged (:func:`protocols.run_partitions.edge_partitions`).
         """
-        record = self.read_record(self.partitions)
-        if record is None or record.get(_EDGE_KEY) is None:
-            return ()
-        sizes, edge = record.get("sizes"), record[_EDGE_KEY]
-        if not isinstance(sizes, list):
-            raise RunFolderError(f"{self.partitions} is damaged: 'sizes' is {sizes!r}")
-        ok = isinstance(edge, list) and all(
-            isinstance(p, int) and not isinstance(p, bool) and 0 <= p < len(sizes)
-            for p in edge
-        )
-        if not ok or edge != sorted(set(edge)):
-            raise RunFolderError(
-                f"{self.partitions} is damaged: 'edge' must list distinct sorted "
-                f"partition ids from 0 to {len(sizes) - 1}, got {edge!r}"
-            )
-        return tuple(edge)
+        return edge_partitions(self.read_record(self.partitions), self.partitions)
 
     def edge_bundle(self, partition_id: int) -> Path | None:
         """The bundle simulated client ``partition_id`` trains on; None: a torch client.
@@ -418,16 +404,9 @@ class RunFolder:
 
     def lora_rank(self, partition_id: int) -> int | None:
         """A partition's rank in ``partitions.json`` (None: none); RunFolderError if bad."""
-        record = self.read_record(self.partitions) or {}
-        ranks, n = record.get(_RANKS_KEY), len(record.get("sizes") or ())
-        ok = isinstance(ranks, list) and len(ranks) == n
-        if ranks is not None and not (
-            ok and all(type(r) is int and r > 0 for r in ranks)
-        ):
-            raise RunFolderError(
-                f"{self.partitions} is damaged: {_RANKS_KEY} {ranks!r}"
-            )
-        return ranks[partition_id] if ranks and 0 <= partition_id < n else None
+        return lora_rank(
+            self.read_record(self.partitions), self.partitions, partition_id
+        )
 
     # -- status ---------------------------------------------------------------
     def read_status(self) -> RunStatus:

@@ -58,13 +58,13 @@ def fit_run_max_length(model_name: str, examples: Sequence[Example]) -> int:
     Raises
     ------
     models.ModelLoadError
-        If the model (whose tokenizer counts the tokens) cannot be loaded.
+        If the model's tokenizer (which counts the tokens) cannot be loaded.
     """
-    # Here, not at import: torch and transformers only when a length is fitted.
-    from models import load_causal_lm
+    # Here, not at import: transformers only when a length is fitted.
+    from models import load_tokenizer
     from models.batching import fit_max_length
 
-    tokenizer = load_causal_lm(model_name).tokenizer
+    tokenizer = load_tokenizer(model_name)  # the weights are not needed
     return fit_max_length(examples, tokenizer)  # its defaults are the "auto" rule
 
 

@@ -60,7 +60,6 @@ __all__ = [
     "open_tracker",
     "row_scalars",
     "tracker_problem",
-    "tracking_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -103,14 +102,9 @@ def tracker_problem(names: Sequence[str]) -> str | None:
     return None
 
 
-def tracking_dir(folder: RunFolder) -> Path:
-    """The run folder's ``tracking/``."""
-    return folder.path / "tracking"
-
-
 def mlflow_uri(folder: RunFolder) -> str:
     """The MLflow tracking URI of ``folder``'s store (``sqlite:////abs/path``)."""
-    return "sqlite:///" + str((tracking_dir(folder) / "mlflow.db").resolve())
+    return "sqlite:///" + str((folder.tracking_dir / "mlflow.db").resolve())
 
 
 def _finite(value: Any) -> float | None:
@@ -268,7 +262,7 @@ class _MLflow:
         if experiment is not None:
             experiment_id = experiment.experiment_id
         else:
-            artifacts = (tracking_dir(folder) / "mlflow-artifacts").resolve()
+            artifacts = (folder.tracking_dir / "mlflow-artifacts").resolve()
             experiment_id = self.client.create_experiment(
                 _EXPERIMENT, artifact_location=artifacts.as_uri()
             )
@@ -371,7 +365,7 @@ def open_tracker(
     problem = tracker_problem(names)
     if problem is not None:
         raise TrackingError(f"run.tracking {names}: {problem}")
-    root = tracking_dir(folder)
+    root = folder.tracking_dir
     root.mkdir(parents=True, exist_ok=True)
     state = _State.read(root / "state.json") if start_round > 0 else None
     through = min(state.logged_through, start_round) if state else -1

@@ -14,9 +14,10 @@ import pytest
 from corpora import Example
 from models import load_causal_lm
 from models.batching import fit_max_length, format_prompt
+from models.tokenizers import byte_tokenizer
 from protocols.run_folder import RunFolder
 from server.config import ConfigError, load_config
-from server.run_data import resolved_max_length
+from server.run_data import fit_run_max_length, resolved_max_length
 from simulation.prepare import prepare_run
 
 TEMPLATE = len(format_prompt(""))  # characters the template adds to a prompt
@@ -114,3 +115,16 @@ def test_auto_fits_the_long_prompts_of_the_data(tmp_path: Path) -> None:
     )
     config = _config(tmp_path, **{"data.source": str(data), "data.limit": None})
     assert resolved_max_length(config) == 320
+
+
+def test_fitting_a_length_reads_the_tokenizer_not_the_weights(tmp_path: Path) -> None:
+    """A model folder holding only its tokenizer is enough to fit "auto".
+
+    Breaks if fitting loaded the whole model to count tokens (minutes and
+    gigabytes for a 7B model): this folder has no config and no weights.
+    """
+    folder = tmp_path / "tokenizer-only"
+    byte_tokenizer().save_pretrained(folder)
+    examples = [_sized(100), _sized(60)]
+    assert fit_run_max_length(str(folder), examples) == 128
+    assert fit_run_max_length("tiny-llama", examples) == 128

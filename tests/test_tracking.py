@@ -27,7 +27,6 @@ from server.tracking import (
     mlflow_uri,
     open_tracker,
     row_scalars,
-    tracking_dir,
 )
 from tests.lora_runs import lora_config, run
 
@@ -49,7 +48,7 @@ def _row(r: int, loss: float | None, **extra: Any) -> dict[str, Any]:
 
 def _tensorboard(folder: RunFolder, tag: str) -> list[tuple[int, float]]:
     acc = EventAccumulator(
-        str(tracking_dir(folder) / "tensorboard"), size_guidance={"scalars": 0}
+        str(folder.tracking_dir / "tensorboard"), size_guidance={"scalars": 0}
     )
     acc.Reload()
     if tag not in acc.Tags()["scalars"]:
@@ -183,7 +182,7 @@ def test_a_resume_continues_both_runs_without_duplicate_steps(
         metrics.append(row)
         tracker.log_row(row)
     # Killed: no close, and the state write of round 2 lost.
-    state = tracking_dir(folder) / "state.json"
+    state = folder.tracking_dir / "state.json"
     record = json.loads(state.read_text())
     (run_id,) = _mlflow_runs(folder)
     assert record["mlflow_run_id"] == run_id and record["logged_through"] == 2
@@ -206,7 +205,7 @@ def test_a_damaged_state_starts_a_new_mlflow_run_with_every_row(
     folder = RunFolder(tmp_path)
     _log_rows(folder, [_row(r, 3.0 - r) for r in range(3)])
     (old,) = _mlflow_runs(folder)
-    (tracking_dir(folder) / "state.json").write_text('{"mlflow_run_id": 7}')
+    (folder.tracking_dir / "state.json").write_text('{"mlflow_run_id": 7}')
     with caplog.at_level(logging.WARNING, logger="server.tracking"):
         _log_rows(folder, [_row(3, 0.5)], start_round=2)
     assert "damaged; starting a new MLflow run" in caplog.text
