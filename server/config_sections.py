@@ -296,7 +296,8 @@ class EvalSection(Section):
         1,
         ge=1,
         description="Evaluate rounds that are multiples of this, plus round 0 and "
-        "the last round; other rounds' eval fields are null.",
+        "the last round (also one the privacy budget makes the last); other "
+        "rounds' eval fields are null.",
     )
     max_new_tokens: int = Field(16, ge=1, le=1024)
     batch_size: int = Field(32, ge=1)

@@ -43,6 +43,7 @@ from server.evaluation import EvalResult
 from server.tracking import RunTracker, TrackerName, open_tracker
 from strategies import Aggregate, LabelledReply, NodeBook, Nodes, Strategy
 from strategies.privacy import PrivacyBudgetExhausted
+from strategies.sampling import SamplingError
 
 __all__ = [
     "Exchange",
@@ -156,6 +157,21 @@ def _json_safe(value: Any, where: str, fixed: list[str]) -> Any:
 def _evaluates(server_round: int, rounds: int, every: int) -> bool:
     """Whether ``server_round`` is evaluated: round 0, multiples of ``every``, the last."""
     return server_round == 0 or server_round % every == 0 or server_round == rounds
+
+
+def _budget_ends_after(driver: RoundDriver, nodes: NodeBook, server_round: int) -> bool:
+    """Whether the privacy budget will refuse round ``server_round + 1``.
+
+    Then ``server_round`` is the run's last and is evaluated whatever
+    ``eval.every`` says, so an early stop still reports its final model. The
+    next round's size is taken from today's nodes (deployed nodes may still
+    change it; the loop's own check before configuring is what refuses).
+    """
+    try:
+        sampled = len(nodes.sample(server_round + 1))
+    except SamplingError:
+        return False  # too few nodes now: the next round's configure decides
+    return not driver.strategy.budget_allows(sampled)
 
 
 def _row(
@@ -398,7 +414,9 @@ def _play_rounds(
             ledger.record(server_round, who, "up", up, channel="side")
             ledger.record(server_round, who, "down", down, channel="side")
         ev, eval_s = None, None
-        if _evaluates(server_round, rounds, eval_every):
+        if _evaluates(server_round, rounds, eval_every) or _budget_ends_after(
+            driver, nodes, server_round
+        ):
             t_eval = time.monotonic()
             ev = driver.evaluate()
             eval_s = time.monotonic() - t_eval

@@ -194,6 +194,10 @@ class FedKSeed:
         """The round deltas a node synced at ``base_round`` still has to apply."""
         return tuple(d for d in self.history if d.round > base_round)
 
+    def budget_allows(self, sampled: int) -> bool:
+        """Whether a round of ``sampled`` nodes stays within the privacy budget."""
+        return self.account is None or self.account.allows(sampled)
+
     def configure(
         self, server_round: int, nodes: Nodes, current: ZoGlobal
     ) -> list[Message]:

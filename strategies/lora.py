@@ -195,6 +195,10 @@ class LoraFedAvg:
         """The LoRA rank the node ``label`` trains (``spec.rank`` if it did not say)."""
         return self.hello_ranks.get(label, self.spec.rank)
 
+    def budget_allows(self, sampled: int) -> bool:
+        """Whether a round of ``sampled`` nodes stays within the privacy budget."""
+        return self.account is None or self.account.allows(sampled)
+
     def configure(
         self,
         server_round: int,

@@ -261,6 +261,11 @@ class PrivacyAccount:
         """Rounds released so far."""
         return self._accountant.num_releases
 
+    def allows(self, sampled: int) -> bool:
+        """Whether a round of ``sampled`` clients stays within the target epsilon."""
+        target = self.settings.target_epsilon
+        return target is None or not self._accountant.would_exceed(self._event(sampled))
+
     def check(self, sampled: int) -> None:
         """Refuse a round that would take epsilon past the target.
 
@@ -270,9 +275,7 @@ class PrivacyAccount:
             If releasing one more round of ``sampled`` clients would exceed
             ``target_epsilon``.
         """
-        if self.settings.target_epsilon is None:
-            return
-        if self._accountant.would_exceed(self._event(sampled)):
+        if not self.allows(sampled):
             raise PrivacyBudgetExhausted(
                 f"privacy budget spent: one more round would take epsilon past "
                 f"privacy.target_epsilon {self.settings.target_epsilon:g} "

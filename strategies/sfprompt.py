@@ -107,6 +107,10 @@ class SFPromptFedAvg:
         )
         self.hello_counts: dict[str, int] = {}
 
+    def budget_allows(self, sampled: int) -> bool:
+        """Always True: SFPrompt has no differential privacy."""
+        return True
+
     def configure(
         self,
         server_round: int,

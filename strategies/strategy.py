@@ -108,3 +108,11 @@ class Strategy(Protocol[GlobalT, AggregateT]):
 
     def summary(self) -> str:
         """The strategy's settings in one line, for the run log."""
+
+    def budget_allows(self, sampled: int) -> bool:
+        """Whether a round of ``sampled`` nodes stays within the privacy budget.
+
+        True without differential privacy or without ``privacy.target_epsilon``;
+        the round loop asks it to know a round is the run's last in time to
+        evaluate it.
+        """

@@ -189,3 +189,10 @@ def fake_zo_spec(num_seeds: int, learning_rate: float = 0.1) -> ZOSpec:
         grad_clip=1000.0,
         max_length=64,
     )
+
+
+class UnlimitedBudget:
+    """The strategy of a fake round driver: no privacy budget to spend."""
+
+    def budget_allows(self, sampled: int) -> bool:
+        return True

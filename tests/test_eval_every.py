@@ -16,6 +16,7 @@ from server.evaluation import EvalResult
 from server.federation import FederationError, RoundResult, run_rounds
 from simulation import read_metrics
 from strategies import NodeBook
+from tests.conftest import UnlimitedBudget
 
 NODES = NodeBook({1: "n1", 2: "n2"})
 EVAL_KEYS = (
@@ -34,6 +35,7 @@ class _Driver:
     fails round ``fail_at`` (a crash after the previous round was recorded)."""
 
     method = "fake"
+    strategy = UnlimitedBudget()
 
     def __init__(self, fail_at: int | None = None) -> None:
         self.evaluations = 0

@@ -196,13 +196,16 @@ def test_central_dp_ignores_the_adaptive_bound(flower_identity: None) -> None:
 
 def test_budget_refuses_the_round_in_configure(flower_identity: None) -> None:
     """With target epsilon between 1 and 2 rounds' worth, configure refuses
-    round 2 before any instruction goes out."""
+    round 2 before any instruction goes out, as ``budget_allows`` foretold
+    after round 1 (the round loop's cue to evaluate it as the last)."""
     acc1, acc2 = rdp.RdpAccountant(), rdp.RdpAccountant()
     acc1.compose(dp_event.GaussianDpEvent(1.0), 1)
     acc2.compose(dp_event.GaussianDpEvent(1.0), 2)
     target = (acc1.get_epsilon(1e-3) + acc2.get_epsilon(1e-3)) / 2
     strategy = _strategy(LAYOUT, _dp(target=target))
+    assert strategy.budget_allows(len(NODES))
     _round(strategy, BIG)
+    assert not strategy.budget_allows(len(NODES))
     with pytest.raises(PrivacyBudgetExhausted):
         strategy.configure(2, NODES, BIG)
 

@@ -13,12 +13,14 @@ from server.evaluation import EvalResult
 from server.federation import FederationError, RoundResult, run_rounds
 from simulation import read_metrics
 from strategies import NodeBook
+from tests.conftest import UnlimitedBudget
 
 NODES = NodeBook({1: "n1", 2: "n2"})
 
 
 class _Driver:
     method = "fake"
+    strategy = UnlimitedBudget()
 
     def __init__(self, replies_per_round: list[int]) -> None:
         self.replies = replies_per_round
@@ -138,14 +140,27 @@ def test_a_row_json_cannot_hold_is_recorded_with_nulls(
 
 
 class _BudgetDriver(_Driver):
-    """Refuses to configure round 3: its privacy budget would be spent."""
+    """Has privacy budget for two rounds: configuring round 3 is refused."""
+
+    def __init__(self, replies_per_round: list[int]) -> None:
+        super().__init__(replies_per_round)
+        self.strategy = self  # type: ignore[assignment]
+        self.evaluated: list[int] = []
+        self.applied = 0
+
+    def budget_allows(self, sampled: int) -> bool:
+        return self.applied < 2
 
     def configure(self, server_round: int, nodes: object) -> list:
         from strategies.privacy import PrivacyBudgetExhausted
 
-        if server_round == 3:
+        if not self.budget_allows(len(NODES.labels)):
             raise PrivacyBudgetExhausted("one more round would pass epsilon 1")
         return []
+
+    def apply(self, server_round: int, replies: object) -> RoundResult:
+        self.applied += 1
+        return super().apply(server_round, replies)
 
 
 def test_a_spent_privacy_budget_ends_the_run_early_with_its_artefacts(
@@ -166,3 +181,24 @@ def test_a_spent_privacy_budget_ends_the_run_early_with_its_artefacts(
     assert done == 2
     assert driver.checkpoints == [1, 2] and driver.finished
     assert [r["round"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2]
+
+
+def test_the_last_round_before_a_spent_budget_is_evaluated(tmp_path: Path) -> None:
+    """With ``eval.every`` = 10 over 10 rounds, a run the privacy budget stops
+    after round 2 still evaluates round 2: its final model is reported.
+
+    Breaks if the early stop left the final model unevaluated (only round 0
+    would carry an eval_loss).
+    """
+    run_rounds(
+        _Grid(),
+        _BudgetDriver([2] * 10),
+        NODES,
+        rounds=10,
+        folder=RunFolder(tmp_path),
+        timeout_s=1.0,
+        ledger=ByteLedger(),
+        eval_every=10,
+    )
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["eval_loss"] is not None for r in rows] == [True, False, True]

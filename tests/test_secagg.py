@@ -61,6 +61,7 @@ from strategies.secure_mean import (
     secure_train_loss,
     seed_coefficients,
 )
+from tests.conftest import UnlimitedBudget
 
 N = 5
 SHAPES = {"a.lora_A.weight": (2, 6), "b.lora_B.weight": (5, 2)}
@@ -360,6 +361,7 @@ class _SecureDriver:
     the secure mean (what LoraFedAvg will do in 3 lines)."""
 
     method = "fake-secure-lora"
+    strategy = UnlimitedBudget()
 
     def __init__(self) -> None:
         self.adapter = dict(GLOBAL)
