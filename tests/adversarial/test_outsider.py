@@ -12,6 +12,7 @@ while registered nodes train.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -161,17 +162,24 @@ class Gateway:
             conn.close()
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    pki = make_dev_pki(tmp_path_factory.mktemp("pki"))
+@contextlib.contextmanager
+def _gateway_before_upstream(pki_dir: Path, *extra: str) -> Iterator[Gateway]:
+    """A gateway (started with ``extra`` flags) in front of a dummy SuperLink."""
+    pki = make_dev_pki(pki_dir)
     upstream, server = _start_upstream(pki)
-    port, proc = _start_gateway(pki, upstream.port)
+    port, proc = _start_gateway(pki, upstream.port, *extra)
     try:
         yield Gateway(port, pki, upstream)
     finally:
         _stop(proc)
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    with _gateway_before_upstream(tmp_path_factory.mktemp("pki")) as gw:
+        yield gw
 
 
 def test_fleet_paths_are_flowers_fleet_routes() -> None:
@@ -297,15 +305,8 @@ def bounded_gateway(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Gateway]:
     """A gateway started with the extra flags the test parametrizes it with."""
-    pki = make_dev_pki(tmp_path)
-    upstream, server = _start_upstream(pki)
-    port, proc = _start_gateway(pki, upstream.port, *request.param)
-    try:
-        yield Gateway(port, pki, upstream)
-    finally:
-        _stop(proc)
-        server.shutdown()
-        server.server_close()
+    with _gateway_before_upstream(tmp_path, *request.param) as gw:
+        yield gw
 
 
 @pytest.mark.parametrize(
