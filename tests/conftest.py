@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -196,3 +196,28 @@ class UnlimitedBudget:
 
     def budget_allows(self, sampled: int) -> bool:
         return True
+
+
+class EmptyGrid:
+    """A grid whose nodes answer nothing (fake drivers build their own results)."""
+
+    def send_and_receive(self, messages: list[Any], timeout: float) -> list[Any]:
+        return []
+
+
+def run_fake_rounds(driver: Any, folder: Path, **kwargs: Any) -> int:
+    """:func:`server.federation.run_rounds` of a fake driver over two nodes."""
+    from protocols import ByteLedger
+    from protocols.run_folder import RunFolder
+    from server.federation import run_rounds
+    from strategies import NodeBook
+
+    return run_rounds(
+        EmptyGrid(),  # type: ignore[arg-type]
+        driver,
+        NodeBook({1: "n1", 2: "n2"}),
+        folder=RunFolder(folder),
+        timeout_s=1.0,
+        ledger=ByteLedger(),
+        **kwargs,
+    )

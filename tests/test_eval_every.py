@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from protocols import ByteLedger
 from protocols.run_folder import RunFolder
 from server.config import ConfigError, load_config
 from server.evaluation import EvalResult
-from server.federation import FederationError, RoundResult, run_rounds
+from server.federation import FederationError, RoundResult
 from simulation import read_metrics
 from strategies import NodeBook
-from tests.conftest import UnlimitedBudget
+from tests.conftest import UnlimitedBudget, run_fake_rounds
 
 NODES = NodeBook({1: "n1", 2: "n2"})
 EVAL_KEYS = (
@@ -66,29 +65,12 @@ class _Driver:
         return 0
 
 
-class _Grid:
-    def send_and_receive(self, messages: list, timeout: float) -> list:
-        return []
-
-
-def _run(driver: _Driver, folder: Path, **kwargs: object) -> int:
-    return run_rounds(
-        _Grid(),
-        driver,
-        NODES,
-        folder=RunFolder(folder),
-        timeout_s=1.0,
-        ledger=ByteLedger(),
-        **kwargs,  # type: ignore[arg-type]
-    )
-
-
 def test_every_n_rounds_plus_round_zero_and_the_last(tmp_path: Path) -> None:
     """every = 2 over 5 rounds evaluates rounds 0, 2, 4 and 5 (the last) and
     no other; the other rows keep their training fields with every eval_*
     field null. Breaks if the schedule or the null fields are wrong."""
     driver = _Driver()
-    assert _run(driver, tmp_path, rounds=5, eval_every=2) == 5
+    assert run_fake_rounds(driver, tmp_path, rounds=5, eval_every=2) == 5
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4, 5]
     assert driver.evaluations == 4
@@ -114,7 +96,7 @@ def test_every_n_rounds_plus_round_zero_and_the_last(tmp_path: Path) -> None:
 def test_every_one_evaluates_every_round(tmp_path: Path) -> None:
     """The default evaluates each round, as before eval.every existed."""
     driver = _Driver()
-    _run(driver, tmp_path, rounds=3)
+    run_fake_rounds(driver, tmp_path, rounds=3)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert driver.evaluations == 4
     assert all(r["eval_metric"] is not None for r in rows)
@@ -126,7 +108,7 @@ def test_resume_keeps_the_schedule_and_the_checkpointed_rows(tmp_path: Path) -> 
     the checkpoint holds each row as recorded, null eval fields included."""
     first = _Driver(fail_at=4)
     with pytest.raises(FederationError):
-        _run(first, tmp_path, rounds=6, eval_every=3)
+        run_fake_rounds(first, tmp_path, rounds=6, eval_every=3)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     for row in rows[1:]:
@@ -135,7 +117,7 @@ def test_resume_keeps_the_schedule_and_the_checkpointed_rows(tmp_path: Path) -> 
     second = _Driver()
     second.saved = dict(first.saved)
     start = max(second.saved)
-    _run(second, tmp_path, rounds=6, eval_every=3, start_round=start)
+    run_fake_rounds(second, tmp_path, rounds=6, eval_every=3, start_round=start)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]
     assert [r["round"] for r in rows if r["eval_metric"] is not None] == [0, 3, 6]
@@ -154,4 +136,4 @@ def test_eval_every_is_checked(tmp_path: Path) -> None:
         in load_config(None, {"eval.metric": "rouge_l_fedkseed"}).eval.metric
     )
     with pytest.raises(ValueError, match="eval_every"):
-        _run(_Driver(), tmp_path, rounds=1, eval_every=0)
+        run_fake_rounds(_Driver(), tmp_path, rounds=1, eval_every=0)

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from protocols import ByteLedger
 from protocols.run_folder import RunFolder
 from server.evaluation import EvalResult
-from server.federation import FederationError, RoundResult, run_rounds
+from server.federation import FederationError, RoundResult
 from simulation import read_metrics
 from strategies import NodeBook
-from tests.conftest import UnlimitedBudget
+from tests.conftest import UnlimitedBudget, run_fake_rounds
 
 NODES = NodeBook({1: "n1", 2: "n2"})
 
@@ -48,30 +47,13 @@ class _Driver:
         return 0
 
 
-class _Grid:
-    def send_and_receive(self, messages: list, timeout: float) -> list:
-        return []
-
-
-def _run(driver: _Driver, folder: Path, **kwargs: object) -> int:
-    return run_rounds(
-        _Grid(),
-        driver,
-        NODES,
-        folder=RunFolder(folder),
-        timeout_s=1.0,
-        ledger=ByteLedger(),
-        **kwargs,  # type: ignore[arg-type]
-    )
-
-
 def test_too_few_replies_fail_the_run_with_the_setting_named(tmp_path: Path) -> None:
     """A round with fewer usable replies than federation.min_replies stops the
     run with a message naming the setting; earlier rounds stay recorded and
     the failing round writes no checkpoint."""
     driver = _Driver([2, 1, 2])
     with pytest.raises(FederationError, match="min_replies"):
-        _run(driver, tmp_path, rounds=3, min_replies=2)
+        run_fake_rounds(driver, tmp_path, rounds=3, min_replies=2)
     assert driver.checkpoints == [1] and not driver.finished
     assert [r["round"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1]
 
@@ -79,7 +61,7 @@ def test_too_few_replies_fail_the_run_with_the_setting_named(tmp_path: Path) -> 
 def test_enough_replies_complete_every_round(tmp_path: Path) -> None:
     """With min_replies met, every round is checkpointed and recorded once."""
     driver = _Driver([2, 1, 2])
-    _run(driver, tmp_path, rounds=3, min_replies=1)
+    run_fake_rounds(driver, tmp_path, rounds=3, min_replies=1)
     assert driver.checkpoints == [1, 2, 3] and driver.finished
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["clients"] for r in rows] == [0, 2, 1, 2]
@@ -112,7 +94,7 @@ def test_a_row_json_cannot_hold_is_recorded_with_nulls(
     metrics row (strict JSON has neither): each becomes null, logged, in the
     row and in the checkpoint's copy of it, and every round completes."""
     driver = _DivergedDriver()
-    _run(driver, tmp_path, rounds=2)
+    run_fake_rounds(driver, tmp_path, rounds=2)
     assert driver.checkpoints == [1, 2] and driver.finished
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -155,7 +137,7 @@ def test_a_spent_privacy_budget_ends_the_run_early_with_its_artefacts(
     """The round loop stops before the round that would pass the budget,
     writes the final artefacts and says how many rounds were done."""
     driver = _BudgetDriver([2, 2, 2, 2])
-    done = _run(driver, tmp_path, rounds=4)
+    done = run_fake_rounds(driver, tmp_path, rounds=4)
     assert done == 2
     assert driver.checkpoints == [1, 2] and driver.finished
     assert [r["round"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2]
@@ -168,6 +150,6 @@ def test_the_last_round_before_a_spent_budget_is_evaluated(tmp_path: Path) -> No
     Breaks if the early stop left the final model unevaluated (only round 0
     would carry an eval_loss).
     """
-    _run(_BudgetDriver([2] * 10), tmp_path, rounds=10, eval_every=10)
+    run_fake_rounds(_BudgetDriver([2] * 10), tmp_path, rounds=10, eval_every=10)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["eval_loss"] is not None for r in rows] == [True, False, True]
