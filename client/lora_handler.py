@@ -53,7 +53,7 @@ from protocols.messages import (
     get_client_clip,
     get_local_privacy,
 )
-from strategies.lora_rules import LoraRuleError, fold_residuals
+from strategies.lora_factors import LoraRuleError, fold_residuals
 from strategies.privacy import fresh_noise_seed, gaussian_noise, noise_generator
 from strategies.robust import clip_to_norm
 
@@ -129,7 +129,7 @@ def apply_residual(lora: LoraModel, residual: Mapping[str, torch.Tensor]) -> Non
 
     ``residual`` maps module prefixes to dense ``(out, in)`` tensors (empty:
     every module back to its pristine weight, bit for bit). The fold is
-    :func:`strategies.lora_rules.fold_residuals` of the pristine copy, never of
+    :func:`strategies.lora_factors.fold_residuals` of the pristine copy, never of
     the live weight, so nothing accumulates across rounds. Nothing is written
     unless every module is found and fits.
 

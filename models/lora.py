@@ -109,7 +109,7 @@ class BaseWeights:
     first time it is asked for, and :meth:`assign` writes new weights and puts
     every other kept module back to its copy bit for bit, so a model reused
     across rounds never carries a stale residual. The arithmetic of the fold
-    is the caller's (``strategies.lora_rules.fold_residual``).
+    is the caller's (``strategies.lora_factors.fold_residual``).
 
     Parameters
     ----------

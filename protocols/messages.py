@@ -361,7 +361,7 @@ class LoraTrainIns:
     "exact"`` only): per adapted module prefix (the adapter's names less
     ``.lora_A.weight``), a dense float32 ``(out, in)`` tensor the client adds
     to that module's frozen base weight
-    (:func:`strategies.lora_rules.fold_residual`). On the wire (record
+    (:func:`strategies.lora_factors.fold_residual`). On the wire (record
     ``lora-residual``, the adapter's codec) only when non-empty.
 
     Raises

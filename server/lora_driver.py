@@ -51,7 +51,7 @@ from server.evaluation import CentralEvaluator, EvalResult, build_evaluator
 from server.federation import FederationError, RoundResult, require_update
 from server.run_data import resolved_max_length
 from strategies import LabelledReply, LocalTrainSettings, LoraFedAvg, Nodes
-from strategies.lora_rules import fold_residuals
+from strategies.lora_factors import fold_residuals
 from strategies.privacy import DPSettings
 from strategies.robust import Bounds
 from strategies.server_opt import ServerOptError, ServerOptimizer, ServerOptSettings

@@ -64,8 +64,8 @@ from protocols.messages import (
     put_local_privacy,
 )
 from strategies.fedavg import TensorFedAvg
+from strategies.lora_factors import client_adapter
 from strategies.lora_family import decode_replies, family_round
-from strategies.lora_rules import client_adapter
 from strategies.privacy import (
     DPSettings,
     PrivacyAccount,
@@ -209,7 +209,7 @@ class LoraFedAvg:
         """The round's ``train.lora`` messages, each node's adapter at its rank.
 
         A node of rank ``r`` (:meth:`rank_of`) gets
-        :func:`strategies.lora_rules.client_adapter` of ``current`` (the
+        :func:`strategies.lora_factors.client_adapter` of ``current`` (the
         global adapter itself when ``r == spec.rank``) and ``residual``, the
         cumulative FedEx-LoRA residual (``exact`` only; None or empty: none).
 

@@ -8,11 +8,11 @@ of :mod:`strategies.lora_rules` for every ``lora.aggregation`` but plain
    layout at ``r`` (:func:`layout_at`); any other is dropped with the
    decoder's one-line reason.
 2. **Updates in the node's rank.** The node started from the truncation of
-   the global adapter (:func:`~strategies.lora_rules.client_adapter`); its
+   the global adapter (:func:`~strategies.lora_factors.client_adapter`); its
    update is what it returned minus that start, in float32. ``ffa`` first
    drops a reply whose A is not bit-identical to the global A.
 3. **Bounds before the rule.** Each update is clipped on its *padded
-   canonical* form (:func:`~strategies.lora_rules.pad_to`: B scaled by
+   canonical* form (:func:`~strategies.lora_factors.pad_to`: B scaled by
    ``r_max / r``, so the padded update has the same ``dW`` as the client's,
    but a larger factor norm than the unpadded one). Clipping scales by one
    factor, so clipping the padded update and padding the clipped update are
@@ -54,12 +54,15 @@ from protocols import LoraSpec, LoraTrainRes, TensorLayout, decode_lora_train_re
 from protocols.codecs import TensorEntry
 from strategies.aggregation import AggregationError
 from strategies.fedavg import OVERFLOW, TensorFedAvg
-from strategies.lora_rules import (
+from strategies.lora_factors import (
+    LORA_A,
+    LORA_B,
+    Adapter,
     LoraRuleError,
-    aggregate,
     client_adapter,
-    pad_to,
+    pad_adapter,
 )
+from strategies.lora_rules import aggregate
 from strategies.replies import triage
 from strategies.robust import clip_bound, combine, is_finite, update_norm
 from strategies.strategy import LabelledReply
@@ -68,10 +71,7 @@ __all__ = ["FamilyRound", "decode_replies", "family_round", "layout_at"]
 
 log = logging.getLogger(__name__)
 
-_A = ".lora_A.weight"
-_B = ".lora_B.weight"
 
-Adapter = Mapping[str, torch.Tensor]
 Reply = tuple[str, LoraTrainRes]
 
 
@@ -91,9 +91,9 @@ def layout_at(layout: TensorLayout, rank: int) -> TensorLayout:
     entries = []
     for e in layout.entries:
         shape = e.shape
-        if e.name.endswith(_A) and len(shape) == 2:
+        if e.name.endswith(LORA_A) and len(shape) == 2:
             shape = (rank, shape[1])
-        elif e.name.endswith(_B) and len(shape) == 2:
+        elif e.name.endswith(LORA_B) and len(shape) == 2:
             shape = (shape[0], rank)
         entries.append(TensorEntry(e.name, e.dtype, shape))
     return TensorLayout(tuple(entries))
@@ -122,20 +122,6 @@ def decode_replies(
         )
 
     return triage(server_round, replies, decode)
-
-
-def _pad(adapter: Adapter, rank: int, r_max: int) -> dict[str, torch.Tensor]:
-    """An adapter (or update) of ``rank`` lifted to ``r_max`` (:func:`pad_to`)."""
-    if rank == r_max:
-        return dict(adapter)
-    out: dict[str, torch.Tensor] = {}
-    for name in adapter:
-        if name.endswith(_A):
-            prefix = name[: -len(_A)]
-            out[name], out[prefix + _B] = pad_to(
-                adapter[name], adapter[prefix + _B], rank, r_max
-            )
-    return {name: out[name] for name in adapter}
 
 
 def _scaled(
@@ -210,14 +196,14 @@ def family_round(
     if not kept:
         return FamilyRound([], rejected)
     rank_list = [ranks.get(who, r_max) for who, _ in kept]
-    padded = [_pad(d, r, r_max) for d, r in zip(deltas, rank_list, strict=True)]
+    padded = [pad_adapter(d, r, r_max) for d, r in zip(deltas, rank_list, strict=True)]
     stats: dict[str, Any] = {}
     residual: dict[str, torch.Tensor] | None = None
     try:
         if rule == "ffa" or (rule == "hetlora" and fedavg.central is not None):
             if rule == "ffa":
                 padded = [
-                    {k: t for k, t in p.items() if k.endswith(_B)} for p in padded
+                    {k: t for k, t in p.items() if k.endswith(LORA_B)} for p in padded
                 ]
             combined, stats = fedavg.combine_updates(
                 server_round,
@@ -260,9 +246,9 @@ def family_round(
 def _ffa_problem(adapter: Adapter, cur: Adapter) -> str | None:
     """Why an ``ffa`` reply is refused (its A is not the global A), or None."""
     for name, t in adapter.items():
-        if name.endswith(_A) and not torch.equal(t, cur[name]):
+        if name.endswith(LORA_A) and not torch.equal(t, cur[name]):
             return (
-                f"ffa: it changed the frozen A of module '{name[: -len(_A)]}' "
+                f"ffa: it changed the frozen A of module '{name[: -len(LORA_A)]}' "
                 "(A must equal the global A bit for bit)"
             )
     return None
@@ -278,7 +264,7 @@ def _padded_mean(
     total: dict[str, torch.Tensor] = {}
     for r in distinct:
         share = ranks.count(r) / len(ranks)
-        for k, t in _pad(starts[r], r, r_max).items():
+        for k, t in pad_adapter(starts[r], r, r_max).items():
             total[k] = total.get(k, torch.zeros_like(t, dtype=torch.float32))
             total[k].add_(t.float(), alpha=share)
     return total
@@ -316,7 +302,7 @@ def _clipped_rule(
     residual = None
     if spec.aggregation == "hetlora" and not sparsity_weighted:
         lifted = [
-            _pad({k: t.float() for k, t in c.items()}, r, spec.rank)
+            pad_adapter({k: t.float() for k, t in c.items()}, r, spec.rank)
             for c, r in zip(clipped, ranks, strict=True)
         ]
         got = combine(lifted, weights, fedavg.bounds, device=fedavg.device)

@@ -41,7 +41,7 @@ from server.export import adapter_note, export_run
 from server.federation import FederationError
 from server.lora_driver import RESIDUAL_FILE, LoraDriver
 from strategies.lora import LoraAggregate
-from strategies.lora_rules import fold_residual
+from strategies.lora_factors import fold_residual
 from tests.lora_runs import (
     Recorded,
     checkpoint,

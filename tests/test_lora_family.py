@@ -39,13 +39,9 @@ from protocols.messages import (
 from server.config import ConfigError, load_config
 from strategies import LocalTrainSettings, LoraFedAvg
 from strategies.fedavg import TensorFedAvg
+from strategies.lora_factors import client_adapter, effective_delta, pad_to
 from strategies.lora_family import layout_at
-from strategies.lora_rules import (
-    aggregate,
-    client_adapter,
-    effective_delta,
-    pad_to,
-)
+from strategies.lora_rules import aggregate
 from strategies.privacy import DPSettings
 from strategies.robust import Bounds, update_norm
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from server.export import adapter_note, export_run
 from server.lora_driver import RESIDUAL_FILE
-from strategies.lora_rules import client_adapter
+from strategies.lora_factors import client_adapter
 from tests.lora_runs import (
     Recorded,
     checkpoint,

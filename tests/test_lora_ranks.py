@@ -50,7 +50,8 @@ from server.discovery import hello_rank
 from server.federation import FederationError, discover_nodes
 from simulation.inprocess import InProcessGrid
 from simulation.prepare import prepare_run
-from strategies.lora_rules import RULES, client_adapter, effective_delta
+from strategies.lora_factors import client_adapter, effective_delta
+from strategies.lora_rules import RULES
 
 MIXED = LoraSpec(
     model="tiny-llama", max_length=64, client_ranks=(4, 8), aggregation="hetlora"

@@ -14,10 +14,8 @@ import math
 import pytest
 import torch
 
-from strategies.lora_rules import (
-    RULES,
+from strategies.lora_factors import (
     LoraRuleError,
-    aggregate,
     client_adapter,
     effective_delta,
     fold_residual,
@@ -25,6 +23,7 @@ from strategies.lora_rules import (
     pair_factors,
     truncate_to,
 )
+from strategies.lora_rules import RULES, aggregate
 
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
 V = "base_model.model.model.layers.0.self_attn.v_proj"
