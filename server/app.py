@@ -208,6 +208,7 @@ def _run_owned(
             exchange=_exchange(config, counts),
             eval_every=config.eval.every,
             tracking=config.run.tracking,
+            tracking_uri=config.run.tracking_uri,
         )
     except (KeyboardInterrupt, SystemExit) as exc:
         # Told to stop (``server stop``, Ctrl-C, the SuperLink going away):

@@ -14,10 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from protocols.methods import LORA, get_method
-from server.tracking import TrackerName, tracker_problem
+from server.tracking import TrackerName, tracker_problem, tracking_uri_problem
 
 __all__ = [
     "ATTACK_BEHAVIOURS",
@@ -61,6 +61,13 @@ class RunSection(Section):
         description="Trackers that also log each metrics row, offline, into the "
         "run folder's tracking/: tensorboard, mlflow (server.tracking).",
     )
+    tracking_uri: str | None = Field(
+        None,
+        description="One MLflow store for many runs, so one MLflow UI compares "
+        "them: sqlite:////absolute/path.db or an MLflow server http(s)://host:port. "
+        "Default: each run folder's own tracking/mlflow.db. Needs 'mlflow' in "
+        "tracking.",
+    )
 
     @field_validator("tracking")
     @classmethod
@@ -70,6 +77,24 @@ class RunSection(Section):
         if problem is not None:
             raise ValueError(problem)
         return names
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _store(cls, uri: str | None) -> str | None:
+        """A SQLite file in an existing folder, or an http(s) MLflow server."""
+        problem = None if uri is None else tracking_uri_problem(uri)
+        if problem is not None:
+            raise ValueError(problem)
+        return uri
+
+    @model_validator(mode="after")
+    def _store_needs_mlflow(self) -> RunSection:
+        if self.tracking_uri is not None and "mlflow" not in self.tracking:
+            raise ValueError(
+                f"tracking_uri {self.tracking_uri!r} is for MLflow, but tracking "
+                f"{list(self.tracking)} does not list mlflow"
+            )
+        return self
 
     @field_validator("method")
     @classmethod

@@ -288,6 +288,7 @@ def run_rounds(
     exchange: Exchange = plain_exchange,
     eval_every: int = 1,
     tracking: Sequence[TrackerName] = (),
+    tracking_uri: str | None = None,
 ) -> int:
     """Run rounds ``start_round + 1 .. rounds`` of ``driver``'s method; the last round done.
 
@@ -313,7 +314,8 @@ def run_rounds(
     says how many rounds were done.
 
     ``tracking`` (``run.tracking``) names the trackers that also log every
-    row, as it is recorded (:mod:`server.tracking`); they are closed when the
+    row, as it is recorded (:mod:`server.tracking`), MLflow into
+    ``tracking_uri`` (``run.tracking_uri``) if given; they are closed when the
     rounds end, however they end.
 
     Raises
@@ -324,7 +326,11 @@ def run_rounds(
         If a tracker cannot be opened (before any round).
     """
     tracker = open_tracker(
-        folder, tracking, start_round=start_round, method=driver.method
+        folder,
+        tracking,
+        start_round=start_round,
+        method=driver.method,
+        mlflow_store=tracking_uri,
     )
     try:
         done = _play_rounds(

@@ -12,6 +12,11 @@ tracker's own library, offline, into the run folder's ``tracking/``::
 MLflow 3 refuses its file store (``./mlruns``) unless
 ``MLFLOW_ALLOW_FILE_STORE`` is set, and documents a SQLite URI for local use,
 so the store is ``sqlite:///<run>/tracking/mlflow.db`` (:func:`mlflow_uri`).
+``[run] tracking_uri`` names one store for many runs instead, so that one
+MLflow UI compares them: another SQLite file (``sqlite:////abs/runs.db``,
+artifacts beside it) or an MLflow server (``http(s)://host:port``, which
+places artifacts itself); each run is an MLflow run named as its folder in the
+``pollinate`` experiment, and ``state.json`` still lives in the run folder.
 
 What becomes a metric (:func:`row_scalars`): every finite number of a row,
 at step = round, one level of nested tables flattened with ``/``
@@ -60,6 +65,7 @@ __all__ = [
     "open_tracker",
     "row_scalars",
     "tracker_problem",
+    "tracking_uri_problem",
 ]
 
 log = logging.getLogger(__name__)
@@ -102,9 +108,50 @@ def tracker_problem(names: Sequence[str]) -> str | None:
     return None
 
 
-def mlflow_uri(folder: RunFolder) -> str:
-    """The MLflow tracking URI of ``folder``'s store (``sqlite:////abs/path``)."""
-    return "sqlite:///" + str((folder.tracking_dir / "mlflow.db").resolve())
+_SQLITE = "sqlite:///"
+_SERVERS = ("http://", "https://")
+
+
+def tracking_uri_problem(uri: str) -> str | None:
+    """What is wrong with a ``run.tracking_uri``, in one line, or None.
+
+    Accepted: ``sqlite:///`` + an absolute path to a ``.db`` file whose folder
+    exists, or ``http(s)://`` + a host (an MLflow tracking server).
+    """
+    if uri.startswith(_SQLITE):
+        path = Path(uri[len(_SQLITE) :])
+        if not path.is_absolute() or path.suffix != ".db":
+            return f"a SQLite store must be sqlite:////absolute/path.db, got {uri!r}"
+        if not path.parent.is_dir():
+            return f"the folder of {path} does not exist"
+        return None
+    scheme = next((s for s in _SERVERS if uri.startswith(s)), None)
+    if scheme is None or not uri[len(scheme) :].split("/")[0]:
+        return (
+            "must be sqlite:////absolute/path.db or http(s)://host[:port] "
+            f"(an MLflow server), got {uri!r}"
+        )
+    return None
+
+
+def mlflow_uri(folder: RunFolder, store: str | None = None) -> str:
+    """The MLflow tracking URI of a run's MLflow store.
+
+    ``store`` (``run.tracking_uri``) if given, else the run folder's own SQLite
+    store, ``sqlite:////abs/<run>/tracking/mlflow.db``.
+    """
+    if store is not None:
+        return store
+    return _SQLITE + str((folder.tracking_dir / "mlflow.db").resolve())
+
+
+def _artifact_root(folder: RunFolder, uri: str, store: str | None) -> str | None:
+    """Where the ``pollinate`` experiment's artifacts go (None: the server's choice)."""
+    if store is None:
+        return (folder.tracking_dir / "mlflow-artifacts").resolve().as_uri()
+    if uri.startswith(_SQLITE):
+        return (Path(uri[len(_SQLITE) :]).parent / "mlflow-artifacts").as_uri()
+    return None
 
 
 def _finite(value: Any) -> float | None:
@@ -144,6 +191,7 @@ def _config_params(folder: RunFolder, method: str) -> dict[str, str]:
     from server.config import load_config  # config imports this module
 
     tree = load_config(folder.config).model_dump(mode="json")
+    tree["run"].pop("tracking_uri", None)  # may hold a server's credentials
     return {
         f"{section}.{key}": (v if isinstance(v, str) else json.dumps(v))[:_PARAM_CHARS]
         for section, table in tree.items()
@@ -231,16 +279,20 @@ class _MLflow:
 
     name = "mlflow"
 
-    def __init__(self, folder: RunFolder, run_id: str | None, method: str) -> None:
+    def __init__(
+        self, folder: RunFolder, run_id: str | None, method: str, store: str | None
+    ) -> None:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(mlflow_uri(folder))
-        resumed = self._continue(run_id, folder) if run_id is not None else None
+        self.uri = mlflow_uri(folder, store)
+        self.store = store
+        self.client = MlflowClient(self.uri)
+        resumed = self._continue(run_id) if run_id is not None else None
         self.resumed = resumed is not None
         self.run_id: str = resumed or self._start(folder, method)
 
-    def _continue(self, run_id: str, folder: RunFolder) -> str | None:
+    def _continue(self, run_id: str) -> str | None:
         """``run_id`` marked running again, or None if the store lacks it."""
         from mlflow.exceptions import MlflowException
 
@@ -250,7 +302,7 @@ class _MLflow:
             log.warning(
                 "MLflow run %s is not in %s (%s); starting a new MLflow run",
                 run_id,
-                mlflow_uri(folder),
+                self.uri,
                 " ".join(str(exc).split())[:200],
             )
             return None
@@ -258,14 +310,22 @@ class _MLflow:
 
     def _start(self, folder: RunFolder, method: str) -> str:
         """A new run (named as the run folder) in the ``pollinate`` experiment."""
+        from mlflow.exceptions import MlflowException
+
         experiment = self.client.get_experiment_by_name(_EXPERIMENT)
         if experiment is not None:
             experiment_id = experiment.experiment_id
         else:
-            artifacts = (folder.tracking_dir / "mlflow-artifacts").resolve()
-            experiment_id = self.client.create_experiment(
-                _EXPERIMENT, artifact_location=artifacts.as_uri()
-            )
+            try:
+                experiment_id = self.client.create_experiment(
+                    _EXPERIMENT,
+                    artifact_location=_artifact_root(folder, self.uri, self.store),
+                )
+            except MlflowException:  # another run sharing the store made it first
+                experiment = self.client.get_experiment_by_name(_EXPERIMENT)
+                if experiment is None:
+                    raise
+                experiment_id = experiment.experiment_id
         tags = {"pollinate.run_dir": str(folder.path), "pollinate.method": method}
         run = self.client.create_run(experiment_id, tags=tags, run_name=folder.name)
         return str(run.info.run_id)
@@ -346,13 +406,20 @@ class RunTracker:
 
 
 def open_tracker(
-    folder: RunFolder, names: Iterable[str], *, start_round: int, method: str
+    folder: RunFolder,
+    names: Iterable[str],
+    *,
+    start_round: int,
+    method: str,
+    mlflow_store: str | None = None,
 ) -> RunTracker:
     """Open ``names``' trackers for a run that continues after ``start_round``.
 
     A fresh run (``start_round == 0``) starts new tracker runs; a resumed one
     continues them and first logs the rows of ``metrics.jsonl`` (rounds up to
     ``start_round``) they lack. No names: a tracker that logs nothing.
+    ``mlflow_store`` (``run.tracking_uri``) is a store shared by many runs;
+    None: the run folder's own.
 
     Raises
     ------
@@ -374,7 +441,9 @@ def open_tracker(
     run_id: str | None = None
     try:
         if "mlflow" in names:
-            mlflow = _MLflow(folder, state.mlflow_run_id if state else None, method)
+            mlflow = _MLflow(
+                folder, state.mlflow_run_id if state else None, method, mlflow_store
+            )
             if not mlflow.resumed:
                 through = -1  # a new MLflow run: rebuild both from metrics.jsonl
                 mlflow.log_params(params)

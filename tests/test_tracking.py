@@ -243,3 +243,75 @@ def test_a_stopped_and_resumed_run_tracks_eval_loss_of_every_evaluated_round(
     assert run_info.data.params["model.name"] == "tiny-llama"
     assert run_info.data.params["run.tracking"] == '["tensorboard", "mlflow"]'
     assert run_info.info.status == "FINISHED"
+
+
+def test_a_tracking_uri_is_checked_and_needs_mlflow(tmp_path: Path) -> None:
+    """Breaks if ``run.tracking_uri`` took a relative or non-.db SQLite path,
+    a folder that does not exist, another scheme, or a URI with no MLflow to
+    log to; each refusal is one line naming the setting."""
+    store = f"sqlite:///{tmp_path / 'runs.db'}"
+    ok = {"run.tracking": ["mlflow"], "run.tracking_uri": store}
+    assert load_config(None, ok).run.tracking_uri == store
+    server = {"run.tracking": ["mlflow"], "run.tracking_uri": "http://127.0.0.1:5000"}
+    assert load_config(None, server).run.tracking_uri == "http://127.0.0.1:5000"
+    for bad in (
+        "sqlite:///runs.db",
+        f"sqlite:///{tmp_path / 'runs.txt'}",
+        f"sqlite:///{tmp_path / 'missing' / 'runs.db'}",
+        "ftp://host/runs",
+        "http://",
+    ):
+        with pytest.raises(ConfigError, match="run.tracking_uri") as info:
+            load_config(None, {"run.tracking": ["mlflow"], "run.tracking_uri": bad})
+        assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="does not list mlflow"):
+        load_config(None, {"run.tracking": ["tensorboard"], "run.tracking_uri": store})
+
+
+def test_runs_sharing_a_store_are_runs_of_one_experiment(tmp_path: Path) -> None:
+    """Two run folders logging to one ``run.tracking_uri`` are two MLflow runs,
+    named as their folders, in the one ``pollinate`` experiment of that store,
+    and a resume continues its own run there.
+
+    Breaks if a run logged to its folder's own store instead, if the runs'
+    values mixed, or if the resume started a third MLflow run.
+    """
+    store = f"sqlite:///{tmp_path / 'runs.db'}"
+    folders = {name: RunFolder(tmp_path / name) for name in ("a", "b")}
+    for i, folder in enumerate(folders.values()):
+        folder.path.mkdir()
+        tracker = open_tracker(
+            folder, ["mlflow"], start_round=0, method="lora", mlflow_store=store
+        )
+        for r in range(2):
+            row = _row(r, 2.0 + i - r)
+            folder.metrics_log().append(row)
+            tracker.log_row(row)
+        tracker.close()
+        assert not (folder.tracking_dir / "mlflow.db").exists()
+    a = folders["a"]
+    resumed = open_tracker(
+        a, ["mlflow"], start_round=1, method="lora", mlflow_store=store
+    )
+    resumed.log_row(_row(2, 0.5))
+    resumed.close()
+
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("pollinate")
+    assert experiment is not None
+    runs = {
+        r.info.run_name: r.info.run_id
+        for r in client.search_runs([experiment.experiment_id])
+    }
+    assert set(runs) == {"a", "b"}
+
+    def losses(name: str) -> list[tuple[int, float]]:
+        history = client.get_metric_history(runs[name], "eval_loss")
+        return sorted((m.step, m.value) for m in history)
+
+    assert losses("a") == [(0, 2.0), (1, 1.0), (2, 0.5)]
+    assert losses("b") == [(0, 3.0), (1, 2.0)]
+    assert (
+        json.loads((a.tracking_dir / "state.json").read_text())["mlflow_run_id"]
+        == runs["a"]
+    )
