@@ -434,6 +434,18 @@ def _plot(results: dict[str, Any], plot_dir: Path) -> str | None:
             width,
             label=labels.get(method, method),
         )
+    for i, d in enumerate(datasets):  # the base model, where every method starts
+        firsts = [c["metric_first"] for c in table[d].values() if c["metric_first"]]
+        if firsts:
+            left.hlines(
+                100 * sum(firsts) / len(firsts),
+                i - width / 2,
+                i + (len(methods) - 0.5) * width,
+                colors="black",
+                linestyles="dashed",
+                linewidth=1,
+                label="round 0 (the base model)" if i == 0 else None,
+            )
     for ax in (left, right):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(datasets))])
         ax.set_xticklabels(datasets)
@@ -446,7 +458,7 @@ def _plot(results: dict[str, Any], plot_dir: Path) -> str | None:
         + [0.0]
     )
     left.set_ylim(0, max(1.0, 1.3 * top))
-    left.legend(fontsize=7)
+    left.legend(fontsize=7, loc="upper left")
     left.set_ylabel("Rouge-L % (bootstrap 95% interval; dots: seeds)")
     left.set_title("Rouge-L on held-out tasks / categories", fontsize=9)
     right.set_yscale("log")
