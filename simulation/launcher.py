@@ -112,12 +112,17 @@ def simulation_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     that Ray cluster) and is ``local`` otherwise: left to itself, Ray connects
     to the last cluster named in ``$TMPDIR/ray/ray_current_cluster``, and a
     head killed without ``ray stop`` leaves that file behind, so ``ray.init``
-    would wait forever. ``extra`` (e.g. ``POLLINATE_FAULT_AFTER_ROUND``)
+    would wait forever. ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0`` takes Ray's
+    announced behaviour now (a worker with no GPU share keeps
+    ``CUDA_VISIBLE_DEVICES`` as it is; Ray 2.5x warns on every start without
+    it): a client's device is its node config's ``device`` (``cpu`` unless
+    set), never Ray's. ``extra`` (e.g. ``POLLINATE_FAULT_AFTER_ROUND``)
     overrides all of it.
     """
     return {
         "RAY_ADDRESS": os.environ.get("RAY_ADDRESS") or "local",
         "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONUNBUFFERED": "1",
         **(extra or {}),

@@ -81,6 +81,9 @@ def test_three_clients_two_rounds_write_a_complete_run_folder(tmp_path: Path) ->
     assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
     assert (run_dir / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_config(run_dir / "config.toml").federation.clients == 3
+    # No deprecation or future warning from the engine (Flower, Ray) in its log.
+    log = (run_dir / "simulation.log").read_text()
+    assert "DeprecationWarning" not in log and "FutureWarning" not in log
     # The final adapter is a PEFT folder that loads onto the base model.
     base = load_causal_lm("tiny-llama").model
     tuned = PeftModel.from_pretrained(base, run_dir / "adapter")
