@@ -74,7 +74,7 @@ def resolve_config(config: RunConfig, split: RunSplit) -> RunConfig:
     Raises
     ------
     models.ModelLoadError
-        If ``model.max_length`` is ``"auto"`` and the model cannot be loaded.
+        If ``model.max_length`` is ``"auto"`` and the model's tokenizer cannot be loaded.
     """
     tree = config.model_dump(mode="json")
     if config.model.max_length == "auto":
@@ -120,7 +120,7 @@ def load_run_data(config: RunConfig) -> RunData:
         If the data cannot be read or split as configured (unknown held-out
         groups, too many held out, too few examples).
     models.ModelLoadError
-        If ``model.max_length`` is ``"auto"`` and the model cannot be loaded.
+        If ``model.max_length`` is ``"auto"`` and the model's tokenizer cannot be loaded.
     """
     split = _split(config)
     if split.heldout_groups:
