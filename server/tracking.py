@@ -112,14 +112,19 @@ _SQLITE = "sqlite:///"
 _SERVERS = ("http://", "https://")
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI; None for any other scheme."""
+    return Path(uri[len(_SQLITE) :]) if uri.startswith(_SQLITE) else None
+
+
 def tracking_uri_problem(uri: str) -> str | None:
     """What is wrong with a ``run.tracking_uri``, in one line, or None.
 
     Accepted: ``sqlite:///`` + an absolute path to a ``.db`` file whose folder
     exists, or ``http(s)://`` + a host (an MLflow tracking server).
     """
-    if uri.startswith(_SQLITE):
-        path = Path(uri[len(_SQLITE) :])
+    path = _sqlite_file(uri)
+    if path is not None:
         if not path.is_absolute() or path.suffix != ".db":
             return f"a SQLite store must be sqlite:////absolute/path.db, got {uri!r}"
         if not path.parent.is_dir():
@@ -145,13 +150,17 @@ def mlflow_uri(folder: RunFolder, store: str | None = None) -> str:
     return _SQLITE + str((folder.tracking_dir / "mlflow.db").resolve())
 
 
-def _artifact_root(folder: RunFolder, uri: str, store: str | None) -> str | None:
-    """Where the ``pollinate`` experiment's artifacts go (None: the server's choice)."""
-    if store is None:
-        return (folder.tracking_dir / "mlflow-artifacts").resolve().as_uri()
-    if uri.startswith(_SQLITE):
-        return (Path(uri[len(_SQLITE) :]).parent / "mlflow-artifacts").as_uri()
-    return None
+def _artifact_root(folder: RunFolder, store: str | None) -> str | None:
+    """Where the ``pollinate`` experiment's artifacts go (None: the server's choice).
+
+    Beside the database: the run folder's own store, or a shared SQLite file.
+    """
+    database = (
+        folder.tracking_dir / "mlflow.db" if store is None else _sqlite_file(store)
+    )
+    if database is None:
+        return None
+    return (database.resolve().parent / "mlflow-artifacts").as_uri()
 
 
 def _finite(value: Any) -> float | None:
@@ -319,7 +328,7 @@ class _MLflow:
             try:
                 experiment_id = self.client.create_experiment(
                     _EXPERIMENT,
-                    artifact_location=_artifact_root(folder, self.uri, self.store),
+                    artifact_location=_artifact_root(folder, self.store),
                 )
             except MlflowException:  # another run sharing the store made it first
                 experiment = self.client.get_experiment_by_name(_EXPERIMENT)

@@ -57,7 +57,6 @@ LORA_A = ".lora_A.weight"
 """The name suffix of a module's A factor."""
 LORA_B = ".lora_B.weight"
 """The name suffix of a module's B factor."""
-_A, _B = LORA_A, LORA_B
 
 Adapter = Mapping[str, torch.Tensor]
 Pairs = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -108,18 +107,18 @@ def pair_factors(adapter: Adapter, rank: int, *, who: str = "adapter") -> Pairs:
         raise LoraRuleError(f"{who} has no LoRA tensors")
     pairs: Pairs = {}
     for name in adapter:
-        if name.endswith(_A):
-            prefix = name[: -len(_A)]
-        elif name.endswith(_B):
-            prefix = name[: -len(_B)]
+        if name.endswith(LORA_A):
+            prefix = name[: -len(LORA_A)]
+        elif name.endswith(LORA_B):
+            prefix = name[: -len(LORA_B)]
         else:
             raise LoraRuleError(
                 f"{who} tensor '{name}' is not a LoRA factor "
-                f"(names must end in {_A} or {_B})"
+                f"(names must end in {LORA_A} or {LORA_B})"
             )
         if prefix in pairs:
             continue
-        a_name, b_name = prefix + _A, prefix + _B
+        a_name, b_name = prefix + LORA_A, prefix + LORA_B
         for need in (a_name, b_name):
             if need not in adapter:
                 raise LoraRuleError(f"{who} tensor '{need}' is missing")
@@ -204,7 +203,7 @@ def client_adapter(
     pairs = pair_factors(global_adapter, r_max, who="global adapter")
     out: dict[str, torch.Tensor] = {}
     for prefix, (a, b) in pairs.items():
-        out[prefix + _A], out[prefix + _B] = truncate_to(a, b, r_max, r_i)
+        out[prefix + LORA_A], out[prefix + LORA_B] = truncate_to(a, b, r_max, r_i)
     return {name: out[name] for name in global_adapter}
 
 
@@ -282,9 +281,9 @@ def pad_adapter(adapter: Adapter, rank: int, r_max: int) -> dict[str, torch.Tens
         return dict(adapter)
     out: dict[str, torch.Tensor] = {}
     for name in adapter:
-        if name.endswith(_A):
-            prefix = name[: -len(_A)]
-            out[name], out[prefix + _B] = pad_to(
-                adapter[name], adapter[prefix + _B], rank, r_max
+        if name.endswith(LORA_A):
+            prefix = name[: -len(LORA_A)]
+            out[name], out[prefix + LORA_B] = pad_to(
+                adapter[name], adapter[prefix + LORA_B], rank, r_max
             )
     return {name: out[name] for name in adapter}

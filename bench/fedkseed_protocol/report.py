@@ -435,7 +435,11 @@ def _plot(results: dict[str, Any], plot_dir: Path) -> str | None:
             label=labels.get(method, method),
         )
     for i, d in enumerate(datasets):  # the base model, where every method starts
-        firsts = [c["metric_first"] for c in table[d].values() if c["metric_first"]]
+        firsts = [
+            c["metric_first"]
+            for c in table[d].values()
+            if c["metric_first"] is not None
+        ]
         if firsts:
             left.hlines(
                 100 * sum(firsts) / len(firsts),
