@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -90,6 +92,36 @@ def _serving_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder of node public keys (*.pub): only they may join",
     )
     parser.add_argument("--detach", action="store_true", help="return after submitting")
+    bounds = parser.add_argument_group("fleet gateway bounds (default: the gateway's)")
+    bounds.add_argument(
+        "--header-timeout-s",
+        type=_positive(float),
+        help="seconds a connection has to send a request's line and headers "
+        "(the gateway's default: 10)",
+    )
+    bounds.add_argument(
+        "--max-connections-per-peer",
+        type=_positive(int),
+        help="open connections from one address; raise it for many SuperNodes "
+        "behind one NAT (the gateway's default: 64)",
+    )
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    """An argparse type: a finite number of ``kind`` above zero."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(
+                f"must be a positive {kind.__name__}, got {text!r}"
+            )
+        return value
+
+    return parse
 
 
 def _tls(info: ServerInfo) -> TlsFiles | None:
@@ -232,7 +264,16 @@ def _start(args: argparse.Namespace, console: Console) -> int:
     certs = str(args.certs.resolve()) if args.certs else None
     keys = str(args.auth_keys.resolve()) if args.auth_keys else None
     connect = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    info = ServerInfo(-1, args.host, args.port, f"{connect}:{args.port}", certs, keys)
+    info = ServerInfo(
+        -1,
+        args.host,
+        args.port,
+        f"{connect}:{args.port}",
+        certs,
+        keys,
+        header_timeout_s=args.header_timeout_s,
+        max_connections_per_peer=args.max_connections_per_peer,
+    )
     console.print(f"run folder: {run_dir}")
     info, streamer = _serve(info, run_dir, resume=False, console=console)
     if args.detach:

@@ -20,6 +20,7 @@ their check are :mod:`server.certificates`'s.
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import subprocess
 import sys
@@ -88,6 +89,12 @@ class ServerInfo:
         ``None`` in records written before the gateway existed.
     gateway_pid : int | None
         The fleet gateway's PID.
+    header_timeout_s : float | None
+        The gateway's deadline for a request's line and headers, s
+        (``None``: the gateway's default).
+    max_connections_per_peer : int | None
+        The gateway's cap on open connections from one address (``None``:
+        the gateway's default).
     """
 
     pid: int
@@ -99,6 +106,17 @@ class ServerInfo:
     run_id: int | None = None
     superlink_port: int | None = None
     gateway_pid: int | None = None
+    header_timeout_s: float | None = None
+    max_connections_per_peer: int | None = None
+
+    def __post_init__(self) -> None:
+        bounds = {
+            "header_timeout_s": self.header_timeout_s,
+            "max_connections_per_peer": self.max_connections_per_peer,
+        }
+        for name, value in bounds.items():
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
 
     @property
     def control_address(self) -> str:
@@ -210,12 +228,16 @@ def start_gateway(
     upstream_port: int,
     tls: TlsFiles | None,
     watch_pid: int,
+    header_timeout_s: float | None = None,
+    max_connections_per_peer: int | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start the fleet gateway (:mod:`server.gateway`) in its own process group.
 
     It listens on ``host:port``, forwards the Fleet API only to the SuperLink
     on ``127.0.0.1:upstream_port`` and exits once ``watch_pid`` (the
     SuperLink) is gone. Its log is appended to the run's SuperLink log.
+    ``header_timeout_s`` and ``max_connections_per_peer`` bound slow and
+    greedy clients (``None``: the gateway's defaults).
 
     Raises
     ------
@@ -239,6 +261,10 @@ def start_gateway(
     if tls is not None:
         cmd += ["--certfile", str(tls.server_cert), "--keyfile", str(tls.server_key)]
         cmd += ["--cafile", str(tls.ca_cert)]
+    if header_timeout_s is not None:
+        cmd += ["--header-timeout-s", repr(float(header_timeout_s))]
+    if max_connections_per_peer is not None:
+        cmd += ["--max-connections-per-peer", str(max_connections_per_peer)]
     # Whoever holds the port would pass the readiness check below.
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn
@@ -303,6 +329,8 @@ def start_server(run_dir: Path, info: ServerInfo, *, auth: bool) -> ServerInfo:
             upstream_port=local_port,
             tls=tls,
             watch_pid=superlink.pid,
+            header_timeout_s=info.header_timeout_s,
+            max_connections_per_peer=info.max_connections_per_peer,
         )
     except DeployError:
         stop_process_tree(superlink.pid, grace_s=2.0)
@@ -342,7 +370,7 @@ def read_server_info(run_dir: Path) -> ServerInfo | None:
         return None
     try:
         info = ServerInfo(**record)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise DeployError(f"{folder.server_info} is damaged: {exc}") from None
     types = get_type_hints(ServerInfo)  # e.g. ``int | None``: isinstance-able
     for name, value in asdict(info).items():
