@@ -363,7 +363,10 @@ def launch(
     check_installation()  # before starting Flower, whose apps import our packages
     folder = RunFolder(run_dir)
     config = load_config(folder.config)
-    with folder.lock() as lock_fd, Watchdog(lock_fd) as watchdog:
+    with (
+        folder.lock() as lock_fd,
+        Watchdog(lock_fd, run_dir=folder.path) as watchdog,
+    ):
         return _launch_owned(
             folder,
             rounds,

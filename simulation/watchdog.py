@@ -17,7 +17,12 @@ folder). The watchdog is a small process of its own session that:
   Ray's workers, however they were re-parented);
 - shares the owner's run-folder lock (its descriptor is inherited), so the
   folder stays locked until the last engine process is gone, and a
-  ``pollinate resume`` after the kill finds it free only then.
+  ``pollinate resume`` after the kill finds it free only then;
+- then records the end nobody else could: a run whose ``status.json`` still
+  says ``running`` or ``resuming`` becomes ``stopped``, with the owner's pid
+  in its reason, so ``pollinate server status``, a watcher or a reader of
+  the folder never sees a dead run as alive (the killed owner ran no
+  ``finally``, and the ServerApp was stopped mid-round).
 
 It ignores SIGINT, SIGTERM and SIGHUP: a Ctrl-C or a closed terminal is the
 owner's to handle. :class:`Watchdog` starts it (``main(TOKEN, LOCK_FD,
@@ -37,7 +42,7 @@ from types import TracebackType
 
 import psutil
 
-__all__ = ["OWNER_ENV", "Watchdog", "main", "stop_marked"]
+__all__ = ["OWNER_ENV", "Watchdog", "main", "record_owner_gone", "stop_marked"]
 
 OWNER_ENV = "POLLINATE_RUN_OWNER"
 """Environment variable marking every process of one simulation."""
@@ -59,9 +64,18 @@ class Watchdog:
         The run folder's lock descriptor, shared with the watchdog.
     grace_s : float
         Seconds between SIGTERM and SIGKILL when it stops processes.
+    run_dir : Path or None
+        The run folder whose status it records as stopped if the owner dies
+        mid-run (None: it records nothing).
     """
 
-    def __init__(self, lock_fd: int | None = None, *, grace_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        lock_fd: int | None = None,
+        *,
+        grace_s: float = 10.0,
+        run_dir: Path | None = None,
+    ) -> None:
         self.token = f"{os.getpid()}-{secrets.token_hex(8)}"
         fds = () if lock_fd is None else (lock_fd,)
         self._proc = subprocess.Popen(
@@ -73,6 +87,7 @@ class Watchdog:
                 self.token,
                 str(-1 if lock_fd is None else lock_fd),
                 str(grace_s),
+                "" if run_dir is None else str(Path(run_dir).resolve()),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
@@ -166,11 +181,37 @@ def stop_marked(token: str, roots: list[psutil.Process], grace_s: float = 10.0) 
         psutil.wait_procs(alive, timeout=grace_s)
 
 
+def record_owner_gone(run_dir: Path, owner_pid: str) -> None:
+    """Record a run its dead owner left ``running`` or ``resuming`` as ``stopped``.
+
+    Called once the engine is stopped and while the folder is still locked.
+    Any other state is left alone: an ended run's record is its owner's, and
+    a run that never started has nothing to resume. A damaged
+    ``status.json`` is replaced by a ``stopped`` record saying so.
+    """
+    # Here, not at import: the watchdog stays light until it is needed.
+    from protocols.run_folder import RunFolder, RunFolderError
+
+    folder = RunFolder(run_dir)
+    reason = (
+        f"its owner (pollinate, pid {owner_pid}) was killed; the watchdog "
+        "stopped the engine"
+    )
+    try:
+        status = folder.read_status()
+    except RunFolderError as exc:
+        folder.write_status("stopped", reason=f"{reason} ({exc})")
+        return
+    if status.state in ("running", "resuming"):
+        folder.write_status("stopped", **{**status.fields, "reason": reason})
+
+
 def main(argv: list[str]) -> int:
     """Watch until the owner releases us or dies; see the module docstring."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     token, lock_fd, grace_s = argv[0], int(argv[1]), float(argv[2])
+    run_dir = argv[3] if len(argv) > 3 else ""
     roots: list[psutil.Process] = []
     for line in sys.stdin:
         command, _, arg = line.strip().partition(" ")
@@ -185,6 +226,9 @@ def main(argv: list[str]) -> int:
             os.ftruncate(lock_fd, 0)  # the folder is ours until all is stopped
             os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
     stop_marked(token, roots, grace_s)
+    if run_dir:
+        with contextlib.suppress(OSError):  # the folder may be gone
+            record_owner_gone(Path(run_dir), token.partition("-")[0])
     return 0
 
 

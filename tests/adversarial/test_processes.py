@@ -48,7 +48,7 @@ import os, subprocess, sys
 from protocols.run_folder import RunFolder
 from simulation.watchdog import Watchdog
 with RunFolder(sys.argv[1]).lock() as fd:
-    dog = Watchdog(fd, grace_s=2.0)
+    dog = Watchdog(fd, grace_s=2.0, run_dir=sys.argv[1])
     sleep = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
     marked = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
                               env={**os.environ, **dog.env()}, start_new_session=True)
@@ -149,31 +149,60 @@ def test_the_lock_dies_with_its_owner(
     assert stopped_run.locked_by() is None
 
 
+def _kill_owner(folder: RunFolder, sig: signal.Signals) -> int:
+    """Start an owner of ``folder``, kill it with ``sig``, wait for its
+    watchdog to finish; the owner's pid."""
+    owner = _spawn(OWNER, str(folder.path))
+    assert owner.stdout is not None
+    dog, marked, watched = (int(x) for x in owner.stdout.readline().split())
+    try:
+        assert folder.locked_by() == owner.pid
+        os.kill(owner.pid, sig)
+        owner.wait()
+        # The stubborn child keeps it busy for the SIGTERM grace period.
+        wait_until(lambda: folder.locked_by() == dog, 30, "the watchdog's lock")
+        wait_until(
+            lambda: not any(_alive(p) for p in (dog, marked, watched)),
+            60,
+            "the watchdog to stop the owner's processes and exit",
+        )
+        assert folder.locked_by() is None
+    finally:
+        _kill([owner.pid, dog, marked, watched])
+        owner.wait()
+    return owner.pid
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["KILL", "TERM"])
 def test_the_watchdog_stops_everything_when_the_owner_dies(
     stopped_run: RunFolder, sig: signal.Signals
 ) -> None:
     """Killing the owner leaves neither its marked processes (other sessions,
     re-parented) nor its registered ones (even one ignoring SIGTERM); the
-    watchdog holds the folder's lock, under its own pid, until they are gone."""
-    owner = _spawn(OWNER, str(stopped_run.path))
-    assert owner.stdout is not None
-    dog, marked, watched = (int(x) for x in owner.stdout.readline().split())
-    try:
-        assert stopped_run.locked_by() == owner.pid
-        os.kill(owner.pid, sig)
-        owner.wait()
-        # The stubborn child keeps it busy for the SIGTERM grace period.
-        wait_until(lambda: stopped_run.locked_by() == dog, 30, "the watchdog's lock")
-        wait_until(
-            lambda: not any(_alive(p) for p in (dog, marked, watched)),
-            60,
-            "the watchdog to stop the owner's processes and exit",
-        )
-        assert stopped_run.locked_by() is None
-    finally:
-        _kill([owner.pid, dog, marked, watched])
-        owner.wait()
+    watchdog holds the folder's lock, under its own pid, until they are gone.
+    A run that had already ended keeps its own record."""
+    before = stopped_run.status_file.read_bytes()
+    _kill_owner(stopped_run, sig)
+    assert stopped_run.status_file.read_bytes() == before
+
+
+@pytest.mark.parametrize("state", ["running", "resuming"])
+def test_a_run_whose_owner_was_killed_is_recorded_as_stopped(
+    stopped_run: RunFolder, state: str
+) -> None:
+    """The killed owner wrote no end and its ServerApp was stopped mid-round:
+    the watchdog records ``stopped``, naming the owner, keeping the other
+    fields; ``pollinate resume`` then continues the run.
+
+    Breaks if the record stayed ``running``: every reader (status, a watch,
+    a dashboard) would show a dead run as alive."""
+    stopped_run.write_status(state, rounds_planned=2)
+    owner = _kill_owner(stopped_run, signal.SIGKILL)
+    status = stopped_run.read_status()
+    assert status.state == "stopped"
+    assert status.fields["rounds_planned"] == 2
+    assert f"pid {owner}" in status.fields["reason"]
+    assert "killed" in status.fields["reason"]
 
 
 def _engine(parent: int) -> list[psutil.Process]:
@@ -237,6 +266,7 @@ def test_sigkill_of_pollinate_simulate_leaves_no_engine_and_resume_works(
             "every engine process to stop",
         )
         assert RunFolder(run_dir).locked_by() is None
+        assert RunFolder(run_dir).read_status().state == "stopped"
         assert main(["resume", str(run_dir)]) == 0
         assert _rounds(run_dir)[-1] == 3
     finally:
