@@ -23,7 +23,7 @@ import torch
 from peft import PeftModel
 
 from client.batches import derive_seed, index_batches
-from models import TokenizedExample, collate_train
+from models import TokenizedExample, answer_loss, collate_train
 from protocols import LocalTrainConfig
 
 __all__ = ["TrainStats", "proximal_term", "train_lora"]
@@ -136,19 +136,15 @@ def _train(
             batch = collate_train([examples[i] for i in next(batches)], pad_id).to(
                 device
             )
-            out = model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                labels=batch.labels,
-            )
+            loss = answer_loss(model, batch)  # logits at the answer positions only
             if anchors is None:
-                out.loss.backward()
+                loss.backward()
             else:
-                (out.loss + proximal_term(params, anchors, mu)).backward()
+                (loss + proximal_term(params, anchors, mu)).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(out.loss.detach())
-            del out
+            losses.append(loss.detach())
+            del loss
     model.eval()
     mean = float(torch.stack(losses).mean())  # the one host sync of the call
     seen = config.local_steps * min(config.batch_size, len(examples))

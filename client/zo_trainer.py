@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedModel
 
 from client.batches import derive_seed, index_batches
-from models import TokenizedExample, TrainBatch, collate_train
+from models import TokenizedExample, TrainBatch, answer_loss, collate_train
 from protocols.messages import RoundSchedule
 from protocols.seeds import perturb_
 
@@ -43,13 +43,9 @@ class ZoStats:
 
 def _loss(model: PreTrainedModel, batch: TrainBatch) -> float:
     with torch.inference_mode():
-        out = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            labels=batch.labels,
-        )
+        loss = answer_loss(model, batch)  # logits at the answer positions only
     # Host sync: the scalar gradient scales the next in-place update.
-    return float(out.loss)
+    return float(loss)
 
 
 def zo_local_steps(

@@ -17,6 +17,7 @@ from protocols.lazy import lazy_exports
 if TYPE_CHECKING:
     from models.batching import (
         TrainBatch,
+        answer_loss,
         collate_prompts,
         collate_train,
         tokenize_example,
@@ -57,6 +58,7 @@ __all__ = [
     "ZoModel",
     "adapter_layout",
     "adapter_tensors",
+    "answer_loss",
     "attach_lora",
     "collate_prompts",
     "collate_train",
@@ -86,6 +88,7 @@ _LAZY = {
     "TrainBatch": "models.batching",
     "adapter_layout": "models.lora",
     "adapter_tensors": "models.lora",
+    "answer_loss": "models.batching",
     "attach_lora": "models.lora",
     "collate_prompts": "models.batching",
     "collate_train": "models.batching",

@@ -9,12 +9,15 @@ into torch tensors.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from models.text import (
@@ -31,6 +34,7 @@ __all__ = [
     "PROMPT_TEMPLATE",
     "TokenizedExample",
     "TrainBatch",
+    "answer_loss",
     "collate_prompts",
     "collate_train",
     "fit_max_length",
@@ -94,6 +98,46 @@ def collate_train(examples: Sequence[TokenizedExample], pad_id: int) -> TrainBat
         mask[row, :n] = 1
         labels[row, :n] = torch.tensor(e.labels)
     return TrainBatch(ids, mask, labels)
+
+
+@functools.cache
+def _keeps_logits(kind: type) -> bool:
+    """Whether a model class's ``forward`` takes ``logits_to_keep``."""
+    return "logits_to_keep" in inspect.signature(kind.forward).parameters
+
+
+def answer_loss(model: nn.Module, batch: TrainBatch) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled tokens of ``batch``.
+
+    The same value as ``model(..., labels=batch.labels).loss`` (Hugging
+    Face's shifted mean over the labels that are not ``IGNORE_INDEX``), up
+    to float rounding, but the vocabulary projection runs only at the
+    positions whose next token carries loss (``logits_to_keep`` as a boolean
+    mask): an answer of a dozen tokens after a long prompt no longer pays
+    for a (B, T, vocabulary) logits tensor. A model whose ``forward`` has no
+    ``logits_to_keep``, or that does not honour a mask, gets the full
+    forward. Differentiable: LoRA training backpropagates through it.
+    """
+    labels = batch.labels
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if _keeps_logits(type(base)):
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        logits = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            logits_to_keep=keep,
+        ).logits
+        targets = labels[:, 1:][keep[:, :-1]]
+        if logits.dim() == 2 and logits.shape[0] == targets.shape[0]:
+            return nn.functional.cross_entropy(logits.float(), targets)
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        labels=labels,
+    )
+    loss: torch.Tensor = out.loss
+    return loss
 
 
 def collate_prompts(
