@@ -117,6 +117,7 @@ def test_report_states_the_steps_and_the_verdict() -> None:
     steps = FULL["builtin"].local_steps
     assert f"| r2-lr1e-3 | 2 | 0.01 | 0.001 | {2 * steps} |" in md
     assert f"| rises | {2 * steps} | {55.0 / steps:.2f} | completed |" in md
+    assert "s/step incl. eval" in md
     assert "8.0 [6.0, 10.0]" in md and "20.0 [15.0, 25.0]" in md
 
 

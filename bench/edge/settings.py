@@ -161,7 +161,9 @@ METHODS: dict[str, dict[str, Any]] = {
     },
     # Adapter: MeZO's LoRA setting (eps 1e-2) and the probe on SmolLM2 with
     # one client, batch 8: lr 1e-3 lowered held-out loss steadily (3.143 ->
-    # 3.047 in 160 steps), 3e-3 diverged after 40 steps.
+    # 3.047 in 160 steps), 3e-3 diverged after 40 steps. Kept as recorded in
+    # results/edge.json; bench.zo_adapter later found rank 2 at lr 1e-3 the
+    # setting that makes Rouge-L rise (rank 8 at 1e-3 can diverge).
     "fedkseed-adapter": {
         **_ZO_COMMON,
         "zo.adapter_rank": "RANK",  # the scale's adapter rank

@@ -80,7 +80,7 @@ def rows(results: dict[str, Any], dataset: str) -> list[dict[str, Any]]:
                 "Rouge-L % last [95%]": f"{_pct(last[2])} {_interval(*last[3:5])}",
                 "verdict": verdict(res),
                 "first step above base": "-" if rise is None else rise * steps,
-                "s/step": (
+                "s/step incl. eval": (
                     "-"
                     if not res.get("round_seconds")
                     else f"{sum(res['round_seconds']) / len(res['round_seconds']) / steps:.2f}"
