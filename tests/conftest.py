@@ -221,3 +221,15 @@ def run_fake_rounds(driver: Any, folder: Path, **kwargs: Any) -> int:
         ledger=ByteLedger(),
         **kwargs,
     )
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the test: tiny models gain nothing from more,
+    and one thread avoids spin-waits on a busy CPU."""
+    import torch  # here: the torch-free edge tests share this conftest
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -13,12 +13,10 @@ paper preset holds the paper's settings.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from bench.fedkseed_protocol.__main__ import main, plan
 from bench.fedkseed_protocol.report import compare, render, verdict
@@ -31,14 +29,6 @@ from bench.fedkseed_protocol.settings import (
 )
 from bench.harness import read_json
 from server.config import load_config
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def test_quick_protocol_holds_out_tasks_scores_intervals_and_counts_bytes(

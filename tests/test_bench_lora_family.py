@@ -10,26 +10,16 @@ config at both scales.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from bench.harness import read_json
 from bench.lora_family.__main__ import main, plan
 from bench.lora_family.report import pick, recommend, render
 from bench.lora_family.settings import CONFIGS, FULL, QUICK, run_overrides
 from server.config import load_config
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def test_quick_runs_write_rows_and_resume_skips_them(

@@ -10,12 +10,10 @@ run config at both scales.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from bench.harness import read_json
 from bench.zo_adapter.__main__ import main, plan
@@ -29,14 +27,6 @@ from bench.zo_adapter.settings import (
     run_overrides,
 )
 from server.config import load_config
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def test_quick_run_writes_its_curve_and_resume_skips_it(

@@ -60,6 +60,20 @@ class RunScale:
     eval_examples: int
     new_tokens: int
 
+    def overrides(self) -> dict[str, Any]:
+        """The dotted-key settings of this scale (a run's config adds the rest)."""
+        return {
+            "run.rounds": self.rounds,
+            "model.name": self.model,
+            "model.max_length": self.max_length,
+            "data.limit": self.limit,
+            "data.eval_examples": self.eval_examples,
+            "federation.clients": self.clients,
+            "train.local_steps": self.local_steps,
+            "train.batch_size": self.batch_size,
+            "eval.max_new_tokens": self.new_tokens,
+        }
+
 
 def one_line_error(exc: BaseException) -> str:
     """``Type: message`` on one line, the message cut at 300 characters."""

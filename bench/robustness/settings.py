@@ -135,19 +135,11 @@ def run_overrides(
     out: dict[str, Any] = {
         "run.name": f"{method}-{aggregator}-{behaviour}-{fraction:g}",
         "run.method": method,
-        "run.rounds": scale.rounds,
         "run.seed": seed,
-        "model.name": scale.model,
-        "model.max_length": scale.max_length,
+        **scale.overrides(),
         "data.source": str(DATA),
-        "data.limit": scale.limit,
-        "data.eval_examples": scale.eval_examples,
         "data.partitioning": "dirichlet",
-        "federation.clients": scale.clients,
         "federation.round_timeout_s": 3600.0,
-        "train.local_steps": scale.local_steps,
-        "train.batch_size": scale.batch_size,
-        "eval.max_new_tokens": scale.new_tokens,
         "eval.metric": "rouge_l",
         **(
             {**ZO, "zo.include": list(scale.zo_include)}
