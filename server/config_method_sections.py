@@ -7,7 +7,7 @@ holds the run-wide tables); :mod:`server.config` re-exports every name here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -136,13 +136,29 @@ class ZOSection(Section):
         description="Rank of a LoRA adapter whose A and B are the perturbed "
         "parameters (0 = perturb the base model's, all or zo.include).",
     )
-    adapter_alpha: float = Field(16.0, gt=0, description="Adapter scale numerator.")
+    adapter_alpha: float = Field(
+        16.0,
+        gt=0,
+        description="Adapter scale numerator; unset: 2 x zo.adapter_rank (scale "
+        "alpha / r = 2 at every rank, the measured setting).",
+    )
     adapter_targets: tuple[str, ...] = Field(
         ("q_proj", "v_proj"), description="Modules that get an adapter."
     )
     adapter_seed: int = Field(
         0, ge=0, lt=1 << 63, description="Seed of the adapter's initial A."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _alpha_follows_rank(cls, data: Any) -> Any:
+        """Unset ``adapter_alpha`` is twice the rank: the adapter's scale stays 2
+        (a fixed 16 would scale a rank-2 adapter by 8 and its steps by as much)."""
+        if isinstance(data, dict) and "adapter_alpha" not in data:
+            rank = data.get("adapter_rank")
+            if isinstance(rank, int) and not isinstance(rank, bool) and rank > 0:
+                return {**data, "adapter_alpha": 2.0 * rank}
+        return data
 
     @model_validator(mode="after")
     def _adapter_fits(self) -> ZOSection:

@@ -176,6 +176,24 @@ def test_config_refuses_bad_adapter_settings(
         load_config(None, overrides)
 
 
+def test_unset_adapter_alpha_is_twice_the_rank(tmp_path: Path) -> None:
+    """The adapter's scale alpha / r stays 2 whatever the rank unless alpha is
+    set: a fixed 16 scaled a rank-2 adapter by 8, four times the measured
+    setting (bench.zo_adapter). The run folder's config records the value,
+    so a resume reads the same alpha back."""
+    assert load_config(None, {"zo.adapter_rank": 2}).zo.adapter_alpha == 4.0
+    assert load_config(None, {"zo.adapter_rank": 8}).zo.adapter_alpha == 16.0
+    explicit = {"zo.adapter_rank": 2, "zo.adapter_alpha": 16.0}
+    assert load_config(None, explicit).zo.adapter_alpha == 16.0
+    path = tmp_path / "run.toml"
+    path.write_text('[run]\nmethod = "fedkseed"\n\n[zo]\nadapter_rank = 4\n')
+    config = load_config(path)
+    assert config.zo.adapter_alpha == 8.0
+    path.write_text(config_to_toml(config))
+    assert "adapter_alpha = 8.0" in path.read_text()
+    assert load_config(path).zo.adapter_alpha == 8.0
+
+
 def test_the_run_spec_records_the_adapter_from_config() -> None:
     """The spec built from ``[zo]`` records the adapter and its walk; without
     ``adapter_rank`` the adapter keys stay out of it (a plain FedKSeed spec)."""

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         f"python -m bench.{NAME}",
         "FedKSeed over a LoRA adapter on SmolLM2-135M: held-out Rouge-L against "
         "MeZO steps for several (rank, eps, learning rate) settings (in process).",
-        "examples:\n  python -m bench.zo_adapter              # ~75 min, 2 idle cores\n"
+        "examples:\n  python -m bench.zo_adapter              # < 2 h, 2 idle cores\n"
         "  python -m bench.zo_adapter --resume     # continue an interrupted run\n"
         "  python -m bench.zo_adapter --data ni --settings r2-lr1e-3\n"
         "  python -m bench.zo_adapter --quick      # tiny-llama, < 1 min\n"
