@@ -152,8 +152,10 @@ class ZOSection(Section):
     @model_validator(mode="before")
     @classmethod
     def _alpha_follows_rank(cls, data: Any) -> Any:
-        """Unset ``adapter_alpha`` is twice the rank: the adapter's scale stays 2
-        (a fixed 16 would scale a rank-2 adapter by 8 and its steps by as much)."""
+        """Unset ``adapter_alpha`` is twice the rank: the adapter's scale stays 2.
+
+        A fixed 16 would scale a rank-2 adapter by 8, and its steps by as much.
+        """
         if isinstance(data, dict) and "adapter_alpha" not in data:
             rank = data.get("adapter_rank")
             if isinstance(rank, int) and not isinstance(rank, bool) and rank > 0:
