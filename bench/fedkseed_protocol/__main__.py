@@ -36,6 +36,7 @@ from bench.harness import (
     add_render_option,
     add_resume_options,
     benchmark_parser,
+    chosen_names,
     finish_runs,
     machine_info,
     quiet_environment,
@@ -69,14 +70,6 @@ def key(run: dict[str, Any]) -> str:
 def stem_of(preset: str) -> str:
     """The results file's stem: ``fedkseed_protocol`` for ``cpu``, else suffixed."""
     return NAME if preset == "cpu" else f"{NAME}-{preset}"
-
-
-def _list(text: str, known: tuple[str, ...], what: str) -> list[str]:
-    chosen = [x for x in text.split(",") if x]
-    unknown = sorted(set(chosen) - set(known))
-    if unknown:
-        raise SystemExit(f"unknown {what} {unknown}; known: {list(known)}")
-    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         return render_saved(args.render, partial(render, plot_dir=args.render.parent))
     quiet_environment()
-    methods = _list(args.configs, METHODS, "methods")
-    datasets = _list(args.data, tuple(DATASETS), "datasets")
+    methods = chosen_names(args.configs, METHODS, "methods")
+    datasets = chosen_names(args.data, tuple(DATASETS), "datasets")
     if args.seeds < 0:
         parser.error("--seeds must be at least 1 (0: the preset's)")
     preset = PRESETS[args.preset]

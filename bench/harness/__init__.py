@@ -35,7 +35,7 @@ small modules behind it:
   report);
 - :mod:`~bench.harness.cli`: the command line of a sectioned benchmark
   (:func:`benchmark_parser`, :func:`add_render_option`,
-  :func:`add_resume_options`, :func:`chosen_sections`, :func:`run_mode`, :func:`result_stem`,
+  :func:`add_resume_options`, :func:`chosen_names`, :func:`chosen_sections`, :func:`run_mode`, :func:`result_stem`,
   :func:`stamped_log`, :func:`finish_run`, :func:`render_saved`,
   :func:`quiet_environment`).
 
@@ -50,6 +50,7 @@ from bench.harness.cli import (
     add_render_option,
     add_resume_options,
     benchmark_parser,
+    chosen_names,
     chosen_sections,
     finish_run,
     quiet_environment,
@@ -124,6 +125,7 @@ __all__ = [
     "benchmark_parser",
     "best_time",
     "bytes_by_record",
+    "chosen_names",
     "chosen_sections",
     "cpu",
     "cpu_model",

@@ -84,6 +84,15 @@ def chosen_sections(
     return set(all_sections)
 
 
+def chosen_names(text: str, known: Collection[str], what: str) -> list[str]:
+    """The comma-separated names of ``text``, in order; SystemExit naming unknown ones."""
+    chosen = [x for x in text.split(",") if x]
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        raise SystemExit(f"unknown {what} {unknown}; known: {list(known)}")
+    return chosen
+
+
 def run_mode(quick: bool, sections: set[str], all_sections: Collection[str]) -> str:
     """``"quick"``, ``"full"`` (every section) or ``"partial"``."""
     if quick:

@@ -31,6 +31,7 @@ from bench.harness import (
     add_render_option,
     add_resume_options,
     benchmark_parser,
+    chosen_names,
     finish_runs,
     machine_info,
     quiet_environment,
@@ -74,14 +75,6 @@ def key(run: dict[str, Any]) -> str:
     return f"{run['dataset']}/{run['config']}/seed={run['seed']}"
 
 
-def _list(text: str, known: list[str] | tuple[str, ...], what: str) -> list[str]:
-    chosen = [x for x in text.split(",") if x]
-    unknown = sorted(set(chosen) - set(known))
-    if unknown:
-        raise SystemExit(f"unknown {what} {unknown}; known: {list(known)}")
-    return chosen
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the planned runs; write the JSON after every run, then the report."""
     parser = benchmark_parser(
@@ -118,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         return render_saved(args.render, partial(render, plot_dir=args.render.parent))
     quiet_environment()
-    sections = set(_list(args.only, SECTIONS, "comparisons"))
-    datasets = _list(args.data, tuple(DATASETS), "datasets")
-    configs = _list(args.configs, tuple(CONFIGS), "configurations")
+    sections = set(chosen_names(args.only, SECTIONS, "comparisons"))
+    datasets = chosen_names(args.data, tuple(DATASETS), "datasets")
+    configs = chosen_names(args.configs, tuple(CONFIGS), "configurations")
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     scale: Scale = QUICK if args.quick else FULL

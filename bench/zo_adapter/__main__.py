@@ -1,9 +1,9 @@
 """``python -m bench.zo_adapter``: FedKSeed over a LoRA adapter, tuned until held-out Rouge-L rises.
 
-Runs (:mod:`bench.zo_adapter.settings`): by default the three settings on
-the built-in tasks, then the best-known one on Natural Instructions
-(``--data``, ``--settings`` choose others: every chosen setting on every
-chosen dataset). Each finished run is written to ``results/zo_adapter.json``
+Runs (:mod:`bench.zo_adapter.settings`): by default
+:data:`~bench.zo_adapter.settings.DEFAULT_PLAN` (three settings on the
+built-in tasks, two on Natural Instructions); ``--data`` and ``--settings``
+choose others (every chosen setting on every chosen dataset). Each finished run is written to ``results/zo_adapter.json``
 at once; ``--resume`` keeps the completed ones. ``--render`` only rewrites
 the markdown and plot.
 """
@@ -20,6 +20,7 @@ from bench.harness import (
     add_render_option,
     add_resume_options,
     benchmark_parser,
+    chosen_names,
     finish_runs,
     machine_info,
     quiet_environment,
@@ -58,12 +59,12 @@ def key(run: dict[str, Any]) -> str:
 
 
 def _list(text: str | None, known: list[str], what: str) -> list[str] | None:
+    """``None`` when the option is absent, else its names (at least one)."""
     if text is None:
         return None
-    chosen = [x for x in text.split(",") if x]
-    unknown = sorted(set(chosen) - set(known))
-    if unknown or not chosen:
-        raise SystemExit(f"unknown {what} {unknown or text!r}; known: {known}")
+    chosen = chosen_names(text, known, what)
+    if not chosen:
+        raise SystemExit(f"no {what} in {text!r}; known: {known}")
     return chosen
 
 
